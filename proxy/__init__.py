@@ -1,0 +1,3 @@
+"""First-party tracking proxy for Mixpanel with cross-domain identity."""
+
+__version__ = "0.1.0"

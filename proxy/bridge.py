@@ -1,0 +1,123 @@
+"""Carrying identity across registrable domains in a URL, safely.
+
+Pure helpers for the bridge and hub flows: which linked domain a host
+belongs to, where a redirect may go (never an open redirect), putting a token
+first in a URL's query string (mixpanel-js cuts ``$current_url`` at 255
+characters) and taking it out of every URL-valued property again (tokens
+never reach the vendor).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .cookie import host_matches
+from .errors import BadRequest
+
+PURPOSE_BRIDGE = "bridge"
+PURPOSE_HUB = "hub"
+
+
+def linked_domain(host: str, linked: tuple[str, ...]) -> str | None:
+    """The linked domain (audience) ``host`` belongs to, without the leading dot."""
+    host = host.lower().rstrip(".")
+    for domain in linked:
+        if host_matches(host, domain):
+            return domain.lstrip(".")
+    return None
+
+
+def redirect_target(to: str | None, linked: tuple[str, ...], what: str = "to") -> tuple[str, str]:
+    """Validate a redirect target: an absolute http(s) URL on a linked domain.
+
+    Returns (url, audience). Anything else is a ``BadRequest``: scheme-relative
+    URLs, userinfo tricks (``https://good.com@evil.com``), backslashes,
+    control characters, hosts outside the linked domains."""
+    if not to:
+        raise BadRequest(f"missing '{what}': the URL to send the visitor to")
+    if any(c in to for c in "\\\r\n\t") or any(ord(c) < 32 for c in to):
+        raise BadRequest(f"'{what}' contains characters a URL may not")
+    try:
+        parts = urlsplit(to)
+        port = parts.port  # raises on a malformed port
+    except ValueError as exc:
+        raise BadRequest(f"'{what}' is not a valid URL") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise BadRequest(f"'{what}' must be an absolute http(s) URL without credentials")
+    del port
+    audience = linked_domain(parts.hostname, linked)
+    if audience is None:
+        raise BadRequest(f"'{what}' is not on a linked domain; add it to identity.linked_domains")
+    return to, audience
+
+
+def decorate(url: str, param: str, token: str) -> str:
+    """``url`` with ``param=token`` first in its query string (and no other copy)."""
+    parts = urlsplit(url)
+    rest = [p for p in parts.query.split("&") if p and not p.startswith(param + "=")]
+    query = "&".join([f"{param}={token}", *rest])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+def strip_param(url: str, param: str) -> str | None:
+    """``url`` without any ``param=...`` in its query, or None when it had none."""
+    marker = param + "="
+    if marker not in url:
+        return None
+    base, hash_sep, fragment = url.partition("#")
+    path, q_sep, query = base.partition("?")
+    if not q_sep:
+        return None
+    kept = [p for p in query.split("&") if p and not p.startswith(marker)]
+    if len(kept) == len([p for p in query.split("&") if p]):
+        return None
+    out = path + ("?" + "&".join(kept) if kept else "")
+    return out + (hash_sep + fragment if hash_sep else "")
+
+
+def token_in_url(url: Any, param: str) -> str | None:
+    """The value of ``param`` in a URL's query string."""
+    if not isinstance(url, str) or param + "=" not in url:
+        return None
+    query = url.partition("#")[0].partition("?")[2]
+    for part in query.split("&"):
+        if part.startswith(param + "="):
+            return part[len(param) + 1 :] or None
+    return None
+
+
+def strip_event(route: str, event: dict[str, Any], param: str) -> int:
+    """Remove ``param`` from every URL-valued string of an event; returns how many.
+
+    All string properties are checked, not only ``$current_url``/``$referrer``/
+    ``$initial_referrer``: a site may copy the landing URL into its own."""
+    if route == "engage":
+        targets = [event, *(v for k, v in event.items() if k.startswith("$") and isinstance(v, dict))]
+    else:
+        props = event.get("properties")
+        targets = [props] if isinstance(props, dict) else []
+    marker = param + "="
+    count = 0
+    for target in targets:
+        for key, value in target.items():
+            if isinstance(value, str) and marker in value:
+                stripped = strip_param(value, param)
+                if stripped is not None:
+                    target[key] = stripped
+                    count += 1
+    return count
+
+
+def find_token(query: list[tuple[str, str]], events: list[dict[str, Any]], param: str) -> str | None:
+    """A token in the request's own query string, else in an event's ``$current_url``."""
+    for key, value in query:
+        if key == param and value:
+            return value
+    for event in events:
+        props = event.get("properties")
+        if isinstance(props, dict):
+            token = token_in_url(props.get("$current_url"), param)
+            if token:
+                return token
+    return None

@@ -1,0 +1,384 @@
+"""The ``firstparty`` command: serve, logs.
+
+``main()`` is the only broad ``except``: known errors become one clear line
+and an exit code (2 for configuration and usage, 1 for anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .errors import ConfigError, ProxyError
+from .settings import Settings, env_help, load_settings
+
+log = logging.getLogger("firstparty")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firstparty",
+        description="First-party tracking proxy for Mixpanel with cross-domain identity.",
+        epilog=f"Environment overrides (FIRSTPARTY_<SECTION>_<KEY>, values in TOML syntax): "
+        f"FIRSTPARTY_CONFIG, {env_help()}",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", "-c", help="TOML settings file (default: $FIRSTPARTY_CONFIG, else built-in defaults)")
+    serve.add_argument("--host", help="listen address (server.host)")
+    serve.add_argument("--port", type=int, help="listen port (server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port (server.workers)")
+
+    logs = sub.add_parser("logs", help="print the forwarded log readably")
+    logs.add_argument("--config", "-c", help="settings file, to find the log (log.forwarded)")
+    logs.add_argument("--file", help="read this log file instead")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
+    logs.add_argument("--id", help="only records whose canonical or original ids include this id")
+    logs.add_argument("--event", help="only records with this event name")
+    logs.add_argument("--route", help="only records of this route (track, engage, ...)")
+    logs.add_argument("--json", action="store_true", help="print matching records as JSON lines")
+
+    keygen = sub.add_parser(
+        "keygen", help="add a new identity key (it signs from now on; older keys still verify until removed)"
+    )
+    keygen.add_argument("--config", "-c", help="settings file, to find identity.keys_file")
+    keygen.add_argument("--file", help="the keys file to write (default: identity.keys_file)")
+    keygen.add_argument("--id", help="key id (1-8 letters, digits, '-' or '_'; default random)")
+    keygen.add_argument("--print", action="store_true", help="only print a new key line, write nothing")
+
+    spool = sub.add_parser("spool", help="inspect the durable spool")
+    spool_sub = spool.add_subparsers(dest="spool_command", required=True)
+    stats = spool_sub.add_parser("stats", help="depth, oldest age, dead letters by reason")
+    stats.add_argument("--config", "-c", help="settings file, to find the spool (delivery.spool_path)")
+    stats.add_argument("--json", action="store_true", help="print as JSON")
+
+    replay = sub.add_parser("replay", help="move dead letters back into the queue (after fixing their cause)")
+    replay.add_argument("--config", "-c", help="settings file, to find the spool (delivery.spool_path)")
+    replay.add_argument("--reason", help="only dead letters with this reason (e.g. rejected, http_401)")
+    return parser
+
+
+# ------------------------------------------------------------------ serve
+
+
+def _settings_for(args: argparse.Namespace) -> Settings:
+    env = dict(os.environ)
+    if getattr(args, "host", None):
+        env["FIRSTPARTY_SERVER_HOST"] = f'"{args.host}"'
+    if getattr(args, "port", None) is not None:
+        env["FIRSTPARTY_SERVER_PORT"] = str(args.port)
+    if getattr(args, "workers", None) is not None:
+        env["FIRSTPARTY_SERVER_WORKERS"] = str(args.workers)
+    return load_settings(args.config, env)
+
+
+def _run_worker(settings: Settings, reuse_port: bool) -> None:
+    from aiohttp import web
+
+    from .app import create_app
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        access_log=None,  # the forwarded log is the record; per-request access logs cost ~10 %
+        reuse_port=reuse_port,
+        print=None,
+        handle_signals=True,
+        shutdown_timeout=10,
+    )
+
+
+def worker_spool(base: Path, index: int) -> Path:
+    """Each worker has its own spool: one writer per SQLite file, and a sender
+    that never sees another worker's rows (no double sends)."""
+    return base if index == 0 else base.with_name(f"{base.stem}-{index}{base.suffix}")
+
+
+def for_worker(settings: Settings, index: int) -> Settings:
+    delivery = dataclasses.replace(settings.delivery, spool_path=str(worker_spool(settings.spool_path, index)))
+    return dataclasses.replace(settings, delivery=delivery)
+
+
+def stray_spools(base: Path, workers: int, look_ahead: int = 64) -> list[Path]:
+    return [worker_spool(base, i) for i in range(workers, workers + look_ahead)]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings_for(args)
+    from .upstream import Upstreams
+
+    Upstreams.from_settings(settings.upstream)  # fail on bad URLs before forking
+    workers = settings.server.workers
+    log.info(
+        "firstparty %s listening on http://%s:%d/mp/ (%d worker%s), upstream %s",
+        __version__,
+        settings.server.host,
+        settings.server.port,
+        workers,
+        "s" if workers > 1 else "",
+        settings.upstream.regions[settings.upstream.default_region],
+    )
+    if workers == 1:
+        _run_worker(settings, reuse_port=False)
+        return 0
+    leftovers = [p for p in stray_spools(settings.spool_path, workers) if p.exists()]
+    if leftovers:
+        log.warning(
+            "spool files of workers beyond %d remain (%s): start with --workers %d once to send them",
+            workers, ", ".join(str(p) for p in leftovers), workers + len(leftovers),
+        )
+    ctx = multiprocessing.get_context("fork")
+    procs = [
+        ctx.Process(target=_run_worker, args=(for_worker(settings, i), True), daemon=False) for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+
+    def stop(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for p in procs:
+        p.join()
+    return max((p.exitcode or 0) for p in procs)
+
+
+# ------------------------------------------------------------------- logs
+
+
+def _records(path: Path, follow: bool) -> Iterator[dict[str, Any]]:
+    if not path.exists() and not follow:
+        raise ProxyError(f"no forwarded log at {path}; is log.forwarded set as the proxy uses it?")
+    while not path.exists():
+        time.sleep(0.2)
+    fh = open(path, "rb")
+    inode = os.fstat(fh.fileno()).st_ino
+    try:
+        while True:
+            line = fh.readline()
+            if line.endswith(b"\n"):
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                continue
+            if not follow:
+                return
+            time.sleep(0.2)
+            fh.seek(fh.tell() - len(line))  # re-read a partial line when complete
+            try:
+                if os.stat(path).st_ino != inode:  # rotated: continue with the new file
+                    fh.close()
+                    fh = open(path, "rb")
+                    inode = os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                pass
+    finally:
+        fh.close()
+
+
+def matches(record: dict[str, Any], args: argparse.Namespace) -> bool:
+    if args.route and record.get("route") != args.route:
+        return False
+    if args.event and args.event not in (record.get("events") or []):
+        return False
+    if args.id:
+        ids = {*(record.get("canonical_ids") or []), *(record.get("original_ids") or [])}
+        ids.update(r.get("to") for r in record.get("rewrites") or [])
+        if args.id not in ids:
+            return False
+    return True
+
+
+def format_record(record: dict[str, Any]) -> str:
+    ts = datetime.fromtimestamp(record.get("time", 0), timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    names = record.get("events") or []
+    shown = ", ".join(dict.fromkeys(names)) if names else "-"
+    status = record.get("status")
+    line = (
+        f"{ts} {record.get('outcome', '?'):<11} {record.get('route', '?'):<7} {record.get('region', '?'):<2} "
+        f"{status if status is not None else '-':>3} {record.get('latency_ms', 0):>8.1f}ms "
+        f"{record.get('count', 0)}x {shown}"
+    )
+    ids = ", ".join(record.get("canonical_ids") or []) or "-"
+    sources = ", ".join(record.get("sources") or []) or "-"
+    line += f"\n    id {ids} ({sources})"
+    if record.get("project"):
+        line += f"  project {record['project']}"
+    if (record.get("attempts") or 1) > 1:
+        line += f"  attempts {record['attempts']}"
+    for r in record.get("rewrites") or []:
+        line += f"\n    rewrote {r.get('field')}: {r.get('from')} -> {r.get('to')}"
+    if record.get("reason") or record.get("detail"):
+        line += f"\n    {record.get('reason') or 'error'}: {record.get('detail', '')}"
+    return line
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    if args.file:
+        path = Path(args.file)
+    else:
+        path = load_settings(args.config).forwarded_log_path
+    out = sys.stdout
+    try:
+        for record in _records(path, args.follow):
+            if matches(record, args):
+                out.write((orjson.dumps(record).decode() if args.json else format_record(record)) + "\n")
+                if args.follow:
+                    out.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ----------------------------------------------------------------- keygen
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .tokens import KeyRing, generate_key_line
+
+    try:
+        line = generate_key_line(args.id)
+    except ValueError as exc:
+        raise ConfigError("--id", str(exc)) from exc
+    if args.print:
+        print(line)
+        return 0
+    if args.file:
+        path = Path(args.file)
+    else:
+        path = Path(load_settings(args.config).identity.keys_file)
+    old = path.read_text() if path.exists() else ""
+    header = [ln for ln in old.splitlines() if ln.strip().startswith("#")]
+    keys = [ln for ln in old.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    text = "\n".join([*header, line, *keys]) + "\n"  # the first key signs
+    try:
+        KeyRing.from_file(text)
+    except ValueError as exc:
+        raise ConfigError(str(path), str(exc)) from exc
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    key_id = line.split()[0]
+    print(f"added key {key_id} to {path}; it signs after the proxy restarts, {len(keys)} older key(s) still verify")
+    return 0
+
+
+# ------------------------------------------------------------------ spool
+
+
+def _spool_files(args: argparse.Namespace) -> list[Path]:
+    """The spool of every worker (``spool.sqlite3``, ``spool-1.sqlite3``...)."""
+    base = load_settings(args.config).spool_path
+    files = [p for p in (worker_spool(base, i) for i in range(64)) if p.exists()]
+    if not files:
+        raise ProxyError(f"no spool at {base}; is delivery.spool_path set as the proxy uses it?")
+    return files
+
+
+def cmd_spool_stats(args: argparse.Namespace) -> int:
+    from .spool import connect, stats_of
+
+    stats: dict[str, Any] = {"depth": 0, "oldest_age_seconds": 0.0, "depth_by_region": {}, "dead_letters": 0,
+                             "dead_by_reason": {}, "files": []}
+    for path in _spool_files(args):
+        with contextlib.closing(connect(path)) as conn:
+            one = stats_of(conn)
+        stats["files"].append(str(path))
+        stats["depth"] += one["depth"]
+        stats["dead_letters"] += one["dead_letters"]
+        stats["oldest_age_seconds"] = max(stats["oldest_age_seconds"], one["oldest_age_seconds"])
+        for key in ("depth_by_region", "dead_by_reason"):
+            for name, n in one[key].items():
+                stats[key][name] = stats[key].get(name, 0) + n
+    if args.json:
+        print(orjson.dumps(stats).decode())
+        return 0
+    print(f"queued:      {stats['depth']} events")
+    for region, n in sorted(stats["depth_by_region"].items()):
+        print(f"  {region}: {n}")
+    print(f"oldest:      {stats['oldest_age_seconds']:.1f} s")
+    print(f"dead letters: {stats['dead_letters']}")
+    for reason, n in sorted(stats["dead_by_reason"].items()):
+        print(f"  {reason}: {n}")
+    if len(stats["files"]) > 1:
+        print(f"spool files: {len(stats['files'])} (one per worker)")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .spool import connect, replay
+
+    moved = 0
+    for path in _spool_files(args):
+        with contextlib.closing(connect(path)) as conn:
+            moved += replay(conn, args.reason)
+    what = f" with reason {args.reason!r}" if args.reason else ""
+    print(f"moved {moved} dead letter{'s' if moved != 1 else ''}{what} back into the queue")
+    return 0
+
+
+# ------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    level = os.environ.get("FIRSTPARTY_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "logs":
+            return cmd_logs(args)
+        if args.command == "keygen":
+            return cmd_keygen(args)
+        if args.command == "spool":
+            return cmd_spool_stats(args)
+        if args.command == "replay":
+            return cmd_replay(args)
+    except ConfigError as exc:
+        print(f"firstparty: {exc}", file=sys.stderr)
+        return 2
+    except ProxyError as exc:
+        print(f"firstparty: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"firstparty: {exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

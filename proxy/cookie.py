@@ -1,0 +1,93 @@
+"""The first-party identity cookie: an authenticated canonical id.
+
+Pure functions and a small precomputed jar; no I/O.
+
+Value format: ``<canonical id>.<tag>`` where tag is the first 128 bits of
+HMAC-SHA256(secret, "fp1:" + id), base64url without padding. A value whose
+tag does not verify is treated as absent (and so replaced): nobody can pick
+the canonical id another browser gets rewritten to.
+
+Attributes: ``Path=/; Max-Age=<=400 days; HttpOnly; SameSite=Lax``, ``Secure``
+unless configured off for local http, and ``Domain`` the first configured
+domain the request host belongs to (else host-only).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+
+from .settings import CookieSettings
+
+_TAG_CONTEXT = b"fp1:"
+_TAG_LEN = 22  # base64url characters of 16 bytes
+# Ids we adopt as canonical or accept back from a cookie: what mixpanel-js
+# device ids (UUIDs, or its older hex-and-dash ids) look like; never ';', ',',
+# spaces or quotes, so they are always safe inside a cookie and a log line.
+_ID = re.compile(r"^[A-Za-z0-9_\-:]{8,128}$")
+
+
+def valid_id(value: str) -> bool:
+    return bool(_ID.match(value))
+
+
+def host_matches(host: str, domain: str) -> bool:
+    """RFC 6265 domain-match: ``host`` equals ``domain`` or is a subdomain of it."""
+    bare = domain.lstrip(".")
+    return host == bare or host.endswith("." + bare)
+
+
+class CookieJar:
+    """Signs, verifies and formats the identity cookie for one configuration."""
+
+    __slots__ = ("name", "_secret", "_domains", "_suffix_by_domain", "_host_only_suffix", "_sealed")
+
+    def __init__(self, settings: CookieSettings) -> None:
+        self.name = settings.name
+        self._secret = settings.secret
+        self._domains = settings.domains
+        common = f"; Path=/; Max-Age={settings.max_age_days * 86400}; HttpOnly; SameSite=Lax"
+        if settings.secure:
+            common += "; Secure"
+        self._host_only_suffix = common
+        self._suffix_by_domain = {d: f"; Domain={d}{common}" for d in settings.domains}
+        # Recently sealed values: a visitor's next hits reuse the HMAC.
+        self._sealed: dict[str, str] = {}
+
+    def _tag(self, canonical: str) -> str:
+        mac = hmac.new(self._secret, _TAG_CONTEXT + canonical.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac[:16]).decode()[:_TAG_LEN]
+
+    def seal(self, canonical: str) -> str:
+        sealed = self._sealed.get(canonical)
+        if sealed is None:
+            if len(self._sealed) >= 10_000:
+                self._sealed.clear()
+            sealed = self._sealed[canonical] = f"{canonical}.{self._tag(canonical)}"
+        return sealed
+
+    def open(self, value: str | None) -> str | None:
+        """The canonical id in a cookie value, or None if absent, malformed or forged."""
+        if not value:
+            return None
+        canonical, sep, tag = value.rpartition(".")
+        if not sep or len(tag) != _TAG_LEN or not valid_id(canonical):
+            return None
+        if not hmac.compare_digest(tag, self._tag(canonical)):
+            return None
+        return canonical
+
+    def domain_for(self, host: str) -> str | None:
+        host = host.lower()
+        for domain in self._domains:
+            if host_matches(host, domain):
+                return domain
+        return None
+
+    def set_cookie_header(self, canonical: str, host: str, sealed: str | None = None) -> str:
+        """The full ``Set-Cookie`` value for a response to ``host``."""
+        domain = self.domain_for(host)
+        suffix = self._suffix_by_domain[domain] if domain else self._host_only_suffix
+        return f"{self.name}={sealed or self.seal(canonical)}{suffix}"

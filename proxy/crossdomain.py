@@ -1,0 +1,306 @@
+"""Cross-domain identity: bridge tokens, link decoration, ``/mp/id`` and the hub.
+
+HTTP handlers around the pure ``bridge`` and ``tokens`` modules, plus
+``redeem``, which the event handlers call when a request carries a token.
+
+Invariants:
+- a redirect goes only to a linked domain (``redirect_target``): never an
+  open redirect;
+- a token is accepted once per browser: its id is claimed in the shared
+  store by the first device id that presents it; the same browser may show
+  it again (every event of the landing page carries it in ``$current_url``),
+  any other presenter is refused as a replay;
+- expired, tampered, wrong-audience or unknown-key tokens are ignored
+  (counted and logged); the request goes on with the per-domain id;
+- tokens never reach the vendor: the event handlers strip them from every
+  URL-valued property.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from .bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
+from .cookie import CookieJar, valid_id
+from .errors import BadRequest
+from .tokens import TokenExpired, TokenInvalid
+
+if TYPE_CHECKING:
+    from .handlers import Proxy, Visit
+
+log = logging.getLogger(__name__)
+
+LINK_JS = """/* firstparty link.js: links to linked domains leave through {go}, which adds a fresh identity token */
+(function () {{
+  var LINKED = {linked}, GO = {go};
+  function linked(host) {{
+    host = host.toLowerCase();
+    for (var i = 0; i < LINKED.length; i++) {{
+      var d = LINKED[i];
+      if (host === d || host.slice(-d.length - 1) === "." + d) return true;
+    }}
+    return false;
+  }}
+  function decorate(ev) {{
+    var a = ev.target && ev.target.closest ? ev.target.closest("a[href]") : null;
+    if (!a || a.getAttribute("data-fp-go")) return;
+    var url;
+    try {{ url = new URL(a.href, location.href); }} catch (e) {{ return; }}
+    if (!/^https?:$/.test(url.protocol) || url.host === location.host || !linked(url.hostname)) return;
+    a.setAttribute("data-fp-go", "1");
+    a.href = location.origin + GO + "?to=" + encodeURIComponent(url.href);
+  }}
+  document.addEventListener("click", decorate, true);
+  document.addEventListener("auxclick", decorate, true);
+  document.addEventListener("contextmenu", decorate, true);
+}})();
+"""
+
+HUB_JS = """/* firstparty hub.js: once per browser and domain, ask the identity hub who this is.
+   Call mixpanel.init inside firstpartyHub.ready(...): it runs at once when no trip to
+   the hub is needed, after the hub check otherwise, and never on a page that is
+   leaving for the hub (so no event goes out under an id about to be replaced). */
+(function () {{
+  var HUB = {hub}, PARAM = {param}, DONE = "fp_hub_done", waiting = [], settled = false;
+  function settle() {{
+    if (settled) return;
+    settled = true;
+    var callbacks = waiting;
+    waiting = [];
+    for (var i = 0; i < callbacks.length; i++) {{
+      try {{ callbacks[i](); }} catch (e) {{ setTimeout(function () {{ throw e; }}); }}
+    }}
+  }}
+  window.firstpartyHub = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
+  try {{
+    if (localStorage.getItem(DONE)) return settle();
+    if (location.search.indexOf(PARAM + "=") >= 0) {{ localStorage.setItem(DONE, "1"); return settle(); }}
+  }} catch (e) {{ return settle(); }}  /* no storage: never redirect, never loop */
+  var ctl = window.AbortController ? new AbortController() : null;
+  var timer = setTimeout(function () {{ if (ctl) ctl.abort(); settle(); }}, 1500);
+  fetch(HUB + "/hub/ping", {{ mode: "cors", credentials: "omit", signal: ctl && ctl.signal }})
+    .then(function (r) {{
+      clearTimeout(timer);
+      if (!r.ok || settled) return settle();
+      localStorage.setItem(DONE, "1");
+      location.replace(HUB + "/hub/resolve?return=" + encodeURIComponent(location.href));
+    }})
+    .catch(function () {{ clearTimeout(timer); settle(); }});  /* hub unreachable: keep the per-domain id */
+}})();
+"""
+
+
+class CrossDomain:
+    def __init__(self, proxy: Proxy) -> None:
+        self.p = proxy
+
+    # ------------------------------------------------------------ helpers
+
+    @property
+    def _cfg(self) -> Any:
+        return self.p.s.settings.identity
+
+    def _seal(self, canonical: str, purpose: str, audience: str) -> str:
+        cfg = self._cfg
+        return cfg.keys.seal(canonical, purpose=purpose, audience=audience, now=time.time(), ttl=cfg.token_ttl_seconds)
+
+    def _count(self, result: str) -> None:
+        self.p.s.metrics.tokens.labels(result).inc()
+
+    async def redeem(self, token: str, host: str, incoming: list[str]) -> tuple[str, str] | None:
+        """(canonical id, source) carried by a valid token for this host, else None."""
+        cfg = self._cfg
+        audience = linked_domain(host, cfg.linked_domains)
+        if audience is None:
+            self._count("unlinked_host")
+            log.warning("identity token presented on %s, which is not in identity.linked_domains; ignored", host)
+            return None
+        claims = None
+        result = "invalid"
+        for purpose in (PURPOSE_BRIDGE, PURPOSE_HUB):
+            try:
+                claims = cfg.keys.open(token, purpose=purpose, audience=audience, now=time.time())
+            except TokenExpired:
+                result = "expired"
+                break
+            except TokenInvalid as exc:
+                result = f"invalid ({exc})"
+                continue
+            break
+        if claims is None:
+            self._count(result.split(" ")[0])
+            log.info("identity token refused on %s: %s", host, result)
+            return None
+        owner = incoming[0] if incoming else "-"
+        first = await self.p.s.store.claim_once("token:" + claims.token_id, owner, cfg.token_ttl_seconds + 60)
+        if first is not None and first != owner:
+            self._count("replayed")
+            log.warning("identity token replayed on %s by another browser; ignored", host)
+            return None
+        source = purpose
+        if first is None:
+            self._count(f"redeemed_{source}")
+        return claims.canonical_id, source
+
+    def _canonical_for(self, visit: Visit) -> tuple[str, str]:
+        """This browser's canonical id, minting one when it has none yet."""
+        if visit.cookie_id:
+            return visit.cookie_id, "cookie"
+        return str(uuid.uuid4()), "new"
+
+    # ----------------------------------------------------------- handlers
+
+    async def go(self, request: web.Request) -> web.Response:
+        """``GET /mp/go?to=<url>``: 302 to ``to`` with a fresh token, linked domains only."""
+        from .identity import Resolution
+
+        visit = self.p._visit(request)
+        try:
+            to, audience = redirect_target(request.query.get("to"), self._cfg.linked_domains)
+        except BadRequest as exc:
+            self._count("bad_redirect")
+            return self.p._finish(web.Response(status=400, text=f"{exc}\n"), visit, None, "go")
+        canonical, source = self._canonical_for(visit)
+        location = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_BRIDGE, audience))
+        self._count("issued_bridge")
+        response = web.Response(
+            status=302,
+            headers={
+                "Location": location,
+                "Cache-Control": "no-store",
+                # B learns A's origin (its referring domain, for cross-domain funnels),
+                # never A's path or query.
+                "Referrer-Policy": "strict-origin-when-cross-origin",
+            },
+        )
+        return self.p._finish(response, visit, Resolution(canonical, source), "go")
+
+    async def bridge(self, request: web.Request) -> web.Response:
+        """``POST /mp/bridge`` (``to`` in the query, form or JSON body) -> ``{token, expires_in, param, url}``."""
+        from .identity import Resolution
+
+        visit = self.p._visit(request)
+        to = request.query.get("to")
+        if to is None and request.can_read_body:
+            raw = await request.read()
+            if raw[:1] == b"{":
+                try:
+                    to = orjson.loads(raw).get("to")
+                except (orjson.JSONDecodeError, AttributeError):
+                    to = None
+            else:
+                to = dict(p.split("=", 1) for p in raw.decode(errors="replace").split("&") if "=" in p).get("to")
+                if to:
+                    from urllib.parse import unquote_plus
+
+                    to = unquote_plus(to)
+        try:
+            to, audience = redirect_target(to, self._cfg.linked_domains)
+        except BadRequest as exc:
+            self._count("bad_redirect")
+            body = orjson.dumps({"status": 0, "error": str(exc)})
+            return self.p._finish(web.Response(status=400, body=body, content_type="application/json"), visit, None, "bridge")
+        canonical, source = self._canonical_for(visit)
+        token = self._seal(canonical, PURPOSE_BRIDGE, audience)
+        self._count("issued_bridge")
+        body = orjson.dumps(
+            {
+                "token": token,
+                "expires_in": self._cfg.token_ttl_seconds,
+                "param": self._cfg.token_param,
+                "url": decorate(to, self._cfg.token_param, token),
+            }
+        )
+        response = web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
+        return self.p._finish(response, visit, Resolution(canonical, source), "bridge")
+
+    async def identity(self, request: web.Request) -> web.Response:
+        """``GET /mp/id``: the canonical id, CORS only for linked origins."""
+        from .identity import Resolution
+
+        visit = self.p._visit(request)
+        origin = request.headers.get("origin")
+        canonical, source = self._canonical_for(visit)
+        response = web.json_response({"id": canonical, "source": source}, headers={"Cache-Control": "no-store"})
+        response = self.p._finish(response, visit, Resolution(canonical, source), "id")
+        # Stricter than the SDK endpoints: only linked origins may read an id.
+        response.headers.popall("Access-Control-Allow-Origin", None)
+        response.headers.popall("Access-Control-Allow-Credentials", None)
+        if origin and self._origin_linked(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers["Vary"] = "Origin"
+        return response
+
+    def _origin_linked(self, origin: str) -> bool:
+        scheme, sep, hostport = origin.partition("://")
+        if not sep or scheme not in ("http", "https"):
+            return False
+        host = hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+        return linked_domain(host, self._cfg.linked_domains) is not None
+
+    async def link_js(self, request: web.Request) -> web.Response:
+        linked = [d.lstrip(".") for d in self._cfg.linked_domains]
+        body = LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps("/mp/go").decode())
+        return web.Response(
+            text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
+        )
+
+    async def hub_js(self, request: web.Request) -> web.Response:
+        hub = self._cfg.hub_url
+        if not hub:
+            return web.Response(status=404, text="no identity hub configured (identity.hub_url)\n")
+        body = HUB_JS.format(hub=orjson.dumps(hub).decode(), param=orjson.dumps(self._cfg.token_param).decode())
+        return web.Response(
+            text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
+        )
+
+    # ---------------------------------------------------------------- hub
+
+    def _hub_jar(self) -> CookieJar:
+        jar = getattr(self, "_jar", None)
+        if jar is None:
+            from dataclasses import replace
+
+            settings = self.p.s.settings.cookie
+            jar = self._jar = CookieJar(replace(settings, name=self._cfg.hub_cookie_name, domains=()))
+        return jar
+
+    async def hub_ping(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True}, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "no-store"})
+
+    async def hub_resolve(self, request: web.Request) -> web.Response:
+        """``GET /hub/resolve?return=<url>`` on the neutral hub host: its own
+        cookie recognises the browser; back to ``return`` with a hub token."""
+        jar = self._hub_jar()
+        try:
+            to, audience = redirect_target(request.query.get("return"), self._cfg.linked_domains, "return")
+        except BadRequest as exc:
+            self._count("bad_redirect")
+            return web.Response(status=400, text=f"{exc}\n")
+        from .handlers import cookie_values, request_host
+
+        canonical = None
+        for raw in cookie_values(request.headers.get("cookie"), jar.name):
+            canonical = jar.open(raw)
+            if canonical:
+                break
+        if not canonical or not valid_id(canonical):
+            canonical = str(uuid.uuid4())  # first come: this browser's id from now on
+        location = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience))
+        self._count("issued_hub")
+        return web.Response(
+            status=302,
+            headers={
+                "Location": location,
+                "Set-Cookie": jar.set_cookie_header(canonical, request_host(request.host)),
+                "Cache-Control": "no-store",
+                "Referrer-Policy": "no-referrer",
+            },
+        )

@@ -1,0 +1,464 @@
+"""The background sender: spool -> batches -> upstream -> exactly one outcome.
+
+One task per region walks that region's queued rows in id order, groups
+them by (route, project, ip flag) into batches of at most ``batch_size``
+(a partial batch leaves once its oldest row has waited ``batch_window``),
+and sends up to ``max_in_flight`` batches at a time.
+
+Upstream answers are sorted into classes (``classify``):
+- accepted (2xx): rows deleted;
+- retry (network error, timeout, 5xx): the region pauses with exponential
+  backoff and jitter (``backoff_initial`` doubling to ``backoff_max``), the
+  rows go back to the front of their group;
+- rate limited (429): the region pauses for ``Retry-After``;
+- too large (413): the batch is split in halves; a single event -> dead letter;
+- rejected (400, or a 2xx whose verbose body says ``status: 0``): the events
+  named in ``failed_records`` go to dead letters and the rest count as
+  accepted (Mixpanel ingests them); without that list the batch is bisected
+  until the bad events stand alone;
+- refused (other 4xx: 401, 403, 404...): the whole batch goes to dead
+  letters with the upstream's words (``firstparty replay`` after the fix);
+  never retried blindly.
+
+Invariants: every row read ends with exactly one outcome in the forwarded
+log (forwarded, dead_letter, expired) or stays queued for a later attempt;
+a row is deleted only after the upstream accepted it; nothing is retried
+sooner than the backoff allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .forwardlog import ForwardedLog
+from .httpclient import Endpoint, HTTPClient, HTTPClientError, Response
+from .metrics import Metrics
+from .settings import DeliverySettings
+from .spool import DeadLetter, Row, Spool
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = "accepted"
+RETRY = "retry"
+RATE_LIMITED = "rate_limited"
+TOO_LARGE = "too_large"
+REJECTED = "rejected"
+REFUSED = "refused"  # a 4xx about the request as a whole (401, 403, 404...)
+
+GroupKey = tuple[str, str | None, bool]  # route, project, ip flag
+MAINTAIN_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: str
+    detail: str = ""
+    retry_after: float | None = None
+    # index in batch -> reason, when the upstream named the bad records
+    failed: dict[int, str] | None = None
+
+
+def classify(response: Response) -> Verdict:
+    """Sort an upstream answer into a class (pure)."""
+    status = response.status
+    text = response.body[:2000].decode("utf-8", "replace")
+    if 200 <= status < 300:
+        body = _json(response.body)
+        if isinstance(body, dict) and body.get("status") == 0:
+            return Verdict(REJECTED, str(body.get("error") or text), failed=_failed_records(body))
+        return Verdict(ACCEPTED)
+    if status == 429:
+        return Verdict(RATE_LIMITED, text, retry_after=parse_retry_after(response.header("retry-after")))
+    if status == 413:
+        return Verdict(TOO_LARGE, text)
+    if status >= 500:
+        return Verdict(RETRY, f"upstream answered {status}: {text}".strip())
+    if status == 400:
+        body = _json(response.body)
+        failed = _failed_records(body) if isinstance(body, dict) else None
+        return Verdict(REJECTED, text, failed=failed)
+    return Verdict(REFUSED, f"upstream answered {status}: {text}".strip())
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _failed_records(body: dict[str, Any]) -> dict[int, str] | None:
+    records = body.get("failed_records")
+    if not isinstance(records, list):
+        return None
+    out = {}
+    for rec in records:
+        if isinstance(rec, dict) and isinstance(rec.get("index"), int):
+            out[rec["index"]] = str(rec.get("message") or rec.get("field") or "rejected")
+    return out or None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(failures: int, initial: float, maximum: float, rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter: never below the plain doubling, at most +20 %."""
+    base = min(maximum, initial * 2 ** max(0, failures - 1))
+    return base * (1 + 0.2 * rand())
+
+
+def event_seconds(value: Any) -> float | None:
+    """An event's ``time`` property in seconds (mixpanel-js sends ms, others s)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value / 1000 if value > 1e11 else float(value)
+
+
+def encode_batch(rows: list[Row]) -> bytes:
+    """``data=<base64 JSON array>``: the form mixpanel-js itself posts."""
+    raw = b"[" + b",".join(r.body for r in rows) + b"]"
+    value = base64.b64encode(raw).replace(b"+", b"%2B").replace(b"/", b"%2F").replace(b"=", b"%3D")
+    return b"data=" + value
+
+
+@dataclass
+class RegionState:
+    region: str
+    endpoint: Endpoint
+    cursor: int = 0
+    groups: dict[GroupKey, deque[Row]] = field(default_factory=dict)
+    held: int = 0  # rows in memory (grouped or in flight)
+    in_flight: int = 0
+    # live: caught up with the spool, fresh rows arrive from commits in memory;
+    # otherwise (start-up, backlog, memory full) rows are read from disk.
+    live: bool = False
+    commits: int = 0  # commits with rows for this region, to detect a race with a read
+    last_read: float = 0.0
+    failures: int = 0
+    paused_until: float = 0.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Sender:
+    def __init__(
+        self,
+        spool: Spool,
+        client: HTTPClient,
+        endpoints: dict[str, Endpoint],
+        settings: DeliverySettings,
+        forwarded: ForwardedLog,
+        timeout: float,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.spool = spool
+        self.client = client
+        self.settings = settings
+        self.forwarded = forwarded
+        self.timeout = timeout
+        self.regions = {r: RegionState(r, ep) for r, ep in endpoints.items()}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sends: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._draining = False  # shutting down: partial batches leave at once
+        self.metrics = metrics or Metrics()
+        self.upstream_requests = 0
+
+    # ----------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(state)) for state in self.regions.values()]
+        self._tasks.append(loop.create_task(self._maintain()))
+
+    async def _maintain(self) -> None:
+        """Every few seconds: true up the spool depth (another process may have
+        replayed dead letters) and refresh the spool gauges."""
+        while not self._stopping:
+            try:
+                stats = await self.spool.stats()
+            except Exception:  # noqa: BLE001 - a failed read is retried next round
+                log.exception("reading spool stats failed")
+            else:
+                self.spool.depth = stats["depth"]
+                self.metrics.spool_depth.set(stats["depth"])
+                self.metrics.spool_oldest.set(stats["oldest_age_seconds"])
+                self.metrics.dead_letters.set(stats["dead_letters"])
+            await asyncio.sleep(MAINTAIN_SECONDS)
+
+    def notify(self, region: str) -> None:
+        state = self.regions.get(region)
+        if state:
+            state.wake.set()
+
+    def _limit(self) -> int:
+        return self.settings.batch_size * self.settings.max_in_flight * 4
+
+    def accept(self, rows: list[Row]) -> None:
+        """Freshly committed rows (``Spool.on_commit``): straight into memory
+        while a region is live, else left for the next read from disk."""
+        by_region: dict[str, list[Row]] = {}
+        for row in rows:
+            by_region.setdefault(row.region, []).append(row)
+        for region, fresh in by_region.items():
+            state = self.regions.get(region)
+            if state is None:
+                continue
+            state.commits += 1
+            if state.live and state.held + len(fresh) <= self._limit():
+                self._hold(state, fresh)
+            else:
+                state.live = False
+            state.wake.set()
+
+    @staticmethod
+    def _hold(state: RegionState, rows: list[Row]) -> None:
+        # The cursor makes a row read from disk and also handed over by a commit
+        # count once.
+        for row in rows:
+            if row.id > state.cursor:
+                state.groups.setdefault((row.route, row.project, row.ip), deque()).append(row)
+                state.cursor = row.id
+                state.held += 1
+
+    async def stop(self, deadline: float) -> None:
+        """Send what can be sent before ``deadline`` (monotonic), then stop;
+        the rest stays spooled for the next start."""
+        loop = asyncio.get_running_loop()
+        self._draining = True
+        while loop.time() < deadline and (self.spool.depth > 0 or self._sends):
+            if all(s.paused_until > time.time() for s in self.regions.values() if s.held):
+                break  # every region with work is backing off: waiting would not help
+            for s in self.regions.values():
+                s.wake.set()
+            await asyncio.sleep(0.05)
+        self._stopping = True
+        for task in [*self._tasks, *self._sends]:
+            task.cancel()
+        for task in [*self._tasks, *self._sends]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.spool.flush()
+
+    # ------------------------------------------------------------ the loop
+
+    async def _run(self, state: RegionState) -> None:
+        cfg = self.settings
+        while not self._stopping:
+            try:
+                await self._step(state)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the sender must outlive any one bad batch
+                log.exception("sender for region %s failed; retrying in 1 s", state.region)
+                await asyncio.sleep(1)
+                continue
+            timeout = self._next_wakeup(state, cfg)
+            state.wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(state.wake.wait(), timeout)
+
+    def _next_wakeup(self, state: RegionState, cfg: DeliverySettings) -> float:
+        now = time.time()
+        if state.paused_until > now:
+            return state.paused_until - now
+        waits = [1.0]  # poll: rows added by another process (`firstparty replay`)
+        for rows in state.groups.values():
+            if rows:
+                waits.append(max(0.0, rows[0].enqueued_at + cfg.batch_window_seconds - now))
+        return min(waits)
+
+    async def _step(self, state: RegionState) -> None:
+        cfg = self.settings
+        limit = self._limit()
+        now = time.time()
+        # Read from disk while not live, and once a second anyway: rows another
+        # process added (`firstparty replay`) only show up there.
+        if (not state.live or now - state.last_read >= 1.0) and state.held < limit // 2:
+            commits = state.commits
+            want = limit - state.held
+            rows = await self.spool.read(state.region, state.cursor, want)
+            state.last_read = now
+            self._hold(state, rows)
+            # Caught up when the read found less than asked and no commit for this
+            # region landed meanwhile (its rows might be past what was read).
+            state.live = len(rows) < want and state.commits == commits
+        now = time.time()
+        if state.paused_until > now:
+            return
+        for key, rows in state.groups.items():
+            while rows and state.in_flight < cfg.max_in_flight:
+                full = len(rows) >= cfg.batch_size
+                waited = now - rows[0].enqueued_at >= cfg.batch_window_seconds
+                if not (full or waited or self._draining):
+                    break
+                batch = [rows.popleft() for _ in range(min(cfg.batch_size, len(rows)))]
+                self._launch(state, key, batch)
+
+    def _launch(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
+        state.in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._deliver(state, key, batch))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _deliver(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
+        try:
+            await self._send(state, key, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a bug must not strand a batch in memory
+            log.exception("sending a batch to %s failed unexpectedly; it will be retried", state.region)
+            # At worst a resend of rows already accepted: the vendor de-duplicates by $insert_id.
+            self._retry(state, key, batch, None, "internal error")
+        finally:
+            state.in_flight -= 1
+            state.wake.set()
+
+    # ------------------------------------------------------------ a batch
+
+    async def _send(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
+        route, _project, ip = key
+        max_age = self.settings.max_age_seconds
+        cutoff = time.time() - max_age
+        expired = [r for r in batch if r.event_time is not None and r.event_time < cutoff] if route == "track" else []
+        if expired:
+            self._bury(state, expired, "expired", f"event older than {max_age / 86400:g} days", None, 0.0)
+            gone = {r.id for r in expired}
+            batch = [r for r in batch if r.id not in gone]
+            if not batch:
+                return
+        target = f"/{route}?verbose=1&ip={1 if ip else 0}"
+        started = time.perf_counter()
+        try:
+            self.upstream_requests += 1
+            response = await self.client.request(
+                state.endpoint,
+                "POST",
+                target,
+                [("content-type", "application/x-www-form-urlencoded"), ("user-agent", "firstparty-proxy")],
+                encode_batch(batch),
+                timeout=self.timeout,
+            )
+        except HTTPClientError as exc:
+            self._retry(state, key, batch, None, f"{type(exc).__name__}: {exc}")
+            return
+        latency = time.perf_counter() - started
+        self.metrics.upstream_latency.labels(state.region).observe(latency)
+        verdict = classify(response)
+        if verdict.kind == ACCEPTED:
+            state.failures = 0
+            self._done(state, batch, "forwarded", response.status, latency)
+        elif verdict.kind == RETRY:
+            self._retry(state, key, batch, None, verdict.detail)
+        elif verdict.kind == RATE_LIMITED:
+            self._retry(state, key, batch, verdict.retry_after, verdict.detail or "rate limited")
+        elif verdict.kind == TOO_LARGE:
+            if len(batch) == 1:
+                self._bury(state, batch, "too_large", verdict.detail, 413, latency)
+            else:
+                await self._split(state, key, batch)
+        elif verdict.kind == REFUSED:
+            state.failures = 0
+            self._bury(state, batch, f"http_{response.status}", verdict.detail, response.status, latency)
+        else:  # REJECTED
+            state.failures = 0
+            if verdict.failed:
+                # The upstream named the bad records; it ingested the others.
+                for i, r in enumerate(batch):
+                    if i in verdict.failed:
+                        self._bury(state, [r], "rejected", verdict.failed[i], response.status, latency)
+                good = [r for i, r in enumerate(batch) if i not in verdict.failed]
+                if good:
+                    self._done(state, good, "forwarded", response.status, latency)
+            elif len(batch) == 1:
+                self._bury(state, batch, "rejected", verdict.detail, response.status, latency)
+            else:
+                await self._split(state, key, batch)
+
+    async def _split(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
+        mid = len(batch) // 2
+        # The halves go out one after the other on this task: a split is rare
+        # and must not break the in-flight limit.
+        await self._send(state, key, batch[:mid])
+        await self._send(state, key, batch[mid:])
+
+    def _retry(self, state: RegionState, key: GroupKey, batch: list[Row], after: float | None, detail: str) -> None:
+        state.failures += 1
+        delay = after if after is not None else backoff_delay(
+            state.failures, self.settings.backoff_initial_seconds, self.settings.backoff_max_seconds
+        )
+        state.paused_until = max(state.paused_until, time.time() + delay)
+        self.spool.count_attempt(batch)
+        rows = state.groups.setdefault(key, deque())
+        rows.extendleft(reversed(batch))  # back to the front, in order
+        self.metrics.outcome("retry", key[0], len(batch))
+        log.warning(
+            "upstream %s: %s; %d events kept, next try in %.1f s", state.region, detail, len(batch), delay
+        )
+
+    def _done(self, state: RegionState, rows: list[Row], outcome: str, status: int, latency: float) -> None:
+        self.spool.ack(r.id for r in rows)
+        state.held -= len(rows)
+        self._log(state, rows, outcome, status, latency)
+
+    def _bury(self, state: RegionState, rows: list[Row], reason: str, detail: str, status: int | None, latency: float) -> None:
+        self.spool.bury(DeadLetter(r, reason, detail, status) for r in rows)
+        state.held -= len(rows)
+        self._log(state, rows, "expired" if reason == "expired" else "dead_letter", status, latency, reason, detail)
+
+    def _log(
+        self,
+        state: RegionState,
+        rows: list[Row],
+        outcome: str,
+        status: int | None,
+        latency: float,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        metas = [orjson.loads(r.meta) for r in rows]
+        entry: dict[str, Any] = {
+            "time": time.time(),
+            "outcome": outcome,
+            "route": rows[0].route,
+            "region": state.region,
+            "project": rows[0].project,
+            "events": [m.get("n", "") for m in metas],
+            "count": len(rows),
+            "insert_ids": [m["i"] for m in metas if m.get("i")],
+            "canonical_ids": sorted({m["c"] for m in metas if m.get("c")}),
+            "sources": sorted({m["s"] for m in metas if m.get("s")}),
+            "original_ids": sorted({rw[1] for m in metas for rw in m.get("r", ())}),
+            "rewrites": [{"field": rw[0], "from": rw[1], "to": rw[2]} for m in metas for rw in m.get("r", ())][:50],
+            "status": status,
+            "attempts": max(r.attempts for r in rows) + (1 if status is not None else 0),
+            "latency_ms": round(latency * 1000, 3),
+            "queued_ms": round((time.time() - min(r.enqueued_at for r in rows)) * 1000, 1),
+        }
+        if reason:
+            entry["reason"] = reason
+            entry["detail"] = (detail or "")[:500]
+        self.forwarded.record(entry)
+        self.metrics.outcome(outcome, rows[0].route, len(rows))

@@ -1,0 +1,40 @@
+"""The proxy's own exception tree.
+
+    ProxyError
+    ├── ConfigError        bad settings; the CLI prints it as one line, exit 2
+    ├── BadRequest         the client sent something we refuse (HTTP 400)
+    │   └── PayloadTooLarge  body or decompressed body over the limit (HTTP 413)
+    └── UpstreamError      the vendor could not be reached or answered nonsense
+
+Low-level errors (binascii, zlib, orjson, httpclient) are wrapped into these
+with ``raise X(...) from exc`` at the module that meets them, so handlers only
+ever catch this tree.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy raises on purpose."""
+
+
+class ConfigError(ProxyError):
+    """A setting is missing, unknown or invalid; the message names the key and the fix."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
+
+
+class BadRequest(ProxyError):
+    """Client input we refuse; ``str(exc)`` is the Mixpanel-style verbose error text."""
+
+    status = 400
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+
+
+class UpstreamError(ProxyError):
+    """The upstream could not be reached in time or its answer could not be read."""

@@ -1,0 +1,101 @@
+"""The forwarded log: one JSON line per forwarded request.
+
+Records are buffered in memory and written by a background flusher (every
+``FLUSH_SECONDS`` or when the buffer is large), so the request path never
+waits on the disk. The file rotates by size: ``forwarded.jsonl`` ->
+``forwarded.jsonl.1`` -> ... -> ``.<backups>``.
+
+Invariant: records hold ids, event names, routes, statuses and timings;
+never cookies, authorization headers, secrets or the client IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.2
+FLUSH_BYTES = 256 * 1024
+
+
+class ForwardedLog:
+    def __init__(self, path: Path, *, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self._max_bytes = max_bytes
+        self._backups = backups
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._fh: Any = None
+        self._size = 0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "ab")
+        self._size = self._fh.tell()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        line = orjson.dumps(entry) + b"\n"
+        self._buffer.append(line)
+        self._buffered += len(line)
+        if self._buffered >= FLUSH_BYTES:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Write out everything buffered (synchronously: a page-cache write)."""
+        if not self._buffer or self._fh is None:
+            return
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        self._buffered = 0
+        try:
+            if self._size and self._size + len(data) > self._max_bytes:
+                self._rotate()
+            self._fh.write(data)
+            self._fh.flush()
+            self._size += len(data)
+        except OSError as exc:
+            log.error("cannot write the forwarded log %s: %s", self.path, exc)
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        if self._backups:
+            for i in range(self._backups - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink(missing_ok=True)
+        self._fh = open(self.path, "ab")
+        self._size = 0
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
+            self._wake.clear()
+            self.flush()
+
+    def start(self) -> None:
+        self.open()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.flush()
+        if self._fh:
+            self._fh.close()
+            self._fh = None

@@ -1,0 +1,636 @@
+"""HTTP handlers: request -> decode -> resolve identity -> rewrite -> forward -> log.
+
+The handlers are the only place that touches aiohttp requests; each step
+is a call into a pure module (``codec``, ``identity``, ``rewrite``,
+``cookie``, ``cors``, ``clientip``) or a thin adapter (``store``,
+``upstream``, ``forwardlog``).
+
+Invariants:
+- bad input is answered 400/413 with a Mixpanel-style error and nothing is
+  forwarded;
+- 2xx reaches the client only when the upstream accepted the request
+  (synchronous forwarding); an unreachable upstream answers 502 so SDKs
+  retry;
+- the identity cookie is read and set only for browser requests, never for
+  server SDKs, whose events belong to many people;
+- every forwarded request leaves exactly one forwarded-log record.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from aiocache.base import BaseCache
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from . import codec
+from .clientip import TrustedProxies, client_ip
+from .cookie import CookieJar
+from .cors import OriginPolicy
+from .errors import BadRequest, PayloadTooLarge, UpstreamError
+from .forwardlog import ForwardedLog
+from .httpclient import Endpoint, HTTPClient, Response
+from .metrics import CONTENT_TYPE, Metrics
+from .resolver import Resolver
+from .identity import (
+    SOURCE_COOKIE,
+    is_anonymous,
+    Resolution,
+    anonymous_ids,
+    query_anon_ids,
+    server_lookup_ids,
+    strip_device,
+)
+from .bridge import find_token, strip_event, strip_param
+from .delivery import Sender, event_seconds
+from .rewrite import Rewrite, rewrite_event, rewrite_flags_context, rewrite_query
+from .settings import Settings
+from .spool import NewRow, Spool, SpoolFull
+from .store import AliasStore
+from .upstream import Upstreams, request_headers, response_headers, send
+
+log = logging.getLogger(__name__)
+
+EVENT_ROUTES = frozenset({"track", "engage", "groups", "import"})
+# Acknowledged once durably spooled (in spool mode); /import stays synchronous
+# so its credentials are never written to disk.
+SPOOLED_ROUTES = frozenset({"track", "engage", "groups"})
+SPOOL_RETRY_AFTER = "5"
+QUERY_ROUTES = frozenset({"record", "flags", "settings", "decide"})
+LIB_PATHS = {"lib.min.js": "/libs/mixpanel-2-latest.min.js", "lib.js": "/libs/mixpanel-2-latest.js"}
+LIB_CACHE_SECONDS = 3600
+# Query fields that carry identity, per query-identity route.
+_QUERY_ID_FIELDS = {"record": ("distinct_id", "$device_id"), "decide": ("distinct_id",)}
+_MAX_LOGGED_REWRITES = 50
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything a handler needs, built once by the app factory."""
+
+    settings: Settings
+    jar: CookieJar
+    origins: OriginPolicy
+    store: AliasStore
+    upstreams: Upstreams
+    client: HTTPClient
+    forwarded: ForwardedLog
+    lib_cache: BaseCache
+    # Spool mode: where fire-and-forget events go (None in sync mode).
+    metrics: Metrics = field(default_factory=Metrics)
+    spool: Spool | None = None
+    sender: Sender | None = None
+
+
+@dataclass(slots=True)
+class Visit:
+    """What we know about the requester before looking at the payload."""
+
+    browser: bool
+    origin: str | None
+    host: str
+    cookie_id: str | None
+    cookie_raw: str | None
+
+
+def is_browser(headers: CIMultiDictProxy[str]) -> bool:
+    """Browsers send Fetch Metadata or Origin, and a Mozilla/ user agent; SDKs
+    on servers (python-requests, curl, Go) send none of these."""
+    if "sec-fetch-site" in headers or "origin" in headers:
+        return True
+    return headers.get("user-agent", "").startswith("Mozilla/")
+
+
+def request_host(host: str | None) -> str:
+    """The Host header without its port ("[::1]:8000" -> "[::1]")."""
+    if not host:
+        return ""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.split(":", 1)[0].lower()
+
+
+def cookie_values(header: str | None, name: str) -> list[str]:
+    if not header:
+        return []
+    out = []
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            out.append(value.strip().strip('"'))
+    return out
+
+
+def wants_verbose(query: list[tuple[str, str]], params: list[tuple[str, str]] = ()) -> bool:  # type: ignore[assignment]
+    for k, v in (*params, *query):
+        if k == "verbose":
+            return v == "1"
+    return False
+
+
+def error_response(status: int, message: str, verbose: bool) -> web.Response:
+    if verbose:
+        return web.Response(
+            status=status,
+            body=orjson.dumps({"status": 0, "error": message}),
+            content_type="application/json",
+        )
+    return web.Response(status=status, text="0", content_type="text/plain")
+
+
+def event_names(route: str, events: list[dict[str, Any]]) -> list[str]:
+    if route in ("track", "import"):
+        return [str(e.get("event", "")) for e in events]
+    # engage/groups: the operation ($set, $union...) names the update.
+    return [next((k for k in e if k.startswith("$") and k not in _PROFILE_KEYS), "?") for e in events]
+
+
+_PROFILE_KEYS = frozenset(
+    {"$token", "$distinct_id", "$device_id", "$user_id", "$time", "$ip", "$ignore_time", "$group_key", "$group_id"}
+)
+
+
+def project_token(route: str, events: list[dict[str, Any]]) -> str | None:
+    first = events[0]
+    if route in ("engage", "groups"):
+        token = first.get("$token")
+    else:
+        props = first.get("properties")
+        token = props.get("token") if isinstance(props, dict) else None
+    return token if isinstance(token, str) else None
+
+
+class Proxy:
+    """The handlers. Routes are registered when the app is built; the services
+    they use are opened at start-up and handed over with ``bind``."""
+
+    def __init__(self, settings: Settings) -> None:
+        from .crossdomain import CrossDomain
+
+        self._trusted = TrustedProxies(settings.server.trusted_proxies)
+        self.s: Services
+        self.cross = CrossDomain(self)
+        self.resolver: Resolver
+
+    def bind(self, services: Services) -> None:
+        self.s = services
+        self.resolver = Resolver(services.store, services.metrics, services.settings.identity)
+
+    # ------------------------------------------------------------- plumbing
+
+    def _visit(self, request: web.Request) -> Visit:
+        headers = request.headers
+        browser = is_browser(headers)
+        cookie_id = cookie_raw = None
+        if browser:
+            for raw in cookie_values(headers.get("cookie"), self.s.jar.name):
+                cookie_id = self.s.jar.open(raw)
+                if cookie_id:
+                    cookie_raw = raw
+                    break
+        return Visit(browser, headers.get("origin"), request_host(request.host), cookie_id, cookie_raw)
+
+    def _finish(
+        self, response: web.Response, visit: Visit, resolution: Resolution | None, route: str = "other"
+    ) -> web.Response:
+        self.s.metrics.request(route, response.status)
+        if visit.origin:
+            response.headers.update(self.s.origins.headers(visit.origin))
+        if visit.browser and resolution is not None and resolution.canonical:
+            sealed = visit.cookie_raw if resolution.source == SOURCE_COOKIE else None
+            response.headers["Set-Cookie"] = self.s.jar.set_cookie_header(resolution.canonical, visit.host, sealed)
+            # A cookie-bearing answer must never be cached by a shared cache.
+            response.headers["Cache-Control"] = "private, no-store"
+        return response
+
+    def _error(self, exc: BadRequest, visit: Visit, verbose: bool, route: str) -> web.Response:
+        self.s.metrics.bad_requests.inc()
+        return self._finish(error_response(exc.status, str(exc), verbose), visit, None, route)
+
+    async def _resolve(
+        self,
+        visit: Visit,
+        route: str,
+        incoming: list[str],
+        server_ids: list[str],
+        token: str | None = None,
+        anonymous: bool = False,
+        project: str | None = None,
+    ) -> Resolution:
+        browser = visit.browser and route != "import"
+        carried = await self.cross.redeem(token, visit.host, incoming) if browser and token else None
+        return await self.resolver.resolve(
+            browser=browser,
+            cookie_id=visit.cookie_id,
+            host=visit.host,
+            route=route,
+            incoming=incoming,
+            server_ids=server_ids,
+            carried=carried,
+            anonymous=anonymous,
+            project=project,
+        )
+
+    def _strip_tokens(self, route: str, events: list[dict[str, Any]]) -> int:
+        param = self.s.settings.identity.token_param
+        stripped = sum(strip_event(route, e, param) for e in events)
+        if stripped:
+            self.s.metrics.tokens_stripped.inc(stripped)
+        return stripped
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise PayloadTooLarge(
+                f"request body is larger than {self.s.settings.server.max_body_bytes} bytes"
+            ) from exc
+
+    async def _forward(
+        self,
+        request: web.Request,
+        route: str,
+        endpoint: Endpoint,
+        target: str,
+        body: bytes,
+        content_type: str | None,
+        content_encoding: str | None,
+        method: str | None = None,
+    ) -> Response:
+        ip, chain = client_ip(
+            request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
+        )
+        headers = request_headers(request.headers, route, ip, chain, content_type, content_encoding)
+        return await send(
+            self.s.client, endpoint, method or request.method, target, headers, body, self.s.upstreams.timeout
+        )
+
+    def _log(
+        self,
+        route: str,
+        region: str,
+        project: str | None,
+        names: list[str],
+        resolution: Resolution | None,
+        rewrites: list[Rewrite],
+        status: int,
+        started: float,
+        error: str | None = None,
+    ) -> None:
+        """One forwarded-log record for a synchronously forwarded request (the
+        sender writes the same shape for spooled batches)."""
+        entry: dict[str, Any] = {
+            "time": time.time(),
+            "outcome": "forwarded" if 200 <= status < 300 else "failed",
+            "route": route,
+            "region": region,
+            "project": project,
+            "events": names[:_MAX_LOGGED_REWRITES],
+            "count": len(names),
+            "canonical_ids": [resolution.canonical] if resolution and resolution.canonical else [],
+            "sources": [resolution.source] if resolution else [],
+            "original_ids": sorted({r.original for r in rewrites})[:_MAX_LOGGED_REWRITES],
+            "rewrites": [
+                {"field": r.field, "from": r.original, "to": r.canonical} for r in rewrites[:_MAX_LOGGED_REWRITES]
+            ],
+            "status": status,
+            "attempts": 1,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        if error:
+            entry["detail"] = error
+        self.s.forwarded.record(entry)
+
+    # --------------------------------------------------------------- routes
+
+    async def mp(self, request: web.Request) -> web.StreamResponse:
+        """Everything under ``/mp/``: one entry point, so ``/mp//track/`` and
+        ``/mp/track`` reach the same code."""
+        tail = request.path[4:]  # after "/mp/"; plain and catch-all routes alike
+        parts = [p for p in tail.split("/") if p]
+        trailing = "/" if tail.endswith("/") else ""
+        if request.method == "OPTIONS":
+            return self.preflight(request)
+        if len(parts) == 1:
+            name = parts[0]
+            if name in EVENT_ROUTES:
+                return await self.events(request, name, f"/{name}{trailing}")
+            if name in QUERY_ROUTES:
+                endpoint = self.s.upstreams.decide if name == "decide" else None
+                return await self.query_route(request, name, f"/{name}{trailing}", endpoint)
+            if name in LIB_PATHS:
+                return await self.lib(request, name)
+        if len(parts) == 3 and parts[0] == "flags" and parts[2] == "first-time-events":
+            return await self.query_route(request, "flags-first-time", "/" + "/".join(parts) + trailing, None)
+        return self._not_found(request)
+
+    async def mp_decide(self, request: web.Request) -> web.StreamResponse:
+        """``/mp-decide/decide``: the legacy decide endpoint on its own host."""
+        if request.method == "OPTIONS":
+            return self.preflight(request)
+        tail = request.match_info["tail"]
+        parts = [p for p in tail.split("/") if p]
+        if parts == ["decide"]:
+            trailing = "/" if tail.endswith("/") else ""
+            return await self.query_route(request, "decide", f"/decide{trailing}", self.s.upstreams.decide)
+        return self._not_found(request)
+
+    def _not_found(self, request: web.Request) -> web.Response:
+        verbose = wants_verbose(list(request.rel_url.query.items()))
+        return error_response(404, f"unknown endpoint {request.path}", verbose)
+
+    async def preflight_route(self, request: web.Request) -> web.Response:
+        return self.preflight(request)
+
+    def preflight(self, request: web.Request) -> web.Response:
+        headers = self.s.origins.preflight_headers(request.headers.get("origin"))
+        if headers is None:
+            # No CORS headers: the browser refuses; the body helps whoever debugs it.
+            return web.Response(status=403, text="origin not allowed; add it to cors.allowed_origins\n")
+        return web.Response(status=204, headers=headers)
+
+    async def events(self, request: web.Request, route: str, path: str) -> web.StreamResponse:
+        """track / engage / groups / import: payloads that carry events."""
+        started = time.perf_counter()
+        visit = self._visit(request)
+        query = list(request.rel_url.query.items())
+        if request.method not in ("GET", "POST"):
+            return self._finish(error_response(405, f"{request.method} is not supported here", True), visit, None)
+        verbose = wants_verbose(query)
+        try:
+            body = await self._read_body(request)
+            decoded = codec.decode(
+                body=body,
+                query=query,
+                content_type=request.headers.get("content-type", ""),
+                content_encoding=request.headers.get("content-encoding", ""),
+                limit=self.s.settings.server.max_body_bytes,
+            )
+        except BadRequest as exc:
+            return self._error(exc, visit, verbose, route)
+        verbose = wants_verbose(query, decoded.params)
+        events = decoded.events
+        param = self.s.settings.identity.token_param
+        token = None
+        stripped = 0
+        # Tokens can only be in events whose text mentions the parameter.
+        mentioned = decoded.mentions(param + "=")
+        if visit.browser and route != "import":
+            token = find_token(query, events if mentioned else [], param)
+        if mentioned:
+            stripped = self._strip_tokens(route, events)
+
+        resolution = await self._resolve(
+            visit,
+            route,
+            anonymous_ids(route, events),
+            [] if visit.browser and route != "import" else server_lookup_ids(route, events),
+            token,
+            is_anonymous(route, events),
+            project_token(route, events),
+        )
+        per_event = [rewrite_event(route, e, resolution.mapping) for e in events] if resolution.mapping else []
+        rewrites = [r for rs in per_event for r in rs]
+        if rewrites:
+            self.s.metrics.rewrites.inc(len(rewrites))
+        if self.s.spool is not None and route in SPOOLED_ROUTES:
+            return await self._spool(request, visit, route, decoded, query, resolution, per_event, verbose)
+
+        raw_query = request.rel_url.raw_query_string
+        if param + "=" in raw_query:
+            raw_query = urlencode([(k, v) for k, v in query if k != param])
+        content_type = request.headers.get("content-type")
+        content_encoding = request.headers.get("content-encoding")
+        if (rewrites or stripped) and decoded.from_query:
+            value, _ = codec.encode_data_value(decoded)
+            raw_query = _replace_query_value([(k, v) for k, v in query if k != param], "data", value.decode())
+        elif rewrites or stripped:
+            body, content_type = codec.encode_body(decoded)
+            content_encoding = None  # re-encoded uncompressed
+
+        project = project_token(route, events)
+        region = self.s.upstreams.region_for(project)
+        target = path + ("?" + raw_query if raw_query else "")
+        names = event_names(route, events)
+        try:
+            upstream = await self._forward(
+                request, route, self.s.upstreams.regions[region], target, body, content_type, content_encoding
+            )
+        except UpstreamError as exc:
+            self._log(route, region, project, names, resolution, rewrites, 502, started, str(exc))
+            return self._finish(error_response(502, str(exc), verbose), visit, resolution, route)
+        self._log(route, region, project, names, resolution, rewrites, upstream.status, started)
+        if 200 <= upstream.status < 300:
+            self.s.metrics.accepted(route, len(events))
+        response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
+        return self._finish(response, visit, resolution, route)
+
+    async def _spool(
+        self,
+        request: web.Request,
+        visit: Visit,
+        route: str,
+        decoded: codec.Decoded,
+        query: list[tuple[str, str]],
+        resolution: Resolution,
+        per_event: list[list[Rewrite]],
+        verbose: bool,
+    ) -> web.Response:
+        """Spool mode: answer once the events are durably written; the sender
+        forwards them in batches."""
+        assert self.s.spool is not None and self.s.sender is not None
+        # Batches mix visitors, so each event carries its visitor's IP for
+        # geolocation when the client asked for it (ip=1).
+        wants_ip = codec.param(decoded, query, "ip", "0") == "1"
+        ip = client_ip(
+            request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
+        )[0] if wants_ip else None
+        rows = []
+        regions = set()
+        for i, event in enumerate(decoded.events):
+            name, insert_id, token, when = _prepare_event(route, event, ip)
+            region = self.s.upstreams.region_for(token)
+            regions.add(region)
+            changes = per_event[i] if per_event else ()
+            meta = {
+                "c": resolution.canonical,
+                "s": resolution.source,
+                "n": name,
+                "i": insert_id,
+                "r": [[r.field, r.original, r.canonical] for r in changes],
+            }
+            rows.append(NewRow(route, region, token, wants_ip, orjson.dumps(event), orjson.dumps(meta), when))
+        try:
+            await self.s.spool.enqueue(rows)
+        except SpoolFull as exc:
+            response = error_response(503, f"{exc}; retry later", verbose)
+            response.headers["Retry-After"] = SPOOL_RETRY_AFTER
+            return self._finish(response, visit, None, route)
+        self.s.metrics.accepted(route, len(rows))
+        for region in regions:
+            self.s.sender.notify(region)
+        if verbose:
+            response = web.Response(body=b'{"status":1,"error":null}', content_type="application/json")
+        else:
+            response = web.Response(text="1", content_type="text/plain")
+        return self._finish(response, visit, resolution, route)
+
+    async def query_route(
+        self, request: web.Request, route: str, path: str, endpoint: Endpoint | None
+    ) -> web.StreamResponse:
+        """record / flags / settings / decide: identity in the query string, the
+        body (a gzip'd replay, a flags request) forwarded byte for byte."""
+        started = time.perf_counter()
+        visit = self._visit(request)
+        query = list(request.rel_url.query.items())
+        verbose = wants_verbose(query)
+        try:
+            body = await self._read_body(request)
+        except BadRequest as exc:
+            return self._error(exc, visit, verbose, route)
+
+        param = self.s.settings.identity.token_param
+        token = next((v for k, v in query if k == param), None) if visit.browser else None
+        clean = [(k, v) for k, v in query if k != param]
+        clean = [(k, strip_param(v, param) or v) if param + "=" in v else (k, v) for k, v in clean]
+        tokens_removed = clean != query
+        query = clean
+        incoming, server_ids, context = self._query_identity(route, query)
+        resolution = await self._resolve(visit, route, incoming, server_ids, token)
+        rewrites: list[Rewrite] = []
+        new_query = query
+        if route in _QUERY_ID_FIELDS:
+            new_query = rewrite_query(query, _QUERY_ID_FIELDS[route], resolution.mapping, rewrites)
+        elif route == "flags" and context is not None:
+            new_context = rewrite_flags_context(context, resolution.mapping, rewrites)
+            new_query = [(k, new_context if k == "context" else v) for k, v in query]
+        raw_query = urlencode(new_query) if rewrites or tokens_removed else request.rel_url.raw_query_string
+
+        token = next((v for k, v in query if k == "token"), None)
+        region = self.s.upstreams.region_for(token)
+        endpoint = endpoint or self.s.upstreams.regions[region]
+        target = path + ("?" + raw_query if raw_query else "")
+        try:
+            upstream = await self._forward(
+                request,
+                route,
+                endpoint,
+                target,
+                body,
+                request.headers.get("content-type") if body else None,
+                request.headers.get("content-encoding") if body else None,
+            )
+        except UpstreamError as exc:
+            self._log(route, region, token, [], resolution, rewrites, 502, started, str(exc))
+            return self._finish(error_response(502, str(exc), verbose), visit, resolution, route)
+        self._log(route, region, token, [], resolution, rewrites, upstream.status, started)
+        response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
+        return self._finish(response, visit, resolution, route)
+
+    @staticmethod
+    def _query_identity(route: str, query: list[tuple[str, str]]) -> tuple[list[str], list[str], str | None]:
+        """(anonymous ids, ids to look up for a server request, the flags context)."""
+        first = dict(reversed(query))  # first occurrence wins
+        context = None
+        if route == "flags":
+            context = first.get("context")
+            ctx: Any = None
+            if context:
+                try:
+                    ctx = orjson.loads(context)
+                except orjson.JSONDecodeError:
+                    ctx = None
+            if not isinstance(ctx, dict):
+                return [], [], context
+            distinct, device = ctx.get("distinct_id"), ctx.get("device_id")
+        elif route in _QUERY_ID_FIELDS:
+            distinct, device = first.get("distinct_id"), first.get("$device_id")
+        else:
+            return [], [], None
+        distinct = distinct if isinstance(distinct, str) else None
+        device = device if isinstance(device, str) else None
+        lookups = [strip_device(v) or v for v in (device, distinct) if v]
+        return query_anon_ids(distinct, device), lookups, context
+
+    async def lib(self, request: web.Request, name: str) -> web.StreamResponse:
+        """The mixpanel-js library itself, first-party, cached."""
+        cdn_path = LIB_PATHS[name]
+        cached = await self.s.lib_cache.get(cdn_path)
+        if cached is None:
+            try:
+                upstream = await send(
+                    self.s.client, self.s.upstreams.cdn, "GET", cdn_path, [("accept", "*/*")], b"", self.s.upstreams.timeout
+                )
+            except UpstreamError as exc:
+                return error_response(502, str(exc), True)
+            if upstream.status != 200:
+                return web.Response(status=502, text=f"CDN answered {upstream.status}\n")
+            cached = upstream.body
+            await self.s.lib_cache.set(cdn_path, cached, ttl=LIB_CACHE_SECONDS)
+        return web.Response(
+            body=cached,
+            content_type="application/javascript",
+            charset="utf-8",
+            headers={"Cache-Control": f"public, max-age={LIB_CACHE_SECONDS}"},
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.s.metrics.store_errors.set(self.s.store.errors)
+        return web.Response(body=self.s.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready when the alias store answers and the spool accepts events."""
+        store_ok = await self.s.store.ping()
+        body: dict[str, Any] = {"store": store_ok}
+        ok = store_ok
+        if self.s.spool is not None:
+            spool_ok = self.s.spool.depth < self.s.spool.max_rows
+            body["spool"] = spool_ok
+            ok = ok and spool_ok
+        return web.json_response(body, status=200 if ok else 503)
+
+
+def _prepare_event(
+    route: str, event: dict[str, Any], ip: str | None
+) -> tuple[str, str | None, str | None, float | None]:
+    """Make an event ready to travel in a shared batch: a ``$insert_id`` so a
+    resend is de-duplicated, the visitor's IP for geolocation. Returns (name,
+    insert id, project token, event time in seconds)."""
+    if route == "track":
+        props = event.get("properties")
+        if not isinstance(props, dict):
+            props = event["properties"] = {}
+        insert_id = props.get("$insert_id")
+        if not isinstance(insert_id, str) or not insert_id:
+            insert_id = props["$insert_id"] = secrets.token_hex(16)
+        if ip and "ip" not in props:
+            props["ip"] = ip
+        token = props.get("token")
+        name = str(event.get("event", ""))
+        return name, insert_id, token if isinstance(token, str) else None, event_seconds(props.get("time"))
+    if route == "engage" and ip and "$ip" not in event:
+        event["$ip"] = ip
+    token = event.get("$token")
+    name = next((k for k in event if k.startswith("$") and k not in _PROFILE_KEYS), "?")
+    return name, None, token if isinstance(token, str) else None, None
+
+
+def _replace_query_value(query: list[tuple[str, str]], name: str, encoded: str) -> str:
+    """A query string with ``name``'s value replaced by an already-encoded value."""
+    parts = []
+    for k, v in query:
+        if k == name:
+            parts.append(f"{name}={encoded}")
+        else:
+            parts.append(urlencode([(k, v)]))
+    return "&".join(parts)

@@ -1,0 +1,129 @@
+"""The identity resolver: the store-backed side of ``identity``.
+
+``identity`` decides from plain data; this adapter fetches that data from the
+alias store, applies the decisions that need memory across requests (the
+device record per host that tells ``reset()`` from Safari's expired storage,
+the cap on devices per canonical id) and writes what was learnt back.
+
+Invariants: a store failure degrades (unknown alias, no reset detection),
+never fails a request; the cookie is consulted only for browser requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .identity import (
+    DEVICE_RESET,
+    DEVICE_SAME,
+    SOURCE_COOKIE,
+    SOURCE_RESET,
+    Resolution,
+    device_change,
+    resolve_browser,
+    resolve_server,
+)
+from .metrics import Metrics
+from .settings import IdentitySettings
+from .store import AliasStore
+
+log = logging.getLogger(__name__)
+
+# A host's device record is refreshed at most this often: no store write per request.
+SIGHTING_REFRESH_SECONDS = 3600
+
+
+class Resolver:
+    def __init__(self, store: AliasStore, metrics: Metrics, settings: IdentitySettings) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.settings = settings
+
+    async def resolve(
+        self,
+        *,
+        browser: bool,
+        cookie_id: str | None,
+        host: str,
+        route: str,
+        incoming: list[str],
+        server_ids: list[str],
+        carried: tuple[str, str] | None = None,
+        anonymous: bool = False,
+        project: str | None = None,
+    ) -> Resolution:
+        """The canonical id of a request and the rewrites it implies.
+
+        ``carried`` is what a valid bridge/hub token in the request names."""
+        if not browser:
+            resolution = resolve_server(await self.store.get_many(server_ids))
+        else:
+            # Which device id a host shows matters only for events (flags and
+            # replays follow whatever the events decided).
+            watch = bool(incoming) and route in ("track", "engage")
+            reset = False
+            if cookie_id and not carried and watch:
+                reset = await self._device_seen(cookie_id, host, project, incoming[0], anonymous)
+                if reset:
+                    cookie_id = None  # a new person on this browser: a new canonical id
+            lookup = [] if carried or cookie_id or reset or not incoming else incoming[:1]
+            known = await self.store.get_many(lookup)
+            resolution = resolve_browser(cookie_id, incoming, known, carried=carried)
+            if reset:
+                resolution.source = SOURCE_RESET
+            if watch and resolution.canonical and resolution.source != SOURCE_COOKIE:
+                await self._remember_device(resolution.canonical, host, project, incoming[0])
+            if resolution.new_aliases:
+                await self._cap_devices(resolution)
+        if resolution.new_aliases:
+            await self.store.put_many(resolution.new_aliases)
+        self.metrics.source(resolution.source)
+        return resolution
+
+    @staticmethod
+    def _record_key(canonical: str, host: str, project: str | None) -> str:
+        # Per project: two Mixpanel projects on one page have two device ids.
+        return f"host:{canonical}:{host}:{project or ''}"
+
+    async def _remember_device(self, canonical: str, host: str, project: str | None, device: str) -> None:
+        await self.store.set_value(self._record_key(canonical, host, project), f"{device}|{int(time.time())}")
+
+    async def _device_seen(self, canonical: str, host: str, project: str | None, device: str, anonymous: bool) -> bool:
+        """Note the device id ``host`` shows for ``canonical``; True when the
+        change means a new person (``reset()``), see ``identity.device_change``."""
+        key = self._record_key(canonical, host, project)
+        record = await self.store.get_value(key)
+        now = time.time()
+        window = self.settings.reset_window_days * 86400
+        change = device_change(record, device, now, window, anonymous)
+        if change == DEVICE_SAME:
+            if now - float(record.rpartition("|")[2]) > SIGHTING_REFRESH_SECONDS:  # type: ignore[union-attr]
+                await self.store.set_value(key, f"{device}|{int(now)}")
+            return False
+        if change != DEVICE_RESET:
+            await self.store.set_value(key, f"{device}|{int(now)}")
+            return False
+        self.metrics.identity_resets.inc()
+        log.info("device id changed on %s soon after the last one (reset()): new canonical id", host)
+        return True
+
+    async def _cap_devices(self, resolution: Resolution) -> None:
+        """Refuse to join more than ``identity.max_devices_per_id`` device ids to
+        one canonical id: past that it is a rewrite bug or a shared device."""
+        cap = self.settings.max_devices_per_id
+        canonical = resolution.canonical
+        assert canonical is not None
+        for original in list(resolution.new_aliases):
+            if self.store.recently_written(original, canonical):
+                continue
+            if await self.store.count_device(canonical) > cap:
+                del resolution.new_aliases[original]
+                del resolution.mapping[original]
+                self.metrics.device_cap.inc()
+                log.warning(
+                    "canonical id %s already joins %d device ids (identity.max_devices_per_id); %s kept apart",
+                    canonical,
+                    cap,
+                    original,
+                )

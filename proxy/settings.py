@@ -1,0 +1,546 @@
+"""Settings: one TOML file plus ``FIRSTPARTY_*`` environment overrides, loaded
+once at start-up into a frozen, validated object.
+
+Invariants:
+- nothing else in the package reads ``os.environ`` or the config file;
+- every unknown section or key and every bad value raises ``ConfigError``
+  naming the dotted key and saying how to fix it;
+- defaults run the proxy with no other server: in-memory store, files under
+  ``server.data_dir``, the real Mixpanel upstreams.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+ENV_PREFIX = "FIRSTPARTY_"
+REGIONS = ("us", "eu", "in")
+_COOKIE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_HOST_LABELS = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?)*$")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "firstparty-data"
+    trusted_proxies: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    max_body_bytes: int = 10 * 1024 * 1024
+    workers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    # Base URLs by region; "in" is a Python keyword, hence a mapping.
+    regions: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "us": "https://api.mixpanel.com",
+            "eu": "https://api-eu.mixpanel.com",
+            "in": "https://api-in.mixpanel.com",
+        }
+    )
+    decide: str = "https://decide.mixpanel.com"
+    cdn: str = "https://cdn.mxpnl.com"
+    default_region: str = "us"
+    projects: Mapping[str, str] = field(default_factory=dict)
+    timeout_seconds: float = 10.0
+    max_connections: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class CookieSettings:
+    name: str = "fp_id"
+    domains: tuple[str, ...] = ()
+    secure: bool = True
+    max_age_days: int = 400
+    secret: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class CorsSettings:
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    url: str = "memory://"
+    max_entries: int = 500_000
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    forwarded: str = ""
+    max_bytes: int = 100 * 1024 * 1024
+    backups: int = 5
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    keys_file: str = ""  # default <data_dir>/identity_keys (generated once)
+    # Registrable domains this deployment serves and may hand identity to:
+    # ".site-a.com" covers site-a.com and every subdomain.
+    linked_domains: tuple[str, ...] = ()
+    token_ttl_seconds: int = 60
+    # Neutral name: not a click id any tool strips or rewrites (gclid, fbclid, _gl...).
+    token_param: str = "fpb"
+    # The identity hub's public base URL (for hub.js and the hub's redirects), if one is used.
+    hub_url: str = ""
+    hub_cookie_name: str = "fp_hub"
+    max_devices_per_id: int = 50
+    # A new device id on a host where the browser's canonical id had another
+    # device id this recently is a logout (reset()) or a cleared storage by
+    # hand, not Safari expiring script storage (which takes 7 days): the
+    # visitor starts a new canonical id.
+    reset_window_days: float = 7.0
+    keys: Any = None  # the loaded KeyRing (filled by build_settings)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    mode: str = "spool"  # "spool": durable, batched; "sync": the client waits for the upstream
+    spool_path: str = ""  # default <data_dir>/spool.sqlite3
+    max_rows: int = 1_000_000
+    batch_size: int = 50
+    batch_window_ms: int = 50
+    # Upstream requests in flight per region: with Mixpanel ~100 ms away, 32 x 50
+    # events / 0.1 s = 16,000 events/s per region before the spool grows.
+    max_in_flight: int = 32
+    backoff_initial_seconds: float = 2.0
+    backoff_max_seconds: float = 60.0
+    max_age_days: float = 5.0
+    drain_seconds: float = 5.0
+    # true: every commit is fsync'd (an acknowledged event survives a power cut);
+    # false: survives a process crash (kill -9) but not the machine's.
+    fsync: bool = True
+
+    @property
+    def batch_window_seconds(self) -> float:
+        return self.batch_window_ms / 1000
+
+    @property
+    def max_age_seconds(self) -> float:
+        return self.max_age_days * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    cookie: CookieSettings = field(default_factory=CookieSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data_dir)
+
+    @property
+    def spool_path(self) -> Path:
+        return Path(self.delivery.spool_path) if self.delivery.spool_path else self.data_dir / "spool.sqlite3"
+
+    @property
+    def forwarded_log_path(self) -> Path:
+        return Path(self.log.forwarded) if self.log.forwarded else self.data_dir / "forwarded.jsonl"
+
+
+# ---------------------------------------------------------------- validators
+
+
+def _int(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected a whole number, got {value!r}")
+        if not lo <= value <= hi:
+            raise ConfigError(key, f"{value} is out of range; use a value from {lo} to {hi}")
+        return value
+
+    return check
+
+
+def _float(lo: float, hi: float) -> Callable[[str, Any], float]:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if not lo <= value <= hi:
+            raise ConfigError(key, f"{value} is out of range; use a value from {lo} to {hi}")
+        return float(value)
+
+    return check
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _str_list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f'expected a list of strings such as ["a", "b"], got {value!r}')
+    return tuple(value)
+
+
+def _url(key: str, value: Any) -> str:
+    value = _str(key, value).rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"{value!r} is not an http(s) URL; write it like \"https://api.mixpanel.com\"")
+    if parts.query or parts.fragment:
+        raise ConfigError(key, f"{value!r} must not carry a query or fragment")
+    return value
+
+
+def _region(key: str, value: Any) -> str:
+    value = _str(key, value).lower()
+    if value not in REGIONS:
+        raise ConfigError(key, f"unknown region {value!r}; use one of {', '.join(REGIONS)}")
+    return value
+
+
+def _networks(key: str, value: Any) -> tuple[IPNetwork, ...]:
+    nets = []
+    for item in _str_list(key, value):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ConfigError(key, f"{item!r} is not an IP address or CIDR network such as \"10.0.0.0/8\"") from exc
+    return tuple(nets)
+
+
+def _cookie_name(key: str, value: Any) -> str:
+    value = _str(key, value)
+    if not _COOKIE_NAME.match(value):
+        raise ConfigError(key, f"{value!r} is not a valid cookie name; use letters, digits, '-' or '_'")
+    return value
+
+
+def _cookie_domains(key: str, value: Any) -> tuple[str, ...]:
+    out = []
+    for item in _str_list(key, value):
+        name = item.strip().lower()
+        bare = name.lstrip(".")
+        if not _HOST_LABELS.match(bare) or "." not in bare:
+            raise ConfigError(key, f"{item!r} is not a domain; write it like \".example.com\"")
+        out.append("." + bare)
+    return tuple(out)
+
+
+def _origins(key: str, value: Any) -> tuple[str, ...]:
+    out = []
+    for item in _str_list(key, value):
+        origin = item.strip().lower().rstrip("/")
+        pattern = origin.split("://", 1)[-1]
+        host = pattern[2:] if pattern.startswith("*.") else pattern
+        host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        if "://" in origin and origin.split("://", 1)[0] not in ("http", "https"):
+            raise ConfigError(key, f"{item!r}: an origin's scheme must be http or https")
+        if not _HOST_LABELS.match(host) and host != "localhost":
+            raise ConfigError(
+                key, f"{item!r} is not an origin; write \"https://www.example.com\" or a pattern \"*.example.com\""
+            )
+        out.append(origin)
+    return tuple(out)
+
+
+def _store_url(key: str, value: Any) -> str:
+    value = _str(key, value)
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in ("memory", "redis"):
+        raise ConfigError(key, f"{value!r}: use \"memory://\" or \"redis://host:6379/0\"")
+    return value
+
+
+def _log_level(key: str, value: Any) -> str:
+    value = _str(key, value).lower()
+    if value not in ("debug", "info", "warning", "error"):
+        raise ConfigError(key, f"unknown level {value!r}; use debug, info, warning or error")
+    return value
+
+
+# Parameters that ad and analytics tools own; a token under one of these names
+# could be stripped, rewritten or logged by them.
+_RESERVED_PARAMS = frozenset(
+    {"gclid", "gbraid", "wbraid", "dclid", "fbclid", "msclkid", "ttclid", "twclid", "li_fat_id", "yclid",
+     "_gl", "_ga", "mc_cid", "mc_eid", "igshid", "epik", "sccid", "irclickid", "ref", "utm_source",
+     "utm_medium", "utm_campaign", "utm_term", "utm_content", "utm_id"}
+)
+
+
+def _token_param(key: str, value: Any) -> str:
+    value = _str(key, value)
+    if not re.match(r"^[A-Za-z0-9_\-]{1,32}$", value):
+        raise ConfigError(key, f"{value!r}: use letters, digits, '-' or '_' (a short query parameter name)")
+    if value.lower() in _RESERVED_PARAMS:
+        raise ConfigError(key, f"{value!r} belongs to an ad or analytics tool; pick a neutral name such as \"fpb\"")
+    return value
+
+
+def _mode(key: str, value: Any) -> str:
+    value = _str(key, value).lower()
+    if value not in ("spool", "sync"):
+        raise ConfigError(key, f"unknown mode {value!r}; use \"spool\" (durable, default) or \"sync\"")
+    return value
+
+
+def _projects(key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f'expected a table such as {{ "<project token>" = "eu" }}, got {value!r}')
+    return {str(token): _region(f"{key}.{token}", region) for token, region in value.items()}
+
+
+# Section -> key -> validator. The schema is the single list of what exists.
+_SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
+    "server": {
+        "host": _str,
+        "port": _int(0, 65535),
+        "data_dir": _str,
+        "trusted_proxies": _networks,
+        "max_body_bytes": _int(1024, 1024 * 1024 * 1024),
+        "workers": _int(1, 256),
+    },
+    "upstream": {
+        "us": _url,
+        "eu": _url,
+        "in": _url,
+        "decide": _url,
+        "cdn": _url,
+        "default_region": _region,
+        "projects": _projects,
+        "timeout_seconds": _float(0.1, 600),
+        "max_connections": _int(1, 10_000),
+    },
+    "cookie": {
+        "name": _cookie_name,
+        "domains": _cookie_domains,
+        "secure": _bool,
+        "max_age_days": _int(1, 400),
+        "secret": _str,
+        "secret_file": _str,
+    },
+    "cors": {"allowed_origins": _origins},
+    "store": {"url": _store_url, "max_entries": _int(1000, 1_000_000_000)},
+    "log": {
+        "forwarded": _str,
+        "max_bytes": _int(1024, 1 << 40),
+        "backups": _int(0, 1000),
+        "level": _log_level,
+    },
+    "identity": {
+        "keys_file": _str,
+        "linked_domains": _cookie_domains,
+        "token_ttl_seconds": _int(5, 3600),
+        "token_param": _token_param,
+        "hub_url": _url,
+        "hub_cookie_name": _cookie_name,
+        "max_devices_per_id": _int(1, 100_000),
+        "reset_window_days": _float(0, 400),
+    },
+    "delivery": {
+        "mode": _mode,
+        "spool_path": _str,
+        "max_rows": _int(1, 1_000_000_000),
+        "batch_size": _int(1, 2000),
+        "batch_window_ms": _int(0, 60_000),
+        "max_in_flight": _int(1, 1000),
+        "backoff_initial_seconds": _float(0.01, 3600),
+        "backoff_max_seconds": _float(0.01, 86400),
+        "max_age_days": _float(0.001, 3650),
+        "drain_seconds": _float(0, 3600),
+        "fsync": _bool,
+    },
+}
+
+
+def env_help() -> str:
+    """Every environment override, for ``--help``."""
+    names = [f"{ENV_PREFIX}{s.upper()}_{k.upper()}" for s, keys in _SCHEMA.items() for k in keys]
+    return ", ".join(names)
+
+
+def _parse_env_value(raw: str) -> Any:
+    # Environment values are TOML literals when they parse as one (numbers,
+    # booleans, lists, inline tables), otherwise plain strings.
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in _SCHEMA or key not in _SCHEMA[section]:
+            raise ConfigError(name, f"unknown setting; known variables: {env_help()}")
+        out.setdefault(section, {})[key] = _parse_env_value(raw)
+    return out
+
+
+def _merge(raw: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for section, values in overrides.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def _validate(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    clean: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in _SCHEMA:
+            raise ConfigError(section, f"unknown section; known sections: {', '.join(_SCHEMA)}")
+        if not isinstance(values, dict):
+            raise ConfigError(section, f"expected a [{section}] table")
+        for key, value in values.items():
+            check = _SCHEMA[section].get(key)
+            if check is None:
+                raise ConfigError(
+                    f"{section}.{key}", f"unknown key; known keys in [{section}]: {', '.join(_SCHEMA[section])}"
+                )
+            clean.setdefault(section, {})[key] = check(f"{section}.{key}", value)
+    return clean
+
+
+def _load_secret(cookie: dict[str, Any], data_dir: Path) -> bytes:
+    """The cookie signing secret: configured, read from a file, or generated once
+    and kept in the data directory so restarts keep every visitor's cookie valid."""
+    if cookie.get("secret") and cookie.get("secret_file"):
+        raise ConfigError("cookie.secret", "set either secret or secret_file, not both")
+    if cookie.get("secret"):
+        secret = cookie["secret"].encode()
+        key = "cookie.secret"
+    elif cookie.get("secret_file"):
+        key = "cookie.secret_file"
+        try:
+            secret = Path(cookie["secret_file"]).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {cookie['secret_file']!r}: {exc.strerror}") from exc
+    else:
+        key = "cookie.secret"
+        path = data_dir / "cookie_secret"
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(32))
+            secret = path.read_bytes().strip()
+        except FileExistsError:  # another worker created it between exists() and open()
+            secret = path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError("server.data_dir", f"cannot keep the generated cookie secret in {path}: {exc.strerror}") from exc
+    if len(secret) < 16:
+        raise ConfigError(key, "the secret must be at least 16 bytes; generate one with `openssl rand -base64 32`")
+    return secret
+
+
+def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate a parsed TOML mapping (plus environment overrides) into Settings."""
+    merged = _merge(dict(raw), _env_overrides(environ if environ is not None else {}))
+    clean = _validate(merged)
+    server = ServerSettings(**clean.get("server", {}))
+    up = dict(clean.get("upstream", {}))
+    regions = dict(UpstreamSettings().regions)
+    for region in REGIONS:
+        if region in up:
+            regions[region] = up.pop(region)
+    upstream = UpstreamSettings(regions=regions, **up)
+    cookie_raw = clean.get("cookie", {})
+    secret = _load_secret(cookie_raw, Path(server.data_dir))
+    cookie = CookieSettings(
+        secret=secret, **{k: v for k, v in cookie_raw.items() if k not in ("secret", "secret_file")}
+    )
+    return Settings(
+        server=server,
+        upstream=upstream,
+        cookie=cookie,
+        cors=CorsSettings(**clean.get("cors", {})),
+        store=StoreSettings(**clean.get("store", {})),
+        log=LogSettings(**clean.get("log", {})),
+        delivery=_delivery(clean.get("delivery", {})),
+        identity=_identity(clean.get("identity", {}), Path(server.data_dir)),
+    )
+
+
+def _identity(values: dict[str, Any], data_dir: Path) -> IdentitySettings:
+    from .tokens import KeyRing, generate_key_line
+
+    key = "identity.keys_file"
+    path = Path(values["keys_file"]) if values.get("keys_file") else data_dir / "identity_keys"
+    try:
+        if not values.get("keys_file") and not path.exists():
+            # Generated once, like the cookie secret. Deployments serving several
+            # domains from several instances must share this file.
+            data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write("# firstparty identity keys: the first line signs; `firstparty keygen` adds one\n")
+                    fh.write(generate_key_line() + "\n")
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}; create one with `firstparty keygen`") from exc
+    try:
+        ring = KeyRing.from_file(text)
+    except ValueError as exc:
+        raise ConfigError(key, f"{path}: {exc}") from exc
+    return IdentitySettings(keys=ring, **{k: v for k, v in values.items() if k != "keys_file"}, keys_file=str(path))
+
+
+def _delivery(values: dict[str, Any]) -> DeliverySettings:
+    delivery = DeliverySettings(**values)
+    if delivery.backoff_max_seconds < delivery.backoff_initial_seconds:
+        raise ConfigError(
+            "delivery.backoff_max_seconds",
+            f"{delivery.backoff_max_seconds} is below backoff_initial_seconds ({delivery.backoff_initial_seconds})",
+        )
+    return delivery
+
+
+def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file at ``path`` (or none: defaults) and apply the environment."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(ENV_PREFIX + "CONFIG")
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError("--config", f"no such file {str(path)!r}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+    return build_settings(raw, environ)

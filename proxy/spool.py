@@ -1,0 +1,326 @@
+"""The durable spool: accepted events wait here until the upstream takes them.
+
+SQLite in WAL mode, driven from one dedicated thread (the event loop never
+blocks on the disk). Invariants:
+
+- an event is acknowledged to its client only after the transaction that
+  holds it is committed and fsync'd (``synchronous=FULL``);
+- a row leaves ``queue`` only in the same transaction that records its
+  outcome: deleted after an upstream 2xx, or moved to ``dead`` with a reason;
+- ids come from ``AUTOINCREMENT`` and are never reused, so a reader that
+  walks ``id > cursor`` sees every row exactly once per process lifetime
+  (a restart walks from 0 again: whatever is still queued is sent again,
+  and the vendor de-duplicates by ``$insert_id``);
+- writes are group-committed: every insert, delete and move queued while a
+  transaction runs goes into the next one, so one fsync serves many requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    route       TEXT NOT NULL,
+    region      TEXT NOT NULL,
+    project     TEXT,
+    ip          INTEGER NOT NULL,      -- 1: the client asked Mixpanel to geolocate
+    body        BLOB NOT NULL,         -- the rewritten event, JSON
+    meta        BLOB NOT NULL,         -- identity facts for the forwarded log, JSON
+    enqueued_at REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    event_time  REAL                   -- the event's own time (s), for the /track age limit
+);
+CREATE INDEX IF NOT EXISTS queue_region ON queue (region, id);
+CREATE TABLE IF NOT EXISTS dead (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue_id    INTEGER NOT NULL,
+    route       TEXT NOT NULL,
+    region      TEXT NOT NULL,
+    project     TEXT,
+    ip          INTEGER NOT NULL,
+    body        BLOB NOT NULL,
+    meta        BLOB NOT NULL,
+    enqueued_at REAL NOT NULL,
+    attempts    INTEGER NOT NULL,
+    reason      TEXT NOT NULL,         -- short class: rejected, too_large, expired, ...
+    detail      TEXT NOT NULL,         -- the upstream's own words
+    status      INTEGER,               -- upstream HTTP status, if any
+    failed_at   REAL NOT NULL
+);
+"""
+
+_COLUMNS = "id, route, region, project, ip, body, meta, enqueued_at, attempts, event_time"
+
+
+@dataclass(frozen=True, slots=True)
+class NewRow:
+    route: str
+    region: str
+    project: str | None
+    ip: bool
+    body: bytes
+    meta: bytes
+    event_time: float | None = None
+
+
+@dataclass(slots=True)
+class Row:
+    id: int
+    route: str
+    region: str
+    project: str | None
+    ip: bool
+    body: bytes
+    meta: bytes
+    enqueued_at: float
+    attempts: int
+    event_time: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    row: Row
+    reason: str
+    detail: str
+    status: int | None
+
+
+class SpoolFull(Exception):
+    """The spool holds ``max_rows``: the client must keep its copy and retry."""
+
+
+def connect(path: Path, fsync: bool = True) -> sqlite3.Connection:
+    """Open (and create) the spool database with the pragmas it relies on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per group.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    # WAL: appends go to a log, readers (the sender, `firstparty spool stats`)
+    # never block the writer and the writer never blocks them.
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: in WAL mode every commit fsyncs the log, so an acknowledged event
+    # survives a power cut as well as a kill -9. NORMAL (delivery.fsync = false)
+    # only survives the latter: the log reaches the OS at each commit and the
+    # disk at checkpoints, sparing an fsync on every acknowledgement.
+    conn.execute("PRAGMA synchronous=" + ("FULL" if fsync else "NORMAL"))
+    # Another process (the CLI) may hold the write lock for a moment.
+    conn.execute("PRAGMA busy_timeout=10000")
+    # Temporary b-trees for ORDER BY/IN lists stay in memory, never on disk.
+    conn.execute("PRAGMA temp_store=MEMORY")
+    conn.executescript(SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(queue)")}
+    if "event_time" not in columns:  # a spool written by 0.1.0 before this column existed
+        conn.execute("ALTER TABLE queue ADD COLUMN event_time REAL")
+    return conn
+
+
+def _row(t: tuple[Any, ...]) -> Row:
+    return Row(t[0], t[1], t[2], t[3], bool(t[4]), t[5], t[6], t[7], t[8], t[9])
+
+
+class Spool:
+    def __init__(self, path: Path, *, max_rows: int, fsync: bool = True) -> None:
+        self.path = path
+        self.max_rows = max_rows
+        self.fsync = fsync
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._conn: sqlite3.Connection | None = None
+        self.depth = 0  # rows in queue, kept in memory for the backpressure check
+        # Pending work for the next transaction.
+        self._inserts: list[tuple[NewRow, float]] = []
+        self._insert_waiters: list[asyncio.Future[None]] = []
+        self._deletes: list[int] = []
+        self._dead: list[DeadLetter] = []
+        self._attempts: list[tuple[int, int]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self.commits = 0
+        # Called with the rows of each committed transaction (ids assigned), so
+        # the sender gets fresh rows without reading them back from disk.
+        self.on_commit: Callable[[list[Row]], None] | None = None
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._conn = await loop.run_in_executor(self._executor, connect, self.path, self.fsync)
+        self.depth = await self._call(lambda c: c.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, fn: Any) -> Any:
+        conn = self._conn
+        assert conn is not None, "spool is not open"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+
+    # --------------------------------------------------------------- writes
+
+    async def enqueue(self, rows: Sequence[NewRow]) -> None:
+        """Durably add rows; returns once they are committed. Raises SpoolFull."""
+        if self.depth + len(self._inserts) + len(rows) > self.max_rows:
+            raise SpoolFull(f"spool holds {self.depth} events, its limit is {self.max_rows}")
+        now = time.time()
+        self._inserts.extend((r, now) for r in rows)
+        waiter = asyncio.get_running_loop().create_future()
+        self._insert_waiters.append(waiter)
+        self._schedule()
+        await waiter
+
+    def ack(self, ids: Iterable[int]) -> None:
+        """The upstream took these rows: delete them in the next transaction."""
+        self._deletes.extend(ids)
+        self._schedule()
+
+    def bury(self, letters: Iterable[DeadLetter]) -> None:
+        """Move rows to the dead-letter table in the next transaction."""
+        self._dead.extend(letters)
+        self._schedule()
+
+    def count_attempt(self, rows: Iterable[Row]) -> None:
+        for row in rows:
+            row.attempts += 1
+            self._attempts.append((row.attempts, row.id))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        # Runs while there is pending work; each pass is one transaction.
+        while self._inserts or self._deletes or self._dead or self._attempts:
+            inserts, self._inserts = self._inserts, []
+            waiters, self._insert_waiters = self._insert_waiters, []
+            deletes, self._deletes = self._deletes, []
+            dead, self._dead = self._dead, []
+            attempts, self._attempts = self._attempts, []
+            try:
+                last_id = await self._call(lambda c: _transaction(c, inserts, deletes, dead, attempts))
+            except BaseException as exc:
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc if isinstance(exc, Exception) else RuntimeError("spool write cancelled"))
+                # Outcomes not written stay pending: the rows remain queued and will be resent.
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self.commits += 1
+            self.depth += len(inserts) - len(set(deletes)) - len(dead)
+            if inserts and self.on_commit is not None:
+                # One writer, one transaction: the inserted ids are consecutive.
+                first = last_id - len(inserts) + 1
+                self.on_commit(
+                    [
+                        Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time)
+                        for i, (r, t) in enumerate(inserts)
+                    ]
+                )
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    async def flush(self) -> None:
+        """Wait until everything pending is committed."""
+        while self._flushing is not None and not self._flushing.done():
+            await asyncio.shield(self._flushing)
+
+    # ---------------------------------------------------------------- reads
+
+    async def read(self, region: str, after: int, limit: int) -> list[Row]:
+        """Queued rows of a region with ``id > after``, oldest first."""
+
+        def q(c: sqlite3.Connection) -> list[Row]:
+            cur = c.execute(
+                f"SELECT {_COLUMNS} FROM queue WHERE region = ? AND id > ? ORDER BY id LIMIT ?", (region, after, limit)
+            )
+            return [_row(t) for t in cur.fetchall()]
+
+        return await self._call(q)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call(stats_of)
+
+
+def _transaction(
+    c: sqlite3.Connection,
+    inserts: list[tuple[NewRow, float]],
+    deletes: list[int],
+    dead: list[DeadLetter],
+    attempts: list[tuple[int, int]],
+) -> int:
+    """One transaction; returns the id of the last row inserted (0 if none)."""
+    now = time.time()
+    last_id = 0
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        if inserts:
+            c.executemany(
+                "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, event_time)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.route, r.region, r.project, int(r.ip), r.body, r.meta, t, r.event_time) for r, t in inserts],
+            )
+            last_id = c.execute("SELECT last_insert_rowid()").fetchone()[0]
+        if deletes:
+            c.executemany("DELETE FROM queue WHERE id = ?", [(i,) for i in deletes])
+        if dead:
+            c.executemany(
+                "INSERT INTO dead (queue_id, route, region, project, ip, body, meta, enqueued_at, attempts,"
+                " reason, detail, status, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (d.row.id, d.row.route, d.row.region, d.row.project, int(d.row.ip), d.row.body, d.row.meta,
+                     d.row.enqueued_at, d.row.attempts, d.reason, d.detail[:2000], d.status, now)
+                    for d in dead
+                ],
+            )
+            c.executemany("DELETE FROM queue WHERE id = ?", [(d.row.id,) for d in dead])
+        if attempts:
+            c.executemany("UPDATE queue SET attempts = ? WHERE id = ?", attempts)
+        c.execute("COMMIT")
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    return last_id
+
+
+def stats_of(c: sqlite3.Connection) -> dict[str, Any]:
+    """Depth, oldest age and dead letters by reason (also used by the CLI)."""
+    depth, oldest = c.execute("SELECT COUNT(*), MIN(enqueued_at) FROM queue").fetchone()
+    by_region = dict(c.execute("SELECT region, COUNT(*) FROM queue GROUP BY region").fetchall())
+    dead = dict(c.execute("SELECT reason, COUNT(*) FROM dead GROUP BY reason").fetchall())
+    return {
+        "depth": depth,
+        "oldest_age_seconds": round(time.time() - oldest, 3) if oldest else 0.0,
+        "depth_by_region": by_region,
+        "dead_letters": sum(dead.values()),
+        "dead_by_reason": dead,
+    }
+
+
+def replay(c: sqlite3.Connection, reason: str | None = None) -> int:
+    """Move dead letters (all, or those with ``reason``) back into the queue."""
+    where, args = ("WHERE reason = ?", (reason,)) if reason else ("", ())
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        moved = c.execute(
+            "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, attempts)"
+            f" SELECT route, region, project, ip, body, meta, ?, 0 FROM dead {where} ORDER BY id",
+            (time.time(), *args),
+        ).rowcount
+        c.execute(f"DELETE FROM dead {where}", args)
+        c.execute("COMMIT")
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    return moved

@@ -1,0 +1,393 @@
+"""The Python side of the browser end-to-end tests.
+
+- ``Site``/``add_site_routes``: the real proxy app (``create_app``) with test
+  pages and the real mixpanel-browser build added as routes, so pages and
+  ``/mp/`` share one origin exactly as behind nginx in production;
+- ``drive``: runs ``drive.mjs`` (playwright-core + Debian's chromium) as a
+  subprocess of this event loop, bounded in time, and returns what it saw;
+- small readers for what the fake upstream recorded.
+
+Everything listens on 127.0.0.1; the browser reaches ``*.test`` host names
+through ``--host-resolver-rules``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import pytest
+from aiohttp import web
+
+from tests.fakeupstream import FakeUpstream, Recorded
+
+E2E_DIR = Path(__file__).resolve().parent
+NODE_MODULES = E2E_DIR / "node_modules"
+DRIVER = E2E_DIR / "drive.mjs"
+CHROMIUM = "/usr/bin/chromium"
+# The UMD build defines window.mixpanel when loaded by a plain <script> and
+# bundles the session recorder (no extra download from a CDN).
+MIXPANEL_JS = NODE_MODULES / "mixpanel-browser" / "dist" / "mixpanel.umd.js"
+INSTALL_HINT = "run `bash tests/e2e/install.sh` (installs Debian's chromium and the npm packages)"
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--host-resolver-rules=MAP *.test 127.0.0.1",
+]
+
+# Whole driver run, and the margin the Python side adds before killing it.
+SCENARIO_TIMEOUT_S = 40
+KILL_MARGIN_S = 10
+
+
+def missing_prerequisites() -> list[str]:
+    """What the browser tests need and is not installed."""
+    missing = []
+    if not os.access(CHROMIUM, os.X_OK):
+        missing.append(f"{CHROMIUM} (Debian package chromium)")
+    if shutil.which("node") is None:
+        missing.append("node")
+    for package in ("playwright-core", "mixpanel-browser"):
+        if not (NODE_MODULES / package / "package.json").is_file():
+            missing.append(f"tests/e2e/node_modules/{package}")
+        elif package == "mixpanel-browser" and not MIXPANEL_JS.is_file():
+            missing.append(f"tests/e2e/node_modules/mixpanel-browser/dist/{MIXPANEL_JS.name}")
+    return missing
+
+
+# ------------------------------------------------------------------- the site
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>{title}</title><link rel="icon" href="data:,">{head}</head>
+<body>
+<h1>{title}</h1>
+<p>First-party proxy end-to-end page.</p>
+<input id="email" type="text" value="">
+{body}
+<script>{pre}</script>
+<script src="/static/mixpanel.js"></script>
+<script>
+window.__e2e = {{loaded: false}};
+{init_open}mixpanel.init({token}, Object.assign({{
+  api_host: {api_host},
+  debug: true,
+  loaded: function () {{ window.__e2e.loaded = true; }}
+}}, {config}));
+{post}{init_close}
+</script>
+</body>
+</html>
+"""
+
+# Keeps a copy of every binary body the page fetch()es to /mp/record/ (the real
+# fetch still sends it): the browser's network log does not report Blob bodies.
+KEEP_RECORD_BODIES = """
+window.__recordBodies = [];
+(function (realFetch) {
+  window.fetch = function (url, init) {
+    if (String(url).indexOf('/mp/record/') !== -1 && init && init.body instanceof Blob) {
+      var copy = init.body.slice();
+      window.__recordBodies.push(copy.arrayBuffer().then(function (buf) {
+        var bytes = new Uint8Array(buf), text = '';
+        for (var i = 0; i < bytes.length; i++) { text += String.fromCharCode(bytes[i]); }
+        return {url: String(url), body: btoa(text)};
+      }));
+    }
+    return realFetch.apply(this, arguments);
+  };
+})(window.fetch);
+"""
+
+BLANK = "<!doctype html><html><head><meta charset='utf-8'><title>blank</title></head><body>left</body></html>"
+
+
+@dataclass
+class Site:
+    """The proxy app serving test pages on 127.0.0.1:``port``."""
+
+    port: int
+    upstream: FakeUpstream
+    token: str
+    app: web.Application
+    mode: str  # delivery mode: "spool" (acknowledged once spooled, sent in batches) or "sync"
+    pages: dict[str, str] = field(default_factory=dict)
+
+    def url(self, host: str, path: str = "/") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def seen_upstream(self, path: str, contains: str = "", count: int = 1) -> str:
+        """A URL (for the driver's ``poll`` op) that answers 200 once the fake upstream
+        has received ``count`` requests on ``path`` whose payload contains ``contains``."""
+        query = urlencode({"path": path, "contains": contains, "count": count})
+        return f"http://127.0.0.1:{self.port}/__e2e/upstream?{query}"
+
+    def page(
+        self,
+        name: str,
+        config: dict[str, Any] | None = None,
+        *,
+        pre: str = "",
+        api_host: str | None = None,
+        head: str = "",
+        body: str = "",
+        post: str = "",
+        hub_ready: bool = False,
+    ) -> str:
+        """Register a page that loads mixpanel-browser and calls ``mixpanel.init`` with
+        ``config`` (merged over api_host and debug), after the script ``pre``; returns its
+        path. ``api_host`` defaults to the page's own origin + "/mp". ``head`` is HTML
+        added at the end of <head> (e.g. ``<script src="/mp/hub.js"></script>``),
+        ``body`` HTML before the scripts (links), ``post`` script run right after init
+        (what the page itself tracks as it loads). ``hub_ready`` wraps init and ``post``
+        in ``firstpartyHub.ready(...)``, as the README tells hub sites to."""
+        host = json.dumps(api_host) if api_host else "location.origin + '/mp'"
+        self.pages[name] = PAGE.format(
+            title=name,
+            token=json.dumps(self.token),
+            config=json.dumps(config or {}),
+            pre=pre,
+            api_host=host,
+            head=head,
+            body=body,
+            post=post,
+            init_open="firstpartyHub.ready(function () {\n" if hub_ready else "",
+            init_close="\n});" if hub_ready else "",
+        )
+        return f"/e2e/{name}"
+
+
+def add_site_routes(app: web.Application, site: Site) -> None:
+    """Pages, the SDK build and a blank page, on the proxy's own app (same origin as /mp/)."""
+    sdk: list[bytes] = []  # read on first use: a missing install is reported by drive()
+
+    async def page(request: web.Request) -> web.Response:
+        html = site.pages.get(request.match_info["name"])
+        if html is None:
+            raise web.HTTPNotFound()
+        return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def script(request: web.Request) -> web.Response:
+        if not sdk:
+            sdk.append(MIXPANEL_JS.read_bytes())
+        return web.Response(body=sdk[0], content_type="application/javascript", charset="utf-8")
+
+    async def blank(request: web.Request) -> web.Response:
+        return web.Response(text=BLANK, content_type="text/html")
+
+    async def seen_upstream(request: web.Request) -> web.Response:
+        # Test-only: lets the driver wait for what reached the fake upstream.
+        path = request.query["path"]
+        contains = request.query.get("contains", "")
+        want = int(request.query.get("count", "1"))
+        matched = [rec for rec in site.upstream.requests if rec.path.startswith(path) and contains in payload_text(rec)]
+        return web.json_response({"count": len(matched)}, status=200 if len(matched) >= want else 404)
+
+    async def no_favicon(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    app.router.add_get("/e2e/{name}", page)
+    app.router.add_get("/static/mixpanel.js", script)
+    app.router.add_get("/blank", blank)
+    app.router.add_get("/favicon.ico", no_favicon)
+    app.router.add_get("/__e2e/upstream", seen_upstream)
+
+
+# ----------------------------------------------------------------- the driver
+
+
+@dataclass
+class Run:
+    """What one driver run reported."""
+
+    ok: bool
+    error: str | None
+    results: dict[str, Any]
+    console: list[dict[str, str]]
+    page_errors: list[str]
+    requests: list[dict[str, Any]]
+    stderr: str
+    # Committed main-frame navigations of every tab, and main-frame document requests
+    # (redirect hops included), in order: see drive.mjs.
+    navigations: list[dict[str, Any]] = field(default_factory=list)
+    documents: list[dict[str, Any]] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.results[key]
+
+    def console_errors(self) -> list[dict[str, str]]:
+        return [m for m in self.console if m["type"] == "error"]
+
+    def browser_requests(self, path: str) -> list[dict[str, Any]]:
+        return [r for r in self.requests if urlsplit(r["url"]).path.startswith(path)]
+
+    def describe(self) -> str:
+        lines = [f"driver error: {self.error}"] if self.error else []
+        lines += [f"page error: {e}" for e in self.page_errors]
+        lines += [f"console {m['type']}: {m['text']}" for m in self.console if m["type"] in ("error", "warning")]
+        lines += [
+            f"document (page {d['page']}): {d['method']} {d['url']} -> {d['status']} "
+            f"{d.get('location') or ''}{d.get('failure') or ''}"
+            for d in self.documents
+        ]
+        lines += [
+            f"request: {r['method']} {r['url']} -> {r['status']} {r.get('failure') or ''}" for r in self.requests
+        ]
+        if self.stderr.strip():
+            lines.append("stderr: " + self.stderr.strip()[-2000:])
+        return "\n".join(lines)
+
+
+async def drive(steps: list[dict[str, Any]], timeout_s: float = SCENARIO_TIMEOUT_S) -> Run:
+    """Run a scenario in a fresh headless chromium; fails the test if the driver does.
+
+    Missing chromium or npm packages fail the test (never skip it), naming the
+    install script. The driver is our child in its own session; it is stopped by
+    its pid (SIGTERM lets playwright close the browser, SIGKILL to its process group
+    after)."""
+    missing = missing_prerequisites()
+    if missing:
+        pytest.fail(f"browser e2e prerequisites missing: {', '.join(missing)}; {INSTALL_HINT}", pytrace=False)
+    scenario = {"chromium": CHROMIUM, "args": CHROMIUM_ARGS, "timeout_ms": int(timeout_s * 1000), "steps": steps}
+    proc = await asyncio.create_subprocess_exec(
+        shutil.which("node") or "node",
+        str(DRIVER),
+        cwd=str(E2E_DIR),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1", "NODE_NO_WARNINGS": "1"},
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(
+            proc.communicate(json.dumps(scenario).encode()), timeout_s + KILL_MARGIN_S
+        )
+    except asyncio.TimeoutError:
+        await _stop(proc)
+        pytest.fail(f"browser driver did not finish within {timeout_s + KILL_MARGIN_S} s")
+    finally:
+        if proc.returncode is None:
+            await _stop(proc)
+    err = stderr.decode(errors="replace")
+    try:
+        data = json.loads(stdout.decode().strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        pytest.fail(f"browser driver printed no result (exit {proc.returncode}); stderr:\n{err[-4000:]}")
+    run = Run(
+        ok=data["ok"],
+        error=data["error"],
+        results=data["results"],
+        console=data["console"],
+        page_errors=data["page_errors"],
+        requests=data["requests"],
+        stderr=err,
+        navigations=data.get("navigations", []),
+        documents=data.get("documents", []),
+    )
+    if not run.ok:
+        pytest.fail("browser scenario failed:\n" + run.describe())
+    return run
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 5)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+# ------------------------------------------------------- reading the upstream
+
+
+def tracked_events(upstream: FakeUpstream, path: str = "/track") -> list[dict[str, Any]]:
+    """Every event (or profile update) the fake upstream received on ``path``, in arrival order."""
+    return [event for rec in upstream.by("us", path) for event in rec.events()]
+
+
+async def arrived(
+    upstream: FakeUpstream,
+    predicate: Callable[[dict[str, Any]], bool],
+    path: str = "/track",
+    timeout: float = 10.0,
+) -> list[dict[str, Any]]:
+    """The events on ``path`` matching ``predicate``, once at least one has arrived.
+
+    The browser's request is answered once the proxy accepted the events; in
+    spool mode they reach the upstream a little later, in batches."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        found = [e for e in tracked_events(upstream, path) if predicate(e)]
+        if found:
+            return found
+        if loop.time() > deadline:
+            seen = [e.get("event") or sorted(e) for e in tracked_events(upstream, path)]
+            raise AssertionError(f"nothing matching arrived upstream at {path} within {timeout} s; got {seen}")
+        await asyncio.sleep(0.02)
+
+
+async def event_named(upstream: FakeUpstream, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The last event called ``name`` the upstream received (waiting for it if needed)."""
+    return (await arrived(upstream, lambda e: e.get("event") == name, timeout=timeout))[-1]
+
+
+def payload_text(rec: Recorded) -> str:
+    """The events a recorded request carried as compact JSON, for substring matching."""
+    if rec.path.rstrip("/") not in ("/track", "/engage", "/groups", "/import"):
+        return ""
+    try:
+        return json.dumps(rec.payload(), separators=(",", ":"), ensure_ascii=False)
+    except Exception:  # a malformed body matches nothing; the tests look at it themselves
+        return ""
+
+
+def decode_data(value: str) -> Any:
+    """A (form-decoded) ``data`` value as mixpanel-js sends it: base64 JSON, or JSON."""
+    if value.lstrip()[:1] in ("{", "["):
+        return json.loads(value)
+    return json.loads(base64.b64decode(value + "=" * (-len(value) % 4)))
+
+
+def assert_no_cookie_leak(upstream: FakeUpstream, cookie_values: list[str]) -> None:
+    """No sealed cookie value (nor its HMAC tag) in any query, body or payload sent upstream."""
+    assert not upstream.surprises, upstream.surprises
+    needles = set()
+    for value in cookie_values:
+        needles.add(value)
+        needles.add(value.rpartition(".")[2])  # the tag alone
+    for rec in upstream.requests:
+        assert "cookie" not in rec.headers, f"Cookie header forwarded to {rec.path}"
+        haystacks = [json.dumps(rec.query), rec.body.decode("latin-1")]
+        if rec.path.rstrip("/") in ("/track", "/engage", "/groups"):
+            haystacks.append(json.dumps(rec.payload()))
+        for needle in needles:
+            for hay in haystacks:
+                assert needle not in hay, f"fp_id value leaked upstream in {rec.method} {rec.path}"
+
+
+def query_of(rec: Recorded) -> dict[str, str]:
+    return dict(rec.query)

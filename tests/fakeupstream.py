@@ -1,0 +1,149 @@
+"""A recording fake of Mixpanel's upstreams (api, api-eu, api-in, decide, cdn).
+
+It answers like Mixpanel (``1`` / ``{"status":1,"error":null}``, flags and
+decide JSON, the library script), records every request it receives, and
+notes surprises: a ``Cookie`` header, a hop-by-hop header, a token-looking
+secret; the fixture fails the test at teardown if any was seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import gzip
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from aiohttp import web
+
+HOP_BY_HOP = ("connection-specific", "keep-alive", "proxy-authorization", "te", "trailer", "upgrade", "proxy-connection")
+LIB_JS = b"/* fake mixpanel-js */ window.mixpanel = window.mixpanel || {};\n"
+
+
+@dataclass
+class Recorded:
+    name: str  # which upstream: us, eu, in, decide, cdn
+    method: str
+    path: str
+    query: list[tuple[str, str]]
+    headers: dict[str, str]
+    body: bytes
+    at: float = 0.0  # monotonic arrival time
+
+    def form(self) -> dict[str, str]:
+        return dict(parse_qsl(self.body.decode(), keep_blank_values=True))
+
+    def payload(self) -> Any:
+        """The JSON the request carried, whatever form it came in."""
+        body = self.body
+        if self.headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        if body[:1] in (b"[", b"{"):
+            return orjson.loads(body)
+        data = dict(parse_qsl(body.decode(), keep_blank_values=True)).get("data") if body else None
+        if data is None:
+            data = dict(self.query).get("data")
+        assert data is not None, f"no data in {self}"
+        if data.lstrip()[:1] in ("{", "["):
+            return orjson.loads(data)
+        return orjson.loads(base64.b64decode(data + "=" * (-len(data) % 4)))
+
+    def events(self) -> list[dict[str, Any]]:
+        p = self.payload()
+        return p if isinstance(p, list) else [p]
+
+
+@dataclass
+class FakeUpstream:
+    requests: list[Recorded] = field(default_factory=list)
+    surprises: list[str] = field(default_factory=list)
+    # Scripted answers, taken in order before the default one: (status, body, headers)
+    script: deque[tuple[int, bytes, dict[str, str]]] = field(default_factory=deque)
+    # A behaviour for fault tests: given the recorded request, return an answer
+    # (or None for the default one); it may sleep to play a slow upstream.
+    behave: Callable[[Recorded], Awaitable[web.Response | None]] | None = None
+    # Requests that got a non-2xx answer are kept apart from accepted ones.
+    refused: list[Recorded] = field(default_factory=list)
+
+    def by(self, name: str | None = None, path_prefix: str = "") -> list[Recorded]:
+        return [r for r in self.requests if (name is None or r.name == name) and r.path.startswith(path_prefix)]
+
+    def received(self, name: str | None = None, path_prefix: str = "") -> list[dict[str, Any]]:
+        """Every event or update received, in order, across requests."""
+        return [e for r in self.by(name, path_prefix) for e in r.events()]
+
+    async def wait(self, count: int = 1, name: str | None = None, path_prefix: str = "", timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Wait until ``count`` events have arrived (spooled delivery is asynchronous)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(events := self.received(name, path_prefix)) < count:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"expected {count} events at {name or '*'}{path_prefix}, got {len(events)}")
+            await asyncio.sleep(0.01)
+        return events
+
+    def app(self, name: str) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            rec = Recorded(
+                name, request.method, request.path, list(request.rel_url.query.items()), headers, body, time.monotonic()
+            )
+            self.requests.append(rec)
+            if "cookie" in headers:
+                self.surprises.append(f"{name}: Cookie header forwarded: {headers['cookie']!r}")
+            for h in HOP_BY_HOP:
+                if h in headers:
+                    self.surprises.append(f"{name}: hop-by-hop header {h} forwarded")
+            if self.behave is not None:
+                answer = await self.behave(rec)
+                if answer is not None:
+                    if answer.status >= 300:
+                        self.requests.remove(rec)
+                        self.refused.append(rec)
+                    return answer
+            if self.script:
+                status, payload, extra = self.script.popleft()
+                return web.Response(status=status, body=payload, headers=extra)
+            return self.default_answer(name, request, body)
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+    async def serve(self, name: str = "us", port: int | None = None) -> tuple[web.AppRunner, int]:
+        """Serve one upstream on 127.0.0.1 outside the aiohttp fixtures (for a
+        proxy in another process, or one that must come up late on a fixed port).
+        Returns (runner to clean up, port)."""
+        from tests.support import free_port
+
+        port = port or free_port()
+        runner = web.AppRunner(self.app(name))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner, port
+
+    @staticmethod
+    def default_answer(name: str, request: web.Request, body: bytes) -> web.Response:
+        path = request.path.rstrip("/")
+        if name == "cdn":
+            return web.Response(body=LIB_JS, content_type="application/javascript")
+        if path.endswith("/decide"):
+            return web.json_response({"notifications": [], "config": {"enable_collect_everything": False}})
+        if path.startswith("/flags"):
+            return web.json_response({"flags": {"new-checkout": {"variant_key": "on", "variant_value": True}}})
+        if path == "/settings":
+            return web.json_response({"settings": {}})
+        if path == "/record":
+            return web.json_response({"code": 200, "status": "OK"})
+        verbose = request.query.get("verbose") == "1"
+        if not verbose and request.content_type == "application/x-www-form-urlencoded":
+            # mixpanel-python sends verbose=1 in the body, not the query.
+            verbose = dict(parse_qsl(body.decode(errors="replace"))).get("verbose") == "1"
+        if verbose:
+            return web.json_response({"status": 1, "error": None})
+        return web.Response(text="1", content_type="text/plain")

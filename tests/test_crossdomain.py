@@ -1,0 +1,361 @@
+"""Cross-domain identity over real HTTP: /mp/go, /mp/bridge, /mp/id, the hub,
+token redemption and every way a token is refused (the event still flows)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
+
+import pytest
+
+from proxy.app import SERVICES, create_app
+from proxy.tokens import KeyRing, generate_key_line
+from tests.conftest import b64_body, canonical_of, cookie_from, device_id, js_event, make_settings
+
+A = "www.site-a.test"
+B = "checkout.site-b.test"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+TRACK = "/mp/track/?verbose=1&ip=1"
+IDENTITY = {
+    "cookie": {"domains": [".site-a.test", ".site-b.test"], "secure": False},
+    "cors": {"allowed_origins": ["http://*.site-a.test", "http://*.site-b.test", "http://partner.other.test"]},
+    "identity": {"linked_domains": [".site-a.test", ".site-b.test"], "hub_url": "http://hub.id-hub.test"},
+}
+
+
+def browser(host: str, cookie: str | None = None, cookie_name: str = "fp_id") -> dict[str, str]:
+    headers = {"Host": host, "Origin": f"http://{host}", "User-Agent": "Mozilla/5.0 (X11) Chrome/120", **FORM}
+    if cookie:
+        headers["Cookie"] = f"{cookie_name}={cookie}"
+    return headers
+
+
+@pytest.fixture
+async def xclient(proxy_client: Any) -> Any:
+    return await proxy_client(**IDENTITY)
+
+
+def keys_of(client: Any) -> KeyRing:
+    return client.app[SERVICES].settings.identity.keys
+
+
+async def visit_a(client: Any) -> str:
+    """A visitor tracks on site A; returns the cookie value set there."""
+    resp = await client.post(TRACK, data=b64_body([js_event("Page A", device_id())]), headers=browser(A))
+    assert resp.status == 200
+    return cookie_from(resp)
+
+
+async def go_to_b(client: Any, cookie: str, target: str = f"http://{B}/cart?utm_source=mail&x=1") -> str:
+    """Follow /mp/go from A; returns the Location (B's URL with the token)."""
+    resp = await client.get(f"/mp/go?to={quote(target, safe='')}", headers=browser(A, cookie), allow_redirects=False)
+    assert resp.status == 302, await resp.text()
+    assert "no-store" in resp.headers["Cache-Control"]
+    return resp.headers["Location"]
+
+
+def token_of(url: str) -> str:
+    return dict(parse_qsl(urlsplit(url).query))["fpb"]
+
+
+def landing_event(url: str, device: str, **props: Any) -> dict[str, Any]:
+    return js_event("Page B", device, **{"$current_url": url, "$referrer": f"http://{A}/pricing", **props})
+
+
+def metric(text: str, sample: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_go_decorates_and_b_adopts_the_carried_id(xclient, upstream):
+    cookie_a = await visit_a(xclient)
+    canonical = canonical_of(cookie_a)
+    location = await go_to_b(xclient, cookie_a)
+    parts = urlsplit(location)
+    assert (parts.scheme, parts.netloc, parts.path) == ("http", B, "/cart")
+    assert parts.query.startswith("fpb=")  # first: survives mixpanel-js's 255-character cut
+    assert dict(parse_qsl(parts.query)) == {"fpb": token_of(location), "utm_source": "mail", "x": "1"}
+    assert len(token_of(location)) <= 110
+    claims = keys_of(xclient).open(token_of(location), purpose="bridge", audience="site-b.test", now=time.time())
+    assert claims.canonical_id == canonical
+
+    # On B, mixpanel-js has its own fresh device id; the landing URL carries the token.
+    d_b = device_id()
+    resp = await xclient.post(TRACK, data=b64_body([landing_event(location, d_b)]), headers=browser(B))
+    assert resp.status == 200
+    cookie_b = cookie_from(resp)
+    assert canonical_of(cookie_b) == canonical
+    assert "Domain=.site-b.test" in resp.headers["Set-Cookie"]
+    # Later events on B: the cookie alone; the landing URL is now the referrer.
+    later = js_event("Checkout", d_b, **{"$referrer": location, "$current_url": f"http://{B}/pay"})
+    await xclient.post(TRACK, data=b64_body([later]), headers=browser(B, cookie_b))
+    events = await upstream.wait(3, "us", "/track")
+    for event in events:
+        assert event["properties"]["$device_id"] == canonical
+        for value in event["properties"].values():
+            assert not (isinstance(value, str) and "fpb=" in value), value
+    assert events[1]["properties"]["$current_url"] == f"http://{B}/cart?utm_source=mail&x=1"
+    assert events[2]["properties"]["$referrer"] == f"http://{B}/cart?utm_source=mail&x=1"
+    text = await (await xclient.get("/metrics")).text()
+    assert metric(text, 'firstparty_identity_tokens_total{result="redeemed_bridge"}') == 1
+    assert metric(text, 'firstparty_identity_source_total{source="bridge"}') >= 1
+
+
+async def test_identify_on_b_merges_the_canonical_id(xclient, upstream):
+    cookie_a = await visit_a(xclient)
+    location = await go_to_b(xclient, cookie_a)
+    d_b = device_id()
+    ident = landing_event(location, d_b, **{"$anon_distinct_id": f"$device:{d_b}"})
+    ident["event"] = "$identify"
+    ident["properties"]["distinct_id"] = ident["properties"]["$user_id"] = "user-9"
+    await xclient.post(TRACK, data=b64_body([ident]), headers=browser(B))
+    p = (await upstream.wait(2, "us", "/track"))[-1]["properties"]
+    assert p["$anon_distinct_id"] == f"$device:{canonical_of(cookie_a)}" and p["distinct_id"] == "user-9"
+
+
+async def test_token_as_query_parameter_of_a_proxied_request(xclient, upstream, delivery_mode):
+    cookie_a = await visit_a(xclient)
+    token = token_of(await go_to_b(xclient, cookie_a))
+    d_b = device_id()
+    resp = await xclient.post(
+        f"/mp/track/?fpb={token}&verbose=1&ip=1", data=b64_body([js_event("B", d_b)]), headers=browser(B)
+    )
+    assert canonical_of(cookie_from(resp)) == canonical_of(cookie_a)
+    [_, event] = await upstream.wait(2, "us", "/track")
+    assert event["properties"]["$device_id"] == canonical_of(cookie_a)
+    assert all(k != "fpb" for r in upstream.requests for k, _ in r.query)
+
+
+def forged_tokens(client: Any, canonical: str) -> dict[str, str]:
+    keys = keys_of(client)
+    good = keys.seal(canonical, purpose="bridge", audience="site-b.test", now=time.time(), ttl=60)
+    flip = "A" if good[40] != "A" else "B"
+    other = KeyRing.from_file(generate_key_line("zz"))
+    return {
+        "expired": keys.seal(canonical, purpose="bridge", audience="site-b.test", now=time.time() - 120, ttl=60),
+        "tampered": good[:40] + flip + good[41:],
+        "wrong_audience": keys.seal(canonical, purpose="bridge", audience="site-a.test", now=time.time(), ttl=60),
+        "unknown_key": other.seal(canonical, purpose="bridge", audience="site-b.test", now=time.time(), ttl=60),
+        "garbage": "not-a-token",
+    }
+
+
+@pytest.mark.parametrize("kind", ["expired", "tampered", "wrong_audience", "unknown_key", "garbage"])
+async def test_bad_tokens_are_refused_and_the_event_flows(xclient, upstream, kind):
+    cookie_a = await visit_a(xclient)
+    token = forged_tokens(xclient, canonical_of(cookie_a))[kind]
+    d_b = device_id()
+    url = f"http://{B}/?fpb={token}&utm_source=x"
+    resp = await xclient.post(TRACK, data=b64_body([landing_event(url, d_b)]), headers=browser(B))
+    assert resp.status == 200
+    assert canonical_of(cookie_from(resp)) == d_b  # the per-domain id, not A's
+    event = (await upstream.wait(2, "us", "/track"))[-1]["properties"]
+    assert event["$device_id"] == d_b
+    assert event["$current_url"] == f"http://{B}/?utm_source=x"  # stripped all the same
+    text = await (await xclient.get("/metrics")).text()
+    reason = "expired" if kind == "expired" else "invalid"
+    assert metric(text, f'firstparty_identity_tokens_total{{result="{reason}"}}') == 1
+
+
+async def test_replay_by_another_browser_is_refused(xclient, upstream):
+    cookie_a = await visit_a(xclient)
+    location = await go_to_b(xclient, cookie_a)
+    victim_device, attacker_device = device_id(), device_id()
+    first = await xclient.post(TRACK, data=b64_body([landing_event(location, victim_device)]), headers=browser(B))
+    assert canonical_of(cookie_from(first)) == canonical_of(cookie_a)
+    # The same browser again (every event of the landing page carries the URL): fine.
+    again = await xclient.post(TRACK, data=b64_body([landing_event(location, victim_device)]), headers=browser(B))
+    assert canonical_of(cookie_from(again)) == canonical_of(cookie_a)
+    # Someone else who saw the URL (a shared link, a log): refused.
+    stolen = await xclient.post(TRACK, data=b64_body([landing_event(location, attacker_device)]), headers=browser(B))
+    assert canonical_of(cookie_from(stolen)) == attacker_device
+    events = await upstream.wait(4, "us", "/track")
+    assert events[-1]["properties"]["$device_id"] == attacker_device
+    text = await (await xclient.get("/metrics")).text()
+    assert metric(text, 'firstparty_identity_tokens_total{result="replayed"}') == 1
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "https://evil.test/",
+        "//evil.test/",
+        "https://site-b.test.evil.test/",
+        "https://checkout.site-b.test@evil.test/",
+        "https://user:pw@checkout.site-b.test/",
+        "javascript:alert(1)//checkout.site-b.test",
+        "https://evil.test\\@checkout.site-b.test/",
+        "/relative/path",
+        "",
+    ],
+)
+async def test_no_open_redirect(xclient, target):
+    resp = await xclient.get(f"/mp/go?to={quote(target, safe='')}", headers=browser(A), allow_redirects=False)
+    assert resp.status == 400 and "Location" not in resp.headers
+    resp = await xclient.get(f"/hub/resolve?return={quote(target, safe='')}", allow_redirects=False)
+    assert resp.status == 400 and "Location" not in resp.headers
+
+
+async def test_bridge_endpoint_for_pages_that_decorate_themselves(xclient):
+    cookie_a = await visit_a(xclient)
+    success = "https://checkout.site-b.test/success?order=42"
+    resp = await xclient.post("/mp/bridge", json={"to": success}, headers=browser(A, cookie_a))
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["expires_in"] == 60 and body["param"] == "fpb"
+    assert body["url"] == f"https://checkout.site-b.test/success?fpb={body['token']}&order=42"
+    claims = keys_of(xclient).open(body["token"], purpose="bridge", audience="site-b.test", now=time.time())
+    assert claims.canonical_id == canonical_of(cookie_a)
+    assert resp.headers["Access-Control-Allow-Origin"] == f"http://{A}"
+    resp = await xclient.post("/mp/bridge", data=f"to={quote(success, safe='')}", headers=browser(A, cookie_a))
+    assert (await resp.json())["url"].startswith("https://checkout.site-b.test/success?fpb=")
+    bad = await xclient.post("/mp/bridge", json={"to": "https://evil.test/"}, headers=browser(A, cookie_a))
+    assert bad.status == 400 and "linked" in (await bad.json())["error"]
+    pre = await xclient.options(
+        "/mp/bridge", headers={"Origin": f"http://{A}", "Access-Control-Request-Method": "POST",
+                               "Access-Control-Request-Headers": "content-type"},
+    )
+    assert pre.status == 204
+
+
+async def test_id_endpoint_cors_only_for_linked_origins(xclient):
+    cookie_a = await visit_a(xclient)
+    resp = await xclient.get("/mp/id", headers=browser(A, cookie_a))
+    assert (await resp.json()) == {"id": canonical_of(cookie_a), "source": "cookie"}
+    assert resp.headers["Access-Control-Allow-Origin"] == f"http://{A}"
+    assert resp.headers["Access-Control-Allow-Credentials"] == "true"
+    # An allowed SDK origin that is not a linked domain may send events, not read ids.
+    other = {**browser(A, cookie_a), "Origin": "http://partner.other.test"}
+    resp = await xclient.get("/mp/id", headers=other)
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    fresh = await xclient.get("/mp/id", headers=browser(B))
+    body = await fresh.json()
+    assert body["source"] == "new" and canonical_of(cookie_from(fresh)) == body["id"]
+
+
+async def test_link_js_names_linked_domains(xclient):
+    resp = await xclient.get("/mp/link.js")
+    text = await resp.text()
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("application/javascript")
+    assert '["site-a.test","site-b.test"]' in text and '"/mp/go"' in text
+
+
+async def test_hub_recognises_the_browser_across_domains(xclient, upstream):
+    hub = {"Host": "hub.id-hub.test", "User-Agent": "Mozilla/5.0"}
+    ret_a = f"http://{A}/welcome?utm_source=ad"
+    first = await xclient.get(f"/hub/resolve?return={quote(ret_a, safe='')}", headers=hub, allow_redirects=False)
+    assert first.status == 302
+    hub_cookie = cookie_from(first, "fp_hub")
+    assert hub_cookie and "Domain=" not in first.headers["Set-Cookie"]  # host-only on the hub
+    token_a = token_of(first.headers["Location"])
+    hub_id = keys_of(xclient).open(token_a, purpose="hub", audience="site-a.test", now=time.time()).canonical_id
+    assert canonical_of(hub_cookie) == hub_id
+    # Site B later: the hub's cookie gives the same id.
+    ret_b = f"http://{B}/"
+    second = await xclient.get(
+        f"/hub/resolve?return={quote(ret_b, safe='')}", headers={**hub, "Cookie": f"fp_hub={hub_cookie}"},
+        allow_redirects=False,
+    )
+    token_b = token_of(second.headers["Location"])
+    assert keys_of(xclient).open(token_b, purpose="hub", audience="site-b.test", now=time.time()).canonical_id == hub_id
+    # Both sites redeem their hub token: one canonical id upstream.
+    for host, url in ((A, first.headers["Location"]), (B, second.headers["Location"])):
+        resp = await xclient.post(TRACK, data=b64_body([landing_event(url, device_id())]), headers=browser(host))
+        assert canonical_of(cookie_from(resp)) == hub_id
+    events = await upstream.wait(2, "us", "/track")
+    assert {e["properties"]["$device_id"] for e in events} == {hub_id}
+    js = await (await xclient.get("/mp/hub.js")).text()
+    assert '"http://hub.id-hub.test"' in js and "fp_hub_done" in js
+
+
+async def test_device_cap(proxy_client, upstream):
+    client = await proxy_client(**{**IDENTITY, "identity": {**IDENTITY["identity"], "max_devices_per_id": 2}})
+    cookie = await visit_a(client)
+    devices = [device_id() for _ in range(4)]
+    for i, d in enumerate(devices):  # four subdomains, four SDK storages
+        await client.post(TRACK, data=b64_body([js_event("x", d)]), headers=browser(f"s{i}.site-a.test", cookie))
+    events = (await upstream.wait(5, "us", "/track"))[1:]
+    joined = [e["properties"]["$device_id"] == canonical_of(cookie) for e in events]
+    assert joined == [True, True, False, False]
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "firstparty_device_cap_exceeded_total") == 2
+
+
+async def test_token_redeemed_once_across_processes_sharing_redis(aiohttp_client, tmp_path, upstream):
+    from tests.test_store import REDIS_URL
+
+    shared = {**IDENTITY, "store": {"url": REDIS_URL}, "delivery": {"mode": "sync"}}
+    a = await aiohttp_client(create_app(make_settings(tmp_path / "a", upstream, **shared)))
+    # The second instance must hold the same keys: copy A's generated key file.
+    keys_file = tmp_path / "a" / "data" / "identity_keys"
+    b_settings = make_settings(
+        tmp_path / "b", upstream, **{**shared, "identity": {**IDENTITY["identity"], "keys_file": str(keys_file)}}
+    )
+    b = await aiohttp_client(create_app(b_settings))
+    cookie_a = await visit_a(a)
+    location = await go_to_b(a, cookie_a)
+    ok = await b.post(TRACK, data=b64_body([landing_event(location, device_id())]), headers=browser(B))
+    assert canonical_of(cookie_from(ok)) == canonical_of(cookie_a)
+    again = await a.post(TRACK, data=b64_body([landing_event(location, device_id())]), headers=browser(B))
+    assert canonical_of(cookie_from(again)) != canonical_of(cookie_a)  # refused: already used
+
+
+def test_device_change_classification():
+    from proxy.identity import device_change
+
+    week = 7 * 86400
+    now = 1_800_000_000.0
+    assert device_change(None, "d1", now, week, True) == "first"
+    assert device_change(f"d1|{now - 10:.0f}", "d1", now, week, True) == "same"
+    assert device_change(f"d1|{now - 10:.0f}", "d2", now, week, True) == "reset"
+    assert device_change(f"d1|{now - 10:.0f}", "d2", now, week, False) == "renewed"  # identified: never a reset
+    assert device_change(f"d1|{now - 8 * 86400:.0f}", "d2", now, week, True) == "renewed"  # Safari expired storage
+    # A window of 0 never sees a reset, even for a sighting in the same second.
+    assert device_change(f"d1|{int(now)}", "d2", now + 0.2, 0.0, True) == "renewed"
+
+
+async def test_reset_on_the_same_host_starts_a_new_person(xclient, upstream):
+    from proxy.app import SERVICES
+
+    d1 = device_id()
+    first = await xclient.post(TRACK, data=b64_body([js_event("Visit", d1)]), headers=browser(A))
+    cookie = cookie_from(first)
+    assert canonical_of(cookie) == d1
+    ident = js_event("$identify", d1, user="alice", **{"$anon_distinct_id": f"$device:{d1}"})
+    await xclient.post(TRACK, data=b64_body([ident]), headers=browser(A, cookie))
+    # alice logs out: mixpanel.reset() mints d2; the next person browses anonymously.
+    d2 = device_id()
+    after = await xclient.post(TRACK, data=b64_body([js_event("Anon", d2)]), headers=browser(A, cookie))
+    new_cookie = cookie_from(after)
+    assert canonical_of(new_cookie) == d2  # not joined to alice's id
+    events = await upstream.wait(3, "us", "/track")
+    assert events[-1]["properties"]["$device_id"] == d2 and events[-1]["properties"]["distinct_id"] == f"$device:{d2}"
+    text = await (await xclient.get("/metrics")).text()
+    assert metric(text, "firstparty_identity_resets_total") == 1
+    assert metric(text, 'firstparty_identity_source_total{source="reset"}') == 1
+
+    # Eight days later Safari has deleted mixpanel-js's storage (d3): the same person.
+    store = xclient.app[SERVICES].store
+    key = f"host:{d2}:{A}:test-token-us"
+    assert (await store.get_value(key)).startswith(d2 + "|")
+    await store.set_value(key, f"{d2}|{time.time() - 8 * 86400:.0f}")
+    d3 = device_id()
+    later = await xclient.post(TRACK, data=b64_body([js_event("Back", d3)]), headers=browser(A, new_cookie))
+    assert cookie_from(later) == new_cookie
+    assert (await upstream.wait(4, "us", "/track"))[-1]["properties"]["$device_id"] == d2
+
+
+async def test_two_projects_on_one_page_are_not_resets(xclient, upstream):
+    d_main, d_other = device_id(), device_id()
+    first = await xclient.post(TRACK, data=b64_body([js_event("a", d_main)]), headers=browser(A))
+    cookie = cookie_from(first)
+    for _ in range(2):
+        await xclient.post(TRACK, data=b64_body([js_event("b", d_other, token="second-project")]), headers=browser(A, cookie))
+        await xclient.post(TRACK, data=b64_body([js_event("c", d_main)]), headers=browser(A, cookie))
+    events = await upstream.wait(5, "us", "/track")
+    assert {e["properties"]["$device_id"] for e in events} == {d_main}
+    text = await (await xclient.get("/metrics")).text()
+    assert metric(text, "firstparty_identity_resets_total") == 0

@@ -1,0 +1,387 @@
+"""Fault tests for durable delivery, against a scriptable recording upstream.
+
+Each test is bounded in time. In each, every event the proxy acknowledged
+reaches the upstream (checked by ``$insert_id``), dead letters hold exactly
+the rejected events with their reason, and retries keep to the backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import defaultdict
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.delivery import backoff_delay, classify, parse_retry_after
+from proxy.httpclient import Response
+from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
+from tests.support import free_port
+from tests.fakeupstream import FakeUpstream, Recorded
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+TRACK = "/mp/track/?verbose=1&ip=1"
+OUTAGE_SECONDS = 20
+
+
+
+async def start_proxy(aiohttp_client: Any, tmp_path: Any, fake: FakeUpstream, **sections: Any) -> Any:
+    sections.setdefault("delivery", {})
+    sections["delivery"] = {"mode": "spool", **sections["delivery"]}
+    return await aiohttp_client(create_app(make_settings(tmp_path, fake, **sections)))
+
+
+async def send_events(client: Any, n: int, per_request: int = 5, **props: Any) -> list[str]:
+    """Send n events; returns the $insert_ids the proxy acknowledged."""
+    acked = []
+    for start in range(0, n, per_request):
+        batch = [js_event("Load", device_id(), **props) for _ in range(min(per_request, n - start))]
+        resp = await client.post(TRACK, data=b64_body(batch), headers={**BROWSER, **FORM})
+        assert resp.status == 200, await resp.text()
+        acked += [e["properties"]["$insert_id"] for e in batch]
+    return acked
+
+
+def insert_ids(upstream: FakeUpstream) -> list[str]:
+    return [e["properties"]["$insert_id"] for e in upstream.received("us", "/track")]
+
+
+async def until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def dead_letters(tmp_path: Any) -> list[tuple[str, str, str]]:
+    """(insert id, reason, detail) of every dead letter in the spool."""
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        rows = c.execute("SELECT body, reason, detail FROM dead ORDER BY id").fetchall()
+    return [(orjson.loads(b)["properties"]["$insert_id"], r, d) for b, r, d in rows]
+
+
+def attempt_times(upstream: FakeUpstream) -> dict[str, list[float]]:
+    """Arrival times of every attempt (accepted or refused) per $insert_id."""
+    times: dict[str, list[float]] = defaultdict(list)
+    for rec in sorted(upstream.requests + upstream.refused, key=lambda r: r.at):
+        for e in rec.events():
+            times[e["properties"]["$insert_id"]].append(rec.at)
+    return times
+
+
+def assert_backoff_respected(upstream: FakeUpstream, initial: float) -> None:
+    for insert_id, times in attempt_times(upstream).items():
+        for j, (a, b) in enumerate(zip(times, times[1:]), start=1):
+            assert b - a >= initial * 2 ** (j - 1) * 0.98, f"{insert_id}: retry {j} after {b - a:.3f}s"
+
+
+# ------------------------------------------------------------------ pure
+
+
+def test_classify_upstream_answers():
+    def r(status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> Response:
+        return Response(status, headers or [], body)
+
+    assert classify(r(200, b'{"status":1,"error":null}')).kind == "accepted"
+    assert classify(r(200, b"1")).kind == "accepted"
+    assert classify(r(200, b'{"status":0,"error":"bad token"}')).kind == "rejected"
+    assert classify(r(503)).kind == "retry"
+    v = classify(r(429, b"", [("retry-after", "2")]))
+    assert v.kind == "rate_limited" and v.retry_after == 2.0
+    assert classify(r(413)).kind == "too_large"
+    v = classify(r(400, b'{"failed_records":[{"index":3,"message":"bad time"}],"num_records_imported":9}'))
+    assert v.kind == "rejected" and v.failed == {3: "bad time"}
+    assert classify(r(400, b"nope")).failed is None
+    assert classify(r(401, b"invalid credentials")).kind == "refused"
+
+
+def test_retry_after_and_backoff():
+    assert parse_retry_after("7") == 7.0
+    assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: no wait
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    delays = [backoff_delay(n, 2.0, 60.0, rand=lambda: 1.0) for n in range(1, 8)]
+    assert delays == [2.4, 4.8, 9.6, 19.2, 38.4, 72.0, 72.0]  # doubling, +20 % jitter at most, capped
+    assert backoff_delay(3, 2.0, 60.0, rand=lambda: 0.0) == 8.0
+
+
+# ---------------------------------------------------------------- faults
+
+
+async def test_upstream_down_then_back(aiohttp_client, tmp_path, upstream):
+    port = free_port()
+    client = await start_proxy(
+        aiohttp_client, tmp_path, upstream, upstream={"us": f"http://127.0.0.1:{port}", "timeout_seconds": 2}
+    )
+    acked = await send_events(client, 300)
+    await asyncio.sleep(OUTAGE_SECONDS)
+    assert insert_ids(upstream) == []
+    server, _ = await upstream.serve("us", port)
+    try:
+        await until(lambda: set(insert_ids(upstream)) >= set(acked), 15, "delivery after the outage")
+        assert sorted(insert_ids(upstream)) == sorted(acked)  # each exactly once
+        assert dead_letters(tmp_path) == []
+    finally:
+        await client.close()
+        await server.cleanup()
+
+
+async def test_500s_then_recovery_respects_backoff(aiohttp_client, tmp_path, upstream):
+    failures = {"left": 4}
+
+    async def behave(rec: Recorded) -> web.Response | None:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            return web.Response(status=500, text="internal error")
+        return None
+
+    upstream.behave = behave
+    client = await start_proxy(
+        aiohttp_client, tmp_path, upstream, delivery={"backoff_initial_seconds": 0.3, "backoff_max_seconds": 5}
+    )
+    acked = await send_events(client, 40)
+    await until(lambda: set(insert_ids(upstream)) >= set(acked), 20, "delivery after 500s")
+    assert sorted(insert_ids(upstream)) == sorted(acked)
+    assert len(upstream.refused) == 4
+    assert_backoff_respected(upstream, 0.3)
+    await client.close()
+    records = [orjson.loads(line) for line in (tmp_path / "data" / "forwarded.jsonl").read_bytes().splitlines()]
+    assert sum(r["count"] for r in records) == 40 and {r["outcome"] for r in records} == {"forwarded"}
+    assert max(r["attempts"] for r in records) >= 2
+
+
+async def test_429_honours_retry_after(aiohttp_client, tmp_path, upstream):
+    answered: list[float] = []
+
+    async def behave(rec: Recorded) -> web.Response | None:
+        answered.append(time.monotonic())
+        if len(answered) == 1:
+            return web.Response(status=429, text="slow down", headers={"Retry-After": "2"})
+        return None
+
+    upstream.behave = behave
+    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    acked = await send_events(client, 10)
+    await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery after 429")
+    assert answered[1] - answered[0] >= 2.0  # not one moment sooner than Retry-After
+    assert sorted(insert_ids(upstream)) == sorted(acked)
+    await client.close()
+
+
+async def test_413_splits_batches_and_buries_a_lone_giant(aiohttp_client, tmp_path, upstream):
+    async def behave(rec: Recorded) -> web.Response | None:
+        events = rec.events()
+        if len(events) > 8 or any(e["properties"].get("giant") for e in events):
+            return web.Response(status=413, text="Request Entity Too Large")
+        return None
+
+    upstream.behave = behave
+    client = await start_proxy(aiohttp_client, tmp_path, upstream, delivery={"batch_window_ms": 200})
+    acked = await send_events(client, 50, per_request=50)
+    giant = await send_events(client, 1, giant=True)
+    await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "split delivery")
+    await until(lambda: len(dead_letters(tmp_path)) == 1, 5, "the giant's dead letter")
+    assert sorted(insert_ids(upstream)) == sorted(acked)
+    assert all(len(r.events()) <= 8 for r in upstream.requests)
+    assert [(i, reason) for i, reason, _ in dead_letters(tmp_path)] == [(giant[0], "too_large")]
+    await client.close()
+
+
+@pytest.mark.parametrize("names_failures", [True, False], ids=["failed_records", "bisect"])
+async def test_400_dead_letters_exactly_the_bad_events(aiohttp_client, tmp_path, upstream, names_failures):
+    async def behave(rec: Recorded) -> web.Response | None:
+        events = rec.events()
+        bad = [i for i, e in enumerate(events) if e["properties"].get("bad")]
+        if not bad:
+            return None
+        if names_failures:
+            # Mixpanel's answer: the named records failed, the others were ingested.
+            good = [e for i, e in enumerate(events) if i not in bad]
+            accepted.extend(good)
+            body = {
+                "code": 400,
+                "status": "Bad Request",
+                "num_records_imported": len(good),
+                "failed_records": [
+                    {"index": i, "$insert_id": events[i]["properties"]["$insert_id"], "field": "properties.bad",
+                     "message": "'bad' is not allowed"}
+                    for i in bad
+                ],
+            }
+            return web.json_response(body, status=400)
+        return web.json_response({"status": 0, "error": "invalid event"}, status=400)
+
+    accepted: list[dict[str, Any]] = []
+    upstream.behave = behave
+    client = await start_proxy(aiohttp_client, tmp_path, upstream, delivery={"batch_window_ms": 100})
+    good = await send_events(client, 20, per_request=10)
+    bad = await send_events(client, 2, per_request=1, bad=True)
+    more = await send_events(client, 20, per_request=10)
+
+    def arrived() -> set[str]:
+        return set(insert_ids(upstream)) | {e["properties"]["$insert_id"] for e in accepted}
+
+    await until(lambda: arrived() >= set(good + more), 10, "good events")
+    await until(lambda: len(dead_letters(tmp_path)) == 2, 10, "two dead letters")
+    letters = dead_letters(tmp_path)
+    assert sorted(i for i, _, _ in letters) == sorted(bad)
+    assert {reason for _, reason, _ in letters} == {"rejected"}
+    assert all(("not allowed" if names_failures else "invalid event") in detail for _, _, detail in letters)
+    assert not (arrived() & set(bad))
+    await client.close()
+
+
+async def test_hanging_upstream_times_out_and_retries(aiohttp_client, tmp_path, upstream):
+    calls = {"n": 0}
+
+    async def behave(rec: Recorded) -> web.Response | None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            await asyncio.sleep(3)  # past the proxy's 1 s timeout
+        return None
+
+    upstream.behave = behave
+    client = await start_proxy(aiohttp_client, tmp_path, upstream, upstream={"timeout_seconds": 1})
+    acked = await send_events(client, 10)
+    await until(lambda: set(acked) <= set(insert_ids(upstream)), 10, "delivery after a hang")
+    await client.close()
+    # The hung attempt may have been recorded as arriving too; nothing is missing.
+    assert set(insert_ids(upstream)) == set(acked)
+
+
+async def test_full_spool_answers_503_and_loses_nothing(aiohttp_client, tmp_path, upstream):
+    port = free_port()
+    client = await start_proxy(
+        aiohttp_client, tmp_path, upstream,
+        upstream={"us": f"http://127.0.0.1:{port}", "timeout_seconds": 1}, delivery={"max_rows": 10},
+    )
+    acked = await send_events(client, 10)
+    resp = await client.post(TRACK, data=b64_body([js_event("Overflow", device_id())]), headers={**BROWSER, **FORM})
+    assert resp.status == 503 and resp.headers["Retry-After"]
+    assert "limit is 10" in (await resp.json())["error"]
+    server, _ = await upstream.serve("us", port)
+    try:
+        await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery")
+        assert "Overflow" not in [e["event"] for e in upstream.received()]
+    finally:
+        await client.close()
+        await server.cleanup()
+
+
+async def test_expired_events_are_not_sent(aiohttp_client, tmp_path, upstream):
+    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    old = await send_events(client, 1, time=time.time() - 6 * 86400)
+    fresh = await send_events(client, 1)
+    await until(lambda: set(fresh) <= set(insert_ids(upstream)), 5, "fresh event")
+    await until(lambda: len(dead_letters(tmp_path)) == 1, 5, "expired event recorded")
+    assert [(i, r) for i, r, _ in dead_letters(tmp_path)] == [(old[0], "expired")]
+    assert old[0] not in insert_ids(upstream)
+    await client.close()
+    records = [orjson.loads(line) for line in (tmp_path / "data" / "forwarded.jsonl").read_bytes().splitlines()]
+    assert [r["insert_ids"] for r in records if r["outcome"] == "expired"] == [old]
+
+
+async def test_401_buries_the_batch_without_retrying(aiohttp_client, tmp_path, upstream):
+    async def behave(rec: Recorded) -> web.Response | None:
+        return web.Response(status=401, text="Invalid credentials")
+
+    upstream.behave = behave
+    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    acked = await send_events(client, 5, per_request=5)
+    await until(lambda: len(dead_letters(tmp_path)) == 5, 5, "dead letters")
+    await asyncio.sleep(0.5)
+    assert len(upstream.refused) == 1  # once, never again
+    assert {r for _, r, _ in dead_letters(tmp_path)} == {"http_401"}
+    assert sorted(i for i, _, _ in dead_letters(tmp_path)) == sorted(acked)
+    await client.close()
+
+
+async def test_shutdown_keeps_unsent_events_for_the_next_start(aiohttp_client, tmp_path, upstream):
+    port = free_port()
+    down = {"us": f"http://127.0.0.1:{port}", "timeout_seconds": 1}
+    client = await start_proxy(aiohttp_client, tmp_path, upstream, upstream=down, delivery={"drain_seconds": 0.5})
+    acked = await send_events(client, 25)
+    started = time.monotonic()
+    await client.close()
+    assert time.monotonic() - started < 5  # the drain deadline holds
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        assert c.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 25
+    # Next start, upstream reachable: everything goes out.
+    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery after restart")
+    await client.close()
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        assert c.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 0
+
+
+async def test_batching_cuts_upstream_requests(aiohttp_client, tmp_path, upstream):
+    client = await start_proxy(aiohttp_client, tmp_path, upstream, delivery={"batch_window_ms": 100})
+    acked = await asyncio.gather(*(send_events(client, 1) for _ in range(200)))
+    flat = [i for ids in acked for i in ids]
+    await until(lambda: set(insert_ids(upstream)) >= set(flat), 10, "delivery")
+    assert sorted(insert_ids(upstream)) == sorted(flat)
+    assert len(upstream.requests) <= 200 * 25 / 1000 + 2  # <= 25 upstream requests per 1,000 events
+    assert max(len(r.events()) for r in upstream.requests) <= 50
+    await client.close()
+
+
+async def test_spool_stats_and_replay_cli(aiohttp_client, tmp_path, upstream):
+    """Dead letters seen with `firstparty spool stats`, replayed with `firstparty
+    replay` while the proxy runs, and delivered once the cause is fixed."""
+    from tests.test_settings_cli import run_cli
+
+    refusing = True
+
+    async def behave(rec: Recorded) -> web.Response | None:
+        return web.Response(status=401, text="Invalid credentials") if refusing else None
+
+    upstream.behave = behave
+    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    acked = await send_events(client, 3, per_request=3)
+    await until(lambda: len(dead_letters(tmp_path)) == 3, 5, "dead letters")
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n[cookie]\nsecret = "{"s" * 32}"\n')
+
+    stats = await asyncio.to_thread(run_cli, "spool", "stats", "--json", "--config", str(cfg))
+    assert stats.returncode == 0, stats.stderr
+    parsed = orjson.loads(stats.stdout)
+    assert parsed["dead_by_reason"] == {"http_401": 3} and parsed["depth"] == 0
+    human = await asyncio.to_thread(run_cli, "spool", "stats", "--config", str(cfg))
+    assert "http_401: 3" in human.stdout
+
+    refusing = False  # the operator fixed the token
+    none = await asyncio.to_thread(run_cli, "replay", "--reason", "rejected", "--config", str(cfg))
+    assert "moved 0 dead letters" in none.stdout
+    done = await asyncio.to_thread(run_cli, "replay", "--reason", "http_401", "--config", str(cfg))
+    assert done.returncode == 0 and "moved 3 dead letters" in done.stdout
+    await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "replayed delivery")
+    assert dead_letters(tmp_path) == []
+    await client.close()
+
+    missing = await asyncio.to_thread(run_cli, "spool", "stats", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2
+
+
+async def test_an_unexpected_error_while_sending_keeps_the_batch(aiohttp_client, tmp_path, upstream, monkeypatch):
+    """A bug in the send path (here: the answer classifier raising once) must not
+    strand the batch: it is retried after the backoff and delivered."""
+    import proxy.delivery as delivery
+
+    real = delivery.classify
+    calls = {"n": 0}
+
+    def flaky(response):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(response)
+
+    monkeypatch.setattr(delivery, "classify", flaky)
+    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    acked = await send_events(client, 5, per_request=5)
+    await until(lambda: insert_ids(upstream).count(acked[0]) >= 2, 10, "the retried batch")
+    assert set(acked) <= set(insert_ids(upstream))
+    await client.close()

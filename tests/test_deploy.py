@@ -1,0 +1,121 @@
+"""The shipped deployment files, run for real: the example config validates,
+and Debian's nginx with nginx.example.conf passes traffic to the proxy with
+the visitor's IP and Host intact."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.app import create_app
+from proxy.settings import load_settings
+from tests.conftest import b64_body, device_id, js_event, make_settings
+from tests.support import free_port, self_signed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_validates(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("a-production-secret-of-some-length\n")
+    s = load_settings(
+        ROOT / "deploy" / "config.toml",
+        {"FIRSTPARTY_COOKIE_SECRET_FILE": str(secret), "FIRSTPARTY_SERVER_DATA_DIR": str(tmp_path)},
+    )
+    assert s.cookie.secret == b"a-production-secret-of-some-length"
+    assert s.store.url.startswith("redis://") and s.cookie.domains == (".example.com",)
+
+
+def render_nginx(tmp: Path, proxy_port: int, tls_port: int, cert: Path, key: Path) -> Path:
+    """nginx.example.conf as shipped, with only ports and certificate paths changed."""
+    site = (ROOT / "nginx.example.conf").read_text()
+    site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{proxy_port};")
+    site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{tls_port} ssl http2;")
+    site = site.replace("listen [::]:443 ssl http2;", "")
+    site = site.replace("/etc/ssl/certs/www.example.com.pem", str(cert))
+    site = site.replace("/etc/ssl/private/www.example.com.key", str(key))
+    (tmp / "site.conf").write_text(site)
+    main = tmp / "nginx.conf"
+    main.write_text(
+        f"""
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    include {tmp}/site.conf;
+}}
+"""
+    )
+    return main
+
+
+@pytest.fixture
+def nginx_bin() -> str:
+    path = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(path).exists():
+        pytest.fail("nginx is not installed; scripts/test installs Debian's nginx")
+    return path
+
+
+async def test_behind_real_nginx(aiohttp_server, tmp_path, upstream, nginx_bin):
+    # nginx connects from 127.0.0.1 (trusted); the visitor comes from 127.0.0.2.
+    settings = make_settings(tmp_path, upstream, server={"trusted_proxies": ["127.0.0.1/32"]})
+    proxy = await aiohttp_server(create_app(settings), host="127.0.0.1")
+    tls_port = free_port()
+    cert, key = self_signed(tmp_path / "tls", "www.example.com")
+    conf = render_nginx(tmp_path, proxy.port, tls_port, cert, key)
+    check = subprocess.run([nginx_bin, "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    nginx = subprocess.Popen(
+        [nginx_bin, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        connector = aiohttp.TCPConnector(ssl=ctx, local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            # Connect to 127.0.0.1, but speak to www.example.com (SNI, Host, certificate).
+            url = f"https://127.0.0.1:{tls_port}/mp/track/?verbose=1&ip=1"
+            for _ in range(50):  # nginx takes a moment to listen
+                try:
+                    resp = await session.post(
+                        url,
+                        data=b64_body([js_event("Through nginx", device_id())]),
+                        headers={
+                            "Host": "www.example.com",
+                            "Origin": "https://www.example.com",
+                            "User-Agent": "Mozilla/5.0",
+                            "Content-Type": "application/x-www-form-urlencoded",
+                            "X-Forwarded-For": "6.6.6.6",  # spoofed by the visitor
+                        },
+                        server_hostname="www.example.com",
+                    )
+                    break
+                except aiohttp.ClientConnectorError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("nginx did not start: " + (nginx.stderr.read().decode() if nginx.stderr else ""))
+            assert resp.status == 200, await resp.text()
+            set_cookie = resp.headers.get("Set-Cookie", "")
+            assert "Domain=.example.com" in set_cookie and "HttpOnly" in set_cookie
+        # Spooled (the default): batches mix visitors, so each event carries its visitor's IP.
+        [event] = await upstream.wait(1, "us", "/track")
+        assert event["event"] == "Through nginx"
+        assert event["properties"]["ip"] == "127.0.0.2"  # the visitor, not nginx, not the spoofed value
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=10)

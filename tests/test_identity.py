@@ -1,0 +1,124 @@
+"""Identity resolution and rewriting, as pure functions over real SDK payload shapes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from proxy import identity
+from proxy.identity import SOURCE_ALIAS, SOURCE_COOKIE, SOURCE_NEW, SOURCE_NONE
+from proxy.rewrite import map_id, rewrite_events, rewrite_flags_context, rewrite_query
+from tests.conftest import js_event
+
+D = "0b6f5c2e-9d1a-4a3c-8f7e-1a2b3c4d5e6f"
+C = "c0ffee00-1111-4222-8333-444455556666"
+
+
+def test_anonymous_ids_of_track_shapes():
+    anon = js_event("a", D)
+    identified = js_event("b", D, user="user-42")
+    ident = js_event("$identify", D, user="user-42", **{"$anon_distinct_id": f"$device:{D}"})
+    old_style = {"event": "c", "properties": {"distinct_id": D, "$device_id": D}}  # distinct_id == device id
+    assert identity.anonymous_ids("track", [anon]) == [D]
+    assert identity.anonymous_ids("track", [identified]) == [D]
+    assert identity.anonymous_ids("track", [ident]) == [D]
+    assert identity.anonymous_ids("track", [old_style]) == [D]
+    # A user id is never anonymous, even without a device id.
+    assert identity.anonymous_ids("track", [{"event": "x", "properties": {"distinct_id": "user-42"}}]) == []
+
+
+def test_anonymous_ids_engage_and_groups():
+    engage = {"$token": "t", "$distinct_id": f"$device:{D}", "$device_id": D, "$set": {"a": 1}}
+    assert identity.anonymous_ids("engage", [engage]) == [D]
+    assert identity.anonymous_ids("groups", [{"$group_key": "company", "$group_id": "x"}]) == []
+
+
+def test_resolve_browser_order():
+    new = lambda: "fresh"  # noqa: E731
+    r = identity.resolve_browser(C, [D], {}, new)
+    assert (r.canonical, r.source, r.mapping, r.new_aliases) == (C, SOURCE_COOKIE, {D: C}, {D: C})
+    r = identity.resolve_browser(None, [D], {D: C}, new)
+    assert (r.canonical, r.source, r.mapping) == (C, SOURCE_ALIAS, {D: C})
+    r = identity.resolve_browser(None, [D], {}, new)
+    assert (r.canonical, r.source, r.mapping) == (D, SOURCE_NEW, {})  # first come: adopted, nothing to rewrite
+    r = identity.resolve_browser(None, ["bad;id with spaces"], {}, new)
+    assert (r.canonical, r.source, r.mapping) == ("fresh", SOURCE_NEW, {"bad;id with spaces": "fresh"})
+    r = identity.resolve_browser(None, [], {}, new)
+    assert (r.canonical, r.source) == (None, SOURCE_NONE)
+
+
+def test_resolve_server_uses_only_the_alias_store():
+    r = identity.resolve_server({D: C, C: C})
+    assert r.canonical is None and r.mapping == {D: C} and r.new_aliases == {}
+    assert identity.resolve_server({}).source == SOURCE_NONE
+
+
+def test_rewrite_track_keeps_user_ids():
+    events = [
+        js_event("anon", D),
+        js_event("$identify", D, user="user-42", **{"$anon_distinct_id": f"$device:{D}"}),
+    ]
+    before = copy.deepcopy(events)
+    rewrites = rewrite_events("track", events, {D: C})
+    a, i = events[0]["properties"], events[1]["properties"]
+    assert a["distinct_id"] == f"$device:{C}" and a["$device_id"] == C
+    assert i["distinct_id"] == "user-42" and i["$user_id"] == "user-42"
+    assert i["$anon_distinct_id"] == f"$device:{C}" and i["$device_id"] == C
+    assert {(r.field, r.original, r.canonical) for r in rewrites} == {
+        ("distinct_id", f"$device:{D}", f"$device:{C}"),
+        ("$device_id", D, C),
+        ("$anon_distinct_id", f"$device:{D}", f"$device:{C}"),
+    }
+    # Nothing else changed.
+    for ev, old in zip(events, before):
+        for key in old["properties"]:
+            if key not in ("distinct_id", "$device_id", "$anon_distinct_id"):
+                assert ev["properties"][key] == old["properties"][key]
+
+
+def test_rewrite_merge_and_engage():
+    merge = [{"event": "$merge", "properties": {"$distinct_ids": [f"$device:{D}", "user-42"]}}]
+    rewrite_events("import", merge, {D: C})
+    assert merge[0]["properties"]["$distinct_ids"] == [f"$device:{C}", "user-42"]
+    engage = [{"$token": "t", "$distinct_id": "user-42", "$device_id": D, "$user_id": "user-42", "$set": {"$device_id": D}}]
+    rewrite_events("engage", engage, {D: C})
+    assert engage[0]["$distinct_id"] == "user-42" and engage[0]["$device_id"] == C
+    assert engage[0]["$set"] == {"$device_id": D}  # profile properties are data, not identity
+
+
+def test_no_mapping_no_change():
+    events = [js_event("x", D)]
+    before = copy.deepcopy(events)
+    assert rewrite_events("track", events, {}) == []
+    assert events == before
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [(D, C), (f"$device:{D}", f"$device:{C}"), ("user-42", None), (None, None), (42, None), ("$device:", None)],
+)
+def test_map_id(value, expected):
+    assert map_id(value, {D: C}) == expected
+
+
+def test_query_identity_rewrites():
+    out: list = []
+    q = rewrite_query(
+        [("format", "gzip"), ("distinct_id", f"$device:{D}"), ("$device_id", D), ("$user_id", "u"), ("replay_id", "r")],
+        ("distinct_id", "$device_id"),
+        {D: C},
+        out,
+    )
+    assert q == [("format", "gzip"), ("distinct_id", f"$device:{C}"), ("$device_id", C), ("$user_id", "u"), ("replay_id", "r")]
+    assert len(out) == 2
+    ctx = rewrite_flags_context(f'{{"distinct_id":"$device:{D}","device_id":"{D}","x":1}}', {D: C}, out)
+    assert ctx == f'{{"distinct_id":"$device:{C}","device_id":"{C}","x":1}}'
+    assert rewrite_flags_context("not json", {D: C}, out) == "not json"
+
+
+def test_query_anon_ids():
+    assert identity.query_anon_ids(f"$device:{D}", D) == [D]
+    assert identity.query_anon_ids("user-42", D) == [D]
+    assert identity.query_anon_ids(f"$device:{D}", None) == [D]
+    assert identity.query_anon_ids("user-42", None) == []

@@ -1,0 +1,208 @@
+"""Settings validation and the command line, run as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy.errors import ConfigError
+from proxy.settings import build_settings, load_settings
+from tests.support import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")}, **(env or {})},
+    )
+
+
+def test_defaults_need_no_server(tmp_path):
+    s = build_settings({"server": {"data_dir": str(tmp_path)}}, {})
+    assert s.store.url == "memory://"
+    assert s.upstream.regions["eu"] == "https://api-eu.mixpanel.com"
+    assert s.cookie.secure is True and s.cookie.max_age_days == 400
+    # A generated secret is kept, so a restart keeps every visitor's cookie valid.
+    again = build_settings({"server": {"data_dir": str(tmp_path)}}, {})
+    assert s.cookie.secret == again.cookie.secret and len(s.cookie.secret) >= 32
+    assert (tmp_path / "cookie_secret").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    "raw,key,fix",
+    [
+        ({"server": {"prot": 80}}, "server.prot", "known keys in [server]"),
+        ({"sevrer": {}}, "sevrer", "known sections"),
+        ({"server": {"port": "eighty"}}, "server.port", "whole number"),
+        ({"server": {"port": 70000}}, "server.port", "from 0 to 65535"),
+        ({"upstream": {"eu": "api-eu.mixpanel.com"}}, "upstream.eu", 'write it like "https://'),
+        ({"upstream": {"default_region": "asia"}}, "upstream.default_region", "use one of us, eu, in"),
+        ({"upstream": {"projects": {"tok": "mars"}}}, "upstream.projects.tok", "unknown region"),
+        ({"cookie": {"domains": ["example"]}}, "cookie.domains", 'write it like ".example.com"'),
+        ({"cookie": {"max_age_days": 500}}, "cookie.max_age_days", "from 1 to 400"),
+        ({"cookie": {"secret": "short"}}, "cookie.secret", "at least 16 bytes"),
+        ({"cookie": {"name": "fp id"}}, "cookie.name", "not a valid cookie name"),
+        ({"server": {"trusted_proxies": ["10.0.0.0/33"]}}, "server.trusted_proxies", "CIDR"),
+        ({"cors": {"allowed_origins": ["ftp://x.test"]}}, "cors.allowed_origins", "http or https"),
+        ({"store": {"url": "mysql://x"}}, "store.url", "redis://"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_fix(tmp_path, raw, key, fix):
+    raw.setdefault("server", {})["data_dir"] = str(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        build_settings(raw, {})
+    assert err.value.key == key
+    assert fix in str(err.value)
+
+
+def test_environment_overrides(tmp_path):
+    env = {
+        "FIRSTPARTY_SERVER_PORT": "9100",
+        "FIRSTPARTY_COOKIE_SECURE": "false",
+        "FIRSTPARTY_CORS_ALLOWED_ORIGINS": '["https://a.example.com"]',
+        "FIRSTPARTY_COOKIE_SECRET": "an-env-secret-of-enough-length",
+        "FIRSTPARTY_SERVER_DATA_DIR": str(tmp_path),
+    }
+    s = load_settings(None, env)
+    assert s.server.port == 9100 and s.cookie.secure is False
+    assert s.cors.allowed_origins == ("https://a.example.com",)
+    assert s.cookie.secret == b"an-env-secret-of-enough-length"
+    with pytest.raises(ConfigError, match="FIRSTPARTY_SERVER_PROT"):
+        load_settings(None, {**env, "FIRSTPARTY_SERVER_PROT": "1"})
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[server]\nport = "eighty"\n')
+    result = run_cli("serve", "--config", str(cfg))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "server.port" in lines[0]
+    result = run_cli("serve", "--config", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2 and "no such file" in result.stderr
+    cfg.write_text("[server\n")
+    result = run_cli("serve", "--config", str(cfg))
+    assert result.returncode == 2 and "not valid TOML" in result.stderr
+
+
+def test_help_lists_environment_overrides():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "FIRSTPARTY_SERVER_PORT" in result.stdout and "FIRSTPARTY_COOKIE_DOMAINS" in result.stdout
+
+
+
+def test_serve_starts_on_defaults_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
+        cwd=tmp_path,  # embedded defaults: files under ./firstparty-data
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")},
+            "PYTHONPATH": str(ROOT),
+            "FIRSTPARTY_SERVER_MAX_BODY_BYTES": "4096",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "proxy did not start"
+                time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            assert orjson.loads(r.read()) == {"store": True, "spool": True}
+        assert (tmp_path / "firstparty-data" / "cookie_secret").exists()
+
+        # The served routes (aiohttp's low-level server in `serve`) behave as the app's.
+        def post(path: str, body: bytes) -> tuple[int, bytes]:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                headers={"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "Mozilla/5.0"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as err:
+                return err.code, err.read()
+
+        event = {"event": "Served", "properties": {"token": "t", "$device_id": "abcdef12-3456", "time": time.time()}}
+        status, answer = post("/mp//track/?verbose=1&ip=1", b"data=" + orjson.dumps(event).replace(b"&", b""))
+        assert (status, orjson.loads(answer)) == (200, {"status": 1, "error": None})  # spooled
+        status, answer = post("/mp/track/?verbose=1", b"data=" + b"A" * 8000)
+        assert status == 413 and b"larger than 4096" in answer
+        assert post("/nowhere", b"")[0] == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert proc.returncode == 0
+
+
+def test_logs_command_filters_and_prints(tmp_path):
+    log = tmp_path / "forwarded.jsonl"
+    records = [
+        {"time": 1_700_000_000.5, "outcome": "forwarded", "route": "track", "region": "us", "project": "tok",
+         "events": ["Page View"], "count": 1, "canonical_ids": ["c-1"], "sources": ["new"], "original_ids": [],
+         "rewrites": [], "status": 200, "attempts": 1, "latency_ms": 3.2},
+        {"time": 1_700_000_001.0, "outcome": "forwarded", "route": "track", "region": "eu", "project": "tok2",
+         "events": ["Checkout"], "count": 1, "canonical_ids": ["c-2"], "sources": ["cookie"], "original_ids": ["d-9"],
+         "rewrites": [{"field": "$device_id", "from": "d-9", "to": "c-2"}], "status": 200, "attempts": 3,
+         "latency_ms": 5.0},
+        {"time": 1_700_000_002.0, "outcome": "dead_letter", "route": "track", "region": "us", "project": "tok",
+         "events": ["Bad"], "count": 1, "canonical_ids": [], "sources": ["none"], "original_ids": [], "rewrites": [],
+         "status": 400, "attempts": 1, "latency_ms": 1.0, "reason": "rejected", "detail": "'time' is invalid"},
+    ]
+    log.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records) + b'{"partial')
+    out = run_cli("logs", "--file", str(log)).stdout
+    assert "Page View" in out and "Checkout" in out and "rewrote $device_id: d-9 -> c-2" in out
+    assert "attempts 3" in out and "rejected: 'time' is invalid" in out and "dead_letter" in out
+    out = run_cli("logs", "--file", str(log), "--id", "d-9").stdout
+    assert "Checkout" in out and "Page View" not in out
+    out = run_cli("logs", "--file", str(log), "--event", "Page View", "--json").stdout
+    assert [orjson.loads(line)["canonical_ids"] for line in out.splitlines()] == [["c-1"]]
+    missing = run_cli("logs", "--file", str(tmp_path / "none.jsonl"))
+    assert missing.returncode == 1 and "no forwarded log" in missing.stderr
+
+
+def test_keygen_rotates_keys(tmp_path):
+    from proxy.tokens import KeyRing
+
+    keys = tmp_path / "keys"
+    first = run_cli("keygen", "--file", str(keys), "--id", "k1")
+    assert first.returncode == 0 and "added key k1" in first.stdout
+    ring1 = KeyRing.from_file(keys.read_text())
+    token = ring1.seal("abc-12345678", purpose="bridge", audience="site-b.test", now=time.time(), ttl=60)
+    second = run_cli("keygen", "--file", str(keys), "--id", "k2")
+    assert "1 older key(s) still verify" in second.stdout
+    ring2 = KeyRing.from_file(keys.read_text())
+    assert ring2.current == "k2"  # the new key signs
+    # A token sealed before the rotation still opens.
+    assert ring2.open(token, purpose="bridge", audience="site-b.test", now=time.time()).canonical_id == "abc-12345678"
+    assert keys.stat().st_mode & 0o077 == 0
+    bad = run_cli("keygen", "--file", str(keys), "--id", "bad id!")
+    assert bad.returncode == 2 and "--id" in bad.stderr
+    env = {"FIRSTPARTY_SERVER_DATA_DIR": str(tmp_path / "d"), "FIRSTPARTY_COOKIE_SECRET": "x" * 20}
+    broken = tmp_path / "broken"
+    broken.write_text("k1 not-base64!!\n")
+    result = run_cli("serve", env={**env, "FIRSTPARTY_IDENTITY_KEYS_FILE": str(broken)})
+    assert result.returncode == 2 and "identity.keys_file" in result.stderr and "line 1" in result.stderr

@@ -1,0 +1,85 @@
+"""The alias store on aiocache: bounded memory, real Redis shared by instances."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from aiocache import SimpleMemoryCache
+
+from proxy.app import create_app
+from proxy.settings import StoreSettings
+from proxy.store import AliasStore, BoundedMemoryCache
+from tests.conftest import BROWSER, b64_body, canonical_of, cookie_from, device_id, js_event, json_body, make_settings
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+async def test_memory_store_is_bounded():
+    cache = BoundedMemoryCache(1000, timeout=None)
+    store = AliasStore(cache)
+    for i in range(1500):
+        await store.put_many({f"d{i}": f"c{i}"})
+    assert len(cache._cache) == 1000  # noqa: SLF001
+    assert await store.get_many(["d0", "d1499"]) == {"d1499": "c1499"}
+    # The aiocache API and the request path's direct calls see the same entries.
+    assert await cache.get("d1499") == "c1499"
+    await cache.set("via-api", "c")
+    assert await store.get_many(["via-api"]) == {"via-api": "c"}
+
+
+async def test_writes_are_not_repeated():
+    calls = []
+
+    class Counting(SimpleMemoryCache):  # a backend behind aiocache's async API, as Redis is
+        async def _multi_set(self, pairs, ttl=None, _conn=None):  # type: ignore[override]
+            calls.append(list(pairs))
+            return await super()._multi_set(pairs, ttl=ttl)
+
+    store = AliasStore(Counting(timeout=None))
+    for _ in range(5):
+        await store.put_many({"d": "c"})
+    await store.put_many({"d": "c2"})  # a new pair for the same id is written
+    assert calls == [[("d", "c")], [("d", "c2")]]
+
+
+async def test_unreachable_redis_degrades_without_failing():
+    store = AliasStore.from_settings(StoreSettings(url="redis://127.0.0.1:1/0"))
+    assert await store.get_many(["x"]) == {}
+    await store.put_many({"x": "y"})
+    assert store.errors == 2
+    assert await store.ping() is False
+    await store.close()
+
+
+@pytest.fixture
+async def redis_settings() -> dict:
+    store = AliasStore.from_settings(StoreSettings(url=REDIS_URL))
+    if not await store.ping():
+        await store.close()
+        pytest.fail("Redis is not running on 127.0.0.1:6379; scripts/test starts it")
+    await store.close()
+    return {"url": REDIS_URL}
+
+
+async def test_two_instances_share_aliases_through_redis(aiohttp_client, tmp_path, upstream, redis_settings):
+    """A browser seen by instance A; a server-side event with its original
+    device id, sent to instance B, is rewritten to the same canonical id."""
+    sync = {"mode": "sync"}
+    a = await aiohttp_client(create_app(make_settings(tmp_path / "a", upstream, store=redis_settings, delivery=sync)))
+    b = await aiohttp_client(create_app(make_settings(tmp_path / "b", upstream, store=redis_settings, delivery=sync)))
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    first = await a.post("/mp/track/", data=b64_body([js_event("x", device_id())]), headers={**BROWSER, **form})
+    cookie = cookie_from(first)
+    original = f"dev-{uuid.uuid4()}"
+    # The same browser on another subdomain, where mixpanel-js has its own device id.
+    await a.post(
+        "/mp/track/",
+        data=b64_body([js_event("y", original)]),
+        headers={**BROWSER, **form, "Cookie": f"fp_id={cookie}", "Host": "shop.example.com"},
+    )
+    resp = await b.post("/mp/track", data=json_body(js_event("server", original)), headers={"User-Agent": "python-requests/2", **form})
+    assert resp.status == 200
+    sent = upstream.requests[-1].events()[0]["properties"]
+    assert sent["$device_id"] == canonical_of(cookie)
+    assert sent["distinct_id"] == f"$device:{canonical_of(cookie)}"

@@ -1,0 +1,75 @@
+"""Several worker processes on one port (`firstparty serve --workers 2`): each
+has its own spool, every event is delivered exactly once, SIGTERM stops all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import b64_body, device_id, js_event
+from tests.fakeupstream import FakeUpstream
+from tests.support import free_port
+from tests.test_crash import wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
+    upstream = FakeUpstream()
+    runner, up_port = await upstream.serve("us")
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\nworkers = 2\n'
+        f'[upstream]\nus = "http://127.0.0.1:{up_port}"\n'
+        f'[cookie]\nsecure = false\nsecret = "workers-test-secret-workers-test"\n'
+        f"[delivery]\nbatch_window_ms = 20\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sent: list[str] = []
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, port, proc)
+
+            async def one() -> None:
+                # A new connection per request, so SO_REUSEPORT spreads them over the workers.
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                    events = [js_event("Worker Load", device_id()) for _ in range(3)]
+                    async with s.post(
+                        f"http://127.0.0.1:{port}/mp/track/?verbose=1&ip=1",
+                        data=b64_body(events),
+                        headers={"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "Mozilla/5.0"},
+                    ) as r:
+                        assert r.status == 200
+                        sent.extend(e["properties"]["$insert_id"] for e in events)
+
+            await asyncio.gather(*(one() for _ in range(100)))
+        await upstream.wait(300, "us", "/track", timeout=20)
+        await asyncio.sleep(1.5)  # a double send would show up by now (the senders poll every second)
+        received = [e["properties"]["$insert_id"] for e in upstream.received("us", "/track")]
+        assert sorted(received) == sorted(sent)  # all of them, each once
+        spools = sorted((tmp_path / "data").glob("spool*.sqlite3"))
+        assert [p.name for p in spools] == ["spool-1.sqlite3", "spool.sqlite3"]
+        accepted = []
+        for path in spools:
+            with sqlite3.connect(path) as c:
+                accepted.append(c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'queue'").fetchone()[0])
+        assert sum(accepted) == 300 and min(accepted) > 0  # both workers took a share
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        await runner.cleanup()
+    assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
