@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -586,7 +587,8 @@ class Proxy:
         return web.Response(body=self.s.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        # The pid tells which worker answered when several share the port.
+        return web.json_response({"status": "ok", "pid": os.getpid()})
 
     async def readyz(self, request: web.Request) -> web.Response:
         """Ready when the alias store answers and the spool accepts events."""

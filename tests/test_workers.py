@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +20,19 @@ from tests.support import free_port
 from tests.test_crash import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_for_workers(port: int, count: int) -> None:
+    """Until every worker listens, SO_REUSEPORT hands all connections to the
+    first one: ask /healthz on new connections until `count` pids answered."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < count:
+        assert time.monotonic() < deadline, f"only {len(pids)} of {count} workers answered in 20 s"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                pids.add((await r.json())["pid"])
+        await asyncio.sleep(0.01)
 
 
 async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
@@ -43,6 +57,7 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
         sent: list[str] = []
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, port, proc)
+            await wait_for_workers(port, 2)
 
             async def one() -> None:
                 # A new connection per request, so SO_REUSEPORT spreads them over the workers.
