@@ -1,61 +1,121 @@
-"""The application factory: wires settings into services and routes, once.
+"""The application: wires settings into services and routes, once.
 
-Resources (the upstream HTTP client, the alias store, the forwarded log)
-are opened and closed in the app's ``cleanup_ctx``, so tests and the server
-get the same lifecycle and nothing outlives the app.
+``App.start`` opens the resources (the upstream HTTP client, the alias store,
+the forwarded log, the spool and its sender) and ``App.stop`` closes them, so
+tests and the server get the same lifecycle and nothing outlives the app.
+``App.handle`` is the one entry point the HTTP server calls: a dict lookup
+for every fixed path, a prefix test for ``/mp/...`` and ``/mp-decide/...``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 
 from aiocache import SimpleMemoryCache
-from aiohttp import web
 
 from .cookie import CookieJar
 from .cors import OriginPolicy
 from .delivery import Sender
 from .forwardlog import ForwardedLog
-from .handlers import EVENT_ROUTES, Proxy, Services
+from .handlers import EVENT_ROUTES, Proxy, Services, error_response, wants_verbose
 from .httpclient import HTTPClient
 from .metrics import Metrics
+from .server import Request, Response
 from .settings import Settings
 from .spool import Spool
 from .store import AliasStore
 from .upstream import Upstreams
 
-SERVICES = web.AppKey("services", Services)
+Handler = Callable[[Request], Awaitable[Response]]
+ANY = None  # a route that takes every method
+GET = frozenset({"GET", "HEAD"})
 
 
-def create_app(settings: Settings) -> web.Application:
-    upstreams = Upstreams.from_settings(settings.upstream)  # validates URLs before anything opens
-    app = web.Application(
-        client_max_size=settings.server.max_body_bytes,
-        # Bodies arrive as sent: codec inflates gzip itself, bounded, and an
-        # unchanged gzip body is forwarded as it came.
-        handler_args={"auto_decompress": False},
-    )
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.upstreams = Upstreams.from_settings(settings.upstream)  # validates URLs before anything opens
+        self.proxy = proxy = Proxy(settings)
+        self._services: Services | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        cross = proxy.cross
+        routes: dict[str, tuple[frozenset[str] | None, Handler]] = {}
+        # The SDKs' hot paths are plain dict hits; everything else under /mp/
+        # reaches the same handler through the prefix test.
+        for name in EVENT_ROUTES:
+            routes[f"/mp/{name}"] = routes[f"/mp/{name}/"] = (ANY, proxy.mp)
+        routes["/mp/go"] = (GET, cross.go)
+        routes["/mp/bridge"] = (frozenset({"POST", "OPTIONS"}), self._bridge)
+        routes["/mp/id"] = (GET, cross.identity)
+        routes["/mp/link.js"] = (GET, cross.link_js)
+        routes["/mp/hub.js"] = (GET, cross.hub_js)
+        routes["/hub/resolve"] = (GET, cross.hub_resolve)
+        routes["/hub/ping"] = (GET, cross.hub_ping)
+        routes["/healthz"] = (GET, proxy.healthz)
+        routes["/readyz"] = (GET, proxy.readyz)
+        routes["/metrics"] = (GET, proxy.metrics)
+        self._routes = routes
 
-    async def resources(app: web.Application) -> AsyncIterator[None]:
+    @property
+    def services(self) -> Services:
+        assert self._services is not None, "the app is not started"
+        return self._services
+
+    async def handle(self, request: Request) -> Response:
+        route = self._routes.get(request.path)
+        if route is not None:
+            methods, handler = route
+            if methods is not None and request.method not in methods:
+                return Response(
+                    status=405, text=f"{request.method} is not allowed here\n", headers={"Allow": ", ".join(sorted(methods))}
+                )
+            return await handler(request)
+        path = request.path
+        if path.startswith("/mp/"):
+            return await self.proxy.mp(request)
+        if path.startswith("/mp-decide/"):
+            return await self.proxy.mp_decide(request)
+        return Response(status=404, text="404: Not Found\n")
+
+    async def _bridge(self, request: Request) -> Response:
+        if request.method == "OPTIONS":
+            return self.proxy.preflight(request)
+        return await self.proxy.cross.bridge(request)
+
+    def refusal(self, status: int, message: str, target: bytes) -> Response:
+        """The answer to a request the server refused before it was complete
+        (too large, malformed): Mixpanel's error shape when the client asked
+        for ``verbose``."""
+        query = Request("GET", target, {}, b"", None).query
+        return error_response(status, message, wants_verbose(query))
+
+    # ---------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        settings = self.settings
         client = HTTPClient(
             max_connections_per_host=settings.upstream.max_connections,
             timeout=settings.upstream.timeout_seconds,
         )
+        self._closers.append(client.close)
         store = AliasStore.from_settings(settings.store)
+        self._closers.append(store.close)
         forwarded = ForwardedLog(
             settings.forwarded_log_path, max_bytes=settings.log.max_bytes, backups=settings.log.backups
         )
         forwarded.start()
+        self._closers.append(forwarded.close)
         metrics = Metrics()
         spool = sender = None
         if settings.delivery.mode == "spool":
             spool = Spool(settings.spool_path, max_rows=settings.delivery.max_rows, fsync=settings.delivery.fsync)
             await spool.open()
+            self._closers.append(spool.close)
             sender = Sender(
                 spool,
                 client,
-                dict(upstreams.regions),
+                dict(self.upstreams.regions),
                 settings.delivery,
                 forwarded,
                 timeout=settings.upstream.timeout_seconds,
@@ -63,12 +123,20 @@ def create_app(settings: Settings) -> web.Application:
             )
             spool.on_commit = sender.accept
             sender.start()
-        services = Services(
+
+            async def stop_sender() -> None:
+                # The server has stopped accepting and in-flight requests are done:
+                # send what can be sent within drain_seconds, keep the rest spooled.
+                deadline = asyncio.get_running_loop().time() + settings.delivery.drain_seconds
+                await sender.stop(deadline)
+
+            self._closers.append(stop_sender)
+        self._services = Services(
             settings=settings,
             jar=CookieJar(settings.cookie),
             origins=OriginPolicy(settings.cors.allowed_origins),
             store=store,
-            upstreams=upstreams,
+            upstreams=self.upstreams,
             client=client,
             forwarded=forwarded,
             lib_cache=SimpleMemoryCache(timeout=None),
@@ -76,40 +144,13 @@ def create_app(settings: Settings) -> web.Application:
             spool=spool,
             sender=sender,
         )
-        app[SERVICES] = services
-        proxy.bind(services)
-        try:
-            yield
-        finally:
-            # The server has stopped accepting and in-flight requests are done:
-            # send what can be sent within drain_seconds, keep the rest spooled.
-            if sender is not None:
-                await sender.stop(asyncio.get_running_loop().time() + settings.delivery.drain_seconds)
-            if spool is not None:
-                await spool.close()
-            await forwarded.close()
-            await client.close()
-            await store.close()
+        self.proxy.bind(self._services)
 
-    app.cleanup_ctx.append(resources)
-    proxy = Proxy(settings)
-    # The SDKs' hot paths get plain routes (a dict lookup in aiohttp's router);
-    # everything else under /mp/ reaches the same handler through the catch-all.
-    for name in EVENT_ROUTES:
-        for path in (f"/mp/{name}", f"/mp/{name}/"):
-            app.router.add_route("*", path, proxy.mp)
-    cross = proxy.cross
-    app.router.add_get("/mp/go", cross.go)
-    app.router.add_route("POST", "/mp/bridge", cross.bridge)
-    app.router.add_route("OPTIONS", "/mp/bridge", proxy.preflight_route)
-    app.router.add_get("/mp/id", cross.identity)
-    app.router.add_get("/mp/link.js", cross.link_js)
-    app.router.add_get("/mp/hub.js", cross.hub_js)
-    app.router.add_get("/hub/resolve", cross.hub_resolve)
-    app.router.add_get("/hub/ping", cross.hub_ping)
-    app.router.add_route("*", "/mp/{tail:.*}", proxy.mp)
-    app.router.add_route("*", "/mp-decide/{tail:.*}", proxy.mp_decide)
-    app.router.add_get("/healthz", proxy.healthz)
-    app.router.add_get("/readyz", proxy.readyz)
-    app.router.add_get("/metrics", proxy.metrics)
-    return app
+    async def stop(self) -> None:
+        """Close what ``start`` opened, last opened first."""
+        while self._closers:
+            await self._closers.pop()()
+
+
+def create_app(settings: Settings) -> App:
+    return App(settings)

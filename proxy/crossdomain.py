@@ -24,11 +24,11 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 
 from .bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
 from .cookie import CookieJar, valid_id
 from .errors import BadRequest
+from .server import Request, Response, json_response
 from .tokens import TokenExpired, TokenInvalid
 
 if TYPE_CHECKING:
@@ -156,20 +156,20 @@ class CrossDomain:
 
     # ----------------------------------------------------------- handlers
 
-    async def go(self, request: web.Request) -> web.Response:
+    async def go(self, request: Request) -> Response:
         """``GET /mp/go?to=<url>``: 302 to ``to`` with a fresh token, linked domains only."""
         from .identity import Resolution
 
         visit = self.p._visit(request)
         try:
-            to, audience = redirect_target(request.query.get("to"), self._cfg.linked_domains)
+            to, audience = redirect_target(request.query_get("to"), self._cfg.linked_domains)
         except BadRequest as exc:
             self._count("bad_redirect")
-            return self.p._finish(web.Response(status=400, text=f"{exc}\n"), visit, None, "go")
+            return self.p._finish(Response(status=400, text=f"{exc}\n"), visit, None, "go")
         canonical, source = self._canonical_for(visit)
         location = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_BRIDGE, audience))
         self._count("issued_bridge")
-        response = web.Response(
+        response = Response(
             status=302,
             headers={
                 "Location": location,
@@ -181,14 +181,14 @@ class CrossDomain:
         )
         return self.p._finish(response, visit, Resolution(canonical, source), "go")
 
-    async def bridge(self, request: web.Request) -> web.Response:
+    async def bridge(self, request: Request) -> Response:
         """``POST /mp/bridge`` (``to`` in the query, form or JSON body) -> ``{token, expires_in, param, url}``."""
         from .identity import Resolution
 
         visit = self.p._visit(request)
-        to = request.query.get("to")
-        if to is None and request.can_read_body:
-            raw = await request.read()
+        to = request.query_get("to")
+        if to is None and request.body:
+            raw = request.body
             if raw[:1] == b"{":
                 try:
                     to = orjson.loads(raw).get("to")
@@ -205,7 +205,7 @@ class CrossDomain:
         except BadRequest as exc:
             self._count("bad_redirect")
             body = orjson.dumps({"status": 0, "error": str(exc)})
-            return self.p._finish(web.Response(status=400, body=body, content_type="application/json"), visit, None, "bridge")
+            return self.p._finish(Response(status=400, body=body, content_type="application/json"), visit, None, "bridge")
         canonical, source = self._canonical_for(visit)
         token = self._seal(canonical, PURPOSE_BRIDGE, audience)
         self._count("issued_bridge")
@@ -217,17 +217,17 @@ class CrossDomain:
                 "url": decorate(to, self._cfg.token_param, token),
             }
         )
-        response = web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
+        response = Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
         return self.p._finish(response, visit, Resolution(canonical, source), "bridge")
 
-    async def identity(self, request: web.Request) -> web.Response:
+    async def identity(self, request: Request) -> Response:
         """``GET /mp/id``: the canonical id, CORS only for linked origins."""
         from .identity import Resolution
 
         visit = self.p._visit(request)
         origin = request.headers.get("origin")
         canonical, source = self._canonical_for(visit)
-        response = web.json_response({"id": canonical, "source": source}, headers={"Cache-Control": "no-store"})
+        response = json_response({"id": canonical, "source": source}, headers={"Cache-Control": "no-store"})
         response = self.p._finish(response, visit, Resolution(canonical, source), "id")
         # Stricter than the SDK endpoints: only linked origins may read an id.
         response.headers.popall("Access-Control-Allow-Origin", None)
@@ -245,19 +245,19 @@ class CrossDomain:
         host = hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
         return linked_domain(host, self._cfg.linked_domains) is not None
 
-    async def link_js(self, request: web.Request) -> web.Response:
+    async def link_js(self, request: Request) -> Response:
         linked = [d.lstrip(".") for d in self._cfg.linked_domains]
         body = LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps("/mp/go").decode())
-        return web.Response(
+        return Response(
             text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
         )
 
-    async def hub_js(self, request: web.Request) -> web.Response:
+    async def hub_js(self, request: Request) -> Response:
         hub = self._cfg.hub_url
         if not hub:
-            return web.Response(status=404, text="no identity hub configured (identity.hub_url)\n")
+            return Response(status=404, text="no identity hub configured (identity.hub_url)\n")
         body = HUB_JS.format(hub=orjson.dumps(hub).decode(), param=orjson.dumps(self._cfg.token_param).decode())
-        return web.Response(
+        return Response(
             text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
         )
 
@@ -272,18 +272,18 @@ class CrossDomain:
             jar = self._jar = CookieJar(replace(settings, name=self._cfg.hub_cookie_name, domains=()))
         return jar
 
-    async def hub_ping(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True}, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "no-store"})
+    async def hub_ping(self, request: Request) -> Response:
+        return json_response({"ok": True}, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "no-store"})
 
-    async def hub_resolve(self, request: web.Request) -> web.Response:
+    async def hub_resolve(self, request: Request) -> Response:
         """``GET /hub/resolve?return=<url>`` on the neutral hub host: its own
         cookie recognises the browser; back to ``return`` with a hub token."""
         jar = self._hub_jar()
         try:
-            to, audience = redirect_target(request.query.get("return"), self._cfg.linked_domains, "return")
+            to, audience = redirect_target(request.query_get("return"), self._cfg.linked_domains, "return")
         except BadRequest as exc:
             self._count("bad_redirect")
-            return web.Response(status=400, text=f"{exc}\n")
+            return Response(status=400, text=f"{exc}\n")
         from .handlers import cookie_values, request_host
 
         canonical = None
@@ -295,7 +295,7 @@ class CrossDomain:
             canonical = str(uuid.uuid4())  # first come: this browser's id from now on
         location = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience))
         self._count("issued_hub")
-        return web.Response(
+        return Response(
             status=302,
             headers={
                 "Location": location,

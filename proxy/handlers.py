@@ -1,6 +1,6 @@
 """HTTP handlers: request -> decode -> resolve identity -> rewrite -> forward -> log.
 
-The handlers are the only place that touches aiohttp requests; each step
+The handlers are the only place that touches HTTP requests (``server.Request``); each step
 is a call into a pure module (``codec``, ``identity``, ``rewrite``,
 ``cookie``, ``cors``, ``clientip``) or a thin adapter (``store``,
 ``upstream``, ``forwardlog``).
@@ -23,21 +23,21 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
 from aiocache.base import BaseCache
-from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from . import codec
 from .clientip import TrustedProxies, client_ip
 from .cookie import CookieJar
 from .cors import OriginPolicy
-from .errors import BadRequest, PayloadTooLarge, UpstreamError
+from .errors import BadRequest, UpstreamError
 from .forwardlog import ForwardedLog
-from .httpclient import Endpoint, HTTPClient, Response
+from .httpclient import Endpoint, HTTPClient
+from .httpclient import Response as UpstreamResponse
 from .metrics import CONTENT_TYPE, Metrics
 from .resolver import Resolver
 from .identity import (
@@ -52,6 +52,7 @@ from .identity import (
 from .bridge import find_token, strip_event, strip_param
 from .delivery import Sender, event_seconds
 from .rewrite import Rewrite, rewrite_event, rewrite_flags_context, rewrite_query
+from .server import Request, Response, json_response
 from .settings import Settings
 from .spool import NewRow, Spool, SpoolFull
 from .store import AliasStore
@@ -101,7 +102,7 @@ class Visit:
     cookie_raw: str | None
 
 
-def is_browser(headers: CIMultiDictProxy[str]) -> bool:
+def is_browser(headers: Mapping[str, str]) -> bool:
     """Browsers send Fetch Metadata or Origin, and a Mozilla/ user agent; SDKs
     on servers (python-requests, curl, Go) send none of these."""
     if "sec-fetch-site" in headers or "origin" in headers:
@@ -136,14 +137,14 @@ def wants_verbose(query: list[tuple[str, str]], params: list[tuple[str, str]] = 
     return False
 
 
-def error_response(status: int, message: str, verbose: bool) -> web.Response:
+def error_response(status: int, message: str, verbose: bool) -> Response:
     if verbose:
-        return web.Response(
+        return Response(
             status=status,
             body=orjson.dumps({"status": 0, "error": message}),
             content_type="application/json",
         )
-    return web.Response(status=status, text="0", content_type="text/plain")
+    return Response(status=status, text="0", content_type="text/plain")
 
 
 def event_names(route: str, events: list[dict[str, Any]]) -> list[str]:
@@ -186,7 +187,7 @@ class Proxy:
 
     # ------------------------------------------------------------- plumbing
 
-    def _visit(self, request: web.Request) -> Visit:
+    def _visit(self, request: Request) -> Visit:
         headers = request.headers
         browser = is_browser(headers)
         cookie_id = cookie_raw = None
@@ -199,8 +200,8 @@ class Proxy:
         return Visit(browser, headers.get("origin"), request_host(request.host), cookie_id, cookie_raw)
 
     def _finish(
-        self, response: web.Response, visit: Visit, resolution: Resolution | None, route: str = "other"
-    ) -> web.Response:
+        self, response: Response, visit: Visit, resolution: Resolution | None, route: str = "other"
+    ) -> Response:
         self.s.metrics.request(route, response.status)
         if visit.origin:
             response.headers.update(self.s.origins.headers(visit.origin))
@@ -211,7 +212,7 @@ class Proxy:
             response.headers["Cache-Control"] = "private, no-store"
         return response
 
-    def _error(self, exc: BadRequest, visit: Visit, verbose: bool, route: str) -> web.Response:
+    def _error(self, exc: BadRequest, visit: Visit, verbose: bool, route: str) -> Response:
         self.s.metrics.bad_requests.inc()
         return self._finish(error_response(exc.status, str(exc), verbose), visit, None, route)
 
@@ -246,17 +247,9 @@ class Proxy:
             self.s.metrics.tokens_stripped.inc(stripped)
         return stripped
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            raise PayloadTooLarge(
-                f"request body is larger than {self.s.settings.server.max_body_bytes} bytes"
-            ) from exc
-
     async def _forward(
         self,
-        request: web.Request,
+        request: Request,
         route: str,
         endpoint: Endpoint,
         target: str,
@@ -264,7 +257,7 @@ class Proxy:
         content_type: str | None,
         content_encoding: str | None,
         method: str | None = None,
-    ) -> Response:
+    ) -> UpstreamResponse:
         ip, chain = client_ip(
             request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
         )
@@ -311,7 +304,7 @@ class Proxy:
 
     # --------------------------------------------------------------- routes
 
-    async def mp(self, request: web.Request) -> web.StreamResponse:
+    async def mp(self, request: Request) -> Response:
         """Everything under ``/mp/``: one entry point, so ``/mp//track/`` and
         ``/mp/track`` reach the same code."""
         tail = request.path[4:]  # after "/mp/"; plain and catch-all routes alike
@@ -332,41 +325,41 @@ class Proxy:
             return await self.query_route(request, "flags-first-time", "/" + "/".join(parts) + trailing, None)
         return self._not_found(request)
 
-    async def mp_decide(self, request: web.Request) -> web.StreamResponse:
+    async def mp_decide(self, request: Request) -> Response:
         """``/mp-decide/decide``: the legacy decide endpoint on its own host."""
         if request.method == "OPTIONS":
             return self.preflight(request)
-        tail = request.match_info["tail"]
+        tail = request.path[len("/mp-decide/"):]
         parts = [p for p in tail.split("/") if p]
         if parts == ["decide"]:
             trailing = "/" if tail.endswith("/") else ""
             return await self.query_route(request, "decide", f"/decide{trailing}", self.s.upstreams.decide)
         return self._not_found(request)
 
-    def _not_found(self, request: web.Request) -> web.Response:
-        verbose = wants_verbose(list(request.rel_url.query.items()))
+    def _not_found(self, request: Request) -> Response:
+        verbose = wants_verbose(request.query)
         return error_response(404, f"unknown endpoint {request.path}", verbose)
 
-    async def preflight_route(self, request: web.Request) -> web.Response:
+    async def preflight_route(self, request: Request) -> Response:
         return self.preflight(request)
 
-    def preflight(self, request: web.Request) -> web.Response:
+    def preflight(self, request: Request) -> Response:
         headers = self.s.origins.preflight_headers(request.headers.get("origin"))
         if headers is None:
             # No CORS headers: the browser refuses; the body helps whoever debugs it.
-            return web.Response(status=403, text="origin not allowed; add it to cors.allowed_origins\n")
-        return web.Response(status=204, headers=headers)
+            return Response(status=403, text="origin not allowed; add it to cors.allowed_origins\n")
+        return Response(status=204, headers=headers)
 
-    async def events(self, request: web.Request, route: str, path: str) -> web.StreamResponse:
+    async def events(self, request: Request, route: str, path: str) -> Response:
         """track / engage / groups / import: payloads that carry events."""
         started = time.perf_counter()
         visit = self._visit(request)
-        query = list(request.rel_url.query.items())
+        query = request.query
         if request.method not in ("GET", "POST"):
             return self._finish(error_response(405, f"{request.method} is not supported here", True), visit, None)
         verbose = wants_verbose(query)
+        body = request.body
         try:
-            body = await self._read_body(request)
             decoded = codec.decode(
                 body=body,
                 query=query,
@@ -404,7 +397,7 @@ class Proxy:
         if self.s.spool is not None and route in SPOOLED_ROUTES:
             return await self._spool(request, visit, route, decoded, query, resolution, per_event, verbose)
 
-        raw_query = request.rel_url.raw_query_string
+        raw_query = request.raw_query
         if param + "=" in raw_query:
             raw_query = urlencode([(k, v) for k, v in query if k != param])
         content_type = request.headers.get("content-type")
@@ -430,12 +423,12 @@ class Proxy:
         self._log(route, region, project, names, resolution, rewrites, upstream.status, started)
         if 200 <= upstream.status < 300:
             self.s.metrics.accepted(route, len(events))
-        response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
+        response = Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
         return self._finish(response, visit, resolution, route)
 
     async def _spool(
         self,
-        request: web.Request,
+        request: Request,
         visit: Visit,
         route: str,
         decoded: codec.Decoded,
@@ -443,7 +436,7 @@ class Proxy:
         resolution: Resolution,
         per_event: list[list[Rewrite]],
         verbose: bool,
-    ) -> web.Response:
+    ) -> Response:
         """Spool mode: answer once the events are durably written; the sender
         forwards them in batches."""
         assert self.s.spool is not None and self.s.sender is not None
@@ -478,25 +471,21 @@ class Proxy:
         for region in regions:
             self.s.sender.notify(region)
         if verbose:
-            response = web.Response(body=b'{"status":1,"error":null}', content_type="application/json")
+            response = Response(body=b'{"status":1,"error":null}', content_type="application/json")
         else:
-            response = web.Response(text="1", content_type="text/plain")
+            response = Response(text="1", content_type="text/plain")
         return self._finish(response, visit, resolution, route)
 
     async def query_route(
-        self, request: web.Request, route: str, path: str, endpoint: Endpoint | None
-    ) -> web.StreamResponse:
+        self, request: Request, route: str, path: str, endpoint: Endpoint | None
+    ) -> Response:
         """record / flags / settings / decide: identity in the query string, the
         body (a gzip'd replay, a flags request) forwarded byte for byte."""
         started = time.perf_counter()
         visit = self._visit(request)
-        query = list(request.rel_url.query.items())
+        query = request.query
         verbose = wants_verbose(query)
-        try:
-            body = await self._read_body(request)
-        except BadRequest as exc:
-            return self._error(exc, visit, verbose, route)
-
+        body = request.body
         param = self.s.settings.identity.token_param
         token = next((v for k, v in query if k == param), None) if visit.browser else None
         clean = [(k, v) for k, v in query if k != param]
@@ -512,7 +501,7 @@ class Proxy:
         elif route == "flags" and context is not None:
             new_context = rewrite_flags_context(context, resolution.mapping, rewrites)
             new_query = [(k, new_context if k == "context" else v) for k, v in query]
-        raw_query = urlencode(new_query) if rewrites or tokens_removed else request.rel_url.raw_query_string
+        raw_query = urlencode(new_query) if rewrites or tokens_removed else request.raw_query
 
         token = next((v for k, v in query if k == "token"), None)
         region = self.s.upstreams.region_for(token)
@@ -532,7 +521,7 @@ class Proxy:
             self._log(route, region, token, [], resolution, rewrites, 502, started, str(exc))
             return self._finish(error_response(502, str(exc), verbose), visit, resolution, route)
         self._log(route, region, token, [], resolution, rewrites, upstream.status, started)
-        response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
+        response = Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
         return self._finish(response, visit, resolution, route)
 
     @staticmethod
@@ -560,7 +549,7 @@ class Proxy:
         lookups = [strip_device(v) or v for v in (device, distinct) if v]
         return query_anon_ids(distinct, device), lookups, context
 
-    async def lib(self, request: web.Request, name: str) -> web.StreamResponse:
+    async def lib(self, request: Request, name: str) -> Response:
         """The mixpanel-js library itself, first-party, cached."""
         cdn_path = LIB_PATHS[name]
         cached = await self.s.lib_cache.get(cdn_path)
@@ -572,25 +561,24 @@ class Proxy:
             except UpstreamError as exc:
                 return error_response(502, str(exc), True)
             if upstream.status != 200:
-                return web.Response(status=502, text=f"CDN answered {upstream.status}\n")
+                return Response(status=502, text=f"CDN answered {upstream.status}\n")
             cached = upstream.body
             await self.s.lib_cache.set(cdn_path, cached, ttl=LIB_CACHE_SECONDS)
-        return web.Response(
+        return Response(
             body=cached,
-            content_type="application/javascript",
-            charset="utf-8",
+            content_type="application/javascript; charset=utf-8",
             headers={"Cache-Control": f"public, max-age={LIB_CACHE_SECONDS}"},
         )
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: Request) -> Response:
         self.s.metrics.store_errors.set(self.s.store.errors)
-        return web.Response(body=self.s.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return Response(body=self.s.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: Request) -> Response:
         # The pid tells which worker answered when several share the port.
-        return web.json_response({"status": "ok", "pid": os.getpid()})
+        return json_response({"status": "ok", "pid": os.getpid()})
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    async def readyz(self, request: Request) -> Response:
         """Ready when the alias store answers and the spool accepts events."""
         store_ok = await self.s.store.ping()
         body: dict[str, Any] = {"store": store_ok}
@@ -599,7 +587,7 @@ class Proxy:
             spool_ok = self.s.spool.depth < self.s.spool.max_rows
             body["spool"] = spool_ok
             ok = ok and spool_ok
-        return web.json_response(body, status=200 if ok else 503)
+        return json_response(body, status=200 if ok else 503)
 
 
 def _prepare_event(

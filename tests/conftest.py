@@ -13,11 +13,11 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
 from proxy.settings import Settings, build_settings
 from tests.fakeupstream import FakeUpstream
+from tests.support import ProxyClient
 
 TOKEN = "test-token-us"
 EU_TOKEN = "test-token-eu"
@@ -64,7 +64,23 @@ def settings(tmp_path: Path, upstream: FakeUpstream) -> Settings:
     return make_settings(tmp_path, upstream)
 
 
-ClientFactory = Callable[..., Awaitable[TestClient]]
+ClientFactory = Callable[..., Awaitable[ProxyClient]]
+
+
+@pytest.fixture
+async def serve_proxy() -> Any:
+    """Start a built app behind the real HTTP server; everything started is
+    stopped at the end of the test."""
+    started: list[ProxyClient] = []
+
+    async def start(app: Any) -> ProxyClient:
+        client = ProxyClient(app)
+        started.append(client)
+        return await client.start()
+
+    yield start
+    for client in reversed(started):
+        await client.close()
 
 
 @pytest.fixture(params=["spool", "sync"])
@@ -74,19 +90,19 @@ def delivery_mode(request: Any) -> str:
 
 
 @pytest.fixture
-def proxy_client(aiohttp_client: Any, tmp_path: Path, upstream: FakeUpstream, delivery_mode: str) -> ClientFactory:
+def proxy_client(serve_proxy: Any, tmp_path: Path, upstream: FakeUpstream, delivery_mode: str) -> ClientFactory:
     """Build the real app with test settings (overrides per section) and a client for it."""
 
-    async def factory(**sections: dict[str, Any]) -> TestClient:
+    async def factory(**sections: dict[str, Any]) -> ProxyClient:
         sections.setdefault("delivery", {}).setdefault("mode", delivery_mode)
         settings = make_settings(tmp_path, upstream, **sections)
-        return await aiohttp_client(create_app(settings))
+        return await serve_proxy(create_app(settings))
 
     return factory
 
 
 @pytest.fixture
-async def client(proxy_client: ClientFactory) -> TestClient:
+async def client(proxy_client: ClientFactory) -> ProxyClient:
     return await proxy_client()
 
 

@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import socket
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -51,3 +52,63 @@ def self_signed(directory: Path, *names: str) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
+
+
+class ProxyClient:
+    """The proxy app served by the real HTTP server on 127.0.0.1, and an
+    aiohttp session pointed at it (cookies kept, IP hosts included, as a
+    browser on the site would)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.server: Any = None
+        self.session: Any = None
+        self.port = 0
+
+    async def start(self) -> "ProxyClient":
+        import aiohttp
+
+        from proxy.server import HTTPServer
+
+        await self.app.start()
+        self.server = HTTPServer(
+            self.app.handle, max_body=self.app.settings.server.max_body_bytes, refusal=self.app.refusal
+        )
+        self.port = await self.server.listen("127.0.0.1", 0)
+        self.session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        return self
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self.server is not None:
+            await self.server.shutdown(5)
+        await self.app.stop()
+
+    @property
+    def services(self) -> Any:
+        return self.app.services
+
+    def make_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.session.request(method, self.make_url(path), **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def options(self, path: str, **kwargs: Any) -> Any:
+        return self.request("OPTIONS", path, **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PUT", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Any:
+        return self.request("DELETE", path, **kwargs)
+
+    def head(self, path: str, **kwargs: Any) -> Any:
+        return self.request("HEAD", path, **kwargs)

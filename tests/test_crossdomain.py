@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
 
-from proxy.app import SERVICES, create_app
+from proxy.app import create_app
 from proxy.tokens import KeyRing, generate_key_line
 from tests.conftest import b64_body, canonical_of, cookie_from, device_id, js_event, make_settings
 
@@ -37,7 +37,7 @@ async def xclient(proxy_client: Any) -> Any:
 
 
 def keys_of(client: Any) -> KeyRing:
-    return client.app[SERVICES].settings.identity.keys
+    return client.services.settings.identity.keys
 
 
 async def visit_a(client: Any) -> str:
@@ -284,17 +284,17 @@ async def test_device_cap(proxy_client, upstream):
     assert metric(text, "firstparty_device_cap_exceeded_total") == 2
 
 
-async def test_token_redeemed_once_across_processes_sharing_redis(aiohttp_client, tmp_path, upstream):
+async def test_token_redeemed_once_across_processes_sharing_redis(serve_proxy, tmp_path, upstream):
     from tests.test_store import REDIS_URL
 
     shared = {**IDENTITY, "store": {"url": REDIS_URL}, "delivery": {"mode": "sync"}}
-    a = await aiohttp_client(create_app(make_settings(tmp_path / "a", upstream, **shared)))
+    a = await serve_proxy(create_app(make_settings(tmp_path / "a", upstream, **shared)))
     # The second instance must hold the same keys: copy A's generated key file.
     keys_file = tmp_path / "a" / "data" / "identity_keys"
     b_settings = make_settings(
         tmp_path / "b", upstream, **{**shared, "identity": {**IDENTITY["identity"], "keys_file": str(keys_file)}}
     )
-    b = await aiohttp_client(create_app(b_settings))
+    b = await serve_proxy(create_app(b_settings))
     cookie_a = await visit_a(a)
     location = await go_to_b(a, cookie_a)
     ok = await b.post(TRACK, data=b64_body([landing_event(location, device_id())]), headers=browser(B))
@@ -318,7 +318,7 @@ def test_device_change_classification():
 
 
 async def test_reset_on_the_same_host_starts_a_new_person(xclient, upstream):
-    from proxy.app import SERVICES
+
 
     d1 = device_id()
     first = await xclient.post(TRACK, data=b64_body([js_event("Visit", d1)]), headers=browser(A))
@@ -338,7 +338,7 @@ async def test_reset_on_the_same_host_starts_a_new_person(xclient, upstream):
     assert metric(text, 'firstparty_identity_source_total{source="reset"}') == 1
 
     # Eight days later Safari has deleted mixpanel-js's storage (d3): the same person.
-    store = xclient.app[SERVICES].store
+    store = xclient.services.store
     key = f"host:{d2}:{A}:test-token-us"
     assert (await store.get_value(key)).startswith(d2 + "|")
     await store.set_value(key, f"{d2}|{time.time() - 8 * 86400:.0f}")

@@ -29,10 +29,10 @@ OUTAGE_SECONDS = 20
 
 
 
-async def start_proxy(aiohttp_client: Any, tmp_path: Any, fake: FakeUpstream, **sections: Any) -> Any:
+async def start_proxy(serve_proxy: Any, tmp_path: Any, fake: FakeUpstream, **sections: Any) -> Any:
     sections.setdefault("delivery", {})
     sections["delivery"] = {"mode": "spool", **sections["delivery"]}
-    return await aiohttp_client(create_app(make_settings(tmp_path, fake, **sections)))
+    return await serve_proxy(create_app(make_settings(tmp_path, fake, **sections)))
 
 
 async def send_events(client: Any, n: int, per_request: int = 5, **props: Any) -> list[str]:
@@ -111,10 +111,10 @@ def test_retry_after_and_backoff():
 # ---------------------------------------------------------------- faults
 
 
-async def test_upstream_down_then_back(aiohttp_client, tmp_path, upstream):
+async def test_upstream_down_then_back(serve_proxy, tmp_path, upstream):
     port = free_port()
     client = await start_proxy(
-        aiohttp_client, tmp_path, upstream, upstream={"us": f"http://127.0.0.1:{port}", "timeout_seconds": 2}
+        serve_proxy, tmp_path, upstream, upstream={"us": f"http://127.0.0.1:{port}", "timeout_seconds": 2}
     )
     acked = await send_events(client, 300)
     await asyncio.sleep(OUTAGE_SECONDS)
@@ -129,7 +129,7 @@ async def test_upstream_down_then_back(aiohttp_client, tmp_path, upstream):
         await server.cleanup()
 
 
-async def test_500s_then_recovery_respects_backoff(aiohttp_client, tmp_path, upstream):
+async def test_500s_then_recovery_respects_backoff(serve_proxy, tmp_path, upstream):
     failures = {"left": 4}
 
     async def behave(rec: Recorded) -> web.Response | None:
@@ -140,7 +140,7 @@ async def test_500s_then_recovery_respects_backoff(aiohttp_client, tmp_path, ups
 
     upstream.behave = behave
     client = await start_proxy(
-        aiohttp_client, tmp_path, upstream, delivery={"backoff_initial_seconds": 0.3, "backoff_max_seconds": 5}
+        serve_proxy, tmp_path, upstream, delivery={"backoff_initial_seconds": 0.3, "backoff_max_seconds": 5}
     )
     acked = await send_events(client, 40)
     await until(lambda: set(insert_ids(upstream)) >= set(acked), 20, "delivery after 500s")
@@ -153,7 +153,7 @@ async def test_500s_then_recovery_respects_backoff(aiohttp_client, tmp_path, ups
     assert max(r["attempts"] for r in records) >= 2
 
 
-async def test_429_honours_retry_after(aiohttp_client, tmp_path, upstream):
+async def test_429_honours_retry_after(serve_proxy, tmp_path, upstream):
     answered: list[float] = []
 
     async def behave(rec: Recorded) -> web.Response | None:
@@ -163,7 +163,7 @@ async def test_429_honours_retry_after(aiohttp_client, tmp_path, upstream):
         return None
 
     upstream.behave = behave
-    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
     acked = await send_events(client, 10)
     await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery after 429")
     assert answered[1] - answered[0] >= 2.0  # not one moment sooner than Retry-After
@@ -171,7 +171,7 @@ async def test_429_honours_retry_after(aiohttp_client, tmp_path, upstream):
     await client.close()
 
 
-async def test_413_splits_batches_and_buries_a_lone_giant(aiohttp_client, tmp_path, upstream):
+async def test_413_splits_batches_and_buries_a_lone_giant(serve_proxy, tmp_path, upstream):
     async def behave(rec: Recorded) -> web.Response | None:
         events = rec.events()
         if len(events) > 8 or any(e["properties"].get("giant") for e in events):
@@ -179,7 +179,7 @@ async def test_413_splits_batches_and_buries_a_lone_giant(aiohttp_client, tmp_pa
         return None
 
     upstream.behave = behave
-    client = await start_proxy(aiohttp_client, tmp_path, upstream, delivery={"batch_window_ms": 200})
+    client = await start_proxy(serve_proxy, tmp_path, upstream, delivery={"batch_window_ms": 200})
     acked = await send_events(client, 50, per_request=50)
     giant = await send_events(client, 1, giant=True)
     await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "split delivery")
@@ -191,7 +191,7 @@ async def test_413_splits_batches_and_buries_a_lone_giant(aiohttp_client, tmp_pa
 
 
 @pytest.mark.parametrize("names_failures", [True, False], ids=["failed_records", "bisect"])
-async def test_400_dead_letters_exactly_the_bad_events(aiohttp_client, tmp_path, upstream, names_failures):
+async def test_400_dead_letters_exactly_the_bad_events(serve_proxy, tmp_path, upstream, names_failures):
     async def behave(rec: Recorded) -> web.Response | None:
         events = rec.events()
         bad = [i for i, e in enumerate(events) if e["properties"].get("bad")]
@@ -216,7 +216,7 @@ async def test_400_dead_letters_exactly_the_bad_events(aiohttp_client, tmp_path,
 
     accepted: list[dict[str, Any]] = []
     upstream.behave = behave
-    client = await start_proxy(aiohttp_client, tmp_path, upstream, delivery={"batch_window_ms": 100})
+    client = await start_proxy(serve_proxy, tmp_path, upstream, delivery={"batch_window_ms": 100})
     good = await send_events(client, 20, per_request=10)
     bad = await send_events(client, 2, per_request=1, bad=True)
     more = await send_events(client, 20, per_request=10)
@@ -234,7 +234,7 @@ async def test_400_dead_letters_exactly_the_bad_events(aiohttp_client, tmp_path,
     await client.close()
 
 
-async def test_hanging_upstream_times_out_and_retries(aiohttp_client, tmp_path, upstream):
+async def test_hanging_upstream_times_out_and_retries(serve_proxy, tmp_path, upstream):
     calls = {"n": 0}
 
     async def behave(rec: Recorded) -> web.Response | None:
@@ -244,7 +244,7 @@ async def test_hanging_upstream_times_out_and_retries(aiohttp_client, tmp_path, 
         return None
 
     upstream.behave = behave
-    client = await start_proxy(aiohttp_client, tmp_path, upstream, upstream={"timeout_seconds": 1})
+    client = await start_proxy(serve_proxy, tmp_path, upstream, upstream={"timeout_seconds": 1})
     acked = await send_events(client, 10)
     await until(lambda: set(acked) <= set(insert_ids(upstream)), 10, "delivery after a hang")
     await client.close()
@@ -252,10 +252,10 @@ async def test_hanging_upstream_times_out_and_retries(aiohttp_client, tmp_path, 
     assert set(insert_ids(upstream)) == set(acked)
 
 
-async def test_full_spool_answers_503_and_loses_nothing(aiohttp_client, tmp_path, upstream):
+async def test_full_spool_answers_503_and_loses_nothing(serve_proxy, tmp_path, upstream):
     port = free_port()
     client = await start_proxy(
-        aiohttp_client, tmp_path, upstream,
+        serve_proxy, tmp_path, upstream,
         upstream={"us": f"http://127.0.0.1:{port}", "timeout_seconds": 1}, delivery={"max_rows": 10},
     )
     acked = await send_events(client, 10)
@@ -271,8 +271,8 @@ async def test_full_spool_answers_503_and_loses_nothing(aiohttp_client, tmp_path
         await server.cleanup()
 
 
-async def test_expired_events_are_not_sent(aiohttp_client, tmp_path, upstream):
-    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+async def test_expired_events_are_not_sent(serve_proxy, tmp_path, upstream):
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
     old = await send_events(client, 1, time=time.time() - 6 * 86400)
     fresh = await send_events(client, 1)
     await until(lambda: set(fresh) <= set(insert_ids(upstream)), 5, "fresh event")
@@ -284,12 +284,12 @@ async def test_expired_events_are_not_sent(aiohttp_client, tmp_path, upstream):
     assert [r["insert_ids"] for r in records if r["outcome"] == "expired"] == [old]
 
 
-async def test_401_buries_the_batch_without_retrying(aiohttp_client, tmp_path, upstream):
+async def test_401_buries_the_batch_without_retrying(serve_proxy, tmp_path, upstream):
     async def behave(rec: Recorded) -> web.Response | None:
         return web.Response(status=401, text="Invalid credentials")
 
     upstream.behave = behave
-    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
     acked = await send_events(client, 5, per_request=5)
     await until(lambda: len(dead_letters(tmp_path)) == 5, 5, "dead letters")
     await asyncio.sleep(0.5)
@@ -299,10 +299,10 @@ async def test_401_buries_the_batch_without_retrying(aiohttp_client, tmp_path, u
     await client.close()
 
 
-async def test_shutdown_keeps_unsent_events_for_the_next_start(aiohttp_client, tmp_path, upstream):
+async def test_shutdown_keeps_unsent_events_for_the_next_start(serve_proxy, tmp_path, upstream):
     port = free_port()
     down = {"us": f"http://127.0.0.1:{port}", "timeout_seconds": 1}
-    client = await start_proxy(aiohttp_client, tmp_path, upstream, upstream=down, delivery={"drain_seconds": 0.5})
+    client = await start_proxy(serve_proxy, tmp_path, upstream, upstream=down, delivery={"drain_seconds": 0.5})
     acked = await send_events(client, 25)
     started = time.monotonic()
     await client.close()
@@ -310,15 +310,15 @@ async def test_shutdown_keeps_unsent_events_for_the_next_start(aiohttp_client, t
     with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
         assert c.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 25
     # Next start, upstream reachable: everything goes out.
-    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
     await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery after restart")
     await client.close()
     with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
         assert c.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 0
 
 
-async def test_batching_cuts_upstream_requests(aiohttp_client, tmp_path, upstream):
-    client = await start_proxy(aiohttp_client, tmp_path, upstream, delivery={"batch_window_ms": 100})
+async def test_batching_cuts_upstream_requests(serve_proxy, tmp_path, upstream):
+    client = await start_proxy(serve_proxy, tmp_path, upstream, delivery={"batch_window_ms": 100})
     acked = await asyncio.gather(*(send_events(client, 1) for _ in range(200)))
     flat = [i for ids in acked for i in ids]
     await until(lambda: set(insert_ids(upstream)) >= set(flat), 10, "delivery")
@@ -328,7 +328,7 @@ async def test_batching_cuts_upstream_requests(aiohttp_client, tmp_path, upstrea
     await client.close()
 
 
-async def test_spool_stats_and_replay_cli(aiohttp_client, tmp_path, upstream):
+async def test_spool_stats_and_replay_cli(serve_proxy, tmp_path, upstream):
     """Dead letters seen with `firstparty spool stats`, replayed with `firstparty
     replay` while the proxy runs, and delivered once the cause is fixed."""
     from tests.test_settings_cli import run_cli
@@ -339,7 +339,7 @@ async def test_spool_stats_and_replay_cli(aiohttp_client, tmp_path, upstream):
         return web.Response(status=401, text="Invalid credentials") if refusing else None
 
     upstream.behave = behave
-    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
     acked = await send_events(client, 3, per_request=3)
     await until(lambda: len(dead_letters(tmp_path)) == 3, 5, "dead letters")
     cfg = tmp_path / "proxy.toml"
@@ -365,7 +365,7 @@ async def test_spool_stats_and_replay_cli(aiohttp_client, tmp_path, upstream):
     assert missing.returncode == 2
 
 
-async def test_an_unexpected_error_while_sending_keeps_the_batch(aiohttp_client, tmp_path, upstream, monkeypatch):
+async def test_an_unexpected_error_while_sending_keeps_the_batch(serve_proxy, tmp_path, upstream, monkeypatch):
     """A bug in the send path (here: the answer classifier raising once) must not
     strand the batch: it is retried after the backoff and delivered."""
     import proxy.delivery as delivery
@@ -380,7 +380,7 @@ async def test_an_unexpected_error_while_sending_keeps_the_batch(aiohttp_client,
         return real(response)
 
     monkeypatch.setattr(delivery, "classify", flaky)
-    client = await start_proxy(aiohttp_client, tmp_path, upstream)
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
     acked = await send_events(client, 5, per_request=5)
     await until(lambda: insert_ids(upstream).count(acked[0]) >= 2, 10, "the retried batch")
     assert set(acked) <= set(insert_ids(upstream))

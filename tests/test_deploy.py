@@ -70,10 +70,10 @@ def nginx_bin() -> str:
     return path
 
 
-async def test_behind_real_nginx(aiohttp_server, tmp_path, upstream, nginx_bin):
+async def test_behind_real_nginx(serve_proxy, tmp_path, upstream, nginx_bin):
     # nginx connects from 127.0.0.1 (trusted); the visitor comes from 127.0.0.2.
     settings = make_settings(tmp_path, upstream, server={"trusted_proxies": ["127.0.0.1/32"]})
-    proxy = await aiohttp_server(create_app(settings), host="127.0.0.1")
+    proxy = await serve_proxy(create_app(settings))
     tls_port = free_port()
     cert, key = self_signed(tmp_path / "tls", "www.example.com")
     conf = render_nginx(tmp_path, proxy.port, tls_port, cert, key)

@@ -62,12 +62,12 @@ async def redis_settings() -> dict:
     return {"url": REDIS_URL}
 
 
-async def test_two_instances_share_aliases_through_redis(aiohttp_client, tmp_path, upstream, redis_settings):
+async def test_two_instances_share_aliases_through_redis(serve_proxy, tmp_path, upstream, redis_settings):
     """A browser seen by instance A; a server-side event with its original
     device id, sent to instance B, is rewritten to the same canonical id."""
     sync = {"mode": "sync"}
-    a = await aiohttp_client(create_app(make_settings(tmp_path / "a", upstream, store=redis_settings, delivery=sync)))
-    b = await aiohttp_client(create_app(make_settings(tmp_path / "b", upstream, store=redis_settings, delivery=sync)))
+    a = await serve_proxy(create_app(make_settings(tmp_path / "a", upstream, store=redis_settings, delivery=sync)))
+    b = await serve_proxy(create_app(make_settings(tmp_path / "b", upstream, store=redis_settings, delivery=sync)))
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     first = await a.post("/mp/track/", data=b64_body([js_event("x", device_id())]), headers={**BROWSER, **form})
     cookie = cookie_from(first)

@@ -42,8 +42,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 async def site(
-    request: pytest.FixtureRequest, aiohttp_server: Any, tmp_path: Path, upstream: FakeUpstream
-) -> Site:
+    request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream
+) -> Any:
     """The real proxy app, plus pages and /static/mixpanel.js on the same app, served on 127.0.0.1.
 
     Indirect parameter: the delivery mode ("spool", "sync"; without one, the
@@ -59,7 +59,7 @@ async def site(
     app = create_app(settings)
     mode = getattr(getattr(settings, "delivery", None), "mode", "sync")
     site = Site(port=0, upstream=upstream, token=TOKEN, app=app, mode=mode)
-    add_site_routes(app, site)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    site.port = server.port
-    return site
+    add_site_routes(site)
+    await site.start()
+    yield site
+    await site.stop()

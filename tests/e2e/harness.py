@@ -27,7 +27,9 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
-from aiohttp import web
+
+from proxy.app import App
+from proxy.server import HTTPServer, Request, Response, json_response
 
 from tests.fakeupstream import FakeUpstream, Recorded
 
@@ -128,9 +130,37 @@ class Site:
     port: int
     upstream: FakeUpstream
     token: str
-    app: web.Application
+    app: App
     mode: str  # delivery mode: "spool" (acknowledged once spooled, sent in batches) or "sync"
     pages: dict[str, str] = field(default_factory=dict)
+    # Test-only routes (exact paths) answered before the proxy's own, and
+    # per-path latency added before answering.
+    routes: dict[str, Callable[[Request], Any]] = field(default_factory=dict)
+    delays: dict[str, float] = field(default_factory=dict)
+    server: HTTPServer | None = None
+
+    async def handle(self, request: Request) -> Response:
+        if self.delays:
+            await asyncio.sleep(self.delays.get(request.path, 0))
+        route = self.routes.get(request.path)
+        if route is None and request.path.startswith("/e2e/"):
+            route = self.routes["/e2e/"]
+        if route is not None:
+            return await route(request)
+        return await self.app.handle(request)
+
+    async def start(self, port: int = 0) -> None:
+        """Open the proxy's services and serve it, with the test pages, on 127.0.0.1."""
+        await self.app.start()
+        self.server = HTTPServer(
+            self.handle, max_body=self.app.settings.server.max_body_bytes, refusal=self.app.refusal
+        )
+        self.port = await self.server.listen("127.0.0.1", port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.shutdown(5)
+        await self.app.stop()
 
     def url(self, host: str, path: str = "/") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -176,40 +206,44 @@ class Site:
         return f"/e2e/{name}"
 
 
-def add_site_routes(app: web.Application, site: Site) -> None:
-    """Pages, the SDK build and a blank page, on the proxy's own app (same origin as /mp/)."""
+def add_site_routes(site: Site) -> None:
+    """Pages, the SDK build and a blank page, beside the proxy (same origin as /mp/)."""
     sdk: list[bytes] = []  # read on first use: a missing install is reported by drive()
 
-    async def page(request: web.Request) -> web.Response:
-        html = site.pages.get(request.match_info["name"])
+    async def page(request: Request) -> Response:
+        html = site.pages.get(request.path[len("/e2e/"):])
         if html is None:
-            raise web.HTTPNotFound()
-        return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+            return Response(status=404, text="no such page")
+        return Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
-    async def script(request: web.Request) -> web.Response:
+    async def script(request: Request) -> Response:
         if not sdk:
             sdk.append(MIXPANEL_JS.read_bytes())
-        return web.Response(body=sdk[0], content_type="application/javascript", charset="utf-8")
+        return Response(sdk[0], content_type="application/javascript; charset=utf-8")
 
-    async def blank(request: web.Request) -> web.Response:
-        return web.Response(text=BLANK, content_type="text/html")
+    async def blank(request: Request) -> Response:
+        return Response(text=BLANK, content_type="text/html")
 
-    async def seen_upstream(request: web.Request) -> web.Response:
+    async def seen_upstream(request: Request) -> Response:
         # Test-only: lets the driver wait for what reached the fake upstream.
-        path = request.query["path"]
-        contains = request.query.get("contains", "")
-        want = int(request.query.get("count", "1"))
+        path = request.query_get("path") or ""
+        contains = request.query_get("contains", "") or ""
+        want = int(request.query_get("count", "1") or "1")
         matched = [rec for rec in site.upstream.requests if rec.path.startswith(path) and contains in payload_text(rec)]
-        return web.json_response({"count": len(matched)}, status=200 if len(matched) >= want else 404)
+        return json_response({"count": len(matched)}, status=200 if len(matched) >= want else 404)
 
-    async def no_favicon(request: web.Request) -> web.Response:
-        return web.Response(status=204)
+    async def no_favicon(request: Request) -> Response:
+        return Response(status=204)
 
-    app.router.add_get("/e2e/{name}", page)
-    app.router.add_get("/static/mixpanel.js", script)
-    app.router.add_get("/blank", blank)
-    app.router.add_get("/favicon.ico", no_favicon)
-    app.router.add_get("/__e2e/upstream", seen_upstream)
+    site.routes.update(
+        {
+            "/e2e/": page,
+            "/static/mixpanel.js": script,
+            "/blank": blank,
+            "/favicon.ico": no_favicon,
+            "/__e2e/upstream": seen_upstream,
+        }
+    )
 
 
 # ----------------------------------------------------------------- the driver

@@ -32,7 +32,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from proxy.app import SERVICES
 from tests.conftest import TOKEN, canonical_of
 from tests.e2e.harness import (
     KEEP_RECORD_BODIES,
@@ -179,7 +178,7 @@ def assert_track_wire(site: Site) -> None:
 
 async def forwarded_rewrites(site: Site, expected: set[tuple[str, str, str]], timeout: float = 5.0) -> None:
     """The forwarded log shows each expected rewrite (field, from, to)."""
-    services = site.app[SERVICES]
+    services = site.app.services
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

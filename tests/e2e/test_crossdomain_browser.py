@@ -39,10 +39,10 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 import proxy.crossdomain
 from proxy.app import create_app
+from proxy.server import Request, Response, json_response
 from tests.conftest import TOKEN, canonical_of, make_settings
 from tests.e2e.conftest import COOKIE, CORS
 from tests.e2e.harness import Run, Site, add_site_routes, drive, event_named, tracked_events
@@ -97,12 +97,11 @@ class TokenClock:
 @pytest.fixture
 async def xsite(
     request: pytest.FixtureRequest,
-    aiohttp_server: Any,
     tmp_path: Path,
     upstream: FakeUpstream,
     dead_port: int,
     monkeypatch: pytest.MonkeyPatch,
-) -> Site:
+) -> Any:
     """The proxy app with test pages, linked domains .site-a.test and .site-b.test.
 
     Indirect parameter: {"mode": "spool"|"sync", "hub": None|"up"|"down", "identity": {...},
@@ -126,29 +125,23 @@ async def xsite(
     )
     assert settings.identity.reset_window_days == 7
     app = create_app(settings)
-    delays: dict[str, float] = param.get("delay", {})
-    if delays:
-        # Network latency, test-only: the answer to these paths leaves this much later.
-        @web.middleware
-        async def slow(request: web.Request, handler: Any) -> web.StreamResponse:
-            await asyncio.sleep(delays.get(request.path, 0))
-            return await handler(request)
-
-        app.middlewares.append(slow)
     site = Site(port=port, upstream=upstream, token=TOKEN, app=app, mode=settings.delivery.mode)
-    add_site_routes(app, site)
+    # Network latency, test-only: the answer to these paths leaves this much later.
+    site.delays.update(param.get("delay", {}))
+    add_site_routes(site)
     if param.get("clock"):
         clock = TokenClock()
         monkeypatch.setattr(proxy.crossdomain, "time", clock)
 
-        async def advance(request: web.Request) -> web.Response:
-            clock.offset += float(request.query["advance"])
-            return web.json_response({"offset": clock.offset})
+        async def advance(request: Request) -> Response:
+            clock.offset += float(request.query_get("advance") or 0)
+            return json_response({"offset": clock.offset})
 
-        app.router.add_get("/__e2e/clock", advance)
-    server = await aiohttp_server(app, host="127.0.0.1", port=port)
-    assert server.port == port
-    return site
+        site.routes["/__e2e/clock"] = advance
+    await site.start(port)
+    assert site.port == port
+    yield site
+    await site.stop()
 
 
 def modes(**extra: Any) -> Any:
