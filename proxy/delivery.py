@@ -155,7 +155,11 @@ class RegionState:
     # live: caught up with the spool, fresh rows arrive from commits in memory;
     # otherwise (start-up, backlog, memory full) rows are read from disk.
     live: bool = False
-    commits: int = 0  # commits with rows for this region, to detect a race with a read
+    # While a read from disk is in flight, fresh commits wait here: the read and
+    # the commits run on the spool's one thread, so a read that comes back short
+    # plus these rows is everything committed so far (see _step).
+    reading: bool = False
+    pending: list[Row] = field(default_factory=list)
     last_read: float = 0.0
     failures: int = 0
     paused_until: float = 0.0
@@ -226,11 +230,12 @@ class Sender:
             state = self.regions.get(region)
             if state is None:
                 continue
-            state.commits += 1
-            if state.live and state.held + len(fresh) <= self._limit():
+            if state.reading:
+                state.pending.extend(fresh)
+            elif state.live and state.held + len(fresh) <= self._limit():
                 self._hold(state, fresh)
             else:
-                state.live = False
+                state.live = False  # left on disk for the next read
             state.wake.set()
 
     @staticmethod
@@ -297,14 +302,21 @@ class Sender:
         # Read from disk while not live, and once a second anyway: rows another
         # process added (`firstparty replay`) only show up there.
         if (not state.live or now - state.last_read >= 1.0) and state.held < limit // 2:
-            commits = state.commits
             want = limit - state.held
-            rows = await self.spool.read(state.region, state.cursor, want)
+            state.reading = True
+            try:
+                rows = await self.spool.read(state.region, state.cursor, want)
+            finally:
+                state.reading = False
+                pending, state.pending = state.pending, []
             state.last_read = now
             self._hold(state, rows)
-            # Caught up when the read found less than asked and no commit for this
-            # region landed meanwhile (its rows might be past what was read).
-            state.live = len(rows) < want and state.commits == commits
+            # A short read saw every commit made before it ran; commits made
+            # since are in ``pending`` (a row in both counts once: the cursor).
+            # Together they are the whole queue: live from here on.
+            state.live = len(rows) < want and state.held + len(pending) <= limit
+            if state.live:
+                self._hold(state, pending)
         now = time.time()
         if state.paused_until > now:
             return

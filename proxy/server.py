@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote, unquote_plus
 
 import httptools
 import orjson
@@ -90,7 +90,7 @@ class Request:
     def query(self) -> list[tuple[str, str]]:
         """The decoded query string, in order, blank values kept."""
         if self._query is None:
-            self._query = parse_qsl(self.raw_query, keep_blank_values=True) if self.raw_query else []
+            self._query = parse_query(self.raw_query) if self.raw_query else []
         return self._query
 
     def query_get(self, name: str, default: str | None = None) -> str | None:
@@ -102,6 +102,23 @@ class Request:
     @property
     def host(self) -> str:
         return self.headers.get("host", "")
+
+
+def parse_query(raw: str) -> list[tuple[str, str]]:
+    """``a=1&b=x+y`` -> [("a", "1"), ("b", "x y")], as ``parse_qsl`` with
+    blank values kept, at a fraction of its cost: the SDKs' query strings
+    (``verbose=1&ip=1&_=...``) rarely need unquoting at all."""
+    pairs = []
+    for part in raw.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        pairs.append((name, value))
+    return pairs
 
 
 class Response:
@@ -324,7 +341,8 @@ class _Connection(asyncio.Protocol):
     def _reset_message(self) -> None:
         self.url = b""
         self.head_bytes = 0
-        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.header_count = 0
+        self.headers: dict[str, str] = {}
         self.body_parts: list[bytes] = []
         self.body_size = 0
 
@@ -340,19 +358,18 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value)
-        self.raw_headers.append((name, value))
-        if self.head_bytes > MAX_HEAD or len(self.raw_headers) > MAX_HEADERS:
+        self.header_count += 1
+        if self.head_bytes > MAX_HEAD or self.header_count > MAX_HEADERS:
             raise _Refusal(431, f"request headers exceed {MAX_HEADERS} fields or {MAX_HEAD} bytes")
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers = self.headers
+        if key in headers:
+            text = headers[key] + ("; " if key == "cookie" else ", ") + text
+        headers[key] = text
 
     def on_headers_complete(self) -> None:
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in self.raw_headers:
-            name = raw_name.decode("latin-1").lower()
-            value = raw_value.decode("latin-1")
-            if name in headers:
-                value = headers[name] + ("; " if name == "cookie" else ", ") + value
-            headers[name] = value
-        self.headers = headers
+        headers = self.headers
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             raise _Refusal(413, f"request body is larger than {self.server.max_body} bytes")

@@ -233,3 +233,15 @@ async def test_shutdown_lets_running_requests_finish(serve):
         await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
     writer.close()
     idle_writer.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["verbose=1&ip=1&_=1795374436452", "a=&b&=c&&d=1=2", "data=eyJ%2B%2F%3D&x=a+b%20c", "n%C3%A9=%E2%82%AC;x=1", "%zz=%"],
+)
+def test_parse_query_agrees_with_the_standard_library(raw):
+    from urllib.parse import parse_qsl
+
+    from proxy.server import parse_query
+
+    assert parse_query(raw) == parse_qsl(raw, keep_blank_values=True)
