@@ -439,18 +439,21 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         status = response.status
         body = response.body
-        parts = [
-            b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Length: %d\r\n"
-            % (status, _REASONS.get(status, b"Unknown"), self.server.date.get(), len(body))
-        ]
-        for name, value in response.headers.items():
-            if "\n" in value or "\r" in value:
-                raise ValueError(f"header {name} contains a line break")
-            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
-        parts.append(b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
-        if body and not head:
-            parts.append(body)
-        self.transport.write(b"".join(parts))
+        headers = response.headers
+        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        # Exactly one CR and one LF per header: one more inside a name or value
+        # would start a header (or a body) of someone else's choosing.
+        if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
+            raise ValueError("a response header contains a line break")
+        head_bytes = b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Length: %d\r\n%s%s" % (
+            status,
+            _REASONS.get(status, b"Unknown"),
+            self.server.date.get(),
+            len(body),
+            lines.encode("latin-1"),
+            b"\r\n" if keep_alive else b"Connection: close\r\n\r\n",
+        )
+        self.transport.write(head_bytes + body if body and not head else head_bytes)
 
     def _fail(self, status: int, message: str) -> None:
         """Answer a request that could not be parsed, then close: after a bad

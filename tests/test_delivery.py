@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from aiohttp import web
 
 from proxy.app import create_app
@@ -385,3 +387,34 @@ async def test_an_unexpected_error_while_sending_keeps_the_batch(serve_proxy, tm
     await until(lambda: insert_ids(upstream).count(acked[0]) >= 2, 10, "the retried batch")
     assert set(acked) <= set(insert_ids(upstream))
     await client.close()
+
+
+@given(st.sets(st.integers(min_value=1, max_value=200), max_size=60))
+def test_id_runs_cover_exactly_the_acknowledged_ids(ids):
+    from proxy.spool import id_runs
+
+    runs = id_runs(ids)
+    covered = [i for a, b in runs for i in range(a, b + 1)]
+    assert covered == sorted(ids)  # every id once, nothing in between
+    assert all(b + 1 < a2 for (_, b), (a2, _) in zip(runs, runs[1:]))  # runs are maximal
+
+
+async def test_old_spool_with_region_index_is_migrated(tmp_path):
+    from proxy.spool import NewRow, Spool
+
+    path = tmp_path / "spool.sqlite3"
+    with sqlite3.connect(path) as c:  # what 0.1.0 created
+        c.execute("CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT, route TEXT NOT NULL, region TEXT NOT NULL,"
+                  " project TEXT, ip INTEGER NOT NULL, body BLOB NOT NULL, meta BLOB NOT NULL,"
+                  " enqueued_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)")
+        c.execute("CREATE INDEX queue_region ON queue (region, id)")
+    spool = Spool(path, max_rows=10)
+    await spool.open()
+    await spool.enqueue([NewRow("track", "eu", None, False, b"{}", b"{}"), NewRow("track", "us", None, False, b"{}", b"{}")])
+    assert [r.region for r in await spool.read("us", 0, 10)] == ["us"]
+    spool.ack([1, 2])
+    await spool.flush()
+    await spool.close()
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall() == []
+        assert c.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 0
