@@ -189,11 +189,12 @@ class Sender:
         self._draining = False  # shutting down: partial batches leave at once
         self.metrics = metrics or Metrics()
         self.upstream_requests = 0
+        self._loop: asyncio.AbstractEventLoop  # set by start()
 
     # ----------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(state)) for state in self.regions.values()]
         self._tasks.append(loop.create_task(self._maintain()))
 
@@ -282,8 +283,13 @@ class Sender:
                 continue
             timeout = self._next_wakeup(state, cfg)
             state.wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(state.wake.wait(), timeout)
+            # Woken by a commit, a finished send, or the timer: no wait_for, which
+            # would build a task and a timeout scope on every wake.
+            timer = self._loop.call_later(timeout, state.wake.set)
+            try:
+                await state.wake.wait()
+            finally:
+                timer.cancel()
 
     def _next_wakeup(self, state: RegionState, cfg: DeliverySettings) -> float:
         now = time.time()
@@ -331,7 +337,7 @@ class Sender:
 
     def _launch(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
         state.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._deliver(state, key, batch))
+        task = self._loop.create_task(self._deliver(state, key, batch))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 

@@ -728,6 +728,7 @@ class HTTPClient:
         "_ssl_context",
         "_pools",
         "_closed",
+        "_loop",
     )
 
     def __init__(
@@ -754,6 +755,9 @@ class HTTPClient:
         self._ssl_context = ssl_context
         self._pools: dict[tuple[str, str, int], _Pool] = {}
         self._closed = False
+        # The loop of the first request, kept: on Python 3.11 every
+        # asyncio.get_running_loop() is a getpid() system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def request(
         self,
@@ -776,7 +780,9 @@ class HTTPClient:
         pool = self._pools.get((endpoint.scheme, endpoint.host, endpoint.port))
         if pool is None:
             pool = self._new_pool(endpoint)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + (self._timeout if timeout is None else timeout)
         conn = pool._pop_idle(now)

@@ -143,6 +143,9 @@ class Spool:
         self._dead: list[DeadLetter] = []
         self._attempts: list[tuple[int, int]] = []
         self._flushing: asyncio.Task[None] | None = None
+        # Set by open(): on Python 3.11 every asyncio.get_running_loop() is a
+        # getpid() system call, too many for a per-request path.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0
         # Called with the rows of each committed transaction (ids assigned), so
         # the sender gets fresh rows without reading them back from disk.
@@ -151,7 +154,7 @@ class Spool:
     # ----------------------------------------------------------- lifecycle
 
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._conn = await loop.run_in_executor(self._executor, connect, self.path, self.fsync)
         self.depth = await self._call(lambda c: c.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
 
@@ -164,8 +167,8 @@ class Spool:
 
     async def _call(self, fn: Any) -> Any:
         conn = self._conn
-        assert conn is not None, "spool is not open"
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+        assert conn is not None and self._loop is not None, "spool is not open"
+        return await self._loop.run_in_executor(self._executor, fn, conn)
 
     # --------------------------------------------------------------- writes
 
@@ -175,7 +178,8 @@ class Spool:
             raise SpoolFull(f"spool holds {self.depth} events, its limit is {self.max_rows}")
         now = time.time()
         self._inserts.extend((r, now) for r in rows)
-        waiter = asyncio.get_running_loop().create_future()
+        assert self._loop is not None, "spool is not open"
+        waiter = self._loop.create_future()
         self._insert_waiters.append(waiter)
         self._schedule()
         await waiter
@@ -198,7 +202,8 @@ class Spool:
 
     def _schedule(self) -> None:
         if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
+            assert self._loop is not None, "spool is not open"
+            self._flushing = self._loop.create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
         # Runs while there is pending work; each pass is one transaction.
