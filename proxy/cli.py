@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from .settings import Settings, env_help, load_settings
 
 # How long in-flight requests may take to finish at shutdown.
 SHUTDOWN_SECONDS = 10.0
+GC_YOUNG_THRESHOLD = 10_000
 
 log = logging.getLogger("firstparty")
 
@@ -102,6 +104,18 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
     asyncio.run(serve_app(settings, reuse_port))
 
 
+def tune_gc() -> None:
+    """Everything alive after start-up (modules, settings, services) lives as
+    long as the process: freeze it out of the collector's walks. A request's
+    objects die by reference counting; the default young-generation threshold
+    (700 net allocations) made the collector run every ~40 requests under load
+    for nothing, about 5 µs per request measured. Cycles are still collected,
+    just in larger batches."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
 async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
     """Open the services, accept until SIGTERM/SIGINT, then shut down in order:
     stop accepting, finish in-flight requests, flush the spool, close."""
@@ -114,6 +128,7 @@ async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
+    tune_gc()
     server = HTTPServer(app.handle, max_body=settings.server.max_body_bytes, refusal=app.refusal)
     try:
         await server.listen(settings.server.host, settings.server.port, reuse_port=reuse_port)

@@ -206,3 +206,18 @@ def test_keygen_rotates_keys(tmp_path):
     broken.write_text("k1 not-base64!!\n")
     result = run_cli("serve", env={**env, "FIRSTPARTY_IDENTITY_KEYS_FILE": str(broken)})
     assert result.returncode == 2 and "identity.keys_file" in result.stderr and "line 1" in result.stderr
+
+
+def test_serving_freezes_start_up_objects_and_collects_young_objects_less_often():
+    import gc
+
+    from proxy.cli import GC_YOUNG_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 1000  # modules, settings, services
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD > before[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
