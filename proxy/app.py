@@ -44,7 +44,8 @@ class App:
         # The SDKs' hot paths are plain dict hits; everything else under /mp/
         # reaches the same handler through the prefix test.
         for name in EVENT_ROUTES:
-            routes[f"/mp/{name}"] = routes[f"/mp/{name}/"] = (ANY, proxy.mp)
+            for trailing in ("", "/"):
+                routes[f"/mp/{name}{trailing}"] = (ANY, proxy.event_route(name, f"/{name}{trailing}"))
         routes["/mp/go"] = (GET, cross.go)
         routes["/mp/bridge"] = (frozenset({"POST", "OPTIONS"}), self._bridge)
         routes["/mp/id"] = (GET, cross.identity)

@@ -23,7 +23,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -303,6 +303,17 @@ class Proxy:
         self.s.forwarded.record(entry)
 
     # --------------------------------------------------------------- routes
+
+    def event_route(self, name: str, path: str) -> Callable[[Request], Awaitable[Response]]:
+        """The handler of one plain event path (``/mp/track/``), bound once:
+        what ``mp`` would work out from the path, done at start-up."""
+
+        async def handle(request: Request) -> Response:
+            if request.method == "OPTIONS":
+                return self.preflight(request)
+            return await self.events(request, name, path)
+
+        return handle
 
     async def mp(self, request: Request) -> Response:
         """Everything under ``/mp/``: one entry point, so ``/mp//track/`` and
