@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 import httptools
 import orjson
@@ -77,6 +77,10 @@ class Request:
     ) -> None:
         self.method = method
         raw = target.decode("latin-1")
+        if raw[:1] != "/" and "://" in raw:
+            # absolute-form (RFC 9112 section 3.2.2), as a forward proxy sends it
+            parts = urlsplit(raw)
+            raw = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         path, _, self.raw_query = raw.partition("?")
         self.raw_path = path
         self.path = unquote(path) if "%" in path else path

@@ -247,3 +247,13 @@ def test_parse_query_agrees_with_the_standard_library(raw):
     from proxy.server import parse_query
 
     assert parse_query(raw) == parse_qsl(raw, keep_blank_values=True)
+
+
+async def test_absolute_form_targets_are_routed_by_their_path(serve):
+    _, port = await serve()
+    raw = b"GET http://www.example.com/mp/decide?a=1 HTTP/1.1\r\nHost: www.example.com\r\n\r\n"
+    [(status, _, body)] = await exchange(port, raw)
+    import orjson
+
+    seen = orjson.loads(body)
+    assert status == 200 and seen["path"] == "/mp/decide" and seen["query"] == [["a", "1"]]
