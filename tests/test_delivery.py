@@ -418,3 +418,20 @@ async def test_old_spool_with_region_index_is_migrated(tmp_path):
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall() == []
         assert c.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 0
+
+
+async def test_a_large_group_commit_hands_the_sender_the_ids_on_disk(tmp_path):
+    """Rows go in by multi-row statements (256 a statement): the ids the
+    sender is handed must be the ones SQLite assigned, row for row."""
+    from proxy.spool import NewRow, Spool
+
+    spool = Spool(tmp_path / "spool.sqlite3", max_rows=10_000)
+    await spool.open()
+    handed: list[tuple[int, bytes]] = []
+    spool.on_commit = lambda rows: handed.extend((r.id, r.body) for r in rows)
+    await spool.enqueue([NewRow("track", "us", None, False, b'{"n":%d}' % i, b"{}") for i in range(600)])
+    await spool.enqueue([NewRow("track", "us", None, False, b'{"n":"last"}', b"{}")])
+    on_disk = [(r.id, r.body) for r in await spool.read("us", 0, 10_000)]
+    await spool.close()
+    assert handed == on_disk and len(on_disk) == 601
+    assert [b for _, b in on_disk[:3]] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
