@@ -68,9 +68,8 @@ class App:
         if route is not None:
             methods, handler = route
             if methods is not None and request.method not in methods:
-                return Response(
-                    status=405, text=f"{request.method} is not allowed here\n", headers={"Allow": ", ".join(sorted(methods))}
-                )
+                allow = ", ".join(sorted(methods))
+                return Response(status=405, text=f"{request.method} is not allowed here\n", headers={"Allow": allow})
             return await handler(request)
         path = request.path
         if path.startswith("/mp/"):

@@ -270,7 +270,8 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------- connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) else None
         sock = transport.get_extra_info("socket")
@@ -421,11 +422,12 @@ class _Connection(asyncio.Protocol):
             keep_alive = keep_alive and not self.server.closing and not (self.close_after and not self.queue)
             if self.transport is None:
                 return
+            head, http10 = request.method == "HEAD", request.version == "1.0"
             try:
-                self._write(response, keep_alive, request.method == "HEAD")
+                self._write(response, keep_alive, head, http10)
             except ValueError:  # a header value with a line break: never let it split the response
                 log.exception("refusing to send a malformed response for %s %s", request.method, request.path)
-                self._write(Response(status=500, text="internal error\n"), keep_alive, request.method == "HEAD")
+                self._write(Response(status=500, text="internal error\n"), keep_alive, head, http10)
             if not keep_alive:
                 self.transport.close()
                 return
@@ -439,7 +441,7 @@ class _Connection(asyncio.Protocol):
                 self.reading = True
                 self.transport.resume_reading()
 
-    def _write(self, response: Response, keep_alive: bool, head: bool = False) -> None:
+    def _write(self, response: Response, keep_alive: bool, head: bool = False, http10: bool = False) -> None:
         assert self.transport is not None
         status = response.status
         body = response.body
@@ -455,7 +457,9 @@ class _Connection(asyncio.Protocol):
             self.server.date.get(),
             len(body),
             lines.encode("latin-1"),
-            b"\r\n" if keep_alive else b"Connection: close\r\n\r\n",
+            # HTTP/1.1 keeps the connection by default; a 1.0 client that asked
+            # to keep it must be told it was kept.
+            (b"Connection: keep-alive\r\n\r\n" if http10 else b"\r\n") if keep_alive else b"Connection: close\r\n\r\n",
         )
         self.transport.write(head_bytes + body if body and not head else head_bytes)
 

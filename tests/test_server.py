@@ -257,3 +257,10 @@ async def test_absolute_form_targets_are_routed_by_their_path(serve):
 
     seen = orjson.loads(body)
     assert status == 200 and seen["path"] == "/mp/decide" and seen["query"] == [["a", "1"]]
+
+
+async def test_http10_keep_alive_is_confirmed(serve):
+    _, port = await serve()
+    one = b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    answers = await exchange(port, one + b"GET /b HTTP/1.0\r\n\r\n", responses=2)
+    assert answers[0][1]["connection"] == "keep-alive" and answers[1][1]["connection"] == "close"
