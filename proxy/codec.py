@@ -23,11 +23,12 @@ import binascii
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote_from_bytes, unquote_plus
+from urllib.parse import quote_from_bytes
 
 import orjson
 
 from .errors import BadRequest, PayloadTooLarge
+from .forms import parse_pairs
 
 MAX_EVENTS = 2000
 # Containers from the top of the payload: array -> event -> properties ->
@@ -85,28 +86,7 @@ def parse_form(body: bytes) -> list[tuple[str, str]]:
             text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise BadRequest("body is neither form-encoded nor UTF-8") from exc
-    fields = []
-    for part in text.split("&"):
-        if not part:
-            continue
-        name, _, value = part.partition("=")
-        # unquote_plus only when needed: it is the slow path of form parsing.
-        if "%" in name or "+" in name:
-            name = unquote_plus(name)
-        if "%" in value or "+" in value:
-            value = _unquote_value(value)
-        fields.append((name, value))
-    return fields
-
-
-def _unquote_value(value: str) -> str:
-    # mixpanel-js's base64 payload escapes only '+', '/' and '=': undo those
-    # three directly; anything else takes the general (slower) path.
-    if "+" not in value:
-        fast = value.replace("%2B", "+").replace("%2F", "/").replace("%3D", "=")
-        if "%" not in fast:
-            return fast
-    return unquote_plus(value)
+    return parse_pairs(text)
 
 
 def decode_data_value(value: str) -> tuple[Any, str, str | bytes]:

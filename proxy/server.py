@@ -41,11 +41,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 import orjson
 from multidict import CIMultiDict
+
+from .forms import parse_pairs
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ class Request:
     def query(self) -> list[tuple[str, str]]:
         """The decoded query string, in order, blank values kept."""
         if self._query is None:
-            self._query = parse_query(self.raw_query) if self.raw_query else []
+            self._query = parse_pairs(self.raw_query) if self.raw_query else []
         return self._query
 
     def query_get(self, name: str, default: str | None = None) -> str | None:
@@ -106,23 +108,6 @@ class Request:
     @property
     def host(self) -> str:
         return self.headers.get("host", "")
-
-
-def parse_query(raw: str) -> list[tuple[str, str]]:
-    """``a=1&b=x+y`` -> [("a", "1"), ("b", "x y")], as ``parse_qsl`` with
-    blank values kept, at a fraction of its cost: the SDKs' query strings
-    (``verbose=1&ip=1&_=...``) rarely need unquoting at all."""
-    pairs = []
-    for part in raw.split("&"):
-        if not part:
-            continue
-        name, _, value = part.partition("=")
-        if "%" in name or "+" in name:
-            name = unquote_plus(name)
-        if "%" in value or "+" in value:
-            value = unquote_plus(value)
-        pairs.append((name, value))
-    return pairs
 
 
 class Response:

@@ -27,7 +27,6 @@ no scenario here changes a device id on a host.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import socket
