@@ -1,10 +1,12 @@
-"""The floor under the proxy: a bare aiohttp server that reads the body and
-answers ``1`` (``app``: an Application with a router, ``server``: aiohttp's
-low-level server). Used by bench/instructions.sh for comparison."""
+"""The floor under the proxy: a bare server that reads the body and answers
+``1``. ``app``: an aiohttp Application with a router; ``server``: aiohttp's
+low-level server; ``httptools``: an ``asyncio.Protocol`` on httptools, the
+parser proxy/server.py is built on. Used by bench/instructions.sh."""
 
 import asyncio
 import sys
 
+import httptools
 import uvloop
 from aiohttp import web
 
@@ -14,7 +16,36 @@ async def handle(request: web.BaseRequest) -> web.Response:
     return web.Response(text="1")
 
 
+ONE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 1\r\n\r\n1"
+
+
+class Bare(asyncio.Protocol):
+    """Just enough HTTP/1.1 to answer keep-alive POSTs, one task per request
+    as proxy/server.py runs them."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.parser = httptools.HttpRequestParser(self)
+        self.body: list[bytes] = []
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        body, self.body = b"".join(self.body), []
+        asyncio.get_running_loop().create_task(self.answer(body))
+
+    async def answer(self, body: bytes) -> None:
+        self.transport.write(ONE)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+
 async def main(port: int, kind: str) -> None:
+    if kind == "httptools":
+        await asyncio.get_running_loop().create_server(Bare, "127.0.0.1", port)
+        await asyncio.Event().wait()
     if kind == "app":
         app = web.Application()
         app.router.add_route("*", "/mp/track/", handle)

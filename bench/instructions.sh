@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # User-space instructions per request under valgrind's callgrind: repeatable
 # whatever else the machine does, unlike req/s on these shared VMs.
-#   bench/instructions.sh sync|spool|floor-app|floor-server
+#   bench/instructions.sh sync|spool|floor-app|floor-server|floor-httptools
 # Loads the target with wrk (4 connections, the bench's mixpanel-js-shaped
 # POST) behind a fast nginx upstream, counts instructions during 8 s, prints
 # instructions per request. Everything on 127.0.0.1; stops what it started.
@@ -45,10 +45,11 @@ case "$kind" in
     cmd=("$py" -m proxy serve --config "$tmp/proxy.toml" --port "$px") ;;
   floor-app) cmd=("$py" bench/floor_app.py "$px" app) ;;
   floor-server) cmd=("$py" bench/floor_app.py "$px" server) ;;
-  *) echo "usage: $0 sync|spool|floor-app|floor-server" >&2; exit 2 ;;
+  floor-httptools) cmd=("$py" bench/floor_app.py "$px" httptools) ;;
+  *) echo "usage: $0 sync|spool|floor-app|floor-server|floor-httptools" >&2; exit 2 ;;
 esac
 valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.%p" "${cmd[@]}" > "$tmp/target.log" 2>&1 & vg=$!; pids+=($vg)
-for _ in $(seq 600); do curl -sf "http://127.0.0.1:$px/healthz" >/dev/null && break; sleep 0.2; done
+for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$px/healthz" && break; sleep 0.2; done
 wrk -t1 -c4 -d4s -s "$tmp/post.lua" "http://127.0.0.1:$px/mp/track/?verbose=1&ip=1" >/dev/null
 callgrind_control -z "$vg" >/dev/null
 out=$(wrk -t1 -c4 -d8s -s "$tmp/post.lua" "http://127.0.0.1:$px/mp/track/?verbose=1&ip=1")
