@@ -264,3 +264,28 @@ async def test_http10_keep_alive_is_confirmed(serve):
     one = b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
     answers = await exchange(port, one + b"GET /b HTTP/1.0\r\n\r\n", responses=2)
     assert answers[0][1]["connection"] == "keep-alive" and answers[1][1]["connection"] == "close"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # Both framings: a front end and this server could disagree on where the body ends.
+        b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked, identity\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: t\r\nBad Header: v\r\n\r\n",
+    ],
+    ids=["cl-and-te", "two-lengths", "te-not-last-chunked", "negative-length", "space-in-name"],
+)
+async def test_ambiguous_framing_is_refused_not_guessed(serve, head):
+    seen: list[Request] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request)
+        return Response(text="1")
+
+    _, port = await serve(handler)
+    [(status, headers, _)] = await exchange(port, head + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert status == 400 and headers["connection"] == "close"
+    assert seen == []  # neither the request nor anything smuggled behind it reached a handler
