@@ -405,8 +405,8 @@ class _Connection(asyncio.Protocol):
                 log.exception("handler failed for %s %s", request.method, request.path)
                 response = Response(status=500, text="internal error\n")
             keep_alive = keep_alive and not self.server.closing and not (self.close_after and not self.queue)
-            if self.transport is None:
-                return
+            if self.transport is None or self.transport.is_closing():
+                return  # the client left, or shutdown's deadline passed: nobody to answer
             head, http10 = request.method == "HEAD", request.version == "1.0"
             try:
                 self._write(response, keep_alive, head, http10)

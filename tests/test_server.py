@@ -289,3 +289,15 @@ async def test_ambiguous_framing_is_refused_not_guessed(serve, head):
     [(status, headers, _)] = await exchange(port, head + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
     assert status == 400 and headers["connection"] == "close"
     assert seen == []  # neither the request nor anything smuggled behind it reached a handler
+
+
+async def test_a_handler_outliving_the_shutdown_deadline_ends_quietly(serve, caplog):
+    server, port = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(get("/slow?s=0.5"))
+    await asyncio.sleep(0.05)
+    await server.shutdown(0.1)  # gives up on the running handler and aborts its connection
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    await asyncio.sleep(0.6)  # the handler finishes into a closed connection
+    assert [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
+    writer.close()
