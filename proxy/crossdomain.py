@@ -67,7 +67,7 @@ HUB_JS = """/* firstparty hub.js: once per browser and domain, ask the identity 
    the hub is needed, after the hub check otherwise, and never on a page that is
    leaving for the hub (so no event goes out under an id about to be replaced). */
 (function () {{
-  var HUB = {hub}, PARAM = {param}, DONE = "fp_hub_done", waiting = [], settled = false;
+  var HUB = {hub}, PARAM = {param}, DONE = "fp_hub_done", REF = "fp_hub_referrer", waiting = [], settled = false;
   function settle() {{
     if (settled) return;
     settled = true;
@@ -78,8 +78,20 @@ HUB_JS = """/* firstparty hub.js: once per browser and domain, ask the identity 
     }}
   }}
   window.firstpartyHub = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
+  /* The round trip to the hub replaces the visitor's referrer (the hub answers with
+     Referrer-Policy: no-referrer): keep it for the tab across the trip and show it to
+     the SDK again on the way back, so $initial_referrer and search attribution survive. */
+  function restoreReferrer() {{
+    var saved = sessionStorage.getItem(REF);
+    sessionStorage.removeItem(REF);
+    if (saved && !document.referrer) {{
+      try {{ Object.defineProperty(document, "referrer", {{ configurable: true, get: function () {{ return saved; }} }}); }}
+      catch (e) {{}}
+    }}
+  }}
   try {{
-    if (localStorage.getItem(DONE)) return settle();
+    if (location.search.indexOf(PARAM + "=") >= 0 && sessionStorage.getItem(REF) !== null) restoreReferrer();
+    if (localStorage.getItem(DONE)) {{ sessionStorage.removeItem(REF); return settle(); }}
     if (location.search.indexOf(PARAM + "=") >= 0) {{ localStorage.setItem(DONE, "1"); return settle(); }}
   }} catch (e) {{ return settle(); }}  /* no storage: never redirect, never loop */
   var ctl = window.AbortController ? new AbortController() : null;
@@ -89,6 +101,7 @@ HUB_JS = """/* firstparty hub.js: once per browser and domain, ask the identity 
       clearTimeout(timer);
       if (!r.ok || settled) return settle();
       localStorage.setItem(DONE, "1");
+      try {{ sessionStorage.setItem(REF, document.referrer); }} catch (e) {{}}
       location.replace(HUB + "/hub/resolve?return=" + encodeURIComponent(location.href));
     }})
     .catch(function () {{ clearTimeout(timer); settle(); }});  /* hub unreachable: keep the per-domain id */

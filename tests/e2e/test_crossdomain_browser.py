@@ -15,9 +15,8 @@ Journeys:
 3b. a slow hub: with mixpanel.init inside ``firstpartyHub.ready`` (as the README
     says) no event leaves the page that goes to the hub, so one id throughout.
 
-A strict xfail records a known limit of the hub: the round trip erases the
-visitor's referrer ($initial_referrer becomes "$direct"); where links can be
-decorated, recipe 2 keeps it.
+3c. the hub round trip erases the landing document's referrer; hub.js restores
+it for the SDK, so $initial_referrer still names the search page.
 
 Every assertion is on what the fake upstream received, the proxy's /metrics, and
 what the browser reported (cookies, navigations, what the SDK sent before the
@@ -578,23 +577,6 @@ async def test_hub_down_keeps_the_per_domain_id(xsite: Site) -> None:
     assert not {k: v for k, v in counts.items() if v}, counts
 
 
-class KnownBug(AssertionError):
-    """The one assertion a strict xfail test expects to fail: any other failure of such a
-    test (harness, browser, an earlier assertion) fails it for real."""
-
-
-REFERRER_REASON = (
-    "hub.js race, fast hub: hub.js leaves for the hub before mixpanel-js has run on the first "
-    "page, and the round trip (A -> GET hub/resolve with Referrer-Policy: no-referrer -> 302 "
-    "A?fpb=..) replaces the visitor's referrer: the landing document has document.referrer = "
-    "'' although chromium sent 'Referer: http://www.search.test/?q=shoes' for the first "
-    "GET of A, so mixpanel-js records $initial_referrer = $initial_referring_domain = "
-    "'$direct' and search/ad attribution of every first visit on a hub site is lost. "
-    "hub.js could keep document.referrer (e.g. in sessionStorage) and have it reach the "
-    "SDK or the proxy after the round trip"
-)
-
-
 @pytest.mark.parametrize("xsite", [{"hub": "up", "delay": {"/hub/ping": 1.2}}], indirect=True, ids=["slow-hub"])
 async def test_page_view_waits_for_a_slow_hub(xsite: Site) -> None:
     """3b. The page tracks its page view as it loads (what sites do) and the hub answers its
@@ -643,15 +625,15 @@ async def test_page_view_waits_for_a_slow_hub(xsite: Site) -> None:
     assert sorted({e["properties"]["$device_id"] for e in events}) == [canonical]
 
 
-@pytest.mark.xfail(strict=True, raises=KnownBug, reason=REFERRER_REASON)
 @pytest.mark.parametrize(
     "xsite", [{"hub": "up", "delay": {"/static/mixpanel.js": 1.5}}], indirect=True, ids=["slow-sdk"]
 )
 async def test_referrer_survives_the_hub_round_trip(xsite: Site) -> None:
     """3c. A visitor arrives on A from a search page; hub.js leaves for the hub before the
-    SDK (1.5 s away on a slow CDN; test-only latency) has run. After the round trip
-    mixpanel-js should still report where the visitor came from ($initial_referrer).
-    It does not: see REFERRER_REASON."""
+    SDK (1.5 s away on a slow CDN; test-only latency) has run. The round trip erases the
+    landing document's referrer (the hub answers with Referrer-Policy: no-referrer);
+    hub.js kept it in sessionStorage for the tab and shows it to the SDK again, so
+    mixpanel-js still reports where the visitor came from ($initial_referrer)."""
     site = xsite
     a, _ = hub_pages(site)
     a_url = site.url(A_HOST, a)
@@ -670,16 +652,16 @@ async def test_referrer_survives_the_hub_round_trip(xsite: Site) -> None:
     assert (first["url"], first["headers"].get("referer")) == (a_url, SEARCH)  # chromium sent it
     assert resolve["status"] == 302 and landing["url"] == run["a_landing"]
     assert header_values(resolve["response_headers"], "referrer-policy") == ["no-referrer"]
-    assert "referer" not in landing["headers"]
-    assert run["a"]["referrer"] == ""
+    assert "referer" not in landing["headers"]  # the browser sent none after the trip...
+    assert run["a"]["referrer"] == SEARCH  # ...hub.js gave the page its own back
     # mixpanel-js never ran on the first document: exactly one event, from the landing.
     assert [e["event"] for e in sent_events(run)] == ["Page A"]
     canonical = canonical_of(hub_cookie(run, "cookies")["value"])
     props = (await event_named(site.upstream, "Page A"))["properties"]
     assert_one_identity([{"event": "Page A", "properties": props}], canonical)
     got = (props.get("$initial_referrer"), props.get("$initial_referring_domain"))
-    if got != (SEARCH, "www.search.test"):
-        raise KnownBug(f"$initial_referrer, $initial_referring_domain after the hub: {got}")
+    assert got == (SEARCH, "www.search.test")
+    assert (props.get("$referrer"), props.get("$referring_domain")) == (SEARCH, "www.search.test")
 
 
 # ------------------------------------------------------- replayed or expired
