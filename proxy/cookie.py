@@ -39,16 +39,29 @@ def host_matches(host: str, domain: str) -> bool:
     return host == bare or host.endswith("." + bare)
 
 
+def cookie_values(header: str | None, name: str) -> list[str]:
+    """Every value of cookie ``name`` in a ``Cookie`` header, in order."""
+    if not header:
+        return []
+    out = []
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            out.append(value.strip().strip('"'))
+    return out
+
+
 class CookieJar:
     """Signs, verifies and formats the identity cookie for one configuration."""
 
-    __slots__ = ("name", "_secret", "_domains", "_suffix_by_domain", "_host_only_suffix", "_sealed")
+    __slots__ = ("name", "_secret", "_domains", "_suffix_by_domain", "_host_only_suffix", "_sealed", "_max_age")
 
     def __init__(self, settings: CookieSettings) -> None:
         self.name = settings.name
         self._secret = settings.secret
         self._domains = settings.domains
-        common = f"; Path=/; Max-Age={settings.max_age_days * 86400}; HttpOnly; SameSite=Lax"
+        self._max_age = f"; Max-Age={settings.max_age_days * 86400}"
+        common = f"; Path=/{self._max_age}; HttpOnly; SameSite=Lax"
         if settings.secure:
             common += "; Secure"
         self._host_only_suffix = common
@@ -85,6 +98,12 @@ class CookieJar:
             if host_matches(host, domain):
                 return domain
         return None
+
+    def expire_header(self, host: str) -> str:
+        """A ``Set-Cookie`` that deletes the identity cookie (same Domain and Path)."""
+        domain = self.domain_for(host)
+        suffix = self._suffix_by_domain[domain] if domain else self._host_only_suffix
+        return f"{self.name}={suffix.replace(self._max_age, '; Max-Age=0')}"
 
     def set_cookie_header(self, canonical: str, host: str, sealed: str | None = None) -> str:
         """The full ``Set-Cookie`` value for a response to ``host``."""

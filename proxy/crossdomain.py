@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from . import consent
 from .bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
 from .cookie import CookieJar, valid_id
 from .errors import BadRequest
@@ -119,9 +120,30 @@ class CrossDomain:
     def _cfg(self) -> Any:
         return self.p.s.settings.identity
 
-    def _seal(self, canonical: str, purpose: str, audience: str) -> str:
+    def _seal(self, canonical: str, purpose: str, audience: str, consent_state: str) -> str:
         cfg = self._cfg
-        return cfg.keys.seal(canonical, purpose=purpose, audience=audience, now=time.time(), ttl=cfg.token_ttl_seconds)
+        return cfg.keys.seal(
+            canonical, purpose=purpose, audience=audience, now=time.time(), ttl=cfg.token_ttl_seconds,
+            consent=consent_state,
+        )
+
+    def _consent(self, request: Request) -> str:
+        return consent.state(request.headers, self.p.s.settings.consent)
+
+    def token_consent(self, token: str, host: str) -> str | None:
+        """The consent a valid token for this host carries, without redeeming it."""
+        cfg = self._cfg
+        audience = linked_domain(host, cfg.linked_domains)
+        if audience is None:
+            return None
+        for purpose in (PURPOSE_BRIDGE, PURPOSE_HUB):
+            try:
+                return cfg.keys.open(token, purpose=purpose, audience=audience, now=time.time()).consent
+            except TokenExpired:
+                return None
+            except TokenInvalid:
+                continue
+        return None
 
     def _count(self, result: str) -> None:
         self.p.s.metrics.tokens.labels(result).inc()
@@ -179,8 +201,10 @@ class CrossDomain:
         except BadRequest as exc:
             self._count("bad_redirect")
             return self.p._finish(Response(status=400, text=f"{exc}\n"), visit, None, "go")
-        canonical, source = self._canonical_for(visit)
-        location = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_BRIDGE, audience))
+        state = self._consent(request)
+        # An opted-out visitor's token carries the refusal, not their id.
+        canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
+        location = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_BRIDGE, audience, state))
         self._count("issued_bridge")
         response = Response(
             status=302,
@@ -192,7 +216,8 @@ class CrossDomain:
                 "Referrer-Policy": "strict-origin-when-cross-origin",
             },
         )
-        return self.p._finish(response, visit, Resolution(canonical, source), "go")
+        resolution = Resolution(canonical, source) if state != consent.DENIED else None
+        return self.p._finish(response, visit, resolution, "go")
 
     async def bridge(self, request: Request) -> Response:
         """``POST /mp/bridge`` (``to`` in the query, form or JSON body) -> ``{token, expires_in, param, url}``."""
@@ -219,8 +244,9 @@ class CrossDomain:
             self._count("bad_redirect")
             body = orjson.dumps({"status": 0, "error": str(exc)})
             return self.p._finish(Response(status=400, body=body, content_type="application/json"), visit, None, "bridge")
-        canonical, source = self._canonical_for(visit)
-        token = self._seal(canonical, PURPOSE_BRIDGE, audience)
+        state = self._consent(request)
+        canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
+        token = self._seal(canonical, PURPOSE_BRIDGE, audience, state)
         self._count("issued_bridge")
         body = orjson.dumps(
             {
@@ -231,7 +257,8 @@ class CrossDomain:
             }
         )
         response = Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
-        return self.p._finish(response, visit, Resolution(canonical, source), "bridge")
+        resolution = Resolution(canonical, source) if state != consent.DENIED else None
+        return self.p._finish(response, visit, resolution, "bridge")
 
     async def identity(self, request: Request) -> Response:
         """``GET /mp/id``: the canonical id, CORS only for linked origins."""
@@ -306,7 +333,9 @@ class CrossDomain:
                 break
         if not canonical or not valid_id(canonical):
             canonical = str(uuid.uuid4())  # first come: this browser's id from now on
-        location = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience))
+        location = decorate(
+            to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience, self._consent(request))
+        )
         self._count("issued_hub")
         return Response(
             status=302,

@@ -30,9 +30,9 @@ from urllib.parse import urlencode
 import orjson
 from aiocache.base import BaseCache
 
-from . import codec
+from . import codec, consent
 from .clientip import TrustedProxies, client_ip
-from .cookie import CookieJar
+from .cookie import CookieJar, cookie_values
 from .cors import OriginPolicy
 from .errors import BadRequest, UpstreamError
 from .forwardlog import ForwardedLog
@@ -117,17 +117,6 @@ def request_host(host: str | None) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1]
     return host.split(":", 1)[0].lower()
-
-
-def cookie_values(header: str | None, name: str) -> list[str]:
-    if not header:
-        return []
-    out = []
-    for part in header.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key == name:
-            out.append(value.strip().strip('"'))
-    return out
 
 
 def wants_verbose(query: list[tuple[str, str]], params: list[tuple[str, str]] = ()) -> bool:  # type: ignore[assignment]
@@ -239,6 +228,49 @@ class Proxy:
             anonymous=anonymous,
             project=project,
         )
+
+    def _refused(self, request: Request, visit: Visit, token: str | None) -> str | None:
+        """Why a browser's events must not be tracked (``consent``), or None."""
+        why = consent.refusal(request.headers, self.s.settings.consent)
+        if why is None and token and self.cross.token_consent(token, visit.host) == consent.DENIED:
+            why = "token"  # refused on another domain; the refusal follows the visitor
+        return why
+
+    def _drop(self, visit: Visit, route: str, events: list[dict[str, Any]], why: str, verbose: bool) -> Response:
+        """Consent refused: nothing is resolved, spooled or forwarded. The SDK is
+        answered as if accepted (so it does not retry), the identity cookie is
+        deleted, and the drop is logged and counted, without any id."""
+        n = len(events)
+        self.s.metrics.consent_dropped.labels(why).inc(n)
+        self.s.metrics.outcome("dropped", route, n)
+        names = event_names(route, events)
+        self.s.forwarded.record(
+            {
+                "time": time.time(),
+                "outcome": "dropped",
+                "reason": f"consent: {why}",
+                "route": route,
+                "project": project_token(route, events),
+                "events": names[:_MAX_LOGGED_REWRITES],
+                "count": n,
+                "status": None,
+            }
+        )
+        if verbose:
+            response = Response(body=b'{"status":1,"error":null}', content_type="application/json")
+        else:
+            response = Response(text="1", content_type="text/plain")
+        self._finish(response, visit, None, route)
+        if visit.cookie_raw:
+            response.headers.add("Set-Cookie", self.s.jar.expire_header(visit.host))
+        if why == "token" and self.s.settings.consent.opt_out_cookie:
+            domain = self.s.jar.domain_for(visit.host)
+            secure = self.s.settings.cookie.secure
+            response.headers.add(
+                "Set-Cookie", consent.opt_out_cookie_header(self.s.settings.consent, domain, secure)
+            )
+        response.headers["Cache-Control"] = "private, no-store"
+        return response
 
     def _strip_tokens(self, route: str, events: list[dict[str, Any]]) -> int:
         param = self.s.settings.identity.token_param
@@ -389,6 +421,10 @@ class Proxy:
         mentioned = decoded.mentions(param + "=")
         if visit.browser and route != "import":
             token = find_token(query, events if mentioned else [], param)
+        if visit.browser and route in SPOOLED_ROUTES:
+            refused = self._refused(request, visit, token)
+            if refused:
+                return self._drop(visit, route, events, refused, verbose)
         if mentioned:
             stripped = self._strip_tokens(route, events)
 

@@ -92,6 +92,13 @@ class Metrics:
             "Browsers that showed a new device id soon after the last one (reset()): given a new canonical id",
             registry=r,
         )
+        self.consent_dropped = Counter(
+            "firstparty_consent_dropped",
+            "Events dropped because the browser refused tracking, by signal: opt_out_cookie, mixpanel_opt_out,"
+            " gpc, dnt, token",
+            ["reason"],
+            registry=r,
+        )
         self.tokens_stripped = Counter(
             "firstparty_tokens_stripped", "Token parameters removed from URL properties before forwarding", registry=r
         )

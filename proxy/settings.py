@@ -112,6 +112,18 @@ class IdentitySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsentSettings:
+    # The site's own opt-out cookie (set by its consent banner); "" to ignore.
+    opt_out_cookie: str = "fp_optout"
+    # mixpanel-js's __mp_opt_in_out_<token>=0 (opt_out_tracking() with cookie persistence).
+    honor_mixpanel_opt_out: bool = True
+    # Sec-GPC: 1 (Global Privacy Control), a legal opt-out signal in several US states.
+    honor_gpc: bool = True
+    # DNT: 1 carries no legal weight and some browsers set it by default.
+    honor_dnt: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class DeliverySettings:
     mode: str = "spool"  # "spool": durable, batched; "sync": the client waits for the upstream
     spool_path: str = ""  # default <data_dir>/spool.sqlite3
@@ -148,6 +160,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    consent: ConsentSettings = field(default_factory=ConsentSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -317,6 +330,10 @@ def _projects(key: str, value: Any) -> dict[str, str]:
     return {str(token): _region(f"{key}.{token}", region) for token, region in value.items()}
 
 
+def _optional_cookie_name(key: str, value: Any) -> str:
+    return _cookie_name(key, value) if _str(key, value) else ""
+
+
 # Section -> key -> validator. The schema is the single list of what exists.
 _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "server": {
@@ -363,6 +380,12 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "hub_cookie_name": _cookie_name,
         "max_devices_per_id": _int(1, 100_000),
         "reset_window_days": _float(0, 400),
+    },
+    "consent": {
+        "opt_out_cookie": _optional_cookie_name,
+        "honor_mixpanel_opt_out": _bool,
+        "honor_gpc": _bool,
+        "honor_dnt": _bool,
     },
     "delivery": {
         "mode": _mode,
@@ -489,6 +512,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         log=LogSettings(**clean.get("log", {})),
         delivery=_delivery(clean.get("delivery", {})),
         identity=_identity(clean.get("identity", {}), Path(server.data_dir)),
+        consent=ConsentSettings(**clean.get("consent", {})),
     )
 
 

@@ -1,0 +1,162 @@
+"""Consent: opt-out cookies, Global Privacy Control and DNT drop a browser's
+events before anything about its identity is used; the refusal follows the
+visitor across domains inside bridge tokens. Both delivery modes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
+
+import orjson
+import pytest
+
+from proxy import consent
+from proxy.settings import ConsentSettings
+from tests.conftest import BROWSER, TOKEN, b64_body, canonical_of, cookie_from, device_id, js_event
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+TRACK = "/mp/track/?verbose=1&ip=1"
+A = "www.site-a.test"
+B = "checkout.site-b.test"
+LINKED = {
+    "cookie": {"domains": [".site-a.test", ".site-b.test"], "secure": False},
+    "identity": {"linked_domains": [".site-a.test", ".site-b.test"]},
+}
+
+
+@pytest.mark.parametrize(
+    "headers, settings, expected",
+    [
+        ({}, {}, None),
+        ({"cookie": "fp_optout=1"}, {}, "opt_out_cookie"),
+        ({"cookie": "a=b; fp_optout=denied"}, {}, "opt_out_cookie"),
+        ({"cookie": "fp_optout=0"}, {}, None),  # "0" is no refusal for the site's own cookie
+        ({"cookie": "fp_optout=1"}, {"opt_out_cookie": ""}, None),
+        ({"cookie": "fp_optout_other=1"}, {}, None),
+        ({"cookie": f"__mp_opt_in_out_{TOKEN}=0"}, {}, "mixpanel_opt_out"),
+        ({"cookie": f"__mp_opt_in_out_{TOKEN}=1"}, {}, None),
+        ({"cookie": f"__mp_opt_in_out_{TOKEN}=0"}, {"honor_mixpanel_opt_out": False}, None),
+        ({"sec-gpc": "1"}, {}, "gpc"),
+        ({"sec-gpc": "1"}, {"honor_gpc": False}, None),
+        ({"sec-gpc": "0"}, {}, None),
+        ({"dnt": "1"}, {}, None),  # not honoured by default
+        ({"dnt": "1"}, {"honor_dnt": True}, "dnt"),
+    ],
+)
+def test_refusal_signals(headers, settings, expected):
+    assert consent.refusal(headers, ConsentSettings(**settings)) == expected
+    assert consent.state(headers, ConsentSettings(**settings)) == (consent.DENIED if expected else consent.GRANTED)
+
+
+def browser(host: str = "www.example.com", **extra: str) -> dict[str, str]:
+    return {**BROWSER, **FORM, "Host": host, **extra}
+
+
+async def log_records(client: Any, tmp_path: Any) -> list[dict[str, Any]]:
+    await client.close()  # drains the sender, flushes the log
+    path = tmp_path / "data" / "forwarded.jsonl"
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def metric(text: str, sample: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize(
+    "signal, reason",
+    [
+        ({"Sec-GPC": "1"}, "gpc"),
+        ({"Cookie": "fp_optout=1"}, "opt_out_cookie"),
+        ({"Cookie": f"__mp_opt_in_out_{TOKEN}=0"}, "mixpanel_opt_out"),
+    ],
+)
+async def test_refused_events_are_dropped_logged_and_counted(proxy_client, upstream, tmp_path, signal, reason):
+    client = await proxy_client()
+    # A visitor with an identity cookie from before the refusal.
+    first = await client.post(TRACK, data=b64_body([js_event("Before", device_id())]), headers=browser())
+    cookie = cookie_from(first)
+    await upstream.wait(1)
+
+    device = device_id()
+    headers = browser(**signal)
+    headers["Cookie"] = f"fp_id={cookie}" + (f"; {signal['Cookie']}" if "Cookie" in signal else "")
+    resp = await client.post(TRACK, data=b64_body([js_event("Page View", device), js_event("Click", device)]),
+                             headers=headers)
+    # The SDK is told "accepted", so it does not retry; the identity cookie is deleted.
+    assert resp.status == 200 and (await resp.json()) == {"status": 1, "error": None}
+    set_cookies = resp.headers.getall("Set-Cookie")
+    assert len(set_cookies) == 1 and set_cookies[0].startswith("fp_id=;") and "Max-Age=0" in set_cookies[0]
+    engage = await client.post("/mp/engage/?verbose=1", headers=headers,
+                               data=b64_body([{"$token": TOKEN, "$distinct_id": device, "$set": {"a": 1}}]))
+    assert engage.status == 200
+
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, f'firstparty_consent_dropped_total{{reason="{reason}"}}') == 3
+    await asyncio.sleep(0.2)
+    assert [e["event"] for e in upstream.received("us", "/track")] == ["Before"]  # nothing after the refusal
+    assert upstream.received("us", "/engage") == []
+    records = await log_records(client, tmp_path)
+    dropped = [r for r in records if r["outcome"] == "dropped"]
+    assert [(r["route"], r["count"], r["reason"]) for r in dropped] == [
+        ("track", 2, f"consent: {reason}"),
+        ("engage", 1, f"consent: {reason}"),
+    ]
+    assert dropped[0]["events"] == ["Page View", "Click"]
+    raw = orjson.dumps(dropped)
+    assert device.encode() not in raw and canonical_of(cookie).encode() not in raw  # no ids of who refused
+
+
+async def test_server_sdks_and_unrefused_browsers_are_not_affected(proxy_client, upstream):
+    client = await proxy_client(consent={"honor_gpc": False})
+    resp = await client.post(TRACK, data=b64_body([js_event("GPC off", device_id())]), headers=browser(**{"Sec-GPC": "1"}))
+    assert resp.status == 200 and "fp_id=" in resp.headers["Set-Cookie"]
+    # mixpanel-python: no browser signals, never checked (even with an opt-out cookie header on the request).
+    server = await client.post("/mp/track", data="data=" + quote(orjson.dumps(js_event("Server", device_id())).decode()),
+                               headers={**FORM, "User-Agent": "mixpanel-python/5.4", "Cookie": "fp_optout=1"})
+    assert server.status == 200
+    events = await upstream.wait(2, "us", "/track")
+    assert sorted(e["event"] for e in events) == ["GPC off", "Server"]
+
+
+async def test_the_refusal_follows_the_visitor_to_another_domain(proxy_client, upstream, tmp_path):
+    client = await proxy_client(**LINKED)
+    # On A the visitor opted out (the site's banner set fp_optout); they follow /mp/go to B.
+    target = f"http://{B}/cart"
+    go = await client.get(f"/mp/go?to={quote(target, safe='')}", allow_redirects=False,
+                          headers=browser(A, Cookie="fp_optout=1"))
+    assert go.status == 302 and "Set-Cookie" not in go.headers  # no identity for someone who refused
+    location = go.headers["Location"]
+    token = dict(parse_qsl(urlsplit(location).query))["fpb"]
+    claims = client.services.settings.identity.keys.open(token, purpose="bridge", audience="site-b.test", now=time.time())
+    assert claims.consent == consent.DENIED
+
+    # On B there is no opt-out cookie yet; the landing event carries the token in $current_url.
+    landing = js_event("Page B", device_id(), **{"$current_url": location})
+    resp = await client.post(TRACK, data=b64_body([landing]), headers=browser(B))
+    assert resp.status == 200
+    [opt_out] = resp.headers.getall("Set-Cookie")
+    assert opt_out.startswith("fp_optout=1;") and "Domain=.site-b.test" in opt_out and "HttpOnly" not in opt_out
+    # Later visits on B carry that cookie and stay refused.
+    later = await client.post(TRACK, data=b64_body([js_event("Later", device_id())]),
+                              headers=browser(B, Cookie="fp_optout=1"))
+    assert later.status == 200
+    await asyncio.sleep(0.2)
+    assert upstream.received("us", "/track") == []
+    records = await log_records(client, tmp_path)
+    assert [r["reason"] for r in records if r["outcome"] == "dropped"] == ["consent: token", "consent: opt_out_cookie"]
+
+
+async def test_a_granted_token_still_carries_identity(proxy_client, upstream):
+    client = await proxy_client(**LINKED)
+    first = await client.post(TRACK, data=b64_body([js_event("Page A", device_id())]), headers=browser(A))
+    cookie = cookie_from(first)
+    go = await client.get(f"/mp/go?to={quote(f'http://{B}/cart', safe='')}", allow_redirects=False,
+                          headers=browser(A, Cookie=f"fp_id={cookie}"))
+    token = dict(parse_qsl(urlsplit(go.headers["Location"]).query))["fpb"]
+    claims = client.services.settings.identity.keys.open(token, purpose="bridge", audience="site-b.test", now=time.time())
+    assert (claims.consent, claims.canonical_id) == (consent.GRANTED, canonical_of(cookie))
