@@ -259,7 +259,9 @@ async function openPage(context) {
 }
 
 async function openContext() {
-  const context = await browser.newContext({ serviceWorkers: 'block' });
+  // scenario.headers: sent on every request of the context, as a browser setting
+  // would (e.g. Sec-GPC: 1 from a browser with Global Privacy Control on).
+  const context = await browser.newContext({ serviceWorkers: 'block', extraHTTPHeaders: scenario.headers || {} });
   contexts.push(context);
   const index = contexts.length - 1;
   context.setDefaultTimeout(10000);

@@ -291,7 +291,9 @@ class Run:
         return "\n".join(lines)
 
 
-async def drive(steps: list[dict[str, Any]], timeout_s: float = SCENARIO_TIMEOUT_S) -> Run:
+async def drive(
+    steps: list[dict[str, Any]], timeout_s: float = SCENARIO_TIMEOUT_S, headers: dict[str, str] | None = None
+) -> Run:
     """Run a scenario in a fresh headless chromium; fails the test if the driver does.
 
     Missing chromium or npm packages fail the test (never skip it), naming the
@@ -301,7 +303,13 @@ async def drive(steps: list[dict[str, Any]], timeout_s: float = SCENARIO_TIMEOUT
     missing = missing_prerequisites()
     if missing:
         pytest.fail(f"browser e2e prerequisites missing: {', '.join(missing)}; {INSTALL_HINT}", pytrace=False)
-    scenario = {"chromium": CHROMIUM, "args": CHROMIUM_ARGS, "timeout_ms": int(timeout_s * 1000), "steps": steps}
+    scenario = {
+        "chromium": CHROMIUM,
+        "args": CHROMIUM_ARGS,
+        "timeout_ms": int(timeout_s * 1000),
+        "steps": steps,
+        "headers": headers or {},
+    }
     proc = await asyncio.create_subprocess_exec(
         shutil.which("node") or "node",
         str(DRIVER),

@@ -30,6 +30,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import aiohttp
 import pytest
 
 from tests.conftest import TOKEN, canonical_of
@@ -724,3 +725,36 @@ async def test_reset_starts_a_new_canonical_id(site: Site) -> None:
     assert logout["distinct_id"] == f"$device:{after}"
     assert canonical_of(fp_cookie(run, ".site-a.test")["value"]) == after
     assert_no_cookie_leak(site.upstream, cookie_values(run))
+
+
+@BOTH_MODES
+async def test_global_privacy_control_drops_events_without_retries(site: Site) -> None:
+    """A browser with Global Privacy Control on (every request carries Sec-GPC: 1) runs
+    mixpanel-browser as usual: the proxy answers the SDK as if accepted, so it neither
+    retries nor keeps the batch, sets no identity cookie, and nothing reaches Mixpanel."""
+    path = site.page("a", FAST)
+    run = await drive(
+        [
+            goto(site, "www.site-a.test", path),
+            js("mixpanel.track('Page A'); return true;"),
+            {"op": "wait_requests", "path": "/mp/track/", "contains": "Page A"},
+            js("mixpanel.track('Page B'); return true;"),
+            {"op": "wait_requests", "path": "/mp/track/", "contains": "Page B"},
+            {"op": "sleep", "ms": 600},  # a retry (or a batch kept for one) would show by now
+            {"op": "cookies", "save": "cookies"},
+        ],
+        headers={"Sec-GPC": "1"},
+    )
+    check_browser(run)
+    requests = run.browser_requests("/mp/track/")
+    assert sorted(e["event"] for r in requests for e in sent_events_of(r)) == ["Page A", "Page B"]  # each once
+    for request in requests:
+        assert request["headers"].get("sec-gpc") == "1"
+        assert request["status"] == 200 and not header(request["response_headers"], "set-cookie")
+    assert not [c for c in run["cookies"] if c["name"] == "fp_id"]
+    await asyncio.sleep(0.3)
+    assert site.upstream.received("us", "/track") == []
+    async with aiohttp.ClientSession() as session:
+        async with session.get(site.url("127.0.0.1", "/metrics")) as resp:
+            metrics = await resp.text()
+    assert 'firstparty_consent_dropped_total{reason="gpc"} 2.0' in metrics
