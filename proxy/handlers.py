@@ -236,30 +236,33 @@ class Proxy:
             why = "token"  # refused on another domain; the refusal follows the visitor
         return why
 
-    def _drop(self, visit: Visit, route: str, events: list[dict[str, Any]], why: str, verbose: bool) -> Response:
+    def _drop(
+        self,
+        visit: Visit,
+        route: str,
+        names: list[str],
+        count: int,
+        project: str | None,
+        why: str,
+        response: Response,
+    ) -> Response:
         """Consent refused: nothing is resolved, spooled or forwarded. The SDK is
-        answered as if accepted (so it does not retry), the identity cookie is
-        deleted, and the drop is logged and counted, without any id."""
-        n = len(events)
-        self.s.metrics.consent_dropped.labels(why).inc(n)
-        self.s.metrics.outcome("dropped", route, n)
-        names = event_names(route, events)
+        answered as if accepted (``response``, so it does not retry), the identity
+        cookie is deleted, and the drop is logged and counted, without any id."""
+        self.s.metrics.consent_dropped.labels(why).inc(count)
+        self.s.metrics.outcome("dropped", route, count)
         self.s.forwarded.record(
             {
                 "time": time.time(),
                 "outcome": "dropped",
                 "reason": f"consent: {why}",
                 "route": route,
-                "project": project_token(route, events),
+                "project": project,
                 "events": names[:_MAX_LOGGED_REWRITES],
-                "count": n,
+                "count": count,
                 "status": None,
             }
         )
-        if verbose:
-            response = Response(body=b'{"status":1,"error":null}', content_type="application/json")
-        else:
-            response = Response(text="1", content_type="text/plain")
         self._finish(response, visit, None, route)
         if visit.cookie_raw:
             response.headers.add("Set-Cookie", self.s.jar.expire_header(visit.host))
@@ -424,7 +427,13 @@ class Proxy:
         if visit.browser and route in SPOOLED_ROUTES:
             refused = self._refused(request, visit, token)
             if refused:
-                return self._drop(visit, route, events, refused, verbose)
+                answer = (
+                    Response(body=b'{"status":1,"error":null}', content_type="application/json")
+                    if verbose
+                    else Response(text="1", content_type="text/plain")
+                )
+                names = event_names(route, events)
+                return self._drop(visit, route, names, len(events), project_token(route, events), refused, answer)
         if mentioned:
             stripped = self._strip_tokens(route, events)
 
@@ -535,6 +544,12 @@ class Proxy:
         body = request.body
         param = self.s.settings.identity.token_param
         token = next((v for k, v in query if k == param), None) if visit.browser else None
+        if visit.browser and route == "record":
+            refused = self._refused(request, visit, token)
+            if refused:  # a session replay is the most personal record of all
+                project = next((v for k, v in query if k == "token"), None)
+                answer = json_response({"code": 200, "status": "OK"})
+                return self._drop(visit, route, ["$session_replay"], 1, project, refused, answer)
         clean = [(k, v) for k, v in query if k != param]
         clean = [(k, strip_param(v, param) or v) if param + "=" in v else (k, v) for k, v in clean]
         tokens_removed = clean != query

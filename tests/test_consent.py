@@ -160,3 +160,24 @@ async def test_a_granted_token_still_carries_identity(proxy_client, upstream):
     token = dict(parse_qsl(urlsplit(go.headers["Location"]).query))["fpb"]
     claims = client.services.settings.identity.keys.open(token, purpose="bridge", audience="site-b.test", now=time.time())
     assert (claims.consent, claims.canonical_id) == (consent.GRANTED, canonical_of(cookie))
+
+
+async def test_session_replays_of_a_refusing_browser_are_dropped(proxy_client, upstream, tmp_path):
+    import gzip
+
+    client = await proxy_client()
+    device = device_id()
+    path = f"/mp/record/?format=gzip&distinct_id=%24device%3A{device}&%24device_id={device}&replay_id=r1&seq=0&token={TOKEN}"
+    body = gzip.compress(b'[{"type":2,"data":{}}]')
+    headers = {**BROWSER, "Content-Type": "application/octet-stream", "Sec-GPC": "1"}
+    resp = await client.post(path, data=body, headers=headers)
+    assert resp.status == 200 and (await resp.json()) == {"code": 200, "status": "OK"}
+    assert "Set-Cookie" not in resp.headers
+    # Without the signal the same replay goes through: the drop was the signal's doing.
+    ok = await client.post(path, data=body, headers={**BROWSER, "Content-Type": "application/octet-stream"})
+    assert ok.status == 200
+    assert [r.path for r in upstream.by("us")] == ["/record/"]
+    records = await log_records(client, tmp_path)
+    [dropped] = [r for r in records if r["outcome"] == "dropped"]
+    assert (dropped["route"], dropped["reason"], dropped["project"]) == ("record", "consent: gpc", TOKEN)
+    assert device not in orjson.dumps(dropped).decode()
