@@ -272,11 +272,8 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.transport = None
         self.queue.clear()
-        if self.task is not None and not self.task.done():
-            # The client went away: nobody will read the answer. The handler is
-            # not cancelled (an event being spooled finishes durably), but
-            # nothing more is written.
-            pass
+        # A running handler is not cancelled (an event being spooled finishes
+        # durably); its answer is simply not written (see _serve).
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
 
@@ -364,7 +361,11 @@ class _Connection(asyncio.Protocol):
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             raise _Refusal(413, f"request body is larger than {self.server.max_body} bytes")
         if headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # Only when nothing is owed before it: behind a pipelined request still
+            # being answered, the interim answer would overtake that one's (the
+            # client sends the body anyway once its own wait is over).
+            if (self.task is None or self.task.done()) and not self.queue:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
