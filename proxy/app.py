@@ -21,7 +21,7 @@ from .forwardlog import ForwardedLog
 from .handlers import EVENT_ROUTES, Proxy, Services, error_response, wants_verbose
 from .httpclient import HTTPClient
 from .metrics import Metrics
-from .server import Request, Response
+from .server import HTTPServer, Request, Response
 from .settings import Settings
 from .spool import Spool
 from .store import AliasStore
@@ -82,6 +82,18 @@ class App:
         if request.method == "OPTIONS":
             return self.proxy.preflight(request)
         return await self.proxy.cross.bridge(request)
+
+    def http_server(self, handler: Handler | None = None) -> HTTPServer:
+        """The HTTP front end for this app, with the limits its settings name;
+        ``handler`` wraps ``handle`` (the tests' pages)."""
+        server = self.settings.server
+        return HTTPServer(
+            handler or self.handle,
+            max_body=server.max_body_bytes,
+            keepalive_timeout=server.keepalive_timeout_seconds,
+            request_timeout=server.request_timeout_seconds,
+            refusal=self.refusal,
+        )
 
     def refusal(self, status: int, message: str, target: bytes) -> Response:
         """The answer to a request the server refused before it was complete

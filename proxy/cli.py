@@ -120,7 +120,6 @@ async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
     """Open the services, accept until SIGTERM/SIGINT, then shut down in order:
     stop accepting, finish in-flight requests, flush the spool, close."""
     from .app import create_app
-    from .server import HTTPServer
 
     app = create_app(settings)
     loop = asyncio.get_running_loop()
@@ -129,7 +128,7 @@ async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
         loop.add_signal_handler(sig, stop.set)
     await app.start()
     tune_gc()
-    server = HTTPServer(app.handle, max_body=settings.server.max_body_bytes, refusal=app.refusal)
+    server = app.http_server()
     try:
         await server.listen(settings.server.host, settings.server.port, reuse_port=reuse_port)
         await stop.wait()

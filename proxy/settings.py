@@ -42,6 +42,11 @@ class ServerSettings:
     )
     max_body_bytes: int = 10 * 1024 * 1024
     workers: int = 1
+    # Longer than whatever pools connections in front (nginx keeps idle upstream
+    # connections 60 s, AWS ALB 60 s by default), so it never reuses one we close.
+    keepalive_timeout_seconds: float = 75.0
+    # A request's head and body must arrive within this (slow-loris clients get 408).
+    request_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +348,8 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "trusted_proxies": _networks,
         "max_body_bytes": _int(1024, 1024 * 1024 * 1024),
         "workers": _int(1, 256),
+        "keepalive_timeout_seconds": _float(1, 3600),
+        "request_timeout_seconds": _float(1, 3600),
     },
     "upstream": {
         "us": _url,

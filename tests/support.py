@@ -68,12 +68,8 @@ class ProxyClient:
     async def start(self) -> "ProxyClient":
         import aiohttp
 
-        from proxy.server import HTTPServer
-
         await self.app.start()
-        self.server = HTTPServer(
-            self.app.handle, max_body=self.app.settings.server.max_body_bytes, refusal=self.app.refusal
-        )
+        self.server = self.app.http_server()
         self.port = await self.server.listen("127.0.0.1", 0)
         self.session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         return self

@@ -301,3 +301,22 @@ async def test_a_handler_outliving_the_shutdown_deadline_ends_quietly(serve, cap
     await asyncio.sleep(0.6)  # the handler finishes into a closed connection
     assert [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
     writer.close()
+
+
+async def test_the_app_serves_with_the_timeouts_its_settings_name(serve_proxy, tmp_path, upstream, monkeypatch):
+    from proxy.app import create_app
+    from tests.conftest import make_settings
+
+    monkeypatch.setattr("proxy.server.SWEEP_SECONDS", 0.05)
+    settings = make_settings(
+        tmp_path, upstream, server={"keepalive_timeout_seconds": 1, "request_timeout_seconds": 1.5}
+    )
+    client = await serve_proxy(create_app(settings))
+    assert (client.server.keepalive_timeout, client.server.request_timeout) == (1.0, 1.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(get("/healthz"))
+    assert (await read_response(reader))[0] == 200
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed once idle for 1 s
+    assert 0.8 < asyncio.get_running_loop().time() - started < 3
+    writer.close()

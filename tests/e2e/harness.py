@@ -152,9 +152,7 @@ class Site:
     async def start(self, port: int = 0) -> None:
         """Open the proxy's services and serve it, with the test pages, on 127.0.0.1."""
         await self.app.start()
-        self.server = HTTPServer(
-            self.handle, max_body=self.app.settings.server.max_body_bytes, refusal=self.app.refusal
-        )
+        self.server = self.app.http_server(self.handle)
         self.port = await self.server.listen("127.0.0.1", port)
 
     async def stop(self) -> None:
