@@ -266,9 +266,16 @@ class CrossDomain:
 
         visit = self.p._visit(request)
         origin = request.headers.get("origin")
-        canonical, source = self._canonical_for(visit)
-        response = json_response({"id": canonical, "source": source}, headers={"Cache-Control": "no-store"})
-        response = self.p._finish(response, visit, Resolution(canonical, source), "id")
+        refused = consent.refusal(request.headers, self.p.s.settings.consent)
+        if refused:
+            # No id for a browser that refused tracking, and no cookie minted for it.
+            response = json_response({"id": None, "source": "refused", "reason": refused},
+                                     headers={"Cache-Control": "no-store"})
+            response = self.p._finish(response, visit, None, "id")
+        else:
+            canonical, source = self._canonical_for(visit)
+            response = json_response({"id": canonical, "source": source}, headers={"Cache-Control": "no-store"})
+            response = self.p._finish(response, visit, Resolution(canonical, source), "id")
         # Stricter than the SDK endpoints: only linked origins may read an id.
         response.headers.popall("Access-Control-Allow-Origin", None)
         response.headers.popall("Access-Control-Allow-Credentials", None)

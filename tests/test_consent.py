@@ -181,3 +181,13 @@ async def test_session_replays_of_a_refusing_browser_are_dropped(proxy_client, u
     [dropped] = [r for r in records if r["outcome"] == "dropped"]
     assert (dropped["route"], dropped["reason"], dropped["project"]) == ("record", "consent: gpc", TOKEN)
     assert device not in orjson.dumps(dropped).decode()
+
+
+async def test_id_endpoint_names_no_id_for_a_refusing_browser(proxy_client):
+    client = await proxy_client(**LINKED)
+    refused = await client.get("/mp/id", headers=browser(A, **{"Sec-GPC": "1"}))
+    assert refused.status == 200 and (await refused.json()) == {"id": None, "source": "refused", "reason": "gpc"}
+    assert "Set-Cookie" not in refused.headers
+    granted = await client.get("/mp/id", headers=browser(A))
+    body = await granted.json()
+    assert body["source"] == "new" and canonical_of(cookie_from(granted)) == body["id"]
