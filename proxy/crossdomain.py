@@ -27,7 +27,7 @@ import orjson
 
 from . import consent
 from .bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
-from .cookie import CookieJar, valid_id
+from .cookie import CookieJar, cookie_values, valid_id
 from .errors import BadRequest
 from .server import Request, Response, json_response
 from .tokens import TokenExpired, TokenInvalid
@@ -331,25 +331,22 @@ class CrossDomain:
         except BadRequest as exc:
             self._count("bad_redirect")
             return Response(status=400, text=f"{exc}\n")
-        from .handlers import cookie_values, request_host
+        from .handlers import request_host
 
-        canonical = None
-        for raw in cookie_values(request.headers.get("cookie"), jar.name):
-            canonical = jar.open(raw)
-            if canonical:
-                break
-        if not canonical or not valid_id(canonical):
-            canonical = str(uuid.uuid4())  # first come: this browser's id from now on
-        location = decorate(
-            to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience, self._consent(request))
-        )
+        headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+        state = self._consent(request)
+        if state == consent.DENIED:
+            # The refusal goes back in the token; the hub keeps no id for this browser.
+            canonical = str(uuid.uuid4())
+        else:
+            canonical = None
+            for raw in cookie_values(request.headers.get("cookie"), jar.name):
+                canonical = jar.open(raw)
+                if canonical:
+                    break
+            if not canonical or not valid_id(canonical):
+                canonical = str(uuid.uuid4())  # first come: this browser's id from now on
+            headers["Set-Cookie"] = jar.set_cookie_header(canonical, request_host(request.host))
+        headers["Location"] = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience, state))
         self._count("issued_hub")
-        return Response(
-            status=302,
-            headers={
-                "Location": location,
-                "Set-Cookie": jar.set_cookie_header(canonical, request_host(request.host)),
-                "Cache-Control": "no-store",
-                "Referrer-Policy": "no-referrer",
-            },
-        )
+        return Response(status=302, headers=headers)

@@ -191,3 +191,16 @@ async def test_id_endpoint_names_no_id_for_a_refusing_browser(proxy_client):
     granted = await client.get("/mp/id", headers=browser(A))
     body = await granted.json()
     assert body["source"] == "new" and canonical_of(cookie_from(granted)) == body["id"]
+
+
+async def test_the_hub_keeps_no_id_for_a_refusing_browser(proxy_client):
+    client = await proxy_client(**{**LINKED, "identity": {**LINKED["identity"], "hub_url": "http://hub.id-hub.test"}})
+    back = quote(f"http://{A}/landing", safe="")
+    refused = await client.get(f"/hub/resolve?return={back}", allow_redirects=False,
+                               headers=browser("hub.id-hub.test", **{"Sec-GPC": "1"}))
+    assert refused.status == 302 and "Set-Cookie" not in refused.headers
+    token = dict(parse_qsl(urlsplit(refused.headers["Location"]).query))["fpb"]
+    keys = client.services.settings.identity.keys
+    assert keys.open(token, purpose="hub", audience="site-a.test", now=time.time()).consent == consent.DENIED
+    granted = await client.get(f"/hub/resolve?return={back}", allow_redirects=False, headers=browser("hub.id-hub.test"))
+    assert granted.headers["Set-Cookie"].startswith("fp_hub=")
