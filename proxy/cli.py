@@ -58,6 +58,9 @@ def _build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--id", help="only records whose canonical or original ids include this id")
     logs.add_argument("--event", help="only records with this event name")
     logs.add_argument("--route", help="only records of this route (track, engage, ...)")
+    logs.add_argument(
+        "--outcome", help="only records with this outcome (forwarded, failed, dead_letter, expired, dropped)"
+    )
     logs.add_argument("--json", action="store_true", help="print matching records as JSON lines")
 
     keygen = sub.add_parser(
@@ -232,6 +235,8 @@ def _records(path: Path, follow: bool) -> Iterator[dict[str, Any]]:
 def matches(record: dict[str, Any], args: argparse.Namespace) -> bool:
     if args.route and record.get("route") != args.route:
         return False
+    if getattr(args, "outcome", None) and record.get("outcome") != args.outcome:
+        return False
     if args.event and args.event not in (record.get("events") or []):
         return False
     if args.id:
@@ -261,8 +266,10 @@ def format_record(record: dict[str, Any]) -> str:
         line += f"  attempts {record['attempts']}"
     for r in record.get("rewrites") or []:
         line += f"\n    rewrote {r.get('field')}: {r.get('from')} -> {r.get('to')}"
-    if record.get("reason") or record.get("detail"):
-        line += f"\n    {record.get('reason') or 'error'}: {record.get('detail', '')}"
+    if record.get("detail"):
+        line += f"\n    {record.get('reason') or 'error'}: {record['detail']}"
+    elif record.get("reason"):
+        line += f"\n    {record['reason']}"
     return line
 
 

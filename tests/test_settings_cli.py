@@ -171,6 +171,8 @@ def test_logs_command_filters_and_prints(tmp_path):
         {"time": 1_700_000_002.0, "outcome": "dead_letter", "route": "track", "region": "us", "project": "tok",
          "events": ["Bad"], "count": 1, "canonical_ids": [], "sources": ["none"], "original_ids": [], "rewrites": [],
          "status": 400, "attempts": 1, "latency_ms": 1.0, "reason": "rejected", "detail": "'time' is invalid"},
+        {"time": 1_700_000_003.0, "outcome": "dropped", "reason": "consent: gpc", "route": "track",
+         "project": "tok", "events": ["Page View"], "count": 1, "status": None},
     ]
     log.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records) + b'{"partial')
     out = run_cli("logs", "--file", str(log)).stdout
@@ -179,7 +181,10 @@ def test_logs_command_filters_and_prints(tmp_path):
     out = run_cli("logs", "--file", str(log), "--id", "d-9").stdout
     assert "Checkout" in out and "Page View" not in out
     out = run_cli("logs", "--file", str(log), "--event", "Page View", "--json").stdout
-    assert [orjson.loads(line)["canonical_ids"] for line in out.splitlines()] == [["c-1"]]
+    found = [orjson.loads(line) for line in out.splitlines()]
+    assert [(r["outcome"], r.get("canonical_ids")) for r in found] == [("forwarded", ["c-1"]), ("dropped", None)]
+    out = run_cli("logs", "--file", str(log), "--outcome", "dropped").stdout
+    assert out.count("\n    consent: gpc\n") == 1 and "Checkout" not in out and out.split()[1] == "dropped"
     missing = run_cli("logs", "--file", str(tmp_path / "none.jsonl"))
     assert missing.returncode == 1 and "no forwarded log" in missing.stderr
 
