@@ -17,6 +17,7 @@ from aiocache import SimpleMemoryCache
 from .cookie import CookieJar
 from .cors import OriginPolicy
 from .delivery import Sender
+from .forms import parse_pairs
 from .forwardlog import ForwardedLog
 from .handlers import EVENT_ROUTES, Proxy, Services, error_response, wants_verbose
 from .httpclient import HTTPClient
@@ -99,7 +100,7 @@ class App:
         """The answer to a request the server refused before it was complete
         (too large, malformed): Mixpanel's error shape when the client asked
         for ``verbose``."""
-        query = Request("GET", target, {}, b"", None).query
+        query = parse_pairs(target.partition(b"?")[2].decode("latin-1"))
         return error_response(status, message, wants_verbose(query))
 
     # ---------------------------------------------------------- lifecycle

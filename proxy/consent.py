@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .cookie import cookie_values
+from .cookie import cookie_pairs, cookie_values
 from .settings import ConsentSettings
 
 DENIED = "denied"
@@ -66,8 +66,4 @@ def opt_out_cookie_header(settings: ConsentSettings, domain: str | None, secure:
 
 
 def _mixpanel_opted_out(header: str) -> bool:
-    for part in header.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key.startswith(MIXPANEL_COOKIE_PREFIX) and value.strip().strip('"') == "0":
-            return True
-    return False
+    return any(key.startswith(MIXPANEL_COOKIE_PREFIX) and value == "0" for key, value in cookie_pairs(header))

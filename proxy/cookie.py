@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import re
+from collections.abc import Iterator
 
 from .settings import CookieSettings
 
@@ -39,16 +40,19 @@ def host_matches(host: str, domain: str) -> bool:
     return host == bare or host.endswith("." + bare)
 
 
-def cookie_values(header: str | None, name: str) -> list[str]:
-    """Every value of cookie ``name`` in a ``Cookie`` header, in order."""
+def cookie_pairs(header: str | None) -> Iterator[tuple[str, str]]:
+    """(name, value) of every cookie in a ``Cookie`` header, in order, quotes removed."""
     if not header:
-        return []
-    out = []
+        return
     for part in header.split(";"):
         key, sep, value = part.strip().partition("=")
-        if sep and key == name:
-            out.append(value.strip().strip('"'))
-    return out
+        if sep:
+            yield key, value.strip().strip('"')
+
+
+def cookie_values(header: str | None, name: str) -> list[str]:
+    """Every value of cookie ``name`` in a ``Cookie`` header, in order."""
+    return [value for key, value in cookie_pairs(header) if key == name]
 
 
 class CookieJar:

@@ -30,7 +30,7 @@ from .bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redire
 from .cookie import CookieJar, cookie_values, valid_id
 from .errors import BadRequest
 from .server import Request, Response, json_response
-from .tokens import TokenExpired, TokenInvalid
+from .tokens import TokenClaims, TokenExpired, TokenInvalid
 
 if TYPE_CHECKING:
     from .handlers import Proxy, Visit
@@ -130,20 +130,24 @@ class CrossDomain:
     def _consent(self, request: Request) -> str:
         return consent.state(request.headers, self.p.s.settings.consent)
 
-    def token_consent(self, token: str, host: str) -> str | None:
-        """The consent a valid token for this host carries, without redeeming it."""
-        cfg = self._cfg
-        audience = linked_domain(host, cfg.linked_domains)
-        if audience is None:
-            return None
+    def _open(self, token: str, audience: str) -> tuple[TokenClaims | None, str]:
+        """(claims, purpose) of a valid bridge or hub token for ``audience``,
+        else (None, why it was refused)."""
+        result = "invalid"
         for purpose in (PURPOSE_BRIDGE, PURPOSE_HUB):
             try:
-                return cfg.keys.open(token, purpose=purpose, audience=audience, now=time.time()).consent
+                return self._cfg.keys.open(token, purpose=purpose, audience=audience, now=time.time()), purpose
             except TokenExpired:
-                return None
-            except TokenInvalid:
-                continue
-        return None
+                return None, "expired"
+            except TokenInvalid as exc:
+                result = f"invalid ({exc})"
+        return None, result
+
+    def token_consent(self, token: str, host: str) -> str | None:
+        """The consent a valid token for this host carries, without redeeming it."""
+        audience = linked_domain(host, self._cfg.linked_domains)
+        claims = self._open(token, audience)[0] if audience is not None else None
+        return claims.consent if claims is not None else None
 
     def _count(self, result: str) -> None:
         self.p.s.metrics.tokens.labels(result).inc()
@@ -156,21 +160,10 @@ class CrossDomain:
             self._count("unlinked_host")
             log.warning("identity token presented on %s, which is not in identity.linked_domains; ignored", host)
             return None
-        claims = None
-        result = "invalid"
-        for purpose in (PURPOSE_BRIDGE, PURPOSE_HUB):
-            try:
-                claims = cfg.keys.open(token, purpose=purpose, audience=audience, now=time.time())
-            except TokenExpired:
-                result = "expired"
-                break
-            except TokenInvalid as exc:
-                result = f"invalid ({exc})"
-                continue
-            break
+        claims, outcome = self._open(token, audience)
         if claims is None:
-            self._count(result.split(" ")[0])
-            log.info("identity token refused on %s: %s", host, result)
+            self._count(outcome.split(" ")[0])
+            log.info("identity token refused on %s: %s", host, outcome)
             return None
         owner = incoming[0] if incoming else "-"
         first = await self.p.s.store.claim_once("token:" + claims.token_id, owner, cfg.token_ttl_seconds + 60)
@@ -178,7 +171,7 @@ class CrossDomain:
             self._count("replayed")
             log.warning("identity token replayed on %s by another browser; ignored", host)
             return None
-        source = purpose
+        source = outcome  # the token's purpose: bridge or hub
         if first is None:
             self._count(f"redeemed_{source}")
         return claims.canonical_id, source

@@ -136,6 +136,13 @@ def error_response(status: int, message: str, verbose: bool) -> Response:
     return Response(status=status, text="0", content_type="text/plain")
 
 
+def accepted_response(verbose: bool) -> Response:
+    """Mixpanel's "accepted": ``{"status":1,"error":null}``, or ``1`` when not verbose."""
+    if verbose:
+        return Response(body=b'{"status":1,"error":null}', content_type="application/json")
+    return Response(text="1", content_type="text/plain")
+
+
 def event_names(route: str, events: list[dict[str, Any]]) -> list[str]:
     if route in ("track", "import"):
         return [str(e.get("event", "")) for e in events]
@@ -386,9 +393,6 @@ class Proxy:
         verbose = wants_verbose(request.query)
         return error_response(404, f"unknown endpoint {request.path}", verbose)
 
-    async def preflight_route(self, request: Request) -> Response:
-        return self.preflight(request)
-
     def preflight(self, request: Request) -> Response:
         headers = self.s.origins.preflight_headers(request.headers.get("origin"))
         if headers is None:
@@ -427,12 +431,8 @@ class Proxy:
         if visit.browser and route in SPOOLED_ROUTES:
             refused = self._refused(request, visit, token)
             if refused:
-                answer = (
-                    Response(body=b'{"status":1,"error":null}', content_type="application/json")
-                    if verbose
-                    else Response(text="1", content_type="text/plain")
-                )
                 names = event_names(route, events)
+                answer = accepted_response(verbose)
                 return self._drop(visit, route, names, len(events), project_token(route, events), refused, answer)
         if mentioned:
             stripped = self._strip_tokens(route, events)
@@ -526,11 +526,7 @@ class Proxy:
         self.s.metrics.accepted(route, len(rows))
         for region in regions:
             self.s.sender.notify(region)
-        if verbose:
-            response = Response(body=b'{"status":1,"error":null}', content_type="application/json")
-        else:
-            response = Response(text="1", content_type="text/plain")
-        return self._finish(response, visit, resolution, route)
+        return self._finish(accepted_response(verbose), visit, resolution, route)
 
     async def query_route(
         self, request: Request, route: str, path: str, endpoint: Endpoint | None
