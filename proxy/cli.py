@@ -112,8 +112,9 @@ def tune_gc() -> None:
     long as the process: freeze it out of the collector's walks. A request's
     objects die by reference counting; the default young-generation threshold
     (700 net allocations) made the collector run every ~40 requests under load
-    for nothing, about 5 µs per request measured. Cycles are still collected,
-    just in larger batches."""
+    for nothing, about 5 µs per request (timed with ``gc.callbacks`` during a
+    ``bench/cpu.sh spool`` load). Cycles are still collected, just in larger
+    batches."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)

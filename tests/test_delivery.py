@@ -435,24 +435,3 @@ async def test_a_large_group_commit_hands_the_sender_the_ids_on_disk(tmp_path):
     await spool.close()
     assert handed == on_disk and len(on_disk) == 601
     assert [b for _, b in on_disk[:3]] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
-
-
-async def test_a_new_spool_uses_8k_pages_and_an_old_one_keeps_its_own(tmp_path):
-    from proxy.spool import Spool
-
-    fresh = Spool(tmp_path / "new.sqlite3", max_rows=10)
-    await fresh.open()
-    await fresh.close()
-    old_path = tmp_path / "old.sqlite3"
-    with sqlite3.connect(old_path) as c:
-        c.execute("PRAGMA page_size=4096")
-        c.execute("PRAGMA journal_mode=WAL")
-        c.execute("CREATE TABLE t (x)")
-    old = Spool(old_path, max_rows=10)
-    await old.open()
-    await old.close()
-    sizes = []
-    for path in (tmp_path / "new.sqlite3", old_path):
-        with sqlite3.connect(path) as c:
-            sizes.append(c.execute("PRAGMA page_size").fetchone()[0])
-    assert sizes == [8192, 4096]

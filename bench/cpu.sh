@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# CPU per request at 64 connections, for taking the proxy's cost apart:
+#   bench/cpu.sh KIND [runs]
+#   KIND: sync | spool | spool-no-sqlite | spool-no-sender | floor-app | floor-httptools
+# The measured server is pinned to CPU 0, wrk and a fast nginx upstream to CPU 1;
+# the bench's mixpanel-js-shaped POST; prints req/s and CPU µs/req (utime+stime
+# of the server process over requests completed) for each 5 s run. Interleave
+# kinds when comparing: these machines are noisy. Everything on 127.0.0.1;
+# stops what it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind=${1:-spool}; runs=${2:-3}
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+py=$(python3 -c 'import sys; print(sys.executable)')
+tmp=$(mktemp -d); pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+up=$(port); px=$(port)
+cat > "$tmp/up.conf" <<NGX
+worker_processes 1; pid $tmp/up.pid; error_log $tmp/up.err warn; daemon off;
+events { worker_connections 1024; }
+http { access_log off; client_body_temp_path $tmp/b; keepalive_requests 100000000;
+  server { listen 127.0.0.1:$up; location / { default_type application/json; return 200 '{"status":1,"error":null}'; } } }
+NGX
+taskset -c 1 nginx -p "$tmp" -c "$tmp/up.conf" & pids+=($!)
+# The same request body as bench/instructions.sh.
+sed -n '/^python3 - "\$tmp\/post.lua"/,/^PY$/p' bench/instructions.sh > "$tmp/post.sh"
+tmp=$tmp bash "$tmp/post.sh"
+mode=${kind%%-*}
+printf '[server]\ndata_dir = "%s/data"\n[upstream]\nus = "http://127.0.0.1:%s"\n[cookie]\nsecure = false\nsecret = "cpu-bench-secret-cpu-bench-secret"\n[delivery]\nmode = "%s"\n' \
+  "$tmp" "$up" "$mode" > "$tmp/proxy.toml"
+serve=(serve --config "$tmp/proxy.toml" --port "$px")
+case "$kind" in
+  sync|spool) cmd=("$py" -m proxy "${serve[@]}") ;;
+  spool-no-sqlite) cmd=("$py" bench/ablate.py no-sqlite "${serve[@]}") ;;
+  spool-no-sender) cmd=("$py" bench/ablate.py no-sender "${serve[@]}") ;;
+  floor-app) cmd=("$py" bench/floor_app.py "$px" app) ;;
+  floor-httptools) cmd=("$py" bench/floor_app.py "$px" httptools) ;;
+  *) echo "usage: $0 sync|spool|spool-no-sqlite|spool-no-sender|floor-app|floor-httptools [runs]" >&2; exit 2 ;;
+esac
+taskset -c 0 "${cmd[@]}" > "$tmp/server.log" 2>&1 & pp=$!; pids+=($pp)
+for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$px/healthz" && break; sleep 0.2; done
+url="http://127.0.0.1:$px/mp/track/?verbose=1&ip=1"
+taskset -c 1 wrk -t1 -c64 -d2s -s "$tmp/post.lua" "$url" >/dev/null  # warm-up
+tick=$(getconf CLK_TCK)
+for r in $(seq "$runs"); do
+  c0=$(awk '{print $14+$15}' "/proc/$pp/stat")
+  out=$(taskset -c 1 wrk -t2 -c64 -d5s -s "$tmp/post.lua" "$url")
+  sleep 0.3
+  c1=$(awk '{print $14+$15}' "/proc/$pp/stat")
+  n=$(echo "$out" | awk '/requests in/{print $1}'); rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
+  python3 -c "print('$kind run $r: %s req/s, %.1f CPU µs/req' % ('$rps', ($c1 - $c0) * 1e6 / $tick / $n))"
+done
