@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy import cli, delivery, spool  # noqa: E402
+from proxy import cli  # noqa: E402
+from proxy.services import delivery, spool  # noqa: E402
 
 
 def without_sqlite() -> None:

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson  # noqa: E402
 
-from proxy import codec  # noqa: E402
-from proxy.app import create_app  # noqa: E402
-from proxy.handlers import _prepare_event, accepted_response, project_token  # noqa: E402
-from proxy.identity import anonymous_ids, is_anonymous  # noqa: E402
+from proxy.core import codec  # noqa: E402
+from proxy.web.app import create_app  # noqa: E402
+from proxy.web.handlers import _prepare_event, accepted_response, project_token  # noqa: E402
+from proxy.core.identity import anonymous_ids, is_anonymous  # noqa: E402
 from proxy.server import HTTPServer, Request, _Connection  # noqa: E402
 from proxy.settings import build_settings  # noqa: E402
 

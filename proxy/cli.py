@@ -123,7 +123,7 @@ def tune_gc() -> None:
 async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
     """Open the services, accept until SIGTERM/SIGINT, then shut down in order:
     stop accepting, finish in-flight requests, flush the spool, close."""
-    from .app import create_app
+    from .web.app import create_app
 
     app = create_app(settings)
     loop = asyncio.get_running_loop()
@@ -158,7 +158,7 @@ def stray_spools(base: Path, workers: int, look_ahead: int = 64) -> list[Path]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_for(args)
-    from .upstream import Upstreams
+    from .services.upstream import Upstreams
 
     Upstreams.from_settings(settings.upstream)  # fail on bad URLs before forking
     workers = settings.server.workers
@@ -295,7 +295,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from .tokens import KeyRing, generate_key_line
+    from .core.tokens import KeyRing, generate_key_line
 
     try:
         line = generate_key_line(args.id)
@@ -340,7 +340,7 @@ def _spool_files(args: argparse.Namespace) -> list[Path]:
 
 
 def cmd_spool_stats(args: argparse.Namespace) -> int:
-    from .spool import connect, stats_of
+    from .services.spool import connect, stats_of
 
     stats: dict[str, Any] = {"depth": 0, "oldest_age_seconds": 0.0, "depth_by_region": {}, "dead_letters": 0,
                              "dead_by_reason": {}, "files": []}
@@ -370,7 +370,7 @@ def cmd_spool_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .spool import connect, replay
+    from .services.spool import connect, replay
 
     moved = 0
     for path in _spool_files(args):

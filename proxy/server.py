@@ -47,7 +47,7 @@ import httptools
 import orjson
 from multidict import CIMultiDict
 
-from .forms import parse_pairs
+from .core.forms import parse_pairs
 
 log = logging.getLogger(__name__)
 

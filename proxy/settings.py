@@ -524,7 +524,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
 
 
 def _identity(values: dict[str, Any], data_dir: Path) -> IdentitySettings:
-    from .tokens import KeyRing, generate_key_line
+    from .core.tokens import KeyRing, generate_key_line
 
     key = "identity.keys_file"
     path = Path(values["keys_file"]) if values.get("keys_file") else data_dir / "identity_keys"

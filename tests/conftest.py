@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
-from proxy.app import create_app
+from proxy.web.app import create_app
 from proxy.settings import Settings, build_settings
 from tests.fakeupstream import FakeUpstream
 from tests.support import ProxyClient

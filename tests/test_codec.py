@@ -12,7 +12,7 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from proxy import codec
+from proxy.core import codec
 from proxy.errors import BadRequest, PayloadTooLarge
 from tests.conftest import b64_body, device_id, js_event, json_body
 

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import orjson
 import pytest
 
-from proxy import consent
+from proxy.core import consent
 from proxy.settings import ConsentSettings
 from tests.conftest import BROWSER, TOKEN, b64_body, canonical_of, cookie_from, device_id, js_event
 

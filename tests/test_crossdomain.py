@@ -9,8 +9,8 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
 
-from proxy.app import create_app
-from proxy.tokens import KeyRing, generate_key_line
+from proxy.web.app import create_app
+from proxy.core.tokens import KeyRing, generate_key_line
 from tests.conftest import b64_body, canonical_of, cookie_from, device_id, js_event, make_settings
 
 A = "www.site-a.test"
@@ -304,7 +304,7 @@ async def test_token_redeemed_once_across_processes_sharing_redis(serve_proxy, t
 
 
 def test_device_change_classification():
-    from proxy.identity import device_change
+    from proxy.core.identity import device_change
 
     week = 7 * 86400
     now = 1_800_000_000.0

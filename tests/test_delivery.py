@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from aiohttp import web
 
-from proxy.app import create_app
-from proxy.delivery import backoff_delay, classify, parse_retry_after
+from proxy.web.app import create_app
+from proxy.services.delivery import backoff_delay, classify, parse_retry_after
 from proxy.httpclient import Response
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 from tests.support import free_port
@@ -370,7 +370,7 @@ async def test_spool_stats_and_replay_cli(serve_proxy, tmp_path, upstream):
 async def test_an_unexpected_error_while_sending_keeps_the_batch(serve_proxy, tmp_path, upstream, monkeypatch):
     """A bug in the send path (here: the answer classifier raising once) must not
     strand the batch: it is retried after the backoff and delivered."""
-    import proxy.delivery as delivery
+    import proxy.services.delivery as delivery
 
     real = delivery.classify
     calls = {"n": 0}
@@ -391,7 +391,7 @@ async def test_an_unexpected_error_while_sending_keeps_the_batch(serve_proxy, tm
 
 @given(st.sets(st.integers(min_value=1, max_value=200), max_size=60))
 def test_id_runs_cover_exactly_the_acknowledged_ids(ids):
-    from proxy.spool import id_runs
+    from proxy.services.spool import id_runs
 
     runs = id_runs(ids)
     covered = [i for a, b in runs for i in range(a, b + 1)]
@@ -400,7 +400,7 @@ def test_id_runs_cover_exactly_the_acknowledged_ids(ids):
 
 
 async def test_old_spool_with_region_index_is_migrated(tmp_path):
-    from proxy.spool import NewRow, Spool
+    from proxy.services.spool import NewRow, Spool
 
     path = tmp_path / "spool.sqlite3"
     with sqlite3.connect(path) as c:  # what 0.1.0 created
@@ -423,7 +423,7 @@ async def test_old_spool_with_region_index_is_migrated(tmp_path):
 async def test_a_large_group_commit_hands_the_sender_the_ids_on_disk(tmp_path):
     """Rows go in by multi-row statements (256 a statement): the ids the
     sender is handed must be the ones SQLite assigned, row for row."""
-    from proxy.spool import NewRow, Spool
+    from proxy.services.spool import NewRow, Spool
 
     spool = Spool(tmp_path / "spool.sqlite3", max_rows=10_000)
     await spool.open()

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.app import create_app
+from proxy.web.app import create_app
 from proxy.settings import load_settings
 from tests.conftest import b64_body, device_id, js_event, make_settings
 from tests.support import free_port, self_signed

@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from proxy.clientip import client_ip
-from proxy.cookie import CookieJar, host_matches
-from proxy.cors import OriginPolicy
+from proxy.core.clientip import client_ip
+from proxy.core.cookie import CookieJar, host_matches
+from proxy.core.cors import OriginPolicy
 from proxy.settings import CookieSettings
 
 JAR = CookieJar(CookieSettings(domains=(".example.com", ".brand-b.test"), secret=b"k" * 32))

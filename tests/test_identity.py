@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
-from proxy import identity
-from proxy.identity import SOURCE_ALIAS, SOURCE_COOKIE, SOURCE_NEW, SOURCE_NONE
-from proxy.rewrite import map_id, rewrite_events, rewrite_flags_context, rewrite_query
+from proxy.core import identity
+from proxy.core.identity import SOURCE_ALIAS, SOURCE_COOKIE, SOURCE_NEW, SOURCE_NONE
+from proxy.core.rewrite import map_id, rewrite_events, rewrite_flags_context, rewrite_query
 from tests.conftest import js_event
 
 D = "0b6f5c2e-9d1a-4a3c-8f7e-1a2b3c4d5e6f"

@@ -244,7 +244,7 @@ async def test_shutdown_lets_running_requests_finish(serve):
 def test_query_pairs_agree_with_the_standard_library(raw):
     from urllib.parse import parse_qsl
 
-    from proxy.forms import parse_pairs
+    from proxy.core.forms import parse_pairs
 
     assert parse_pairs(raw) == parse_qsl(raw, keep_blank_values=True)
 
@@ -304,7 +304,7 @@ async def test_a_handler_outliving_the_shutdown_deadline_ends_quietly(serve, cap
 
 
 async def test_the_app_serves_with_the_timeouts_its_settings_name(serve_proxy, tmp_path, upstream, monkeypatch):
-    from proxy.app import create_app
+    from proxy.web.app import create_app
     from tests.conftest import make_settings
 
     monkeypatch.setattr("proxy.server.SWEEP_SECONDS", 0.05)

@@ -190,7 +190,7 @@ def test_logs_command_filters_and_prints(tmp_path):
 
 
 def test_keygen_rotates_keys(tmp_path):
-    from proxy.tokens import KeyRing
+    from proxy.core.tokens import KeyRing
 
     keys = tmp_path / "keys"
     first = run_cli("keygen", "--file", str(keys), "--id", "k1")

@@ -7,9 +7,9 @@ import uuid
 import pytest
 from aiocache import SimpleMemoryCache
 
-from proxy.app import create_app
+from proxy.web.app import create_app
 from proxy.settings import StoreSettings
-from proxy.store import AliasStore, BoundedMemoryCache
+from proxy.services.store import AliasStore, BoundedMemoryCache
 from tests.conftest import BROWSER, b64_body, canonical_of, cookie_from, device_id, js_event, json_body, make_settings
 
 REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.tokens import (
+from proxy.core.tokens import (
     KeyRing,
     TokenClaims,
     TokenError,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy.app import create_app
+from proxy.web.app import create_app
 from tests.conftest import TOKEN, make_settings
 from tests.e2e.harness import Site, add_site_routes
 from tests.fakeupstream import FakeUpstream

@@ -28,7 +28,7 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
-from proxy.app import App
+from proxy.web.app import App
 from proxy.server import HTTPServer, Request, Response, json_response
 
 from tests.fakeupstream import FakeUpstream, Recorded

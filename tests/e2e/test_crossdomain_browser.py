@@ -38,8 +38,8 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import pytest
 
-import proxy.crossdomain
-from proxy.app import create_app
+import proxy.web.crossdomain
+from proxy.web.app import create_app
 from proxy.server import Request, Response, json_response
 from tests.conftest import TOKEN, canonical_of, make_settings
 from tests.e2e.conftest import COOKIE, CORS
@@ -129,7 +129,7 @@ async def xsite(
     add_site_routes(site)
     if param.get("clock"):
         clock = TokenClock()
-        monkeypatch.setattr(proxy.crossdomain, "time", clock)
+        monkeypatch.setattr(proxy.web.crossdomain, "time", clock)
 
         async def advance(request: Request) -> Response:
             clock.offset += float(request.query_get("advance") or 0)

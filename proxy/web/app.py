@@ -14,19 +14,19 @@ from collections.abc import Awaitable, Callable
 
 from aiocache import SimpleMemoryCache
 
-from .cookie import CookieJar
-from .cors import OriginPolicy
-from .delivery import Sender
-from .forms import parse_pairs
-from .forwardlog import ForwardedLog
+from ..core.cookie import CookieJar
+from ..core.cors import OriginPolicy
+from ..services.delivery import Sender
+from ..core.forms import parse_pairs
+from ..services.forwardlog import ForwardedLog
 from .handlers import EVENT_ROUTES, Proxy, Services, error_response, wants_verbose
-from .httpclient import HTTPClient
-from .metrics import Metrics
-from .server import HTTPServer, Request, Response
-from .settings import Settings
-from .spool import Spool
-from .store import AliasStore
-from .upstream import Upstreams
+from ..httpclient import HTTPClient
+from ..services.metrics import Metrics
+from ..server import HTTPServer, Request, Response
+from ..settings import Settings
+from ..services.spool import Spool
+from ..services.store import AliasStore
+from ..services.upstream import Upstreams
 
 Handler = Callable[[Request], Awaitable[Response]]
 ANY = None  # a route that takes every method

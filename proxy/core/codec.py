@@ -27,7 +27,7 @@ from urllib.parse import quote_from_bytes
 
 import orjson
 
-from .errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest, PayloadTooLarge
 from .forms import parse_pairs
 
 MAX_EVENTS = 2000

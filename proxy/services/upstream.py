@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError, UpstreamError
-from .httpclient import Endpoint, HTTPClient, HTTPClientError, RequestTimeout, Response
-from .settings import REGIONS, UpstreamSettings
+from ..errors import ConfigError, UpstreamError
+from ..httpclient import Endpoint, HTTPClient, HTTPClientError, RequestTimeout, Response
+from ..settings import REGIONS, UpstreamSettings
 
 # Headers passed through from the client on every route.
 _PASS_HEADERS = ("user-agent", "accept", "accept-language", "traceparent", "tracestate")

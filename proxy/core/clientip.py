@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Sequence
 from functools import lru_cache
 
-from .settings import IPNetwork
+from ..settings import IPNetwork
 
 
 @lru_cache(maxsize=4096)

@@ -21,7 +21,7 @@ from aiocache import Cache, SimpleMemoryCache
 from aiocache.base import BaseCache
 from aiocache.serializers import StringSerializer
 
-from .settings import StoreSettings
+from ..settings import StoreSettings
 
 log = logging.getLogger(__name__)
 

@@ -30,17 +30,18 @@ from urllib.parse import urlencode
 import orjson
 from aiocache.base import BaseCache
 
-from . import codec, consent
-from .clientip import TrustedProxies, client_ip
-from .cookie import CookieJar, cookie_values
-from .cors import OriginPolicy
-from .errors import BadRequest, UpstreamError
-from .forwardlog import ForwardedLog
-from .httpclient import Endpoint, HTTPClient
-from .httpclient import Response as UpstreamResponse
-from .metrics import CONTENT_TYPE, Metrics
-from .resolver import Resolver
-from .identity import (
+from ..core import codec
+from ..core import consent
+from ..core.clientip import TrustedProxies, client_ip
+from ..core.cookie import CookieJar, cookie_values
+from ..core.cors import OriginPolicy
+from ..errors import BadRequest, UpstreamError
+from ..services.forwardlog import ForwardedLog
+from ..httpclient import Endpoint, HTTPClient
+from ..httpclient import Response as UpstreamResponse
+from ..services.metrics import CONTENT_TYPE, Metrics
+from ..services.resolver import Resolver
+from ..core.identity import (
     SOURCE_COOKIE,
     is_anonymous,
     Resolution,
@@ -49,14 +50,14 @@ from .identity import (
     server_lookup_ids,
     strip_device,
 )
-from .bridge import find_token, strip_event, strip_param
-from .delivery import Sender, event_seconds
-from .rewrite import Rewrite, rewrite_event, rewrite_flags_context, rewrite_query
-from .server import Request, Response, json_response
-from .settings import Settings
-from .spool import NewRow, Spool, SpoolFull
-from .store import AliasStore
-from .upstream import Upstreams, request_headers, response_headers, send
+from ..core.bridge import find_token, strip_event, strip_param
+from ..services.delivery import Sender, event_seconds
+from ..core.rewrite import Rewrite, rewrite_event, rewrite_flags_context, rewrite_query
+from ..server import Request, Response, json_response
+from ..settings import Settings
+from ..services.spool import NewRow, Spool, SpoolFull
+from ..services.store import AliasStore
+from ..services.upstream import Upstreams, request_headers, response_headers, send
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import hmac
 import re
 from collections.abc import Iterator
 
-from .settings import CookieSettings
+from ..settings import CookieSettings
 
 _TAG_CONTEXT = b"fp1:"
 _TAG_LEN = 22  # base64url characters of 16 bytes

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import consent
-from .bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
-from .cookie import CookieJar, cookie_values, valid_id
-from .errors import BadRequest
-from .server import Request, Response, json_response
-from .tokens import TokenClaims, TokenExpired, TokenInvalid
+from ..core import consent
+from ..core.bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
+from ..core.cookie import CookieJar, cookie_values, valid_id
+from ..errors import BadRequest
+from ..server import Request, Response, json_response
+from ..core.tokens import TokenClaims, TokenExpired, TokenInvalid
 
 if TYPE_CHECKING:
     from .handlers import Proxy, Visit
@@ -186,7 +186,7 @@ class CrossDomain:
 
     async def go(self, request: Request) -> Response:
         """``GET /mp/go?to=<url>``: 302 to ``to`` with a fresh token, linked domains only."""
-        from .identity import Resolution
+        from ..core.identity import Resolution
 
         visit = self.p._visit(request)
         try:
@@ -214,7 +214,7 @@ class CrossDomain:
 
     async def bridge(self, request: Request) -> Response:
         """``POST /mp/bridge`` (``to`` in the query, form or JSON body) -> ``{token, expires_in, param, url}``."""
-        from .identity import Resolution
+        from ..core.identity import Resolution
 
         visit = self.p._visit(request)
         to = request.query_get("to")
@@ -255,7 +255,7 @@ class CrossDomain:
 
     async def identity(self, request: Request) -> Response:
         """``GET /mp/id``: the canonical id, CORS only for linked origins."""
-        from .identity import Resolution
+        from ..core.identity import Resolution
 
         visit = self.p._visit(request)
         origin = request.headers.get("origin")

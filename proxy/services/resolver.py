@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .identity import (
+from ..core.identity import (
     DEVICE_RESET,
     DEVICE_SAME,
     SOURCE_COOKIE,
@@ -25,7 +25,7 @@ from .identity import (
     resolve_server,
 )
 from .metrics import Metrics
-from .settings import IdentitySettings
+from ..settings import IdentitySettings
 from .store import AliasStore
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .cookie import host_matches
-from .errors import BadRequest
+from ..errors import BadRequest
 
 PURPOSE_BRIDGE = "bridge"
 PURPOSE_HUB = "hub"

@@ -43,9 +43,9 @@ from typing import Any
 import orjson
 
 from .forwardlog import ForwardedLog
-from .httpclient import Endpoint, HTTPClient, HTTPClientError, Response
+from ..httpclient import Endpoint, HTTPClient, HTTPClientError, Response
 from .metrics import Metrics
-from .settings import DeliverySettings
+from ..settings import DeliverySettings
 from .spool import DeadLetter, Row, Spool
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .cookie import cookie_pairs, cookie_values
-from .settings import ConsentSettings
+from ..settings import ConsentSettings
 
 DENIED = "denied"
 GRANTED = "granted"  # no refusal signal: the site's own consent flow decides the rest
