@@ -122,23 +122,21 @@ def tune_gc() -> None:
 
 async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
     """Open the services, accept until SIGTERM/SIGINT, then shut down in order:
-    stop accepting, finish in-flight requests, flush the spool, close."""
+    stop accepting, finish in-flight requests, drain the sender, close."""
     from .web.app import create_app
+    from .web.serve import serve
 
     app = create_app(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await app.start()
+    serving = await serve(app, settings.server, reuse_port=reuse_port, shutdown_timeout=SHUTDOWN_SECONDS)
     tune_gc()
-    server = app.http_server()
     try:
-        await server.listen(settings.server.host, settings.server.port, reuse_port=reuse_port)
         await stop.wait()
     finally:
-        await server.shutdown(SHUTDOWN_SECONDS)
-        await app.stop()
+        await serving.stop()
 
 
 def worker_spool(base: Path, index: int) -> Path:

@@ -3,10 +3,14 @@
     ProxyError
     ├── ConfigError        bad settings; the CLI prints it as one line, exit 2
     ├── BadRequest         the client sent something we refuse (HTTP 400)
-    │   └── PayloadTooLarge  body or decompressed body over the limit (HTTP 413)
+    │   ├── PayloadTooLarge  body or decompressed body over the limit (HTTP 413)
+    │   └── RequestTimeout   the body arrived too slowly (HTTP 408)
     └── UpstreamError      the vendor could not be reached or answered nonsense
+        ├── UpstreamTimeout      no complete answer within the route's timeout
+        ├── UpstreamUnreachable  DNS, refused or reset connections, a proxy that failed
+        └── UpstreamTLSError     the upstream's certificate did not verify
 
-Low-level errors (binascii, zlib, orjson, httpclient) are wrapped into these
+Low-level errors (binascii, zlib, orjson, aiohttp's client) are wrapped into these
 with ``raise X(...) from exc`` at the module that meets them, so handlers only
 ever catch this tree.
 """
@@ -36,5 +40,22 @@ class PayloadTooLarge(BadRequest):
     status = 413
 
 
+class RequestTimeout(BadRequest):
+    status = 408
+
+
 class UpstreamError(ProxyError):
     """The upstream could not be reached in time or its answer could not be read."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No complete answer within the timeout: retried (spool) or answered 504/502 (sync)."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """The connection could not be made or broke before an answer arrived."""
+
+
+class UpstreamTLSError(UpstreamUnreachable):
+    """The upstream's certificate did not verify against the system store or
+    ``upstream.ca_file``: never sent to, retried like any unreachable upstream."""

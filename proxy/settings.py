@@ -65,6 +65,8 @@ class UpstreamSettings:
     projects: Mapping[str, str] = field(default_factory=dict)
     timeout_seconds: float = 10.0
     max_connections: int = 100
+    # A PEM bundle trusted beside the system store (a private CA, a TLS-inspecting egress proxy).
+    ca_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +363,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "projects": _projects,
         "timeout_seconds": _float(0.1, 600),
         "max_connections": _int(1, 10_000),
+        "ca_file": _str,
     },
     "cookie": {
         "name": _cookie_name,

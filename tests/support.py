@@ -55,35 +55,38 @@ def self_signed(directory: Path, *names: str) -> tuple[Path, Path]:
 
 
 class ProxyClient:
-    """The proxy app served by the real HTTP server on 127.0.0.1, and an
-    aiohttp session pointed at it (cookies kept, IP hosts included, as a
-    browser on the site would)."""
+    """The proxy app served by aiohttp's runner on 127.0.0.1 (as ``firstparty
+    serve`` runs it), and an aiohttp session pointed at it (cookies kept, IP
+    hosts included, as a browser on the site would)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.server: Any = None
+        self.serving: Any = None
         self.session: Any = None
         self.port = 0
 
     async def start(self) -> "ProxyClient":
         import aiohttp
 
-        await self.app.start()
-        self.server = self.app.http_server()
-        self.port = await self.server.listen("127.0.0.1", 0)
+        from proxy.web.app import SETTINGS
+        from proxy.web.serve import serve
+
+        self.serving = await serve(self.app, self.app[SETTINGS].server, host="127.0.0.1", port=0, shutdown_timeout=5)
+        self.port = self.serving.port
         self.session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         return self
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
-        if self.server is not None:
-            await self.server.shutdown(5)
-        await self.app.stop()
+        if self.serving is not None:
+            await self.serving.stop()
 
     @property
     def services(self) -> Any:
-        return self.app.services
+        from proxy.web.app import SERVICES
+
+        return self.app[SERVICES]
 
     def make_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -20,7 +20,9 @@ from aiohttp import web
 
 from proxy.web.app import create_app
 from proxy.services.delivery import backoff_delay, classify, parse_retry_after
-from proxy.httpclient import Response
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.services.upstream import UpstreamResponse
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 from tests.support import free_port
 from tests.fakeupstream import FakeUpstream, Recorded
@@ -86,7 +88,7 @@ def assert_backoff_respected(upstream: FakeUpstream, initial: float) -> None:
 
 def test_classify_upstream_answers():
     def r(status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> Response:
-        return Response(status, headers or [], body)
+        return UpstreamResponse(status, CIMultiDictProxy(CIMultiDict(headers or [])), body)
 
     assert classify(r(200, b'{"status":1,"error":null}')).kind == "accepted"
     assert classify(r(200, b"1")).kind == "accepted"

@@ -43,10 +43,11 @@ from typing import Any
 import orjson
 
 from .forwardlog import ForwardedLog
-from ..httpclient import Endpoint, HTTPClient, HTTPClientError, Response
+from ..errors import UpstreamError
 from .metrics import Metrics
 from ..settings import DeliverySettings
 from .spool import DeadLetter, Row, Spool
+from .upstream import Endpoint, UpstreamClient, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Verdict:
     failed: dict[int, str] | None = None
 
 
-def classify(response: Response) -> Verdict:
+def classify(response: UpstreamResponse) -> Verdict:
     """Sort an upstream answer into a class (pure)."""
     status = response.status
     text = response.body[:2000].decode("utf-8", "replace")
@@ -170,7 +171,7 @@ class Sender:
     def __init__(
         self,
         spool: Spool,
-        client: HTTPClient,
+        client: UpstreamClient,
         endpoints: dict[str, Endpoint],
         settings: DeliverySettings,
         forwarded: ForwardedLog,
@@ -379,8 +380,8 @@ class Sender:
                 encode_batch(batch),
                 timeout=self.timeout,
             )
-        except HTTPClientError as exc:
-            self._retry(state, key, batch, None, f"{type(exc).__name__}: {exc}")
+        except UpstreamError as exc:
+            self._retry(state, key, batch, None, str(exc))
             return
         latency = time.perf_counter() - started
         self.metrics.upstream_latency.labels(state.region).observe(latency)

@@ -1,169 +1,162 @@
-"""The application: wires settings into services and routes, once.
+"""The application: an ``aiohttp.web.Application`` built once from settings.
 
-``App.start`` opens the resources (the upstream HTTP client, the alias store,
-the forwarded log, the spool and its sender) and ``App.stop`` closes them, so
-tests and the server get the same lifecycle and nothing outlives the app.
-``App.handle`` is the one entry point the HTTP server calls: a dict lookup
-for every fixed path, a prefix test for ``/mp/...`` and ``/mp-decide/...``.
+``create_app(settings)`` registers the routes and, in ``cleanup_ctx``, the
+resources in the order they depend on each other: the upstream client, the
+alias store, the forwarded log, the metrics, then the spool and its sender.
+aiohttp closes them in the reverse order, so the sender drains through a
+client that is still open and into a spool and log that are still open.
+
+Typed state lives under ``web.AppKey``s (``SETTINGS``, ``SERVICES``); the
+handlers reach the services through the ``Proxy`` they are bound to, so the
+request path does no mapping lookup for them.
+
+Invariants:
+- nothing is opened at import or in ``create_app``: only at start-up, by
+  aiohttp's runner (or the tests' ``aiohttp_client``), and everything opened
+  is closed at clean-up, last opened first;
+- the spool's sender stops only after the server stopped accepting and the
+  in-flight requests finished (clean-up runs after aiohttp's shutdown), and
+  sends what it can within ``delivery.drain_seconds``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiocache import SimpleMemoryCache
+from aiohttp import web
 
 from ..core.cookie import CookieJar
 from ..core.cors import OriginPolicy
 from ..services.delivery import Sender
-from ..core.forms import parse_pairs
 from ..services.forwardlog import ForwardedLog
-from .handlers import EVENT_ROUTES, Proxy, Services, error_response, wants_verbose
-from ..httpclient import HTTPClient
 from ..services.metrics import Metrics
-from ..server import HTTPServer, Request, Response
-from ..settings import Settings
 from ..services.spool import Spool
 from ..services.store import AliasStore
-from ..services.upstream import Upstreams
+from ..services.upstream import UpstreamClient, Upstreams
+from ..settings import Settings
+from .handlers import EVENT_ROUTES, Proxy, Services
+from .http import text_response
 
-Handler = Callable[[Request], Awaitable[Response]]
-ANY = None  # a route that takes every method
+SETTINGS = web.AppKey("settings", Settings)
+SERVICES = web.AppKey("services", Services)
+PROXY = web.AppKey("proxy", Proxy)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 GET = frozenset({"GET", "HEAD"})
 
 
-class App:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.upstreams = Upstreams.from_settings(settings.upstream)  # validates URLs before anything opens
-        self.proxy = proxy = Proxy(settings)
-        self._services: Services | None = None
-        self._closers: list[Callable[[], Awaitable[None]]] = []
-        cross = proxy.cross
-        routes: dict[str, tuple[frozenset[str] | None, Handler]] = {}
-        # The SDKs' hot paths are plain dict hits; everything else under /mp/
-        # reaches the same handler through the prefix test.
-        for name in EVENT_ROUTES:
-            for trailing in ("", "/"):
-                routes[f"/mp/{name}{trailing}"] = (ANY, proxy.event_route(name, f"/{name}{trailing}"))
-        routes["/mp/go"] = (GET, cross.go)
-        routes["/mp/bridge"] = (frozenset({"POST", "OPTIONS"}), self._bridge)
-        routes["/mp/id"] = (GET, cross.identity)
-        routes["/mp/link.js"] = (GET, cross.link_js)
-        routes["/mp/hub.js"] = (GET, cross.hub_js)
-        routes["/hub/resolve"] = (GET, cross.hub_resolve)
-        routes["/hub/ping"] = (GET, cross.hub_ping)
-        routes["/healthz"] = (GET, proxy.healthz)
-        routes["/readyz"] = (GET, proxy.readyz)
-        routes["/metrics"] = (GET, proxy.metrics)
-        self._routes = routes
+def only(methods: frozenset[str], handler: Handler) -> Handler:
+    """``handler`` for ``methods``; 405 with ``Allow`` for the others. The
+    catch-all ``/mp/...`` route would otherwise take the request and answer 404."""
+    allow = ", ".join(sorted(methods))
 
-    @property
-    def services(self) -> Services:
-        assert self._services is not None, "the app is not started"
-        return self._services
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if request.method not in methods:
+            return text_response(f"{request.method} is not allowed here\n", status=405, headers={"Allow": allow})
+        return await handler(request)
 
-    async def handle(self, request: Request) -> Response:
-        route = self._routes.get(request.path)
-        if route is not None:
-            methods, handler = route
-            if methods is not None and request.method not in methods:
-                allow = ", ".join(sorted(methods))
-                return Response(status=405, text=f"{request.method} is not allowed here\n", headers={"Allow": allow})
-            return await handler(request)
-        path = request.path
-        if path.startswith("/mp/"):
-            return await self.proxy.mp(request)
-        if path.startswith("/mp-decide/"):
-            return await self.proxy.mp_decide(request)
-        return Response(status=404, text="404: Not Found\n")
+    return checked
 
-    async def _bridge(self, request: Request) -> Response:
-        if request.method == "OPTIONS":
-            return self.proxy.preflight(request)
-        return await self.proxy.cross.bridge(request)
 
-    def http_server(self, handler: Handler | None = None) -> HTTPServer:
-        """The HTTP front end for this app, with the limits its settings name;
-        ``handler`` wraps ``handle`` (the tests' pages)."""
-        server = self.settings.server
-        return HTTPServer(
-            handler or self.handle,
-            max_body=server.max_body_bytes,
-            keepalive_timeout=server.keepalive_timeout_seconds,
-            request_timeout=server.request_timeout_seconds,
-            refusal=self.refusal,
-        )
+def create_app(settings: Settings) -> web.Application:
+    upstreams = Upstreams.from_settings(settings.upstream)  # validates URLs before anything opens
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app[SETTINGS] = settings
+    proxy = app[PROXY] = Proxy(settings)
+    cross = proxy.cross
 
-    def refusal(self, status: int, message: str, target: bytes) -> Response:
-        """The answer to a request the server refused before it was complete
-        (too large, malformed): Mixpanel's error shape when the client asked
-        for ``verbose``."""
-        query = parse_pairs(target.partition(b"?")[2].decode("latin-1"))
-        return error_response(status, message, wants_verbose(query))
+    add = app.router.add_route
+    # The SDKs' hot paths are plain resources (one dict hit in aiohttp's
+    # router); every other spelling under /mp/ reaches the same handler
+    # through the catch-all below (``/mp//track/``, route names in any case).
+    for name in EVENT_ROUTES:
+        for trailing in ("", "/"):
+            add("*", f"/mp/{name}{trailing}", proxy.event_route(name, f"/{name}{trailing}"))
+    add("*", "/mp/go", only(GET, cross.go))
+    add("*", "/mp/bridge", only(frozenset({"POST", "OPTIONS"}), proxy.bridge))
+    add("*", "/mp/id", only(GET, cross.identity))
+    add("*", "/mp/link.js", only(GET, cross.link_js))
+    add("*", "/mp/hub.js", only(GET, cross.hub_js))
+    add("*", "/hub/resolve", only(GET, cross.hub_resolve))
+    add("*", "/hub/ping", only(GET, cross.hub_ping))
+    add("*", "/healthz", only(GET, proxy.healthz))
+    add("*", "/readyz", only(GET, proxy.readyz))
+    add("*", "/metrics", only(GET, proxy.metrics))
+    add("*", "/mp/{tail:.*}", proxy.mp)
+    add("*", "/mp-decide/{tail:.*}", proxy.mp_decide)
 
-    # ---------------------------------------------------------- lifecycle
+    app.cleanup_ctx.append(_services(settings, upstreams, proxy))
+    return app
 
-    async def start(self) -> None:
-        settings = self.settings
-        client = HTTPClient(
-            max_connections_per_host=settings.upstream.max_connections,
-            timeout=settings.upstream.timeout_seconds,
-        )
-        self._closers.append(client.close)
-        store = AliasStore.from_settings(settings.store)
-        self._closers.append(store.close)
-        forwarded = ForwardedLog(
-            settings.forwarded_log_path, max_bytes=settings.log.max_bytes, backups=settings.log.backups
-        )
-        forwarded.start()
-        self._closers.append(forwarded.close)
-        metrics = Metrics()
-        spool = sender = None
-        if settings.delivery.mode == "spool":
-            spool = Spool(settings.spool_path, max_rows=settings.delivery.max_rows, fsync=settings.delivery.fsync)
-            await spool.open()
-            self._closers.append(spool.close)
-            sender = Sender(
-                spool,
-                client,
-                dict(self.upstreams.regions),
-                settings.delivery,
-                forwarded,
+
+def _services(
+    settings: Settings, upstreams: Upstreams, proxy: Proxy
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        """Open every resource, hand them to the handlers, close them in reverse."""
+        closers: list[Callable[[], Awaitable[None]]] = []
+        try:
+            client = UpstreamClient(
+                max_connections_per_host=settings.upstream.max_connections,
                 timeout=settings.upstream.timeout_seconds,
-                metrics=metrics,
+                ca_file=settings.upstream.ca_file,
             )
-            spool.on_commit = sender.accept
-            sender.start()
+            await client.open()
+            closers.append(client.close)
+            store = AliasStore.from_settings(settings.store)
+            closers.append(store.close)
+            forwarded = ForwardedLog(
+                settings.forwarded_log_path, max_bytes=settings.log.max_bytes, backups=settings.log.backups
+            )
+            forwarded.start()
+            closers.append(forwarded.close)
+            metrics = Metrics()
+            spool = sender = None
+            if settings.delivery.mode == "spool":
+                spool = Spool(settings.spool_path, max_rows=settings.delivery.max_rows, fsync=settings.delivery.fsync)
+                await spool.open()
+                closers.append(spool.close)
+                sender = Sender(
+                    spool,
+                    client,
+                    dict(upstreams.regions),
+                    settings.delivery,
+                    forwarded,
+                    timeout=settings.upstream.timeout_seconds,
+                    metrics=metrics,
+                )
+                spool.on_commit = sender.accept
+                sender.start()
+                closers.append(_stopper(sender, settings.delivery.drain_seconds))
+            services = Services(
+                settings=settings,
+                jar=CookieJar(settings.cookie),
+                origins=OriginPolicy(settings.cors.allowed_origins),
+                store=store,
+                upstreams=upstreams,
+                client=client,
+                forwarded=forwarded,
+                lib_cache=SimpleMemoryCache(timeout=None),
+                metrics=metrics,
+                spool=spool,
+                sender=sender,
+            )
+            app[SERVICES] = services
+            proxy.bind(services)
+            yield
+        finally:
+            while closers:
+                await closers.pop()()
 
-            async def stop_sender() -> None:
-                # The server has stopped accepting and in-flight requests are done:
-                # send what can be sent within drain_seconds, keep the rest spooled.
-                deadline = asyncio.get_running_loop().time() + settings.delivery.drain_seconds
-                await sender.stop(deadline)
-
-            self._closers.append(stop_sender)
-        self._services = Services(
-            settings=settings,
-            jar=CookieJar(settings.cookie),
-            origins=OriginPolicy(settings.cors.allowed_origins),
-            store=store,
-            upstreams=self.upstreams,
-            client=client,
-            forwarded=forwarded,
-            lib_cache=SimpleMemoryCache(timeout=None),
-            metrics=metrics,
-            spool=spool,
-            sender=sender,
-        )
-        self.proxy.bind(self._services)
-
-    async def stop(self) -> None:
-        """Close what ``start`` opened, last opened first."""
-        while self._closers:
-            await self._closers.pop()()
+    return ctx
 
 
-def create_app(settings: Settings) -> App:
-    return App(settings)
+def _stopper(sender: Sender, drain_seconds: float) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        # The server has stopped accepting and in-flight requests are done:
+        # send what can be sent within drain_seconds, keep the rest spooled.
+        await sender.stop(asyncio.get_running_loop().time() + drain_seconds)
+
+    return stop

@@ -24,12 +24,13 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from aiohttp import web
 
 from ..core import consent
 from ..core.bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
 from ..core.cookie import CookieJar, cookie_values, valid_id
 from ..errors import BadRequest
-from ..server import Request, Response, json_response
+from .http import json_response, query_get, read_body, request_host
 from ..core.tokens import TokenClaims, TokenExpired, TokenInvalid
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class CrossDomain:
             consent=consent_state,
         )
 
-    def _consent(self, request: Request) -> str:
+    def _consent(self, request: web.Request) -> str:
         return consent.state(request.headers, self.p.s.settings.consent)
 
     def _open(self, token: str, audience: str) -> tuple[TokenClaims | None, str]:
@@ -184,22 +185,22 @@ class CrossDomain:
 
     # ----------------------------------------------------------- handlers
 
-    async def go(self, request: Request) -> Response:
+    async def go(self, request: web.Request) -> web.Response:
         """``GET /mp/go?to=<url>``: 302 to ``to`` with a fresh token, linked domains only."""
         from ..core.identity import Resolution
 
         visit = self.p._visit(request)
         try:
-            to, audience = redirect_target(request.query_get("to"), self._cfg.linked_domains)
+            to, audience = redirect_target(query_get(request, "to"), self._cfg.linked_domains)
         except BadRequest as exc:
             self._count("bad_redirect")
-            return self.p._finish(Response(status=400, text=f"{exc}\n"), visit, None, "go")
+            return self.p._finish(web.Response(status=400, text=f"{exc}\n"), visit, None, "go")
         state = self._consent(request)
         # An opted-out visitor's token carries the refusal, not their id.
         canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
         location = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_BRIDGE, audience, state))
         self._count("issued_bridge")
-        response = Response(
+        response = web.Response(
             status=302,
             headers={
                 "Location": location,
@@ -212,14 +213,18 @@ class CrossDomain:
         resolution = Resolution(canonical, source) if state != consent.DENIED else None
         return self.p._finish(response, visit, resolution, "go")
 
-    async def bridge(self, request: Request) -> Response:
+    async def bridge(self, request: web.Request) -> web.Response:
         """``POST /mp/bridge`` (``to`` in the query, form or JSON body) -> ``{token, expires_in, param, url}``."""
         from ..core.identity import Resolution
 
         visit = self.p._visit(request)
-        to = request.query_get("to")
-        if to is None and request.body:
-            raw = request.body
+        to = query_get(request, "to")
+        try:
+            raw = await read_body(request, self.p.s.settings.server) if to is None else b""
+        except BadRequest as exc:
+            body = orjson.dumps({"status": 0, "error": str(exc)})
+            return self.p._finish(web.Response(status=exc.status, body=body, content_type="application/json"), visit, None, "bridge")
+        if raw:
             if raw[:1] == b"{":
                 try:
                     to = orjson.loads(raw).get("to")
@@ -236,7 +241,7 @@ class CrossDomain:
         except BadRequest as exc:
             self._count("bad_redirect")
             body = orjson.dumps({"status": 0, "error": str(exc)})
-            return self.p._finish(Response(status=400, body=body, content_type="application/json"), visit, None, "bridge")
+            return self.p._finish(web.Response(status=400, body=body, content_type="application/json"), visit, None, "bridge")
         state = self._consent(request)
         canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
         token = self._seal(canonical, PURPOSE_BRIDGE, audience, state)
@@ -249,11 +254,11 @@ class CrossDomain:
                 "url": decorate(to, self._cfg.token_param, token),
             }
         )
-        response = Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
+        response = web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
         resolution = Resolution(canonical, source) if state != consent.DENIED else None
         return self.p._finish(response, visit, resolution, "bridge")
 
-    async def identity(self, request: Request) -> Response:
+    async def identity(self, request: web.Request) -> web.Response:
         """``GET /mp/id``: the canonical id, CORS only for linked origins."""
         from ..core.identity import Resolution
 
@@ -285,19 +290,19 @@ class CrossDomain:
         host = hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
         return linked_domain(host, self._cfg.linked_domains) is not None
 
-    async def link_js(self, request: Request) -> Response:
+    async def link_js(self, request: web.Request) -> web.Response:
         linked = [d.lstrip(".") for d in self._cfg.linked_domains]
         body = LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps("/mp/go").decode())
-        return Response(
+        return web.Response(
             text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
         )
 
-    async def hub_js(self, request: Request) -> Response:
+    async def hub_js(self, request: web.Request) -> web.Response:
         hub = self._cfg.hub_url
         if not hub:
-            return Response(status=404, text="no identity hub configured (identity.hub_url)\n")
+            return web.Response(status=404, text="no identity hub configured (identity.hub_url)\n")
         body = HUB_JS.format(hub=orjson.dumps(hub).decode(), param=orjson.dumps(self._cfg.token_param).decode())
-        return Response(
+        return web.Response(
             text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
         )
 
@@ -312,19 +317,18 @@ class CrossDomain:
             jar = self._jar = CookieJar(replace(settings, name=self._cfg.hub_cookie_name, domains=()))
         return jar
 
-    async def hub_ping(self, request: Request) -> Response:
+    async def hub_ping(self, request: web.Request) -> web.Response:
         return json_response({"ok": True}, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "no-store"})
 
-    async def hub_resolve(self, request: Request) -> Response:
+    async def hub_resolve(self, request: web.Request) -> web.Response:
         """``GET /hub/resolve?return=<url>`` on the neutral hub host: its own
         cookie recognises the browser; back to ``return`` with a hub token."""
         jar = self._hub_jar()
         try:
-            to, audience = redirect_target(request.query_get("return"), self._cfg.linked_domains, "return")
+            to, audience = redirect_target(query_get(request, "return"), self._cfg.linked_domains, "return")
         except BadRequest as exc:
             self._count("bad_redirect")
-            return Response(status=400, text=f"{exc}\n")
-        from .handlers import request_host
+            return web.Response(status=400, text=f"{exc}\n")
 
         headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
         state = self._consent(request)
@@ -339,7 +343,7 @@ class CrossDomain:
                     break
             if not canonical or not valid_id(canonical):
                 canonical = str(uuid.uuid4())  # first come: this browser's id from now on
-            headers["Set-Cookie"] = jar.set_cookie_header(canonical, request_host(request.host))
+            headers["Set-Cookie"] = jar.set_cookie_header(canonical, request_host(request.headers.get("host")))
         headers["Location"] = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience, state))
         self._count("issued_hub")
-        return Response(status=302, headers=headers)
+        return web.Response(status=302, headers=headers)

@@ -1,6 +1,6 @@
 """HTTP handlers: request -> decode -> resolve identity -> rewrite -> forward -> log.
 
-The handlers are the only place that touches HTTP requests (``server.Request``); each step
+The handlers are the only place that touches HTTP requests (``server.web.Request``); each step
 is a call into a pure module (``codec``, ``identity``, ``rewrite``,
 ``cookie``, ``cors``, ``clientip``) or a thin adapter (``store``,
 ``upstream``, ``forwardlog``).
@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 
 import orjson
 from aiocache.base import BaseCache
+from aiohttp import web
 
 from ..core import codec
 from ..core import consent
@@ -37,8 +38,6 @@ from ..core.cookie import CookieJar, cookie_values
 from ..core.cors import OriginPolicy
 from ..errors import BadRequest, UpstreamError
 from ..services.forwardlog import ForwardedLog
-from ..httpclient import Endpoint, HTTPClient
-from ..httpclient import Response as UpstreamResponse
 from ..services.metrics import CONTENT_TYPE, Metrics
 from ..services.resolver import Resolver
 from ..core.identity import (
@@ -53,11 +52,12 @@ from ..core.identity import (
 from ..core.bridge import find_token, strip_event, strip_param
 from ..services.delivery import Sender, event_seconds
 from ..core.rewrite import Rewrite, rewrite_event, rewrite_flags_context, rewrite_query
-from ..server import Request, Response, json_response
+from .http import check_host, json_response, query_pairs, read_body, request_host
+from .http import raw_query as raw_query_of
 from ..settings import Settings
 from ..services.spool import NewRow, Spool, SpoolFull
 from ..services.store import AliasStore
-from ..services.upstream import Upstreams, request_headers, response_headers, send
+from ..services.upstream import Endpoint, UpstreamClient, UpstreamResponse, Upstreams, request_headers, response_headers
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Services:
     origins: OriginPolicy
     store: AliasStore
     upstreams: Upstreams
-    client: HTTPClient
+    client: UpstreamClient
     forwarded: ForwardedLog
     lib_cache: BaseCache
     # Spool mode: where fire-and-forget events go (None in sync mode).
@@ -111,15 +111,6 @@ def is_browser(headers: Mapping[str, str]) -> bool:
     return headers.get("user-agent", "").startswith("Mozilla/")
 
 
-def request_host(host: str | None) -> str:
-    """The Host header without its port ("[::1]:8000" -> "[::1]")."""
-    if not host:
-        return ""
-    if host.startswith("["):
-        return host[: host.find("]") + 1]
-    return host.split(":", 1)[0].lower()
-
-
 def wants_verbose(query: list[tuple[str, str]], params: list[tuple[str, str]] = ()) -> bool:  # type: ignore[assignment]
     for k, v in (*params, *query):
         if k == "verbose":
@@ -127,21 +118,21 @@ def wants_verbose(query: list[tuple[str, str]], params: list[tuple[str, str]] = 
     return False
 
 
-def error_response(status: int, message: str, verbose: bool) -> Response:
+def error_response(status: int, message: str, verbose: bool) -> web.Response:
     if verbose:
-        return Response(
+        return web.Response(
             status=status,
             body=orjson.dumps({"status": 0, "error": message}),
             content_type="application/json",
         )
-    return Response(status=status, text="0", content_type="text/plain")
+    return web.Response(status=status, text="0", content_type="text/plain")
 
 
-def accepted_response(verbose: bool) -> Response:
+def accepted_response(verbose: bool) -> web.Response:
     """Mixpanel's "accepted": ``{"status":1,"error":null}``, or ``1`` when not verbose."""
     if verbose:
-        return Response(body=b'{"status":1,"error":null}', content_type="application/json")
-    return Response(text="1", content_type="text/plain")
+        return web.Response(body=b'{"status":1,"error":null}', content_type="application/json")
+    return web.Response(text="1", content_type="text/plain")
 
 
 def event_names(route: str, events: list[dict[str, Any]]) -> list[str]:
@@ -184,8 +175,9 @@ class Proxy:
 
     # ------------------------------------------------------------- plumbing
 
-    def _visit(self, request: Request) -> Visit:
+    def _visit(self, request: web.Request) -> Visit:
         headers = request.headers
+        check_host(request)
         browser = is_browser(headers)
         cookie_id = cookie_raw = None
         if browser:
@@ -194,11 +186,11 @@ class Proxy:
                 if cookie_id:
                     cookie_raw = raw
                     break
-        return Visit(browser, headers.get("origin"), request_host(request.host), cookie_id, cookie_raw)
+        return Visit(browser, headers.get("origin"), request_host(headers.get("host")), cookie_id, cookie_raw)
 
     def _finish(
-        self, response: Response, visit: Visit, resolution: Resolution | None, route: str = "other"
-    ) -> Response:
+        self, response: web.Response, visit: Visit, resolution: Resolution | None, route: str = "other"
+    ) -> web.Response:
         self.s.metrics.request(route, response.status)
         if visit.origin:
             response.headers.update(self.s.origins.headers(visit.origin))
@@ -209,7 +201,7 @@ class Proxy:
             response.headers["Cache-Control"] = "private, no-store"
         return response
 
-    def _error(self, exc: BadRequest, visit: Visit, verbose: bool, route: str) -> Response:
+    def _error(self, exc: BadRequest, visit: Visit, verbose: bool, route: str) -> web.Response:
         self.s.metrics.bad_requests.inc()
         return self._finish(error_response(exc.status, str(exc), verbose), visit, None, route)
 
@@ -237,7 +229,7 @@ class Proxy:
             project=project,
         )
 
-    def _refused(self, request: Request, visit: Visit, token: str | None) -> str | None:
+    def _refused(self, request: web.Request, visit: Visit, token: str | None) -> str | None:
         """Why a browser's events must not be tracked (``consent``), or None."""
         why = consent.refusal(request.headers, self.s.settings.consent)
         if why is None and token and self.cross.token_consent(token, visit.host) == consent.DENIED:
@@ -252,8 +244,8 @@ class Proxy:
         count: int,
         project: str | None,
         why: str,
-        response: Response,
-    ) -> Response:
+        response: web.Response,
+    ) -> web.Response:
         """Consent refused: nothing is resolved, spooled or forwarded. The SDK is
         answered as if accepted (``response``, so it does not retry), the identity
         cookie is deleted, and the drop is logged and counted, without any id."""
@@ -292,7 +284,7 @@ class Proxy:
 
     async def _forward(
         self,
-        request: Request,
+        request: web.Request,
         route: str,
         endpoint: Endpoint,
         target: str,
@@ -305,8 +297,8 @@ class Proxy:
             request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
         )
         headers = request_headers(request.headers, route, ip, chain, content_type, content_encoding)
-        return await send(
-            self.s.client, endpoint, method or request.method, target, headers, body, self.s.upstreams.timeout
+        return await self.s.client.request(
+            endpoint, method or request.method, target, headers, body, timeout=self.s.upstreams.timeout
         )
 
     def _log(
@@ -347,18 +339,23 @@ class Proxy:
 
     # --------------------------------------------------------------- routes
 
-    def event_route(self, name: str, path: str) -> Callable[[Request], Awaitable[Response]]:
+    def event_route(self, name: str, path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         """The handler of one plain event path (``/mp/track/``), bound once:
         what ``mp`` would work out from the path, done at start-up."""
 
-        async def handle(request: Request) -> Response:
+        async def handle(request: web.Request) -> web.Response:
             if request.method == "OPTIONS":
                 return self.preflight(request)
             return await self.events(request, name, path)
 
         return handle
 
-    async def mp(self, request: Request) -> Response:
+    async def bridge(self, request: web.Request) -> web.Response:
+        if request.method == "OPTIONS":
+            return self.preflight(request)
+        return await self.cross.bridge(request)
+
+    async def mp(self, request: web.Request) -> web.Response:
         """Everything under ``/mp/``: one entry point, so ``/mp//track/`` and
         ``/mp/track`` reach the same code."""
         tail = request.path[4:]  # after "/mp/"; plain and catch-all routes alike
@@ -379,7 +376,7 @@ class Proxy:
             return await self.query_route(request, "flags-first-time", "/" + "/".join(parts) + trailing, None)
         return self._not_found(request)
 
-    async def mp_decide(self, request: Request) -> Response:
+    async def mp_decide(self, request: web.Request) -> web.Response:
         """``/mp-decide/decide``: the legacy decide endpoint on its own host."""
         if request.method == "OPTIONS":
             return self.preflight(request)
@@ -390,27 +387,27 @@ class Proxy:
             return await self.query_route(request, "decide", f"/decide{trailing}", self.s.upstreams.decide)
         return self._not_found(request)
 
-    def _not_found(self, request: Request) -> Response:
-        verbose = wants_verbose(request.query)
+    def _not_found(self, request: web.Request) -> web.Response:
+        verbose = wants_verbose(query_pairs(request))
         return error_response(404, f"unknown endpoint {request.path}", verbose)
 
-    def preflight(self, request: Request) -> Response:
+    def preflight(self, request: web.Request) -> web.Response:
         headers = self.s.origins.preflight_headers(request.headers.get("origin"))
         if headers is None:
             # No CORS headers: the browser refuses; the body helps whoever debugs it.
-            return Response(status=403, text="origin not allowed; add it to cors.allowed_origins\n")
-        return Response(status=204, headers=headers)
+            return web.Response(status=403, text="origin not allowed; add it to cors.allowed_origins\n")
+        return web.Response(status=204, headers=headers)
 
-    async def events(self, request: Request, route: str, path: str) -> Response:
+    async def events(self, request: web.Request, route: str, path: str) -> web.Response:
         """track / engage / groups / import: payloads that carry events."""
         started = time.perf_counter()
         visit = self._visit(request)
-        query = request.query
+        query = query_pairs(request)
         if request.method not in ("GET", "POST"):
             return self._finish(error_response(405, f"{request.method} is not supported here", True), visit, None)
         verbose = wants_verbose(query)
-        body = request.body
         try:
+            body = await read_body(request, self.s.settings.server)
             decoded = codec.decode(
                 body=body,
                 query=query,
@@ -454,7 +451,7 @@ class Proxy:
         if self.s.spool is not None and route in SPOOLED_ROUTES:
             return await self._spool(request, visit, route, decoded, query, resolution, per_event, verbose)
 
-        raw_query = request.raw_query
+        raw_query = raw_query_of(request)
         if param + "=" in raw_query:
             raw_query = urlencode([(k, v) for k, v in query if k != param])
         content_type = request.headers.get("content-type")
@@ -480,12 +477,12 @@ class Proxy:
         self._log(route, region, project, names, resolution, rewrites, upstream.status, started)
         if 200 <= upstream.status < 300:
             self.s.metrics.accepted(route, len(events))
-        response = Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
+        response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
         return self._finish(response, visit, resolution, route)
 
     async def _spool(
         self,
-        request: Request,
+        request: web.Request,
         visit: Visit,
         route: str,
         decoded: codec.Decoded,
@@ -493,7 +490,7 @@ class Proxy:
         resolution: Resolution,
         per_event: list[list[Rewrite]],
         verbose: bool,
-    ) -> Response:
+    ) -> web.Response:
         """Spool mode: answer once the events are durably written; the sender
         forwards them in batches."""
         assert self.s.spool is not None and self.s.sender is not None
@@ -530,15 +527,18 @@ class Proxy:
         return self._finish(accepted_response(verbose), visit, resolution, route)
 
     async def query_route(
-        self, request: Request, route: str, path: str, endpoint: Endpoint | None
-    ) -> Response:
+        self, request: web.Request, route: str, path: str, endpoint: Endpoint | None
+    ) -> web.Response:
         """record / flags / settings / decide: identity in the query string, the
         body (a gzip'd replay, a flags request) forwarded byte for byte."""
         started = time.perf_counter()
         visit = self._visit(request)
-        query = request.query
+        query = query_pairs(request)
         verbose = wants_verbose(query)
-        body = request.body
+        try:
+            body = await read_body(request, self.s.settings.server)
+        except BadRequest as exc:
+            return self._error(exc, visit, verbose, route)
         param = self.s.settings.identity.token_param
         token = next((v for k, v in query if k == param), None) if visit.browser else None
         if visit.browser and route == "record":
@@ -560,7 +560,7 @@ class Proxy:
         elif route == "flags" and context is not None:
             new_context = rewrite_flags_context(context, resolution.mapping, rewrites)
             new_query = [(k, new_context if k == "context" else v) for k, v in query]
-        raw_query = urlencode(new_query) if rewrites or tokens_removed else request.raw_query
+        raw_query = urlencode(new_query) if rewrites or tokens_removed else raw_query_of(request)
 
         token = next((v for k, v in query if k == "token"), None)
         region = self.s.upstreams.region_for(token)
@@ -580,7 +580,7 @@ class Proxy:
             self._log(route, region, token, [], resolution, rewrites, 502, started, str(exc))
             return self._finish(error_response(502, str(exc), verbose), visit, resolution, route)
         self._log(route, region, token, [], resolution, rewrites, upstream.status, started)
-        response = Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
+        response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
         return self._finish(response, visit, resolution, route)
 
     @staticmethod
@@ -608,36 +608,40 @@ class Proxy:
         lookups = [strip_device(v) or v for v in (device, distinct) if v]
         return query_anon_ids(distinct, device), lookups, context
 
-    async def lib(self, request: Request, name: str) -> Response:
+    async def lib(self, request: web.Request, name: str) -> web.Response:
         """The mixpanel-js library itself, first-party, cached."""
         cdn_path = LIB_PATHS[name]
         cached = await self.s.lib_cache.get(cdn_path)
         if cached is None:
             try:
-                upstream = await send(
-                    self.s.client, self.s.upstreams.cdn, "GET", cdn_path, [("accept", "*/*")], b"", self.s.upstreams.timeout
+                # Redirects are followed (a CDN moving a path is not an outage) and a
+                # compressed answer arrives decoded: what is cached is the script itself.
+                upstream = await self.s.client.request(
+                    self.s.upstreams.cdn, "GET", cdn_path, [("accept", "*/*")], None,
+                    timeout=self.s.upstreams.timeout, follow_redirects=True,
                 )
             except UpstreamError as exc:
                 return error_response(502, str(exc), True)
             if upstream.status != 200:
-                return Response(status=502, text=f"CDN answered {upstream.status}\n")
+                return web.Response(status=502, text=f"CDN answered {upstream.status}\n")
             cached = upstream.body
             await self.s.lib_cache.set(cdn_path, cached, ttl=LIB_CACHE_SECONDS)
-        return Response(
+        return web.Response(
             body=cached,
-            content_type="application/javascript; charset=utf-8",
+            content_type="application/javascript",
+            charset="utf-8",
             headers={"Cache-Control": f"public, max-age={LIB_CACHE_SECONDS}"},
         )
 
-    async def metrics(self, request: Request) -> Response:
+    async def metrics(self, request: web.Request) -> web.Response:
         self.s.metrics.store_errors.set(self.s.store.errors)
-        return Response(body=self.s.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=self.s.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    async def healthz(self, request: Request) -> Response:
+    async def healthz(self, request: web.Request) -> web.Response:
         # The pid tells which worker answered when several share the port.
         return json_response({"status": "ok", "pid": os.getpid()})
 
-    async def readyz(self, request: Request) -> Response:
+    async def readyz(self, request: web.Request) -> web.Response:
         """Ready when the alias store answers and the spool accepts events."""
         store_ok = await self.s.store.ping()
         body: dict[str, Any] = {"store": store_ok}

@@ -28,8 +28,11 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
-from proxy.web.app import App
-from proxy.server import HTTPServer, Request, Response, json_response
+from aiohttp import web
+
+from proxy.web.app import SERVICES, SETTINGS
+from proxy.web.http import json_response, query_get
+from proxy.web.serve import Serving, serve
 
 from tests.fakeupstream import FakeUpstream, Recorded
 
@@ -130,35 +133,40 @@ class Site:
     port: int
     upstream: FakeUpstream
     token: str
-    app: App
+    app: web.Application
     mode: str  # delivery mode: "spool" (acknowledged once spooled, sent in batches) or "sync"
     pages: dict[str, str] = field(default_factory=dict)
     # Test-only routes (exact paths) answered before the proxy's own, and
     # per-path latency added before answering.
-    routes: dict[str, Callable[[Request], Any]] = field(default_factory=dict)
+    routes: dict[str, Callable[[web.Request], Any]] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
-    server: HTTPServer | None = None
+    serving: Serving | None = None
 
-    async def handle(self, request: Request) -> Response:
+    @web.middleware
+    async def handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Test pages and latency in front of the proxy's own routes (test-only middleware)."""
         if self.delays:
             await asyncio.sleep(self.delays.get(request.path, 0))
         route = self.routes.get(request.path)
         if route is None and request.path.startswith("/e2e/"):
             route = self.routes["/e2e/"]
         if route is not None:
-            return await route(request)
-        return await self.app.handle(request)
+            return await route(request)  # type: ignore[no-any-return]
+        return await handler(request)  # type: ignore[no-any-return]
+
+    @property
+    def services(self) -> Any:
+        return self.app[SERVICES]
 
     async def start(self, port: int = 0) -> None:
         """Open the proxy's services and serve it, with the test pages, on 127.0.0.1."""
-        await self.app.start()
-        self.server = self.app.http_server(self.handle)
-        self.port = await self.server.listen("127.0.0.1", port)
+        self.app.middlewares.append(self.handle)
+        self.serving = await serve(self.app, self.app[SETTINGS].server, host="127.0.0.1", port=port, shutdown_timeout=5)
+        self.port = self.serving.port
 
     async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.shutdown(5)
-        await self.app.stop()
+        if self.serving is not None:
+            await self.serving.stop()
 
     def url(self, host: str, path: str = "/") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -208,30 +216,30 @@ def add_site_routes(site: Site) -> None:
     """Pages, the SDK build and a blank page, beside the proxy (same origin as /mp/)."""
     sdk: list[bytes] = []  # read on first use: a missing install is reported by drive()
 
-    async def page(request: Request) -> Response:
+    async def page(request: web.Request) -> web.Response:
         html = site.pages.get(request.path[len("/e2e/"):])
         if html is None:
-            return Response(status=404, text="no such page")
-        return Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+            return web.Response(status=404, text="no such page")
+        return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
-    async def script(request: Request) -> Response:
+    async def script(request: web.Request) -> web.Response:
         if not sdk:
             sdk.append(MIXPANEL_JS.read_bytes())
-        return Response(sdk[0], content_type="application/javascript; charset=utf-8")
+        return web.Response(body=sdk[0], content_type="application/javascript", charset="utf-8")
 
-    async def blank(request: Request) -> Response:
-        return Response(text=BLANK, content_type="text/html")
+    async def blank(request: web.Request) -> web.Response:
+        return web.Response(text=BLANK, content_type="text/html")
 
-    async def seen_upstream(request: Request) -> Response:
+    async def seen_upstream(request: web.Request) -> web.Response:
         # Test-only: lets the driver wait for what reached the fake upstream.
-        path = request.query_get("path") or ""
-        contains = request.query_get("contains", "") or ""
-        want = int(request.query_get("count", "1") or "1")
+        path = query_get(request, "path") or ""
+        contains = query_get(request, "contains", "") or ""
+        want = int(query_get(request, "count", "1") or "1")
         matched = [rec for rec in site.upstream.requests if rec.path.startswith(path) and contains in payload_text(rec)]
         return json_response({"count": len(matched)}, status=200 if len(matched) >= want else 404)
 
-    async def no_favicon(request: Request) -> Response:
-        return Response(status=204)
+    async def no_favicon(request: web.Request) -> web.Response:
+        return web.Response(status=204)
 
     site.routes.update(
         {

@@ -179,7 +179,7 @@ def assert_track_wire(site: Site) -> None:
 
 async def forwarded_rewrites(site: Site, expected: set[tuple[str, str, str]], timeout: float = 5.0) -> None:
     """The forwarded log shows each expected rewrite (field, from, to)."""
-    services = site.app.services
+    services = site.services
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

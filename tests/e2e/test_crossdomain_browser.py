@@ -36,11 +36,12 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+from aiohttp import web
 import pytest
 
 import proxy.web.crossdomain
 from proxy.web.app import create_app
-from proxy.server import Request, Response, json_response
+from proxy.web.http import json_response, query_get
 from tests.conftest import TOKEN, canonical_of, make_settings
 from tests.e2e.conftest import COOKIE, CORS
 from tests.e2e.harness import Run, Site, add_site_routes, drive, event_named, tracked_events
@@ -131,8 +132,8 @@ async def xsite(
         clock = TokenClock()
         monkeypatch.setattr(proxy.web.crossdomain, "time", clock)
 
-        async def advance(request: Request) -> Response:
-            clock.offset += float(request.query_get("advance") or 0)
+        async def advance(request: web.Request) -> web.Response:
+            clock.offset += float(query_get(request, "advance") or 0)
             return json_response({"offset": clock.offset})
 
         site.routes["/__e2e/clock"] = advance

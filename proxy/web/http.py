@@ -1,0 +1,82 @@
+"""Small helpers over aiohttp's request and response, shared by the handlers.
+
+The query string is parsed with ``core.forms.parse_pairs`` (ordered pairs,
+blank values kept, mixpanel-js's base64 unescaped cheaply) rather than
+aiohttp's ``request.query``, which builds a MultiDict through yarl's
+unquoter on every first access.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..core.forms import parse_pairs
+from ..errors import PayloadTooLarge, RequestTimeout
+from ..settings import ServerSettings
+
+QUERY_KEY = "fp_query"
+
+
+def query_pairs(request: web.Request) -> list[tuple[str, str]]:
+    """The decoded query string, in order, blank values kept (parsed once per request)."""
+    try:
+        return request[QUERY_KEY]  # type: ignore[no-any-return]
+    except KeyError:
+        raw = request.rel_url.raw_query_string
+        pairs = request[QUERY_KEY] = parse_pairs(raw) if raw else []
+        return pairs
+
+
+def query_get(request: web.Request, name: str, default: str | None = None) -> str | None:
+    for k, v in query_pairs(request):
+        if k == name:
+            return v
+    return default
+
+
+def raw_query(request: web.Request) -> str:
+    return request.rel_url.raw_query_string
+
+
+def request_host(host: str | None) -> str:
+    """The Host header without its port ("[::1]:8000" -> "[::1]")."""
+    if not host:
+        return ""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.split(":", 1)[0].lower()
+
+
+def json_response(obj: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json")
+
+
+def text_response(text: str, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(text=text, status=status, headers=headers, content_type="text/plain")
+
+
+def check_host(request: web.Request) -> None:
+    """RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one ``Host``;
+    the cookie's domain and the token's audience are chosen by it."""
+    hosts = request.headers.getall("Host", ())
+    if len(hosts) > 1 or (not hosts and request.version >= (1, 1)):
+        raise web.HTTPBadRequest(text="a request must carry exactly one Host header\n")
+
+
+async def read_body(request: web.Request, server: ServerSettings) -> bytes:
+    """The whole body, within ``server.max_body_bytes`` (aiohttp's
+    ``client_max_size``) and ``server.request_timeout_seconds``."""
+    if not request.body_exists:
+        return b""
+    try:
+        async with asyncio.timeout(server.request_timeout_seconds):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"body is larger than {server.max_body_bytes} bytes") from exc
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the body did not arrive within {server.request_timeout_seconds:g} s") from exc
