@@ -86,6 +86,14 @@ class FakeUpstream:
             await asyncio.sleep(0.01)
         return events
 
+    async def wait_for_requests(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``count`` requests have arrived (recorded before they are answered)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.requests) + len(self.refused) < count:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"expected {count} requests, got {len(self.requests)}")
+            await asyncio.sleep(0.01)
+
     def app(self, name: str) -> web.Application:
         async def handle(request: web.Request) -> web.Response:
             body = await request.read()

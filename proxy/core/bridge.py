@@ -10,7 +10,7 @@ never reach the vendor).
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from .cookie import host_matches
 from ..errors import BadRequest
@@ -52,9 +52,29 @@ def redirect_target(to: str | None, linked: tuple[str, ...], what: str = "to") -
     return to, audience
 
 
-def decorate(url: str, param: str, token: str) -> str:
-    """``url`` with ``param=token`` first in its query string (and no other copy)."""
+def ascii_url(url: str) -> str:
+    """``url`` as it may stand in a ``Location`` header: non-ASCII characters
+    percent-encoded as UTF-8 (escapes already there kept), the host in IDNA."""
+    if url.isascii():
+        return url
     parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise BadRequest("the URL's host is not a valid domain name") from exc
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    safe = "/:@!$&'()*+,;=%~-._"
+    return urlunsplit(
+        (parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe + "?"),
+         quote(parts.fragment, safe=safe + "?#"))
+    )
+
+
+def decorate(url: str, param: str, token: str) -> str:
+    """``url`` with ``param=token`` first in its query string (and no other
+    copy), in ASCII (``ascii_url``)."""
+    parts = urlsplit(ascii_url(url))
     rest = [p for p in parts.query.split("&") if p and not p.startswith(param + "=")]
     query = "&".join([f"{param}={token}", *rest])
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))

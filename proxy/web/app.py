@@ -87,22 +87,24 @@ def create_app(settings: Settings) -> web.Application:
     add("*", "/mp/{tail:.*}", proxy.mp)
     add("*", "/mp-decide/{tail:.*}", proxy.mp_decide)
 
-    app.cleanup_ctx.append(_services(settings, upstreams, proxy))
+    # Built here (TLS context, ca_file checked: a bad file fails start-up with
+    # one line), opened in the clean-up context below.
+    client = UpstreamClient(
+        max_connections_per_host=settings.upstream.max_connections,
+        timeout=settings.upstream.timeout_seconds,
+        ca_file=settings.upstream.ca_file,
+    )
+    app.cleanup_ctx.append(_services(settings, upstreams, client, proxy))
     return app
 
 
 def _services(
-    settings: Settings, upstreams: Upstreams, proxy: Proxy
+    settings: Settings, upstreams: Upstreams, client: UpstreamClient, proxy: Proxy
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         """Open every resource, hand them to the handlers, close them in reverse."""
         closers: list[Callable[[], Awaitable[None]]] = []
         try:
-            client = UpstreamClient(
-                max_connections_per_host=settings.upstream.max_connections,
-                timeout=settings.upstream.timeout_seconds,
-                ca_file=settings.upstream.ca_file,
-            )
             await client.open()
             closers.append(client.close)
             store = AliasStore.from_settings(settings.store)

@@ -1,0 +1,125 @@
+"""The seam between a vendor's wire protocol and the shared pipeline.
+
+A protocol module turns its SDKs' requests into plain events, names the
+identity fields of each event, rewrites them, makes an event ready to travel
+in a shared batch, encodes batches for its upstream, sorts the upstream's
+answers into classes and shapes the answers its SDKs expect. Everything else,
+request -> identity -> rewrite -> spool -> deliver -> log, is written once
+(``web.pipeline``, ``services.delivery``) and knows no vendor.
+
+Pure: nothing here does I/O or knows aiohttp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..core.rewrite import Rewrite
+
+# Classes of upstream answers (``Protocol.classify``), as the sender acts on them.
+ACCEPTED = "accepted"  # 2xx: rows deleted
+RETRY = "retry"  # network error, timeout, 5xx: back off, keep the rows
+RATE_LIMITED = "rate_limited"  # 429: pause for Retry-After
+TOO_LARGE = "too_large"  # 413: split the batch
+REJECTED = "rejected"  # 400 about some events: dead-letter those, ingest the rest
+REFUSED = "refused"  # a 4xx about the request as a whole (401, 403, 404...)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: str
+    detail: str = ""
+    retry_after: float | None = None
+    # index in batch -> reason, when the upstream named the bad records
+    failed: dict[int, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What an SDK is told: status, body, content type (the web layer sends it)."""
+
+    status: int
+    body: bytes
+    content_type: str
+
+
+@dataclass(slots=True)
+class Payload:
+    """One request's events as its protocol decoded them."""
+
+    route: str
+    events: list[dict[str, Any]]
+    verbose: bool
+    # The client asked the vendor to geolocate by its IP.
+    wants_ip: bool
+    # The protocol's own record of how the events arrived, to re-encode alike.
+    form: Any = None
+    # Substring test over the raw JSON text (C speed): can any value hold ``needle``?
+    text: bytes | str = b""
+    params: list[tuple[str, str]] = field(default_factory=list)
+
+    def mentions(self, needle: str) -> bool:
+        if isinstance(self.text, str):
+            return needle in self.text
+        return needle.encode() in self.text
+
+
+@dataclass(frozen=True, slots=True)
+class EventFacts:
+    """What the spool and the forwarded log keep beside an event."""
+
+    name: str
+    insert_id: str | None
+    project: str | None
+    time: float | None  # the event's own time in seconds, for age limits
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """One upstream request for a batch of spooled events."""
+
+    target: str  # path and query, already encoded
+    body: bytes
+    content_type: str
+
+
+class WireProtocol(Protocol):
+    """What the pipeline needs from a vendor's protocol."""
+
+    name: str
+    # Routes acknowledged once spooled (the rest are forwarded synchronously).
+    spooled_routes: frozenset[str]
+
+    def decode(
+        self, route: str, body: bytes, query: list[tuple[str, str]], content_type: str, content_encoding: str, limit: int
+    ) -> Payload: ...
+
+    def anonymous_ids(self, route: str, events: list[dict[str, Any]]) -> list[str]: ...
+
+    def lookup_ids(self, route: str, events: list[dict[str, Any]]) -> list[str]: ...
+
+    def is_anonymous(self, route: str, events: list[dict[str, Any]]) -> bool: ...
+
+    def project(self, route: str, events: list[dict[str, Any]]) -> str | None: ...
+
+    def names(self, route: str, events: list[dict[str, Any]]) -> list[str]: ...
+
+    def find_token(self, query: list[tuple[str, str]], events: list[dict[str, Any]], param: str) -> str | None: ...
+
+    def strip_tokens(self, route: str, event: dict[str, Any], param: str) -> int: ...
+
+    def rewrite(self, route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]: ...
+
+    def prepare(self, route: str, event: dict[str, Any], ip: str | None) -> EventFacts: ...
+
+    def encode(self, payload: Payload) -> tuple[bytes, str]: ...
+
+    def batch(self, route: str, ip: bool, bodies: list[bytes]) -> Outbound: ...
+
+    def classify(self, status: int, body: bytes, retry_after: str | None) -> Verdict: ...
+
+    def accepted(self, verbose: bool) -> Answer: ...
+
+    def error(self, status: int, message: str, verbose: bool) -> Answer: ...

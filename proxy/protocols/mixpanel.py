@@ -1,0 +1,442 @@
+"""Mixpanel's ingestion protocol, as mixpanel-js, mixpanel-python and the HTTP
+API speak it (PRODUCT.md, wire facts).
+
+- routes: ``track`` ``engage`` ``groups`` ``import`` carry events;
+  ``record`` ``flags`` ``settings`` ``decide`` carry identity in the query
+  and a body forwarded byte for byte;
+- bodies: every form ``core.codec`` decodes (``data=`` base64 or JSON, raw
+  JSON, NDJSON, gzip), answered ``1``/``0`` or, with ``verbose=1``,
+  ``{"status":1,"error":null}``;
+- identity fields: track ``properties.distinct_id`` (``$device:<id>`` while
+  anonymous), ``$device_id``, ``$user_id``, ``$anon_distinct_id``,
+  ``$distinct_ids`` of ``$merge``; engage ``$distinct_id``, ``$device_id``;
+  groups carry no person id;
+- batches for the upstream: ``data=<base64 JSON array>`` posted to
+  ``/<route>?verbose=1&ip=<0|1>``; answers sorted into ``base`` classes, with
+  ``failed_records`` naming the events a 400 refused.
+
+Pure: no I/O. Invariants: ``$user_id`` is never read for rewriting nor
+written; an event without a mapped id is left exactly as it was; an event
+made ready for a batch always carries a ``$insert_id`` (the vendor
+de-duplicates a resend by it) and, when the client asked for geolocation,
+its visitor's IP.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from ..core import codec
+from ..core.bridge import strip_param, token_in_url
+from ..core.identity import anon_id, strip_device
+from ..core.rewrite import Rewrite, map_id, rewrite_fields
+from .base import (
+    ACCEPTED,
+    RATE_LIMITED,
+    REFUSED,
+    REJECTED,
+    RETRY,
+    TOO_LARGE,
+    Answer,
+    EventFacts,
+    Outbound,
+    Payload,
+    Verdict,
+)
+
+NAME = "mixpanel"
+EVENT_ROUTES = frozenset({"track", "engage", "groups", "import"})
+# Acknowledged once durably spooled (in spool mode); /import stays synchronous
+# so its credentials are never written to disk.
+SPOOLED_ROUTES = frozenset({"track", "engage", "groups"})
+QUERY_ROUTES = frozenset({"record", "flags", "settings", "decide"})
+# Query fields that carry identity, per query-identity route.
+QUERY_ID_FIELDS = {"record": ("distinct_id", "$device_id"), "decide": ("distinct_id",)}
+
+_TRACK_FIELDS = ("distinct_id", "$device_id", "$anon_distinct_id")
+_ENGAGE_FIELDS = ("$distinct_id", "$device_id")
+_PROFILE_KEYS = frozenset(
+    {"$token", "$distinct_id", "$device_id", "$user_id", "$time", "$ip", "$ignore_time", "$group_key", "$group_id"}
+)
+_ACCEPTED_VERBOSE = Answer(200, b'{"status":1,"error":null}', "application/json")
+_ACCEPTED_PLAIN = Answer(200, b"1", "text/plain")
+
+
+# ------------------------------------------------------------------ answers
+
+
+def wants_verbose(query: list[tuple[str, str]], params: list[tuple[str, str]] = ()) -> bool:  # type: ignore[assignment]
+    for k, v in (*params, *query):
+        if k == "verbose":
+            return v == "1"
+    return False
+
+
+def accepted(verbose: bool) -> Answer:
+    """Mixpanel's "accepted": ``{"status":1,"error":null}``, or ``1`` when not verbose."""
+    return _ACCEPTED_VERBOSE if verbose else _ACCEPTED_PLAIN
+
+
+def error(status: int, message: str, verbose: bool) -> Answer:
+    if verbose:
+        return Answer(status, orjson.dumps({"status": 0, "error": message}), "application/json")
+    return Answer(status, b"0", "text/plain")
+
+
+# ----------------------------------------------------------------- decoding
+
+
+def decode(
+    route: str, body: bytes, query: list[tuple[str, str]], content_type: str, content_encoding: str, limit: int
+) -> Payload:
+    """A request's events (``core.codec``); raises ``BadRequest``."""
+    decoded = codec.decode(
+        body=body, query=query, content_type=content_type, content_encoding=content_encoding, limit=limit
+    )
+    return Payload(
+        route=route,
+        events=decoded.events,
+        verbose=wants_verbose(query, decoded.params),
+        wants_ip=codec.param(decoded, query, "ip", "0") == "1",
+        form=decoded,
+        text=decoded.text,
+        params=decoded.params,
+    )
+
+
+def encode(payload: Payload) -> tuple[bytes, str]:
+    """The (rewritten) events in the form the client sent them: body, Content-Type."""
+    return codec.encode_body(payload.form)
+
+
+# ----------------------------------------------------------------- identity
+
+
+def _person(route: str, event: Mapping[str, Any]) -> Any:
+    """Where an event keeps its person's ids: engage at the top, the rest in properties."""
+    return event if route == "engage" else event.get("properties")
+
+
+def _event_anon_ids(route: str, event: Mapping[str, Any]) -> list[str]:
+    source = _person(route, event)
+    if not isinstance(source, dict):
+        return []
+    others = ("$distinct_id",) if route == "engage" else ("distinct_id", "$anon_distinct_id")
+    out = []
+    device = source.get("$device_id")
+    if isinstance(device, str) and device:
+        out.append(strip_device(device) or device)
+    for key in others:
+        bare = anon_id(source.get(key), device)
+        if bare:
+            out.append(bare)
+    return out
+
+
+def anonymous_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
+    """Anonymous ids in a batch, first seen first, without duplicates."""
+    if route == "groups":
+        return []
+    seen: dict[str, None] = {}
+    for event in events:
+        for value in _event_anon_ids(route, event):
+            seen.setdefault(value)
+    return list(seen)
+
+
+def lookup_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
+    """Ids of a server request that may be an original device id in the alias store.
+
+    A server-side event may carry a bare original device id as its
+    ``distinct_id``; looking up a user id too is harmless (it is never a key)."""
+    if route == "groups":
+        return []
+    keys = ("$device_id", "$distinct_id") if route == "engage" else ("$device_id", "distinct_id", "$anon_distinct_id")
+    seen: dict[str, None] = {}
+    for event in events:
+        source = _person(route, event)
+        if not isinstance(source, dict):
+            continue
+        for key in keys:
+            value = source.get(key)
+            if isinstance(value, str) and value:
+                seen.setdefault(strip_device(value) or value)
+    return list(seen)
+
+
+def is_anonymous(route: str, events: list[dict[str, Any]]) -> bool:
+    """No event of the batch names a user."""
+    for event in events:
+        source = _person(route, event)
+        if isinstance(source, dict) and source.get("$user_id"):
+            return False
+    return True
+
+
+def project(route: str, events: list[dict[str, Any]]) -> str | None:
+    """The project token of a batch (its first event's)."""
+    first = events[0]
+    if route in ("engage", "groups"):
+        token = first.get("$token")
+    else:
+        props = first.get("properties")
+        token = props.get("token") if isinstance(props, dict) else None
+    return token if isinstance(token, str) else None
+
+
+def _name(route: str, event: dict[str, Any]) -> str:
+    if route in ("track", "import"):
+        return str(event.get("event", ""))
+    # engage/groups: the operation ($set, $union...) names the update.
+    return next((k for k in event if k.startswith("$") and k not in _PROFILE_KEYS), "?")
+
+
+def names(route: str, events: list[dict[str, Any]]) -> list[str]:
+    return [_name(route, e) for e in events]
+
+
+def query_ids(distinct_id: str | None, device_id: str | None) -> list[str]:
+    """Anonymous ids of a request whose identity is in its query (record, flags, decide)."""
+    out = []
+    if device_id:
+        out.append(strip_device(device_id) or device_id)
+    bare = anon_id(distinct_id, device_id)
+    if bare and bare not in out:
+        out.append(bare)
+    return out
+
+
+def query_identity(route: str, query: list[tuple[str, str]]) -> tuple[list[str], list[str], str | None]:
+    """(anonymous ids, ids to look up for a server request, the flags context) of a query route."""
+    first = dict(reversed(query))  # first occurrence wins
+    context = None
+    if route == "flags":
+        context = first.get("context")
+        ctx: Any = None
+        if context:
+            try:
+                ctx = orjson.loads(context)
+            except orjson.JSONDecodeError:
+                ctx = None
+        if not isinstance(ctx, dict):
+            return [], [], context
+        distinct, device = ctx.get("distinct_id"), ctx.get("device_id")
+    elif route in QUERY_ID_FIELDS:
+        distinct, device = first.get("distinct_id"), first.get("$device_id")
+    else:
+        return [], [], None
+    distinct = distinct if isinstance(distinct, str) else None
+    device = device if isinstance(device, str) else None
+    lookups = [strip_device(v) or v for v in (device, distinct) if v]
+    return query_ids(distinct, device), lookups, context
+
+
+# ----------------------------------------------------------------- rewriting
+
+
+def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]:
+    """Rewrite one event in place; returns what changed (empty: nothing did)."""
+    out: list[Rewrite] = []
+    if not mapping or route == "groups":
+        return out
+    if route == "engage":
+        rewrite_fields(event, _ENGAGE_FIELDS, mapping, out)
+        return out
+    props = event.get("properties")
+    if not isinstance(props, dict):
+        return out
+    rewrite_fields(props, _TRACK_FIELDS, mapping, out)
+    # $merge names the ids to merge in a list.
+    ids = props.get("$distinct_ids")
+    if isinstance(ids, list):
+        for i, value in enumerate(ids):
+            new = map_id(value, mapping)
+            if new is not None:
+                ids[i] = new
+                out.append(Rewrite("$distinct_ids", value, new))
+    return out
+
+
+def rewrite_events(route: str, events: list[dict[str, Any]], mapping: Mapping[str, str]) -> list[Rewrite]:
+    """Rewrite events in place; returns what changed, all events together."""
+    if not mapping or route == "groups":
+        return []
+    return [r for event in events for r in rewrite(route, event, mapping)]
+
+
+def rewrite_flags_context(context: str, mapping: Mapping[str, str], out: list[Rewrite]) -> str:
+    """The ``/flags`` ``context`` JSON with its ``distinct_id``/``device_id`` rewritten."""
+    if not mapping:
+        return context
+    try:
+        obj = orjson.loads(context)
+    except orjson.JSONDecodeError:
+        return context
+    if not isinstance(obj, dict):
+        return context
+    before = len(out)
+    rewrite_fields(obj, ("distinct_id", "device_id"), mapping, out)
+    return orjson.dumps(obj).decode() if len(out) > before else context
+
+
+def find_token(query: list[tuple[str, str]], events: list[dict[str, Any]], param: str) -> str | None:
+    """A token in the request's own query string, else in an event's ``$current_url``."""
+    for key, value in query:
+        if key == param and value:
+            return value
+    for event in events:
+        props = event.get("properties")
+        if isinstance(props, dict):
+            token = token_in_url(props.get("$current_url"), param)
+            if token:
+                return token
+    return None
+
+
+def strip_tokens(route: str, event: dict[str, Any], param: str) -> int:
+    """Remove ``param`` from every URL-valued string of an event; returns how many.
+
+    All string properties are checked, not only ``$current_url``/``$referrer``/
+    ``$initial_referrer``: a site may copy the landing URL into its own."""
+    if route == "engage":
+        targets = [event, *(v for k, v in event.items() if k.startswith("$") and isinstance(v, dict))]
+    else:
+        props = event.get("properties")
+        targets = [props] if isinstance(props, dict) else []
+    marker = param + "="
+    count = 0
+    for target in targets:
+        for key, value in target.items():
+            if isinstance(value, str) and marker in value:
+                stripped = strip_param(value, param)
+                if stripped is not None:
+                    target[key] = stripped
+                    count += 1
+    return count
+
+
+# ------------------------------------------------------------------ delivery
+
+
+def event_seconds(value: Any) -> float | None:
+    """An event's ``time`` property in seconds (mixpanel-js sends ms, others s)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value / 1000 if value > 1e11 else float(value)
+
+
+def prepare(route: str, event: dict[str, Any], ip: str | None) -> EventFacts:
+    """Make an event ready to travel in a shared batch: a ``$insert_id`` so a
+    resend is de-duplicated, the visitor's IP for geolocation (batches mix
+    visitors, so the request's own IP cannot stand for it)."""
+    if route == "track":
+        props = event.get("properties")
+        if not isinstance(props, dict):
+            props = event["properties"] = {}
+        insert_id = props.get("$insert_id")
+        if not isinstance(insert_id, str) or not insert_id:
+            insert_id = props["$insert_id"] = secrets.token_hex(16)
+        if ip and "ip" not in props:
+            props["ip"] = ip
+        token = props.get("token")
+        return EventFacts(
+            str(event.get("event", "")), insert_id, token if isinstance(token, str) else None, event_seconds(props.get("time"))
+        )
+    if route == "engage" and ip and "$ip" not in event:
+        event["$ip"] = ip
+    token = event.get("$token")
+    return EventFacts(_name(route, event), None, token if isinstance(token, str) else None, None)
+
+
+def batch(route: str, ip: bool, bodies: list[bytes]) -> Outbound:
+    """``data=<base64 JSON array>``: the form mixpanel-js itself posts."""
+    raw = b"[" + b",".join(bodies) + b"]"
+    return Outbound(
+        f"/{route}?verbose=1&ip={1 if ip else 0}", b"data=" + codec.b64_form_value(raw), "application/x-www-form-urlencoded"
+    )
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _failed_records(body: dict[str, Any]) -> dict[int, str] | None:
+    records = body.get("failed_records")
+    if not isinstance(records, list):
+        return None
+    out = {}
+    for rec in records:
+        if isinstance(rec, dict) and isinstance(rec.get("index"), int):
+            out[rec["index"]] = str(rec.get("message") or rec.get("field") or "rejected")
+    return out or None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def classify(status: int, body: bytes, retry_after: str | None) -> Verdict:
+    """Sort an upstream answer into a class. Mixpanel answers a verbose request
+    that it refused with a 2xx whose body says ``status: 0``."""
+    text = body[:2000].decode("utf-8", "replace")
+    if 200 <= status < 300:
+        parsed = _json(body)
+        if isinstance(parsed, dict) and parsed.get("status") == 0:
+            return Verdict(REJECTED, str(parsed.get("error") or text), failed=_failed_records(parsed))
+        return Verdict(ACCEPTED)
+    if status == 429:
+        return Verdict(RATE_LIMITED, text, retry_after=parse_retry_after(retry_after))
+    if status == 413:
+        return Verdict(TOO_LARGE, text)
+    if status >= 500:
+        return Verdict(RETRY, f"upstream answered {status}: {text}".strip())
+    if status == 400:
+        parsed = _json(body)
+        failed = _failed_records(parsed) if isinstance(parsed, dict) else None
+        return Verdict(REJECTED, text, failed=failed)
+    return Verdict(REFUSED, f"upstream answered {status}: {text}".strip())
+
+
+class Mixpanel:
+    """The protocol as one object (``base.WireProtocol``): what the pipeline
+    and the sender call."""
+
+    name = NAME
+    spooled_routes = SPOOLED_ROUTES
+    decode = staticmethod(decode)
+    encode = staticmethod(encode)
+    anonymous_ids = staticmethod(anonymous_ids)
+    lookup_ids = staticmethod(lookup_ids)
+    is_anonymous = staticmethod(is_anonymous)
+    project = staticmethod(project)
+    names = staticmethod(names)
+    find_token = staticmethod(find_token)
+    strip_tokens = staticmethod(strip_tokens)
+    rewrite = staticmethod(rewrite)
+    prepare = staticmethod(prepare)
+    batch = staticmethod(batch)
+    classify = staticmethod(classify)
+    accepted = staticmethod(accepted)
+    error = staticmethod(error)
+
+
+MIXPANEL = Mixpanel()
