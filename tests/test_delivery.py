@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from aiohttp import web
 
 from proxy.web.app import create_app
-from proxy.services.delivery import backoff_delay, classify, parse_retry_after
+from proxy.protocols.mixpanel import classify as classify_answer
+from proxy.protocols.mixpanel import parse_retry_after
+from proxy.services.delivery import backoff_delay
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.services.upstream import UpstreamResponse
@@ -86,8 +88,12 @@ def assert_backoff_respected(upstream: FakeUpstream, initial: float) -> None:
 # ------------------------------------------------------------------ pure
 
 
+def classify(response: UpstreamResponse):
+    return classify_answer(response.status, response.body, response.header("retry-after"))
+
+
 def test_classify_upstream_answers():
-    def r(status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> Response:
+    def r(status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> UpstreamResponse:
         return UpstreamResponse(status, CIMultiDictProxy(CIMultiDict(headers or [])), body)
 
     assert classify(r(200, b'{"status":1,"error":null}')).kind == "accepted"
@@ -372,18 +378,18 @@ async def test_spool_stats_and_replay_cli(serve_proxy, tmp_path, upstream):
 async def test_an_unexpected_error_while_sending_keeps_the_batch(serve_proxy, tmp_path, upstream, monkeypatch):
     """A bug in the send path (here: the answer classifier raising once) must not
     strand the batch: it is retried after the backoff and delivered."""
-    import proxy.services.delivery as delivery
+    from proxy.protocols.mixpanel import Mixpanel
 
-    real = delivery.classify
+    real = Mixpanel.classify
     calls = {"n": 0}
 
-    def flaky(response):
+    def flaky(status, body, retry_after):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return real(response)
+        return real(status, body, retry_after)
 
-    monkeypatch.setattr(delivery, "classify", flaky)
+    monkeypatch.setattr(Mixpanel, "classify", staticmethod(flaky))
     client = await start_proxy(serve_proxy, tmp_path, upstream)
     acked = await send_events(client, 5, per_request=5)
     await until(lambda: insert_ids(upstream).count(acked[0]) >= 2, 10, "the retried batch")

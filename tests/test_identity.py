@@ -8,7 +8,9 @@ import pytest
 
 from proxy.core import identity
 from proxy.core.identity import SOURCE_ALIAS, SOURCE_COOKIE, SOURCE_NEW, SOURCE_NONE
-from proxy.core.rewrite import map_id, rewrite_events, rewrite_flags_context, rewrite_query
+from proxy.core.rewrite import map_id, rewrite_query
+from proxy.protocols import mixpanel
+from proxy.protocols.mixpanel import rewrite_events, rewrite_flags_context
 from tests.conftest import js_event
 
 D = "0b6f5c2e-9d1a-4a3c-8f7e-1a2b3c4d5e6f"
@@ -20,18 +22,18 @@ def test_anonymous_ids_of_track_shapes():
     identified = js_event("b", D, user="user-42")
     ident = js_event("$identify", D, user="user-42", **{"$anon_distinct_id": f"$device:{D}"})
     old_style = {"event": "c", "properties": {"distinct_id": D, "$device_id": D}}  # distinct_id == device id
-    assert identity.anonymous_ids("track", [anon]) == [D]
-    assert identity.anonymous_ids("track", [identified]) == [D]
-    assert identity.anonymous_ids("track", [ident]) == [D]
-    assert identity.anonymous_ids("track", [old_style]) == [D]
+    assert mixpanel.anonymous_ids("track", [anon]) == [D]
+    assert mixpanel.anonymous_ids("track", [identified]) == [D]
+    assert mixpanel.anonymous_ids("track", [ident]) == [D]
+    assert mixpanel.anonymous_ids("track", [old_style]) == [D]
     # A user id is never anonymous, even without a device id.
-    assert identity.anonymous_ids("track", [{"event": "x", "properties": {"distinct_id": "user-42"}}]) == []
+    assert mixpanel.anonymous_ids("track", [{"event": "x", "properties": {"distinct_id": "user-42"}}]) == []
 
 
 def test_anonymous_ids_engage_and_groups():
     engage = {"$token": "t", "$distinct_id": f"$device:{D}", "$device_id": D, "$set": {"a": 1}}
-    assert identity.anonymous_ids("engage", [engage]) == [D]
-    assert identity.anonymous_ids("groups", [{"$group_key": "company", "$group_id": "x"}]) == []
+    assert mixpanel.anonymous_ids("engage", [engage]) == [D]
+    assert mixpanel.anonymous_ids("groups", [{"$group_key": "company", "$group_id": "x"}]) == []
 
 
 def test_resolve_browser_order():
@@ -118,7 +120,7 @@ def test_query_identity_rewrites():
 
 
 def test_query_anon_ids():
-    assert identity.query_anon_ids(f"$device:{D}", D) == [D]
-    assert identity.query_anon_ids("user-42", D) == [D]
-    assert identity.query_anon_ids(f"$device:{D}", None) == [D]
-    assert identity.query_anon_ids("user-42", None) == []
+    assert mixpanel.query_ids(f"$device:{D}", D) == [D]
+    assert mixpanel.query_ids("user-42", D) == [D]
+    assert mixpanel.query_ids(f"$device:{D}", None) == [D]
+    assert mixpanel.query_ids("user-42", None) == []

@@ -134,8 +134,11 @@ async def test_errors_are_wrapped_into_the_upstream_error_tree(tmp_path):
             await runner.cleanup()
 
         cert, key = self_signed(tmp_path / "tls", "127.0.0.1")
+        async def ok(request: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
         tls_app = web.Application()
-        tls_app.router.add_get("/", lambda r: web.Response(text="ok"))
+        tls_app.router.add_get("/", ok)
         tls_runner, port = await serve_tls(tls_app, cert, key)
         try:
             with pytest.raises(UpstreamTLSError, match="certificate"):

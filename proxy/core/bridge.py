@@ -105,39 +105,3 @@ def token_in_url(url: Any, param: str) -> str | None:
         if part.startswith(param + "="):
             return part[len(param) + 1 :] or None
     return None
-
-
-def strip_event(route: str, event: dict[str, Any], param: str) -> int:
-    """Remove ``param`` from every URL-valued string of an event; returns how many.
-
-    All string properties are checked, not only ``$current_url``/``$referrer``/
-    ``$initial_referrer``: a site may copy the landing URL into its own."""
-    if route == "engage":
-        targets = [event, *(v for k, v in event.items() if k.startswith("$") and isinstance(v, dict))]
-    else:
-        props = event.get("properties")
-        targets = [props] if isinstance(props, dict) else []
-    marker = param + "="
-    count = 0
-    for target in targets:
-        for key, value in target.items():
-            if isinstance(value, str) and marker in value:
-                stripped = strip_param(value, param)
-                if stripped is not None:
-                    target[key] = stripped
-                    count += 1
-    return count
-
-
-def find_token(query: list[tuple[str, str]], events: list[dict[str, Any]], param: str) -> str | None:
-    """A token in the request's own query string, else in an event's ``$current_url``."""
-    for key, value in query:
-        if key == param and value:
-            return value
-    for event in events:
-        props = event.get("properties")
-        if isinstance(props, dict):
-            token = token_in_url(props.get("$current_url"), param)
-            if token:
-                return token
-    return None

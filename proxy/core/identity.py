@@ -1,7 +1,8 @@
 """Identity resolution: which canonical id a request's anonymous ids become.
 
-Pure functions over plain data; the store lookups happen in the handler,
-which passes what it found in ``known``.
+Pure functions over plain data, vendor-neutral: a protocol module
+(``protocols.mixpanel``) names the ids of its events; the store lookups happen
+in ``services.resolver``, which passes what it found in ``known``.
 
 Rules (PRODUCT.md, identity model):
 - an id is *anonymous* when it is a ``$device_id``, a ``distinct_id`` of the
@@ -20,7 +21,7 @@ Rules (PRODUCT.md, identity model):
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ def strip_device(value: Any) -> str | None:
     return None
 
 
-def _anon(value: Any, device_id: Any) -> str | None:
+def anon_id(value: Any, device_id: Any) -> str | None:
     """The bare anonymous id in ``value``, or None when it is not anonymous."""
     bare = strip_device(value)
     if bare is not None:
@@ -59,68 +60,6 @@ def _anon(value: Any, device_id: Any) -> str | None:
     if isinstance(value, str) and value and value == device_id:
         return value
     return None
-
-
-def _event_anon_ids(route: str, event: Mapping[str, Any]) -> list[str]:
-    if route == "engage":
-        source: Any = event
-        others = ("$distinct_id",)
-    else:
-        source = event.get("properties")
-        others = ("distinct_id", "$anon_distinct_id")
-    if not isinstance(source, dict):
-        return []
-    out = []
-    device = source.get("$device_id")
-    if isinstance(device, str) and device:
-        out.append(strip_device(device) or device)
-    for key in others:
-        bare = _anon(source.get(key), device)
-        if bare:
-            out.append(bare)
-    return out
-
-
-def anonymous_ids(route: str, events: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Anonymous ids in a batch, first seen first, without duplicates."""
-    if route == "groups":
-        return []
-    seen: dict[str, None] = {}
-    for event in events:
-        for value in _event_anon_ids(route, event):
-            seen.setdefault(value)
-    return list(seen)
-
-
-def server_lookup_ids(route: str, events: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Ids of a server request that may be an original device id in the alias store.
-
-    A server-side event may carry a bare original device id as its
-    ``distinct_id``; looking up a user id too is harmless (it is never a key)."""
-    if route == "groups":
-        return []
-    seen: dict[str, None] = {}
-    for event in events:
-        source = event if route == "engage" else event.get("properties")
-        if not isinstance(source, dict):
-            continue
-        keys = ("$device_id", "$distinct_id") if route == "engage" else ("$device_id", "distinct_id", "$anon_distinct_id")
-        for key in keys:
-            value = source.get(key)
-            if isinstance(value, str) and value:
-                seen.setdefault(strip_device(value) or value)
-    return list(seen)
-
-
-def query_anon_ids(distinct_id: str | None, device_id: str | None) -> list[str]:
-    """Anonymous ids of a request whose identity is in its query (record, flags, decide)."""
-    out = []
-    if device_id:
-        out.append(strip_device(device_id) or device_id)
-    bare = _anon(distinct_id, device_id)
-    if bare and bare not in out:
-        out.append(bare)
-    return out
 
 
 def resolve_browser(
@@ -181,12 +120,3 @@ def device_change(record: str | None, device: str, now: float, window: float, an
     except ValueError:
         return DEVICE_FIRST
     return DEVICE_RESET if anonymous and gap < window else DEVICE_RENEWED
-
-
-def is_anonymous(route: str, events: Iterable[Mapping[str, Any]]) -> bool:
-    """No event of the batch names a user."""
-    for event in events:
-        source = event if route == "engage" else event.get("properties")
-        if isinstance(source, dict) and source.get("$user_id"):
-            return False
-    return True

@@ -29,6 +29,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 
@@ -113,6 +114,18 @@ def decode(
 def encode(payload: Payload) -> tuple[bytes, str]:
     """The (rewritten) events in the form the client sent them: body, Content-Type."""
     return codec.encode_body(payload.form)
+
+
+def reencode(payload: Payload, query: list[tuple[str, str]]) -> tuple[bytes, str, str | None]:
+    """(body, Content-Type, raw query) for forwarding rewritten events: a GET
+    that carried ``data`` in its query gets a new query (the third item), any
+    other request a new body."""
+    if payload.form.from_query:
+        value, _ = codec.encode_data_value(payload.form)
+        parts = [f"data={value.decode()}" if k == "data" else urlencode([(k, v)]) for k, v in query]
+        return b"", "", "&".join(parts)
+    body, content_type = encode(payload)
+    return body, content_type, None
 
 
 # ----------------------------------------------------------------- identity

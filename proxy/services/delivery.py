@@ -1,11 +1,13 @@
 """The background sender: spool -> batches -> upstream -> exactly one outcome.
 
 One task per region walks that region's queued rows in id order, groups
-them by (route, project, ip flag) into batches of at most ``batch_size``
+them by (protocol, route, project, ip flag) into batches of at most ``batch_size``
 (a partial batch leaves once its oldest row has waited ``batch_window``),
 and sends up to ``max_in_flight`` batches at a time.
 
-Upstream answers are sorted into classes (``classify``):
+The row's protocol (``protocols/``) encodes each batch and sorts the
+upstream's answer into a class (``WireProtocol.classify``); the sender acts
+on the class, whatever the vendor:
 - accepted (2xx): rows deleted;
 - retry (network error, timeout, 5xx): the region pauses with exponential
   backoff and jitter (``backoff_initial`` doubling to ``backoff_max``), the
@@ -29,14 +31,12 @@ sooner than the backoff allows.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import email.utils
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,102 +47,19 @@ from ..errors import UpstreamError
 from .metrics import Metrics
 from ..settings import DeliverySettings
 from .spool import DeadLetter, Row, Spool
-from .upstream import Endpoint, UpstreamClient, UpstreamResponse
+from .upstream import Endpoint, UpstreamClient
+from ..protocols.base import ACCEPTED, RATE_LIMITED, REFUSED, RETRY, TOO_LARGE, WireProtocol
 
 log = logging.getLogger(__name__)
 
-ACCEPTED = "accepted"
-RETRY = "retry"
-RATE_LIMITED = "rate_limited"
-TOO_LARGE = "too_large"
-REJECTED = "rejected"
-REFUSED = "refused"  # a 4xx about the request as a whole (401, 403, 404...)
-
-GroupKey = tuple[str, str | None, bool]  # route, project, ip flag
+GroupKey = tuple[str, str, str | None, bool]  # protocol, route, project, ip flag
 MAINTAIN_SECONDS = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    kind: str
-    detail: str = ""
-    retry_after: float | None = None
-    # index in batch -> reason, when the upstream named the bad records
-    failed: dict[int, str] | None = None
-
-
-def classify(response: UpstreamResponse) -> Verdict:
-    """Sort an upstream answer into a class (pure)."""
-    status = response.status
-    text = response.body[:2000].decode("utf-8", "replace")
-    if 200 <= status < 300:
-        body = _json(response.body)
-        if isinstance(body, dict) and body.get("status") == 0:
-            return Verdict(REJECTED, str(body.get("error") or text), failed=_failed_records(body))
-        return Verdict(ACCEPTED)
-    if status == 429:
-        return Verdict(RATE_LIMITED, text, retry_after=parse_retry_after(response.header("retry-after")))
-    if status == 413:
-        return Verdict(TOO_LARGE, text)
-    if status >= 500:
-        return Verdict(RETRY, f"upstream answered {status}: {text}".strip())
-    if status == 400:
-        body = _json(response.body)
-        failed = _failed_records(body) if isinstance(body, dict) else None
-        return Verdict(REJECTED, text, failed=failed)
-    return Verdict(REFUSED, f"upstream answered {status}: {text}".strip())
-
-
-def _json(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _failed_records(body: dict[str, Any]) -> dict[int, str] | None:
-    records = body.get("failed_records")
-    if not isinstance(records, list):
-        return None
-    out = {}
-    for rec in records:
-        if isinstance(rec, dict) and isinstance(rec.get("index"), int):
-            out[rec["index"]] = str(rec.get("message") or rec.get("field") or "rejected")
-    return out or None
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def backoff_delay(failures: int, initial: float, maximum: float, rand: Callable[[], float] = random.random) -> float:
     """Exponential backoff with jitter: never below the plain doubling, at most +20 %."""
     base = min(maximum, initial * 2 ** max(0, failures - 1))
     return base * (1 + 0.2 * rand())
-
-
-def event_seconds(value: Any) -> float | None:
-    """An event's ``time`` property in seconds (mixpanel-js sends ms, others s)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value / 1000 if value > 1e11 else float(value)
-
-
-def encode_batch(rows: list[Row]) -> bytes:
-    """``data=<base64 JSON array>``: the form mixpanel-js itself posts."""
-    raw = b"[" + b",".join(r.body for r in rows) + b"]"
-    value = base64.b64encode(raw).replace(b"+", b"%2B").replace(b"/", b"%2F").replace(b"=", b"%3D")
-    return b"data=" + value
 
 
 @dataclass
@@ -176,9 +93,11 @@ class Sender:
         settings: DeliverySettings,
         forwarded: ForwardedLog,
         timeout: float,
+        protocols: Mapping[str, WireProtocol],
         metrics: Metrics | None = None,
     ) -> None:
         self.spool = spool
+        self.protocols = protocols
         self.client = client
         self.settings = settings
         self.forwarded = forwarded
@@ -246,7 +165,7 @@ class Sender:
         # count once.
         for row in rows:
             if row.id > state.cursor:
-                state.groups.setdefault((row.route, row.project, row.ip), deque()).append(row)
+                state.groups.setdefault((row.protocol, row.route, row.project, row.ip), deque()).append(row)
                 state.cursor = row.id
                 state.held += 1
 
@@ -358,7 +277,8 @@ class Sender:
     # ------------------------------------------------------------ a batch
 
     async def _send(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
-        route, _project, ip = key
+        protocol_name, route, _project, ip = key
+        protocol = self.protocols[protocol_name]
         max_age = self.settings.max_age_seconds
         cutoff = time.time() - max_age
         expired = [r for r in batch if r.event_time is not None and r.event_time < cutoff] if route == "track" else []
@@ -368,16 +288,16 @@ class Sender:
             batch = [r for r in batch if r.id not in gone]
             if not batch:
                 return
-        target = f"/{route}?verbose=1&ip={1 if ip else 0}"
+        outbound = protocol.batch(route, ip, [r.body for r in batch])
         started = time.perf_counter()
         try:
             self.upstream_requests += 1
             response = await self.client.request(
                 state.endpoint,
                 "POST",
-                target,
-                [("content-type", "application/x-www-form-urlencoded"), ("user-agent", "firstparty-proxy")],
-                encode_batch(batch),
+                outbound.target,
+                [("content-type", outbound.content_type), ("user-agent", "firstparty-proxy")],
+                outbound.body,
                 timeout=self.timeout,
             )
         except UpstreamError as exc:
@@ -385,7 +305,7 @@ class Sender:
             return
         latency = time.perf_counter() - started
         self.metrics.upstream_latency.labels(state.region).observe(latency)
-        verdict = classify(response)
+        verdict = protocol.classify(response.status, response.body, response.header("retry-after"))
         if verdict.kind == ACCEPTED:
             state.failures = 0
             self._done(state, batch, "forwarded", response.status, latency)
@@ -432,7 +352,7 @@ class Sender:
         self.spool.count_attempt(batch)
         rows = state.groups.setdefault(key, deque())
         rows.extendleft(reversed(batch))  # back to the front, in order
-        self.metrics.outcome("retry", key[0], len(batch))
+        self.metrics.outcome("retry", key[1], len(batch))
         log.warning(
             "upstream %s: %s; %d events kept, next try in %.1f s", state.region, detail, len(batch), delay
         )

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS queue (
     meta        BLOB NOT NULL,         -- identity facts for the forwarded log, JSON
     enqueued_at REAL NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
-    event_time  REAL                   -- the event's own time (s), for the /track age limit
+    event_time  REAL,                  -- the event's own time (s), for the /track age limit
+    protocol    TEXT NOT NULL DEFAULT 'mixpanel'  -- whose wire the body speaks (protocols/)
 );
 -- No index on region: it would be one more b-tree write per insert and per
 -- delete, for the sender's backlog reads, which walk ids in order anyway.
@@ -56,14 +57,15 @@ CREATE TABLE IF NOT EXISTS dead (
     reason      TEXT NOT NULL,         -- short class: rejected, too_large, expired, ...
     detail      TEXT NOT NULL,         -- the upstream's own words
     status      INTEGER,               -- upstream HTTP status, if any
-    failed_at   REAL NOT NULL
+    failed_at   REAL NOT NULL,
+    protocol    TEXT NOT NULL DEFAULT 'mixpanel'
 );
 """
 
-_COLUMNS = "id, route, region, project, ip, body, meta, enqueued_at, attempts, event_time"
-_INSERT_HEAD = "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, event_time) VALUES "
-_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
-_ROWS_PER_INSERT = 256  # 8 parameters each, far below SQLite's 32,766 limit
+_COLUMNS = "id, route, region, project, ip, body, meta, enqueued_at, attempts, event_time, protocol"
+_INSERT_HEAD = "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, event_time, protocol) VALUES "
+_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ROWS_PER_INSERT = 256  # 9 parameters each, far below SQLite's 32,766 limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,7 @@ class NewRow:
     body: bytes
     meta: bytes
     event_time: float | None = None
+    protocol: str = "mixpanel"
 
 
 @dataclass(slots=True)
@@ -89,6 +92,7 @@ class Row:
     enqueued_at: float
     attempts: int
     event_time: float | None = None
+    protocol: str = "mixpanel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +128,15 @@ def connect(path: Path, fsync: bool = True) -> sqlite3.Connection:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(queue)")}
     if "event_time" not in columns:  # a spool written by 0.1.0 before this column existed
         conn.execute("ALTER TABLE queue ADD COLUMN event_time REAL")
+    # Spools written before protocols/ existed hold Mixpanel events only.
+    for table in ("queue", "dead"):
+        if "protocol" not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN protocol TEXT NOT NULL DEFAULT 'mixpanel'")
     return conn
 
 
 def _row(t: tuple[Any, ...]) -> Row:
-    return Row(t[0], t[1], t[2], t[3], bool(t[4]), t[5], t[6], t[7], t[8], t[9])
+    return Row(t[0], t[1], t[2], t[3], bool(t[4]), t[5], t[6], t[7], t[8], t[9], t[10])
 
 
 class Spool:
@@ -233,7 +241,7 @@ class Spool:
                 first = last_id - len(inserts) + 1
                 self.on_commit(
                     [
-                        Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time)
+                        Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time, r.protocol)
                         for i, (r, t) in enumerate(inserts)
                     ]
                 )
@@ -282,7 +290,7 @@ def _transaction(
             chunk = inserts[start : start + _ROWS_PER_INSERT]
             params: list[Any] = []
             for r, t in chunk:
-                params += (r.route, r.region, r.project, int(r.ip), r.body, r.meta, t, r.event_time)
+                params += (r.route, r.region, r.project, int(r.ip), r.body, r.meta, t, r.event_time, r.protocol)
             c.execute(_INSERT_HEAD + ", ".join([_INSERT_ROW] * len(chunk)), params)
         if inserts:
             last_id = c.execute("SELECT last_insert_rowid()").fetchone()[0]
@@ -293,10 +301,10 @@ def _transaction(
         if dead:
             c.executemany(
                 "INSERT INTO dead (queue_id, route, region, project, ip, body, meta, enqueued_at, attempts,"
-                " reason, detail, status, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " reason, detail, status, failed_at, protocol) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (d.row.id, d.row.route, d.row.region, d.row.project, int(d.row.ip), d.row.body, d.row.meta,
-                     d.row.enqueued_at, d.row.attempts, d.reason, d.detail[:2000], d.status, now)
+                     d.row.enqueued_at, d.row.attempts, d.reason, d.detail[:2000], d.status, now, d.row.protocol)
                     for d in dead
                 ],
             )
@@ -346,8 +354,8 @@ def replay(c: sqlite3.Connection, reason: str | None = None) -> int:
     c.execute("BEGIN IMMEDIATE")
     try:
         moved = c.execute(
-            "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, attempts)"
-            f" SELECT route, region, project, ip, body, meta, ?, 0 FROM dead {where} ORDER BY id",
+            "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, attempts, protocol)"
+            f" SELECT route, region, project, ip, body, meta, ?, 0, protocol FROM dead {where} ORDER BY id",
             (time.time(), *args),
         ).rowcount
         c.execute(f"DELETE FROM dead {where}", args)

@@ -36,7 +36,8 @@ from ..services.spool import Spool
 from ..services.store import AliasStore
 from ..services.upstream import UpstreamClient, Upstreams
 from ..settings import Settings
-from .handlers import EVENT_ROUTES, Proxy, Services
+from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL
+from .handlers import Proxy, Services
 from .http import text_response
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -127,6 +128,7 @@ def _services(
                     settings.delivery,
                     forwarded,
                     timeout=settings.upstream.timeout_seconds,
+                    protocols={MIXPANEL.name: MIXPANEL},
                     metrics=metrics,
                 )
                 spool.on_commit = sender.accept

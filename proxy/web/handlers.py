@@ -31,7 +31,6 @@ import orjson
 from aiocache.base import BaseCache
 from aiohttp import web
 
-from ..core import codec
 from ..core import consent
 from ..core.clientip import TrustedProxies, client_ip
 from ..core.cookie import CookieJar, cookie_values
@@ -40,18 +39,14 @@ from ..errors import BadRequest, UpstreamError
 from ..services.forwardlog import ForwardedLog
 from ..services.metrics import CONTENT_TYPE, Metrics
 from ..services.resolver import Resolver
-from ..core.identity import (
-    SOURCE_COOKIE,
-    is_anonymous,
-    Resolution,
-    anonymous_ids,
-    query_anon_ids,
-    server_lookup_ids,
-    strip_device,
-)
-from ..core.bridge import find_token, strip_event, strip_param
-from ..services.delivery import Sender, event_seconds
-from ..core.rewrite import Rewrite, rewrite_event, rewrite_flags_context, rewrite_query
+from ..core.identity import SOURCE_COOKIE, Resolution
+from ..core.bridge import strip_param
+from ..services.delivery import Sender
+from ..core.rewrite import Rewrite, rewrite_query
+from ..protocols import mixpanel
+from ..protocols.base import Answer, Payload, WireProtocol
+from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ID_FIELDS, QUERY_ROUTES, SPOOLED_ROUTES
+from .crossdomain import CrossDomain
 from .http import check_host, json_response, query_pairs, read_body, request_host
 from .http import raw_query as raw_query_of
 from ..settings import Settings
@@ -61,16 +56,9 @@ from ..services.upstream import Endpoint, UpstreamClient, UpstreamResponse, Upst
 
 log = logging.getLogger(__name__)
 
-EVENT_ROUTES = frozenset({"track", "engage", "groups", "import"})
-# Acknowledged once durably spooled (in spool mode); /import stays synchronous
-# so its credentials are never written to disk.
-SPOOLED_ROUTES = frozenset({"track", "engage", "groups"})
 SPOOL_RETRY_AFTER = "5"
-QUERY_ROUTES = frozenset({"record", "flags", "settings", "decide"})
 LIB_PATHS = {"lib.min.js": "/libs/mixpanel-2-latest.min.js", "lib.js": "/libs/mixpanel-2-latest.js"}
 LIB_CACHE_SECONDS = 3600
-# Query fields that carry identity, per query-identity route.
-_QUERY_ID_FIELDS = {"record": ("distinct_id", "$device_id"), "decide": ("distinct_id",)}
 _MAX_LOGGED_REWRITES = 50
 
 
@@ -111,50 +99,13 @@ def is_browser(headers: Mapping[str, str]) -> bool:
     return headers.get("user-agent", "").startswith("Mozilla/")
 
 
-def wants_verbose(query: list[tuple[str, str]], params: list[tuple[str, str]] = ()) -> bool:  # type: ignore[assignment]
-    for k, v in (*params, *query):
-        if k == "verbose":
-            return v == "1"
-    return False
+def answer(a: Answer) -> web.Response:
+    """An SDK answer as the protocol shaped it."""
+    return web.Response(status=a.status, body=a.body, content_type=a.content_type)
 
 
 def error_response(status: int, message: str, verbose: bool) -> web.Response:
-    if verbose:
-        return web.Response(
-            status=status,
-            body=orjson.dumps({"status": 0, "error": message}),
-            content_type="application/json",
-        )
-    return web.Response(status=status, text="0", content_type="text/plain")
-
-
-def accepted_response(verbose: bool) -> web.Response:
-    """Mixpanel's "accepted": ``{"status":1,"error":null}``, or ``1`` when not verbose."""
-    if verbose:
-        return web.Response(body=b'{"status":1,"error":null}', content_type="application/json")
-    return web.Response(text="1", content_type="text/plain")
-
-
-def event_names(route: str, events: list[dict[str, Any]]) -> list[str]:
-    if route in ("track", "import"):
-        return [str(e.get("event", "")) for e in events]
-    # engage/groups: the operation ($set, $union...) names the update.
-    return [next((k for k in e if k.startswith("$") and k not in _PROFILE_KEYS), "?") for e in events]
-
-
-_PROFILE_KEYS = frozenset(
-    {"$token", "$distinct_id", "$device_id", "$user_id", "$time", "$ip", "$ignore_time", "$group_key", "$group_id"}
-)
-
-
-def project_token(route: str, events: list[dict[str, Any]]) -> str | None:
-    first = events[0]
-    if route in ("engage", "groups"):
-        token = first.get("$token")
-    else:
-        props = first.get("properties")
-        token = props.get("token") if isinstance(props, dict) else None
-    return token if isinstance(token, str) else None
+    return answer(mixpanel.error(status, message, verbose))
 
 
 class Proxy:
@@ -162,8 +113,6 @@ class Proxy:
     they use are opened at start-up and handed over with ``bind``."""
 
     def __init__(self, settings: Settings) -> None:
-        from .crossdomain import CrossDomain
-
         self._trusted = TrustedProxies(settings.server.trusted_proxies)
         self.s: Services
         self.cross = CrossDomain(self)
@@ -275,9 +224,9 @@ class Proxy:
         response.headers["Cache-Control"] = "private, no-store"
         return response
 
-    def _strip_tokens(self, route: str, events: list[dict[str, Any]]) -> int:
+    def _strip_tokens(self, protocol: WireProtocol, route: str, events: list[dict[str, Any]]) -> int:
         param = self.s.settings.identity.token_param
-        stripped = sum(strip_event(route, e, param) for e in events)
+        stripped = sum(protocol.strip_tokens(route, e, param) for e in events)
         if stripped:
             self.s.metrics.tokens_stripped.inc(stripped)
         return stripped
@@ -388,7 +337,7 @@ class Proxy:
         return self._not_found(request)
 
     def _not_found(self, request: web.Request) -> web.Response:
-        verbose = wants_verbose(query_pairs(request))
+        verbose = mixpanel.wants_verbose(query_pairs(request))
         return error_response(404, f"unknown endpoint {request.path}", verbose)
 
     def preflight(self, request: web.Request) -> web.Response:
@@ -398,75 +347,81 @@ class Proxy:
             return web.Response(status=403, text="origin not allowed; add it to cors.allowed_origins\n")
         return web.Response(status=204, headers=headers)
 
-    async def events(self, request: web.Request, route: str, path: str) -> web.Response:
-        """track / engage / groups / import: payloads that carry events."""
+    async def events(
+        self, request: web.Request, route: str, path: str, protocol: WireProtocol = MIXPANEL
+    ) -> web.Response:
+        """Routes whose payloads carry events, whatever the protocol: decode ->
+        consent -> identity -> rewrite -> spool (or forward) -> log."""
         started = time.perf_counter()
         visit = self._visit(request)
         query = query_pairs(request)
         if request.method not in ("GET", "POST"):
             return self._finish(error_response(405, f"{request.method} is not supported here", True), visit, None)
-        verbose = wants_verbose(query)
+        verbose = mixpanel.wants_verbose(query)
         try:
             body = await read_body(request, self.s.settings.server)
-            decoded = codec.decode(
-                body=body,
-                query=query,
-                content_type=request.headers.get("content-type", ""),
-                content_encoding=request.headers.get("content-encoding", ""),
-                limit=self.s.settings.server.max_body_bytes,
+            payload = protocol.decode(
+                route,
+                body,
+                query,
+                request.headers.get("content-type", ""),
+                request.headers.get("content-encoding", ""),
+                self.s.settings.server.max_body_bytes,
             )
         except BadRequest as exc:
             return self._error(exc, visit, verbose, route)
-        verbose = wants_verbose(query, decoded.params)
-        events = decoded.events
+        verbose = payload.verbose
+        events = payload.events
         param = self.s.settings.identity.token_param
         token = None
         stripped = 0
         # Tokens can only be in events whose text mentions the parameter.
-        mentioned = decoded.mentions(param + "=")
+        mentioned = payload.mentions(param + "=")
         if visit.browser and route != "import":
-            token = find_token(query, events if mentioned else [], param)
-        if visit.browser and route in SPOOLED_ROUTES:
+            token = protocol.find_token(query, events if mentioned else [], param)
+        project = protocol.project(route, events)
+        if visit.browser and route in protocol.spooled_routes:
             refused = self._refused(request, visit, token)
             if refused:
-                names = event_names(route, events)
-                answer = accepted_response(verbose)
-                return self._drop(visit, route, names, len(events), project_token(route, events), refused, answer)
+                names = protocol.names(route, events)
+                accepted = answer(protocol.accepted(verbose))
+                return self._drop(visit, route, names, len(events), project, refused, accepted)
         if mentioned:
-            stripped = self._strip_tokens(route, events)
+            stripped = self._strip_tokens(protocol, route, events)
 
         resolution = await self._resolve(
             visit,
             route,
-            anonymous_ids(route, events),
-            [] if visit.browser and route != "import" else server_lookup_ids(route, events),
+            protocol.anonymous_ids(route, events),
+            [] if visit.browser and route != "import" else protocol.lookup_ids(route, events),
             token,
-            is_anonymous(route, events),
-            project_token(route, events),
+            protocol.is_anonymous(route, events),
+            project,
         )
-        per_event = [rewrite_event(route, e, resolution.mapping) for e in events] if resolution.mapping else []
+        mapping = resolution.mapping
+        per_event = [protocol.rewrite(route, e, mapping) for e in events] if mapping else []
         rewrites = [r for rs in per_event for r in rs]
         if rewrites:
             self.s.metrics.rewrites.inc(len(rewrites))
-        if self.s.spool is not None and route in SPOOLED_ROUTES:
-            return await self._spool(request, visit, route, decoded, query, resolution, per_event, verbose)
+        if self.s.spool is not None and route in protocol.spooled_routes:
+            return await self._spool(request, visit, protocol, payload, resolution, per_event)
 
         raw_query = raw_query_of(request)
         if param + "=" in raw_query:
             raw_query = urlencode([(k, v) for k, v in query if k != param])
         content_type = request.headers.get("content-type")
         content_encoding = request.headers.get("content-encoding")
-        if (rewrites or stripped) and decoded.from_query:
-            value, _ = codec.encode_data_value(decoded)
-            raw_query = _replace_query_value([(k, v) for k, v in query if k != param], "data", value.decode())
-        elif rewrites or stripped:
-            body, content_type = codec.encode_body(decoded)
-            content_encoding = None  # re-encoded uncompressed
+        if rewrites or stripped:
+            new_body, new_type, new_query = mixpanel.reencode(payload, [(k, v) for k, v in query if k != param])
+            if new_query is not None:
+                raw_query = new_query
+            else:
+                body, content_type = new_body, new_type
+                content_encoding = None  # re-encoded uncompressed
 
-        project = project_token(route, events)
         region = self.s.upstreams.region_for(project)
         target = path + ("?" + raw_query if raw_query else "")
-        names = event_names(route, events)
+        names = protocol.names(route, events)
         try:
             upstream = await self._forward(
                 request, route, self.s.upstreams.regions[region], target, body, content_type, content_encoding
@@ -484,47 +439,49 @@ class Proxy:
         self,
         request: web.Request,
         visit: Visit,
-        route: str,
-        decoded: codec.Decoded,
-        query: list[tuple[str, str]],
+        protocol: WireProtocol,
+        payload: Payload,
         resolution: Resolution,
         per_event: list[list[Rewrite]],
-        verbose: bool,
     ) -> web.Response:
         """Spool mode: answer once the events are durably written; the sender
         forwards them in batches."""
         assert self.s.spool is not None and self.s.sender is not None
+        route = payload.route
         # Batches mix visitors, so each event carries its visitor's IP for
         # geolocation when the client asked for it (ip=1).
-        wants_ip = codec.param(decoded, query, "ip", "0") == "1"
+        wants_ip = payload.wants_ip
         ip = client_ip(
             request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
         )[0] if wants_ip else None
         rows = []
         regions = set()
-        for i, event in enumerate(decoded.events):
-            name, insert_id, token, when = _prepare_event(route, event, ip)
-            region = self.s.upstreams.region_for(token)
+        name = protocol.name
+        for i, event in enumerate(payload.events):
+            facts = protocol.prepare(route, event, ip)
+            region = self.s.upstreams.region_for(facts.project)
             regions.add(region)
             changes = per_event[i] if per_event else ()
             meta = {
                 "c": resolution.canonical,
                 "s": resolution.source,
-                "n": name,
-                "i": insert_id,
+                "n": facts.name,
+                "i": facts.insert_id,
                 "r": [[r.field, r.original, r.canonical] for r in changes],
             }
-            rows.append(NewRow(route, region, token, wants_ip, orjson.dumps(event), orjson.dumps(meta), when))
+            rows.append(
+                NewRow(route, region, facts.project, wants_ip, orjson.dumps(event), orjson.dumps(meta), facts.time, name)
+            )
         try:
             await self.s.spool.enqueue(rows)
         except SpoolFull as exc:
-            response = error_response(503, f"{exc}; retry later", verbose)
+            response = answer(protocol.error(503, f"{exc}; retry later", payload.verbose))
             response.headers["Retry-After"] = SPOOL_RETRY_AFTER
             return self._finish(response, visit, None, route)
         self.s.metrics.accepted(route, len(rows))
         for region in regions:
             self.s.sender.notify(region)
-        return self._finish(accepted_response(verbose), visit, resolution, route)
+        return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route)
 
     async def query_route(
         self, request: web.Request, route: str, path: str, endpoint: Endpoint | None
@@ -534,7 +491,7 @@ class Proxy:
         started = time.perf_counter()
         visit = self._visit(request)
         query = query_pairs(request)
-        verbose = wants_verbose(query)
+        verbose = mixpanel.wants_verbose(query)
         try:
             body = await read_body(request, self.s.settings.server)
         except BadRequest as exc:
@@ -551,14 +508,14 @@ class Proxy:
         clean = [(k, strip_param(v, param) or v) if param + "=" in v else (k, v) for k, v in clean]
         tokens_removed = clean != query
         query = clean
-        incoming, server_ids, context = self._query_identity(route, query)
+        incoming, server_ids, context = mixpanel.query_identity(route, query)
         resolution = await self._resolve(visit, route, incoming, server_ids, token)
         rewrites: list[Rewrite] = []
         new_query = query
-        if route in _QUERY_ID_FIELDS:
-            new_query = rewrite_query(query, _QUERY_ID_FIELDS[route], resolution.mapping, rewrites)
+        if route in QUERY_ID_FIELDS:
+            new_query = rewrite_query(query, QUERY_ID_FIELDS[route], resolution.mapping, rewrites)
         elif route == "flags" and context is not None:
-            new_context = rewrite_flags_context(context, resolution.mapping, rewrites)
+            new_context = mixpanel.rewrite_flags_context(context, resolution.mapping, rewrites)
             new_query = [(k, new_context if k == "context" else v) for k, v in query]
         raw_query = urlencode(new_query) if rewrites or tokens_removed else raw_query_of(request)
 
@@ -582,31 +539,6 @@ class Proxy:
         self._log(route, region, token, [], resolution, rewrites, upstream.status, started)
         response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
         return self._finish(response, visit, resolution, route)
-
-    @staticmethod
-    def _query_identity(route: str, query: list[tuple[str, str]]) -> tuple[list[str], list[str], str | None]:
-        """(anonymous ids, ids to look up for a server request, the flags context)."""
-        first = dict(reversed(query))  # first occurrence wins
-        context = None
-        if route == "flags":
-            context = first.get("context")
-            ctx: Any = None
-            if context:
-                try:
-                    ctx = orjson.loads(context)
-                except orjson.JSONDecodeError:
-                    ctx = None
-            if not isinstance(ctx, dict):
-                return [], [], context
-            distinct, device = ctx.get("distinct_id"), ctx.get("device_id")
-        elif route in _QUERY_ID_FIELDS:
-            distinct, device = first.get("distinct_id"), first.get("$device_id")
-        else:
-            return [], [], None
-        distinct = distinct if isinstance(distinct, str) else None
-        device = device if isinstance(device, str) else None
-        lookups = [strip_device(v) or v for v in (device, distinct) if v]
-        return query_anon_ids(distinct, device), lookups, context
 
     async def lib(self, request: web.Request, name: str) -> web.Response:
         """The mixpanel-js library itself, first-party, cached."""
@@ -651,39 +583,3 @@ class Proxy:
             body["spool"] = spool_ok
             ok = ok and spool_ok
         return json_response(body, status=200 if ok else 503)
-
-
-def _prepare_event(
-    route: str, event: dict[str, Any], ip: str | None
-) -> tuple[str, str | None, str | None, float | None]:
-    """Make an event ready to travel in a shared batch: a ``$insert_id`` so a
-    resend is de-duplicated, the visitor's IP for geolocation. Returns (name,
-    insert id, project token, event time in seconds)."""
-    if route == "track":
-        props = event.get("properties")
-        if not isinstance(props, dict):
-            props = event["properties"] = {}
-        insert_id = props.get("$insert_id")
-        if not isinstance(insert_id, str) or not insert_id:
-            insert_id = props["$insert_id"] = secrets.token_hex(16)
-        if ip and "ip" not in props:
-            props["ip"] = ip
-        token = props.get("token")
-        name = str(event.get("event", ""))
-        return name, insert_id, token if isinstance(token, str) else None, event_seconds(props.get("time"))
-    if route == "engage" and ip and "$ip" not in event:
-        event["$ip"] = ip
-    token = event.get("$token")
-    name = next((k for k in event if k.startswith("$") and k not in _PROFILE_KEYS), "?")
-    return name, None, token if isinstance(token, str) else None, None
-
-
-def _replace_query_value(query: list[tuple[str, str]], name: str, encoded: str) -> str:
-    """A query string with ``name``'s value replaced by an already-encoded value."""
-    parts = []
-    for k, v in query:
-        if k == name:
-            parts.append(f"{name}={encoded}")
-        else:
-            parts.append(urlencode([(k, v)]))
-    return "&".join(parts)
