@@ -45,8 +45,16 @@ class ServerSettings:
     # Longer than whatever pools connections in front (nginx keeps idle upstream
     # connections 60 s, AWS ALB 60 s by default), so it never reuses one we close.
     keepalive_timeout_seconds: float = 75.0
-    # A request's head and body must arrive within this (slow-loris clients get 408).
+    # A request's body must arrive within this (slow clients get 408); nginx in
+    # front cuts off slow heads (client_header_timeout).
     request_timeout_seconds: float = 60.0
+    # Where the Mixpanel protocol is served (first: link.js's /go), and the legacy decide host's mount.
+    # Filter lists block "/mp/" and "*/track" on any domain: a neutral mount and
+    # route aliases (mixpanel-js's api_routes) get past them.
+    mounts: tuple[str, ...] = ("/mp/",)
+    decide_mounts: tuple[str, ...] = ("/mp-decide/",)
+    # alias -> route, e.g. {"e" = "track", "p" = "engage", "g" = "groups"}
+    route_aliases: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +345,34 @@ def _projects(key: str, value: Any) -> dict[str, str]:
     return {str(token): _region(f"{key}.{token}", region) for token, region in value.items()}
 
 
+def _mounts(key: str, value: Any) -> tuple[str, ...]:
+    out = []
+    for item in _str_list(key, value):
+        if not re.match(r"^/([A-Za-z0-9_\-.~]+/)+$", item):
+            raise ConfigError(key, f"{item!r}: a mount is a path that starts and ends with '/', such as \"/mp/\" or \"/a1/\"")
+        out.append(item)
+    if not out:
+        raise ConfigError(key, "name at least one mount, such as [\"/mp/\"]")
+    return tuple(out)
+
+
+# The routes an alias may name (protocols.mixpanel's event and query routes).
+_ALIASABLE = ("track", "engage", "groups", "import", "record", "flags", "settings", "decide")
+
+
+def _route_aliases(key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f'expected a table such as {{ e = "track", p = "engage" }}, got {value!r}')
+    out = {}
+    for alias, route in value.items():
+        if not re.match(r"^[A-Za-z0-9_\-]{1,32}$", str(alias)) or alias in _ALIASABLE:
+            raise ConfigError(f"{key}.{alias}", "an alias is a short name (letters, digits, '-', '_') that is not a route itself")
+        if route not in _ALIASABLE:
+            raise ConfigError(f"{key}.{alias}", f"{route!r} is not a route; use one of {', '.join(_ALIASABLE)}")
+        out[str(alias)] = route
+    return out
+
+
 def _optional_cookie_name(key: str, value: Any) -> str:
     return _cookie_name(key, value) if _str(key, value) else ""
 
@@ -352,6 +388,9 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "workers": _int(1, 256),
         "keepalive_timeout_seconds": _float(1, 3600),
         "request_timeout_seconds": _float(1, 3600),
+        "mounts": _mounts,
+        "decide_mounts": _mounts,
+        "route_aliases": _route_aliases,
     },
     "upstream": {
         "us": _url,

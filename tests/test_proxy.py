@@ -453,3 +453,21 @@ async def test_metrics_expose_identity_sources_and_outcomes(client, upstream, de
             text = await scrape()
         assert value(text, 'firstparty_delivery_outcomes_total{outcome="forwarded",route="track"}') == 2
         assert "firstparty_spool_depth" in text
+
+
+async def test_neutral_mounts_and_route_aliases(proxy_client, upstream):
+    """``server.mounts`` and ``server.route_aliases``: ``/a1/e/`` is ``/track/``
+    on Mixpanel's side, ``/a1/flags/`` its flags; the default ``/mp/`` is gone."""
+    client = await proxy_client(server={"mounts": ["/a1/"], "route_aliases": {"e": "track", "p": "engage"}})
+    device = device_id()
+    resp = await client.post("/a1/e/?verbose=1&ip=1", data=b64_body([js_event("Aliased", device)]), headers=FORM)
+    assert resp.status == 200
+    [event] = await upstream.wait(1)
+    assert event["event"] == "Aliased"
+    assert [r.path.rstrip("/") for r in upstream.by("us")] == ["/track"]
+    resp = await client.get("/a1/flags/?context=%7B%22distinct_id%22%3A%22u%22%7D&token=t", headers=BROWSER)
+    assert resp.status == 200 and upstream.by("us", "/flags")
+    resp = await client.post("/mp/track/?verbose=1", data=b64_body([js_event("Old", device)]), headers=FORM)
+    assert resp.status == 404
+    link = await (await client.get("/a1/link.js")).text()
+    assert '"/a1/go"' in link

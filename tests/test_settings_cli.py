@@ -226,3 +226,18 @@ def test_serving_freezes_start_up_objects_and_collects_young_objects_less_often(
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize(
+    "server, key",
+    [
+        ({"mounts": ["mp"]}, "server.mounts"),
+        ({"mounts": []}, "server.mounts"),
+        ({"route_aliases": {"e": "tracks"}}, "server.route_aliases.e"),
+        ({"route_aliases": {"track": "engage"}}, "server.route_aliases.track"),
+    ],
+)
+def test_bad_mounts_and_aliases_name_the_key(tmp_path, server, key):
+    with pytest.raises(ConfigError) as err:
+        build_settings({"server": {"data_dir": str(tmp_path), **server}, "cookie": {"secret": "s" * 32}}, {})
+    assert err.value.key == key

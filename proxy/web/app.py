@@ -69,24 +69,31 @@ def create_app(settings: Settings) -> web.Application:
     cross = proxy.cross
 
     add = app.router.add_route
-    # The SDKs' hot paths are plain resources (one dict hit in aiohttp's
-    # router); every other spelling under /mp/ reaches the same handler
-    # through the catch-all below (``/mp//track/``, route names in any case).
-    for name in EVENT_ROUTES:
-        for trailing in ("", "/"):
-            add("*", f"/mp/{name}{trailing}", proxy.event_route(name, f"/{name}{trailing}"))
-    add("*", "/mp/go", only(GET, cross.go))
-    add("*", "/mp/bridge", only(frozenset({"POST", "OPTIONS"}), proxy.bridge))
-    add("*", "/mp/id", only(GET, cross.identity))
-    add("*", "/mp/link.js", only(GET, cross.link_js))
-    add("*", "/mp/hub.js", only(GET, cross.hub_js))
+    server = settings.server
+    # Event routes by every name they answer to: their own, and the aliases
+    # that name them (mixpanel-js's api_routes: {track: "e/"} -> e = "track").
+    spellings = [(name, name) for name in sorted(EVENT_ROUTES)]
+    spellings += [(alias, route) for alias, route in server.route_aliases.items() if route in EVENT_ROUTES]
+    for mount in server.mounts:
+        # The SDKs' hot paths are plain resources (one dict hit in aiohttp's
+        # router); every other spelling under a mount reaches the same handler
+        # through its catch-all below (``/mp//track/``, query routes, lib.js).
+        for spelling, route in spellings:
+            for trailing in ("", "/"):
+                add("*", f"{mount}{spelling}{trailing}", proxy.event_route(route, f"/{route}{trailing}"))
+        add("*", f"{mount}go", only(GET, cross.go))
+        add("*", f"{mount}bridge", only(frozenset({"POST", "OPTIONS"}), proxy.bridge))
+        add("*", f"{mount}id", only(GET, cross.identity))
+        add("*", f"{mount}link.js", only(GET, cross.link_js))
+        add("*", f"{mount}hub.js", only(GET, cross.hub_js))
+        add("*", f"{mount}{{tail:.*}}", proxy.mount(mount))
+    for mount in server.decide_mounts:
+        add("*", f"{mount}{{tail:.*}}", proxy.decide_mount(mount))
     add("*", "/hub/resolve", only(GET, cross.hub_resolve))
     add("*", "/hub/ping", only(GET, cross.hub_ping))
     add("*", "/healthz", only(GET, proxy.healthz))
     add("*", "/readyz", only(GET, proxy.readyz))
     add("*", "/metrics", only(GET, proxy.metrics))
-    add("*", "/mp/{tail:.*}", proxy.mp)
-    add("*", "/mp-decide/{tail:.*}", proxy.mp_decide)
 
     # Built here (TLS context, ca_file checked: a bad file fails start-up with
     # one line), opened in the clean-up context below.

@@ -292,7 +292,7 @@ class CrossDomain:
 
     async def link_js(self, request: web.Request) -> web.Response:
         linked = [d.lstrip(".") for d in self._cfg.linked_domains]
-        body = LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps("/mp/go").decode())
+        body = LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps(self.p.s.settings.server.mounts[0] + "go").decode())
         return web.Response(
             text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
         )

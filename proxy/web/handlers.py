@@ -114,6 +114,7 @@ class Proxy:
 
     def __init__(self, settings: Settings) -> None:
         self._trusted = TrustedProxies(settings.server.trusted_proxies)
+        self.aliases = dict(settings.server.route_aliases)
         self.s: Services
         self.cross = CrossDomain(self)
         self.resolver: Resolver
@@ -304,16 +305,24 @@ class Proxy:
             return self.preflight(request)
         return await self.cross.bridge(request)
 
-    async def mp(self, request: web.Request) -> web.Response:
-        """Everything under ``/mp/``: one entry point, so ``/mp//track/`` and
-        ``/mp/track`` reach the same code."""
-        tail = request.path[4:]  # after "/mp/"; plain and catch-all routes alike
+    def mount(self, prefix: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """Everything under one mount (``/mp/``): one entry point, so
+        ``/mp//track/``, ``/mp/track`` and an alias (``/mp/e/``) reach the same code."""
+        skip = len(prefix)
+        aliases = self.aliases
+
+        async def handle(request: web.Request) -> web.Response:
+            return await self.mp(request, request.path[skip:], aliases)
+
+        return handle
+
+    async def mp(self, request: web.Request, tail: str, aliases: Mapping[str, str]) -> web.Response:
         parts = [p for p in tail.split("/") if p]
         trailing = "/" if tail.endswith("/") else ""
         if request.method == "OPTIONS":
             return self.preflight(request)
         if len(parts) == 1:
-            name = parts[0]
+            name = aliases.get(parts[0], parts[0])
             if name in EVENT_ROUTES:
                 return await self.events(request, name, f"/{name}{trailing}")
             if name in QUERY_ROUTES:
@@ -325,11 +334,18 @@ class Proxy:
             return await self.query_route(request, "flags-first-time", "/" + "/".join(parts) + trailing, None)
         return self._not_found(request)
 
-    async def mp_decide(self, request: web.Request) -> web.Response:
+    def decide_mount(self, prefix: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         """``/mp-decide/decide``: the legacy decide endpoint on its own host."""
+        skip = len(prefix)
+
+        async def handle(request: web.Request) -> web.Response:
+            return await self.mp_decide(request, request.path[skip:])
+
+        return handle
+
+    async def mp_decide(self, request: web.Request, tail: str) -> web.Response:
         if request.method == "OPTIONS":
             return self.preflight(request)
-        tail = request.path[len("/mp-decide/"):]
         parts = [p for p in tail.split("/") if p]
         if parts == ["decide"]:
             trailing = "/" if tail.endswith("/") else ""

@@ -53,9 +53,10 @@
 
 import { chromium } from 'playwright-core';
 
-// The proxy's paths: /mp/ and /mp-decide/ (the SDK's, /mp/go, link.js, hub.js) and the
+// The proxy's paths: /mp/ and /mp-decide/ (the SDK's, /mp/go, link.js, hub.js), the neutral
+// mount the tests configure (/a1/), and the
 // identity hub's /hub/ (ping, resolve).
-const MP_PATH = /^\/(mp(-decide)?|hub)\//;
+const MP_PATH = /^\/(mp(-decide)?|hub|a1)\//;
 const MAX_CONSOLE = 400;
 const MAX_TEXT = 600;
 

@@ -758,3 +758,41 @@ async def test_global_privacy_control_drops_events_without_retries(site: Site) -
         async with session.get(site.url("127.0.0.1", "/metrics")) as resp:
             metrics = await resp.text()
     assert 'firstparty_consent_dropped_total{reason="gpc"} 2.0' in metrics
+
+
+NEUTRAL = {
+    "server": {"mounts": ["/a1/"], "route_aliases": {"e": "track", "p": "engage", "g": "groups"}},
+    "delivery": {"mode": "spool"},
+}
+
+
+@pytest.mark.parametrize("site", [NEUTRAL], indirect=True)
+async def test_a_neutral_mount_and_api_routes_get_past_filter_lists(site: Site) -> None:
+    """Filter lists block ``/mp/`` and ``*/track``: with ``server.mounts = ["/a1/"]``
+    and aliases matching mixpanel-js's ``api_routes``, the SDK posts to
+    ``/a1/e/`` and ``/a1/p/``, which the proxy forwards to Mixpanel's real
+    ``/track`` and ``/engage``, rewritten as usual; ``/mp/`` is not served."""
+    api_host = site.url("www.site-a.test").rstrip("/") + "/a1"
+    config = {**FAST, "api_routes": {"track": "e/", "engage": "p/", "groups": "g/"}}
+    path = site.page("neutral", config, api_host=api_host)
+    run = await drive(
+        [
+            goto(site, "www.site-a.test", path),
+            js(
+                f"mixpanel.track('Neutral'); mixpanel.identify('user-n'); mixpanel.people.set({{plan: 'x'}}); return {IDS};",
+                "ids",
+            ),
+            wait("/a1/e", event("Neutral")),
+            wait("/a1/p", '"plan":"x"'),
+        ]
+    )
+    check_browser(run)
+    assert run.browser_requests("/a1/e") and not run.browser_requests("/mp/")
+    props = (await event_named(site.upstream, "Neutral"))["properties"]
+    assert props["$device_id"] == run["ids"]["device"] and props["token"] == TOKEN
+    assert {r.path.rstrip("/") for r in site.upstream.by("us")} <= {"/track", "/engage"}
+    update = (await arrived(site.upstream, lambda u: u.get("$set", {}).get("plan") == "x", "/engage"))[-1]
+    assert update["$distinct_id"] == "user-n"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(site.url("127.0.0.1", "/mp/track/"), data="data=e30%3D") as resp:
+            assert resp.status == 404
