@@ -1,12 +1,11 @@
 """The floor under the proxy: a bare server that reads the body and answers
 ``1``. ``app``: an aiohttp Application with a router; ``server``: aiohttp's
 low-level server; ``httptools``: an ``asyncio.Protocol`` on httptools, the
-parser proxy/server.py is built on. Used by bench/instructions.sh."""
+parser aiohttp's C parser also wraps. Used by bench/run.py (row E) and bench/instructions.sh."""
 
 import asyncio
 import sys
 
-import httptools
 import uvloop
 from aiohttp import web
 
@@ -24,6 +23,8 @@ class Bare(asyncio.Protocol):
     as proxy/server.py runs them."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        import httptools  # only this floor needs it (pip install httptools)
+
         self.transport = transport
         self.parser = httptools.HttpRequestParser(self)
         self.body: list[bytes] = []

@@ -75,11 +75,12 @@ ROW_LABELS = {
     "B": "nginx pass-through",
     "C": "our proxy, sync",
     "D": "our proxy, spool",
+    "E": "bare aiohttp (framework floor)",
 }
 PROXY_MODES = {"C": "sync", "D": "spool"}
 # Written into both proxies' TOML so the notes can reason about them (these are the proxy's defaults).
 DELIVERY = {"batch_size": 50, "batch_window_ms": 50, "max_in_flight": 32}
-ALL_ROWS = "ABCD"
+ALL_ROWS = "ABCDE"
 
 # Opener that never goes through an http_proxy from the environment.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -1036,8 +1037,16 @@ def render(meta: dict[str, Any], targets: list[Target], summ: dict[str, dict[str
     L.append("Rows: **A** the fake upstream itself (nginx `return 200`); **B** nginx pass-through "
              "(keepalive pool); **C** our proxy, `[delivery] mode = \"sync\"` (the client waits for the "
              "upstream, one upstream request per client request); **D** our proxy, `mode = \"spool\"` "
-             "(answered once fsync'd to the SQLite spool, forwarded in batches of up to 50).")
+             "(answered once fsync'd to the SQLite spool, forwarded in batches of up to 50); **E** a bare "
+             "aiohttp `web.Application` (uvloop, access log off) reading the same POST and answering `1`: "
+             "the framework's floor.")
     L.append("")
+    floor = summ.get("E", {}).get("cpu_us_per_req")
+    if floor:
+        parts = [f"{k}/E = {summ[k]['cpu_us_per_req'] / floor:.2f}" for k in "CD"
+                 if summ.get(k, {}).get("cpu_us_per_req")]
+        L.append(f"CPU per request against the framework floor (targets: D/E <= 2.0, C/E <= 3.0): {', '.join(parts)}.")
+        L.append("")
     order = "".join(t.key for t in targets)
     L.append(f"### Throughput at {cfg['connections']} connections")
     L.append("")
@@ -1534,7 +1543,7 @@ def main(argv: list[str]) -> int:
     try:
         lua = tmpdir / "track.lua"
         write_lua(lua, body)
-        p_up1, p_up0, p_ngx, p_c, p_d = free_ports(5)
+        p_up1, p_up0, p_ngx, p_c, p_d, p_e = free_ports(6)
 
         # Fake upstream for rows B, C and D, on the load-generator core.
         up1 = start_nginx("upstream_cpu1", UPSTREAM_SERVER.format(port=p_up1, resp=UPSTREAM_BODY),
@@ -1576,6 +1585,19 @@ def main(argv: list[str]) -> int:
             if key in args.rows:
                 targets.append(start_proxy(key, f"proxy_{PROXY_MODES[key]}", port, fast_up, query, tmpdir,
                                            pin_server, args, procs))
+
+        if "E" in args.rows:
+            # The framework's own floor: an aiohttp Application that reads the
+            # same POST and answers 1 (uvloop, access log off), as our app is served.
+            floor = Managed("floor_app", pin_server + [sys.executable, str(BENCH_DIR / "floor_app.py"), str(p_e), "app"],
+                            tmpdir, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            procs.append(floor)
+            ok, why = wait_http_ok(f"http://127.0.0.1:{p_e}/healthz", floor, 15)
+            t = Target("E", ROW_LABELS["E"], f"http://127.0.0.1:{p_e}/mp/track/{query}", floor, ok, why)
+            t.upstream = fast_up
+            if not ok:
+                harness_errors.append(f"row E bare aiohttp did not start: {why}")
+            targets.append(t)
 
         live = [t for t in targets if t.available]
         for t in live:
