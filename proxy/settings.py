@@ -75,6 +75,12 @@ class UpstreamSettings:
     max_connections: int = 100
     # A PEM bundle trusted beside the system store (a private CA, a TLS-inspecting egress proxy).
     ca_file: str = ""
+    # The egress proxy from the environment (HTTPS_PROXY, HTTP_PROXY, NO_PROXY,
+    # either case), read once here: aiohttp's trust_env would read the
+    # environment and ~/.netrc again on every request.
+    https_proxy: str = ""
+    http_proxy: str = ""
+    no_proxy: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,7 +552,18 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     for region in REGIONS:
         if region in up:
             regions[region] = up.pop(region)
-    upstream = UpstreamSettings(regions=regions, **up)
+    env = environ if environ is not None else {}
+
+    def env_value(name: str) -> str:
+        return env.get(name.upper()) or env.get(name) or ""
+
+    upstream = UpstreamSettings(
+        regions=regions,
+        https_proxy=env_value("https_proxy"),
+        http_proxy=env_value("http_proxy"),
+        no_proxy=env_value("no_proxy"),
+        **up,
+    )
     cookie_raw = clean.get("cookie", {})
     secret = _load_secret(cookie_raw, Path(server.data_dir))
     cookie = CookieSettings(

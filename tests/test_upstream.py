@@ -183,3 +183,34 @@ def test_response_headers_are_an_allow_list():
         b"{}",
     )
     assert response_headers(answer) == {"Content-Type": "application/json", "Retry-After": "3"}
+
+
+async def test_an_egress_proxy_from_the_environment_carries_upstream_calls(serve_proxy, tmp_path, upstream):
+    """``HTTP_PROXY`` (read once at start-up): the sender reaches a vendor host
+    this machine cannot resolve through the proxy; ``NO_PROXY`` sends the CDN
+    direct."""
+    egress = FakeUpstream()
+    runner = web.AppRunner(egress.app("us"))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        raw = {
+            "server": {"data_dir": str(tmp_path / "data")},
+            "upstream": {"us": "http://api.mixpanel.invalid", "cdn": upstream.urls["cdn"], "timeout_seconds": 5},
+            "cookie": {"secret": "s" * 32},
+            "delivery": {"batch_window_ms": 5},
+        }
+        environ = {"HTTP_PROXY": f"http://127.0.0.1:{runner.addresses[0][1]}", "no_proxy": "127.0.0.1,localhost"}
+        settings = build_settings(raw, environ)
+        assert settings.upstream.http_proxy.startswith("http://127.0.0.1:")
+        client = await serve_proxy(create_app(settings))
+        resp = await client.post(TRACK, data=b64_body([js_event("Proxied", device_id())]), headers=FORM)
+        assert resp.status == 200
+        [event] = await egress.wait(1)
+        assert event["event"] == "Proxied"
+        [through] = egress.by("us")
+        assert through.headers["host"] == "api.mixpanel.invalid" and through.path == "/track"
+        assert (await client.get("/mp/lib.min.js")).status == 200
+        assert upstream.by("cdn") and not egress.by("us", "/libs")
+    finally:
+        await runner.cleanup()

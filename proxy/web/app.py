@@ -101,6 +101,8 @@ def create_app(settings: Settings) -> web.Application:
         max_connections_per_host=settings.upstream.max_connections,
         timeout=settings.upstream.timeout_seconds,
         ca_file=settings.upstream.ca_file,
+        proxies={"https": settings.upstream.https_proxy, "http": settings.upstream.http_proxy},
+        no_proxy=settings.upstream.no_proxy,
     )
     app.cleanup_ctx.append(_services(settings, upstreams, client, proxy))
     return app
