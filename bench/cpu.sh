@@ -2,6 +2,7 @@
 # CPU per request at 64 connections, for taking the proxy's cost apart:
 #   bench/cpu.sh KIND [runs]
 #   KIND: sync | spool | spool-no-sqlite | spool-no-sender | floor-app | floor-httptools
+#   EVENTS=10 bench/cpu.sh spool: the same POST carrying 10 events (CPU per request; per event = /10)
 # The measured server is pinned to CPU 0, wrk and a fast nginx upstream to CPU 1;
 # the bench's mixpanel-js-shaped POST; prints req/s and CPU µs/req (utime+stime
 # of the server process over requests completed) for each 5 s run. Interleave

@@ -35,7 +35,11 @@ props = {"token": "bench-token", "time": time.time(), "distinct_id": "$device:" 
          "$screen_width": 1920, "$lib_version": "2.83.0", "mp_lib": "web", "$mp_api_endpoint": "api-js.mixpanel.com",
          "$mp_api_timestamp_ms": int(time.time() * 1000), "mp_page_view_id": "x1", "mp_sent_by_lib_version": "2.83.0",
          "$search_engine": "google", "$device": "Linux", "$had_persisted_distinct_id": False}
-body = "data=" + quote(base64.b64encode(json.dumps({"event": "Page View", "properties": props}).encode()).decode(), safe="")
+# EVENTS=n: a batch of n events (mixpanel-js batches up to 50), each with its own $insert_id.
+n = int(__import__("os").environ.get("EVENTS", "1"))
+events = [{"event": "Page View", "properties": {**props, "$insert_id": f"abcdefgh{i:08d}"}} for i in range(n)]
+payload = events[0] if n == 1 else events
+body = "data=" + quote(base64.b64encode(json.dumps(payload).encode()).decode(), safe="")
 open(sys.argv[1], "w").write('wrk.method="POST"\nwrk.body=%s\nwrk.headers["Content-Type"]="application/x-www-form-urlencoded"\n'
                              'wrk.headers["Origin"]="http://www.site-a.test"\nwrk.headers["User-Agent"]="Mozilla/5.0 (bench)"\n' % json.dumps(body))
 PY

@@ -210,3 +210,26 @@ def test_fuzz_gzip_garbage(body):
 def test_fuzz_any_json_value(value):
     raw = orjson.dumps(value)
     _assert_decodes_or_refuses(b"data=" + quote(base64.b64encode(raw).decode(), safe="").encode(), "text/plain")
+
+
+@pytest.mark.parametrize("nested_at", [None, 0, 9])
+def test_a_batch_of_flat_events_skips_the_depth_walk_but_a_deep_one_is_still_refused(nested_at):
+    """The bracket count proves a batch of flat events shallow; one deep
+    property anywhere in the batch still gets the walk and the 400."""
+    import base64
+    import json
+
+    events = [{"event": f"e{i}", "properties": {"token": "t", "n": i, "s": "a{b[c"}} for i in range(10)]
+    if nested_at is not None:
+        deep: object = 1
+        for _ in range(6):
+            deep = {"x": deep}
+        events[nested_at]["properties"]["deep"] = deep
+    data = base64.b64encode(json.dumps(events).encode()).decode()
+    body = ("data=" + data.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")).encode()
+    kwargs = dict(body=body, query=[], content_type="application/x-www-form-urlencoded", content_encoding="", limit=10**6)
+    if nested_at is None:
+        assert len(codec.decode(**kwargs).events) == 10
+    else:
+        with pytest.raises(BadRequest, match="nested deeper"):
+            codec.decode(**kwargs)

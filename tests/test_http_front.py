@@ -6,12 +6,11 @@ of malformed requests."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import resource
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 

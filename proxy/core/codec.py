@@ -172,9 +172,23 @@ def check_events(obj: Any, brackets: int | None = None) -> tuple[list[dict[str, 
         if not isinstance(event, dict):
             raise BadRequest(f"event {i} is not a JSON object")
     # The top-level array counts as one level whether or not the client used one.
-    if brackets is None or brackets + (0 if is_array else 1) > MAX_DEPTH:
+    if brackets is None or (brackets + (0 if is_array else 1) > MAX_DEPTH and brackets > _flat_brackets(events, is_array)):
         _depth(obj if is_array else [obj], MAX_DEPTH)
     return events, is_array
+
+
+def _flat_brackets(events: list[dict[str, Any]], is_array: bool) -> int:
+    """The opening brackets a payload has when no container sits deeper than an
+    event's own values (``properties``, ``$set``): the array, each event, and
+    each container value of an event. A text with no more brackets than this
+    (strings holding brackets only add to the count) is 3 levels deep at most,
+    so a batch of flat events needs no walk over every property."""
+    n = len(events) + (1 if is_array else 0)
+    for event in events:
+        for value in event.values():
+            if type(value) is dict or type(value) is list:
+                n += 1
+    return n
 
 
 def decode(

@@ -18,9 +18,11 @@ PREFLIGHT_MAX_AGE = "86400"
 
 
 class OriginPolicy:
-    __slots__ = ("_exact", "_suffixes")
+    __slots__ = ("_exact", "_suffixes", "_answers")
 
     def __init__(self, allowed: Iterable[str]) -> None:
+        # origin -> the headers of an actual response (a site sees a handful of origins)
+        self._answers: dict[str, dict[str, str]] = {}
         self._exact: set[str] = set()
         self._suffixes: list[tuple[str, str]] = []  # (scheme, ".example.com")
         for origin in allowed:
@@ -47,14 +49,25 @@ class OriginPolicy:
         return any(scheme == s and host.endswith(suffix) and len(host) > len(suffix) for s, suffix in self._suffixes)
 
     def headers(self, origin: str | None) -> dict[str, str]:
-        """Headers for an actual (non-preflight) response."""
-        if origin and self.allows(origin):
+        """Headers for an actual (non-preflight) response (do not mutate: shared)."""
+        if not origin:
+            return {}
+        known = self._answers.get(origin)
+        if known is not None:
+            return known
+        if len(self._answers) >= 1024:
+            self._answers.clear()
+        known = self._answers[origin] = self._headers(origin)
+        return known
+
+    def _headers(self, origin: str) -> dict[str, str]:
+        if self.allows(origin):
             return {
                 "Access-Control-Allow-Origin": origin,
                 "Access-Control-Allow-Credentials": "true",
                 "Vary": "Origin",
             }
-        return {"Vary": "Origin"} if origin else {}
+        return {"Vary": "Origin"}
 
     def preflight_headers(self, origin: str | None) -> dict[str, str] | None:
         """Headers answering an ``OPTIONS`` preflight, or None when the origin is not allowed."""

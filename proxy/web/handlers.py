@@ -1,16 +1,18 @@
-"""HTTP handlers: request -> decode -> resolve identity -> rewrite -> forward -> log.
+"""The handlers: the only code that touches aiohttp requests.
 
-The handlers are the only place that touches HTTP requests (``server.web.Request``); each step
-is a call into a pure module (``codec``, ``identity``, ``rewrite``,
-``cookie``, ``cors``, ``clientip``) or a thin adapter (``store``,
-``upstream``, ``forwardlog``).
+``Proxy.events`` is the pipeline every event-carrying route runs, whatever
+the vendor: the route's ``WireProtocol`` decodes the request, consent is
+checked, ``services.resolver`` resolves the canonical id, the protocol
+rewrites the events, then they are spooled (``services.spool``, answered once
+durable) or forwarded (``services.upstream``) and logged. Query routes
+(record, flags, settings, decide) and the library script are proxied
+synchronously.
 
 Invariants:
-- bad input is answered 400/413 with a Mixpanel-style error and nothing is
-  forwarded;
-- 2xx reaches the client only when the upstream accepted the request
-  (synchronous forwarding); an unreachable upstream answers 502 so SDKs
-  retry;
+- bad input is answered 400/413/408 in the protocol's error shape and
+  nothing is forwarded;
+- 2xx reaches the client only when the events are durably spooled or the
+  upstream accepted them; an unreachable upstream answers 502 so SDKs retry;
 - the identity cookie is read and set only for browser requests, never for
   server SDKs, whose events belong to many people;
 - every forwarded request leaves exactly one forwarded-log record.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable, Mapping
@@ -45,9 +46,9 @@ from ..services.delivery import Sender
 from ..core.rewrite import Rewrite, rewrite_query
 from ..protocols import mixpanel
 from ..protocols.base import Answer, Payload, WireProtocol
-from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ID_FIELDS, QUERY_ROUTES, SPOOLED_ROUTES
+from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ID_FIELDS, QUERY_ROUTES
 from .crossdomain import CrossDomain
-from .http import check_host, json_response, query_pairs, read_body, request_host
+from .http import json_response, query_pairs, read_body, request_host
 from .http import raw_query as raw_query_of
 from ..settings import Settings
 from ..services.spool import NewRow, Spool, SpoolFull
@@ -127,7 +128,6 @@ class Proxy:
 
     def _visit(self, request: web.Request) -> Visit:
         headers = request.headers
-        check_host(request)
         browser = is_browser(headers)
         cookie_id = cookie_raw = None
         if browser:
