@@ -2,10 +2,12 @@
 what that part costs (bench/cpu.sh spool-no-sqlite|spool-no-sender). A
 benchmark tool only: the events it accepts are NOT durable.
 
-    python bench/ablate.py no-sqlite|no-sender serve --config FILE --port N
+    python bench/ablate.py no-sqlite|no-sender|no-delivery-log|no-upstream-call serve --config FILE --port N
 
 no-sqlite: every spool transaction is a no-op that hands out consecutive ids
-(the thread hop stays); no-sender: committed rows are never sent or deleted.
+(the thread hop stays); no-sender: committed rows are never sent or deleted;
+no-delivery-log: the sender writes no forwarded-log records; no-upstream-call:
+the sender's batches are answered 200 without an HTTP request.
 """
 
 from __future__ import annotations
@@ -29,6 +31,25 @@ def without_sqlite() -> None:
     spool._transaction = transaction  # type: ignore[assignment]
 
 
+def without_delivery_log() -> None:
+    """The sender sends and deletes, but writes no forwarded-log record."""
+    delivery.Sender._log = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+
+
+def without_upstream_call() -> None:
+    """The sender batches, deletes and logs, but answers its own batches 200 (no HTTP)."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from proxy.services import upstream
+
+    accepted = upstream.UpstreamResponse(200, CIMultiDictProxy(CIMultiDict()), b'{"status":1,"error":null}')
+
+    async def request(self, endpoint, method, target, headers, body=b"", **kwargs):  # type: ignore[no-untyped-def]
+        return accepted
+
+    upstream.UpstreamClient.request = request  # type: ignore[method-assign]
+
+
 def without_sender() -> None:
     delivery.Sender.start = lambda self: None  # type: ignore[method-assign]
     delivery.Sender.accept = lambda self, rows: None  # type: ignore[method-assign]
@@ -37,6 +58,11 @@ def without_sender() -> None:
 
 if __name__ == "__main__":
     what, args = sys.argv[1], sys.argv[2:]
-    {"no-sqlite": without_sqlite, "no-sender": without_sender}[what]()
+    {
+        "no-sqlite": without_sqlite,
+        "no-sender": without_sender,
+        "no-delivery-log": without_delivery_log,
+        "no-upstream-call": without_upstream_call,
+    }[what]()
     sys.argv = ["firstparty", *args]
     sys.exit(cli.main())

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU per request at 64 connections, for taking the proxy's cost apart:
 #   bench/cpu.sh KIND [runs]
-#   KIND: sync | spool | spool-no-sqlite | spool-no-sender | floor-app | floor-httptools
+#   KIND: sync | spool | spool-no-sqlite | spool-no-sender | spool-no-delivery-log |
+#         spool-no-upstream-call | floor-app | floor-httptools
 #   EVENTS=10 bench/cpu.sh spool: the same POST carrying 10 events (CPU per request; per event = /10)
 # The measured server is pinned to CPU 0, wrk and a fast nginx upstream to CPU 1;
 # the bench's mixpanel-js-shaped POST; prints req/s and CPU µs/req (utime+stime
@@ -36,9 +37,11 @@ case "$kind" in
   sync|spool) cmd=("$py" -m proxy "${serve[@]}") ;;
   spool-no-sqlite) cmd=("$py" bench/ablate.py no-sqlite "${serve[@]}") ;;
   spool-no-sender) cmd=("$py" bench/ablate.py no-sender "${serve[@]}") ;;
+  spool-no-delivery-log) cmd=("$py" bench/ablate.py no-delivery-log "${serve[@]}") ;;
+  spool-no-upstream-call) cmd=("$py" bench/ablate.py no-upstream-call "${serve[@]}") ;;
   floor-app) cmd=("$py" bench/floor_app.py "$px" app) ;;
   floor-httptools) cmd=("$py" bench/floor_app.py "$px" httptools) ;;
-  *) echo "usage: $0 sync|spool|spool-no-sqlite|spool-no-sender|floor-app|floor-httptools [runs]" >&2; exit 2 ;;
+  *) echo "usage: $0 sync|spool|spool-no-sqlite|spool-no-sender|spool-no-delivery-log|spool-no-upstream-call|floor-app|floor-httptools [runs]" >&2; exit 2 ;;
 esac
 taskset -c 0 "${cmd[@]}" > "$tmp/server.log" 2>&1 & pp=$!; pids+=($pp)
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$px/healthz" && break; sleep 0.2; done
