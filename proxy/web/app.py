@@ -1,14 +1,16 @@
 """The application: an ``aiohttp.web.Application`` built once from settings.
 
-``create_app(settings)`` registers the routes and, in ``cleanup_ctx``, the
-resources in the order they depend on each other: the upstream client, the
-alias store, the forwarded log, the metrics, then the spool and its sender.
-aiohttp closes them in the reverse order, so the sender drains through a
-client that is still open and into a spool and log that are still open.
+``create_app(settings)`` registers the routes and one ``cleanup_ctx`` per
+resource, in the order they depend on each other: the upstream client, the
+alias store, the forwarded log, the metrics, the spool, its sender, then the
+hand-over to the handlers. aiohttp closes them in the reverse order, so the
+sender drains through a client that is still open and into a spool and log
+that are still open.
 
-Typed state lives under ``web.AppKey``s (``SETTINGS``, ``SERVICES``); the
-handlers reach the services through the ``Proxy`` they are bound to, so the
-request path does no mapping lookup for them.
+Typed state lives under ``web.AppKey``s (``SETTINGS``, ``UPSTREAM``,
+``STORE``, ``FORWARDED``, ``METRICS``, ``SPOOL``, ``SENDER``, ``SERVICES``);
+the handlers reach the services through the ``Proxy`` they are bound to, so
+the request path does no mapping lookup for them.
 
 Invariants:
 - nothing is opened at import or in ``create_app``: only at start-up, by
@@ -43,6 +45,12 @@ from .http import text_response
 SETTINGS = web.AppKey("settings", Settings)
 SERVICES = web.AppKey("services", Services)
 PROXY = web.AppKey("proxy", Proxy)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+STORE = web.AppKey("store", AliasStore)
+FORWARDED = web.AppKey("forwarded", ForwardedLog)
+METRICS = web.AppKey("metrics", Metrics)
+SPOOL = web.AppKey("spool", Spool)
+SENDER = web.AppKey("sender", Sender)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 GET = frozenset({"GET", "HEAD"})
@@ -65,7 +73,7 @@ def create_app(settings: Settings) -> web.Application:
     upstreams = Upstreams.from_settings(settings.upstream)  # validates URLs before anything opens
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
-    proxy = app[PROXY] = Proxy(settings)
+    proxy = app[PROXY] = Proxy(settings, upstreams)
     cross = proxy.cross
 
     add = app.router.add_route
@@ -104,72 +112,95 @@ def create_app(settings: Settings) -> web.Application:
         proxies={"https": settings.upstream.https_proxy, "http": settings.upstream.http_proxy},
         no_proxy=settings.upstream.no_proxy,
     )
-    app.cleanup_ctx.append(_services(settings, upstreams, client, proxy))
+    # One clean-up context per resource, in the order they depend on each
+    # other; aiohttp closes them in reverse (the sender drains first, through
+    # a client that is still open, into a spool and a log still open).
+    app[UPSTREAM] = client
+    app.cleanup_ctx.extend(
+        [_client_ctx, _store_ctx, _forwarded_ctx, _metrics_ctx, _spool_ctx, _sender_ctx, _bind_ctx]
+    )
     return app
 
 
-def _services(
-    settings: Settings, upstreams: Upstreams, client: UpstreamClient, proxy: Proxy
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        """Open every resource, hand them to the handlers, close them in reverse."""
-        closers: list[Callable[[], Awaitable[None]]] = []
-        try:
-            await client.open()
-            closers.append(client.close)
-            store = AliasStore.from_settings(settings.store)
-            closers.append(store.close)
-            forwarded = ForwardedLog(
-                settings.forwarded_log_path, max_bytes=settings.log.max_bytes, backups=settings.log.backups
-            )
-            forwarded.start()
-            closers.append(forwarded.close)
-            metrics = Metrics()
-            spool = sender = None
-            if settings.delivery.mode == "spool":
-                spool = Spool(settings.spool_path, max_rows=settings.delivery.max_rows, fsync=settings.delivery.fsync)
-                await spool.open()
-                closers.append(spool.close)
-                sender = Sender(
-                    spool,
-                    client,
-                    dict(upstreams.regions),
-                    settings.delivery,
-                    forwarded,
-                    timeout=settings.upstream.timeout_seconds,
-                    protocols={MIXPANEL.name: MIXPANEL},
-                    metrics=metrics,
-                )
-                spool.on_commit = sender.accept
-                sender.start()
-                closers.append(_stopper(sender, settings.delivery.drain_seconds))
-            services = Services(
-                settings=settings,
-                jar=CookieJar(settings.cookie),
-                origins=OriginPolicy(settings.cors.allowed_origins),
-                store=store,
-                upstreams=upstreams,
-                client=client,
-                forwarded=forwarded,
-                lib_cache=SimpleMemoryCache(timeout=None),
-                metrics=metrics,
-                spool=spool,
-                sender=sender,
-            )
-            app[SERVICES] = services
-            proxy.bind(services)
-            yield
-        finally:
-            while closers:
-                await closers.pop()()
-
-    return ctx
+async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[UPSTREAM].open()
+    yield
+    await app[UPSTREAM].close()
 
 
-def _stopper(sender: Sender, drain_seconds: float) -> Callable[[], Awaitable[None]]:
-    async def stop() -> None:
-        # The server has stopped accepting and in-flight requests are done:
-        # send what can be sent within drain_seconds, keep the rest spooled.
-        await sender.stop(asyncio.get_running_loop().time() + drain_seconds)
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE] = AliasStore.from_settings(app[SETTINGS].store)
+    yield
+    await store.close()
 
-    return stop
+
+async def _forwarded_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    forwarded = app[FORWARDED] = ForwardedLog(
+        settings.forwarded_log_path, max_bytes=settings.log.max_bytes, backups=settings.log.backups
+    )
+    forwarded.start()
+    yield
+    await forwarded.close()
+
+
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[METRICS] = Metrics()
+    yield
+
+
+async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Spool mode: the durable queue (sync mode has none)."""
+    delivery = app[SETTINGS].delivery
+    if delivery.mode != "spool":
+        yield
+        return
+    spool = app[SPOOL] = Spool(app[SETTINGS].spool_path, max_rows=delivery.max_rows, fsync=delivery.fsync)
+    await spool.open()
+    yield
+    await spool.close()
+
+
+async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Spool mode: the background sender; stopped once the server stopped
+    accepting and the in-flight requests finished, after sending what it can
+    within ``delivery.drain_seconds`` (the rest stays spooled)."""
+    if SPOOL not in app:
+        yield
+        return
+    settings = app[SETTINGS]
+    spool = app[SPOOL]
+    sender = app[SENDER] = Sender(
+        spool,
+        app[UPSTREAM],
+        dict(app[PROXY].upstreams.regions),
+        settings.delivery,
+        app[FORWARDED],
+        timeout=settings.upstream.timeout_seconds,
+        protocols={MIXPANEL.name: MIXPANEL},
+        metrics=app[METRICS],
+    )
+    spool.on_commit = sender.accept
+    sender.start()
+    yield
+    await sender.stop(asyncio.get_running_loop().time() + settings.delivery.drain_seconds)
+
+
+async def _bind_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Hand the opened resources to the handlers."""
+    settings = app[SETTINGS]
+    services = app[SERVICES] = Services(
+        settings=settings,
+        jar=CookieJar(settings.cookie),
+        origins=OriginPolicy(settings.cors.allowed_origins),
+        store=app[STORE],
+        upstreams=app[PROXY].upstreams,
+        client=app[UPSTREAM],
+        forwarded=app[FORWARDED],
+        lib_cache=SimpleMemoryCache(timeout=None),
+        metrics=app[METRICS],
+        spool=app.get(SPOOL),
+        sender=app.get(SENDER),
+    )
+    app[PROXY].bind(services)
+    yield

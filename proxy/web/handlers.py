@@ -113,7 +113,8 @@ class Proxy:
     """The handlers. Routes are registered when the app is built; the services
     they use are opened at start-up and handed over with ``bind``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, upstreams: Upstreams) -> None:
+        self.upstreams = upstreams
         self._trusted = TrustedProxies(settings.server.trusted_proxies)
         self.aliases = dict(settings.server.route_aliases)
         self.s: Services
