@@ -69,6 +69,8 @@ class FakeUpstream:
     behave: Callable[[Recorded], Awaitable[web.Response | None]] | None = None
     # Requests that got a non-2xx answer are kept apart from accepted ones.
     refused: list[Recorded] = field(default_factory=list)
+    # Requests whose head has arrived (their bodies may still be on the way).
+    arrivals: int = 0
 
     def by(self, name: str | None = None, path_prefix: str = "") -> list[Recorded]:
         return [r for r in self.requests if (name is None or r.name == name) and r.path.startswith(path_prefix)]
@@ -96,6 +98,7 @@ class FakeUpstream:
 
     def app(self, name: str) -> web.Application:
         async def handle(request: web.Request) -> web.Response:
+            self.arrivals += 1  # counted before the body is read: a streamed body is still arriving
             body = await request.read()
             headers = {k.lower(): v for k, v in request.headers.items()}
             rec = Recorded(

@@ -471,3 +471,38 @@ async def test_neutral_mounts_and_route_aliases(proxy_client, upstream):
     assert resp.status == 404
     link = await (await client.get("/a1/link.js")).text()
     assert '"/a1/go"' in link
+
+
+async def test_a_large_replay_is_streamed_byte_for_byte_with_its_length(proxy_client, upstream):
+    """A /record body over 64 kB goes upstream as it arrives: the same bytes,
+    the same Content-Length (not re-chunked), identity rewritten in the query;
+    one over server.max_body_bytes is refused 413 before anything is sent."""
+    import os
+
+    client = await proxy_client(server={"max_body_bytes": 1024 * 1024})
+    device = device_id()
+    blob = os.urandom(300 * 1024)  # incompressible: what a gzip'd replay looks like
+    query = f"/mp/record/?format=gzip&distinct_id=%24device%3A{device}&%24device_id={device}&replay_id=r1"
+    headers = {**BROWSER, "Content-Type": "application/octet-stream", "Authorization": "Basic dDo="}
+
+    async def slowly() -> Any:
+        # The second half is sent only once the vendor has the request's head:
+        # a proxy that read the whole body first would never get there.
+        yield blob[: len(blob) // 2]
+        for _ in range(500):
+            if upstream.arrivals:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.arrivals, "the upstream saw nothing before the body was complete: not streamed"
+        yield blob[len(blob) // 2 :]
+
+    resp = await client.post(query, data=slowly(), headers={**headers, "Content-Length": str(len(blob))})
+    assert resp.status == 200
+    [forwarded] = upstream.by("us", "/record")
+    assert forwarded.body == blob
+    assert forwarded.headers["content-length"] == str(len(blob))
+    assert "transfer-encoding" not in forwarded.headers
+    assert forwarded.headers["authorization"] == "Basic dDo="
+    resp = await client.post(query, data=os.urandom(2 * 1024 * 1024), headers=headers)
+    assert resp.status == 413
+    assert len(upstream.by("us", "/record")) == 1

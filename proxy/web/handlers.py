@@ -30,13 +30,13 @@ from urllib.parse import urlencode
 
 import orjson
 from aiocache.base import BaseCache
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from ..core import consent
 from ..core.clientip import TrustedProxies, client_ip
 from ..core.cookie import CookieJar, cookie_values
 from ..core.cors import OriginPolicy
-from ..errors import BadRequest, UpstreamError
+from ..errors import BadRequest, PayloadTooLarge, UpstreamError
 from ..services.forwardlog import ForwardedLog
 from ..services.metrics import CONTENT_TYPE, Metrics
 from ..services.resolver import Resolver
@@ -57,6 +57,8 @@ from ..services.upstream import Endpoint, UpstreamClient, UpstreamResponse, Upst
 
 log = logging.getLogger(__name__)
 
+# /record bodies above this are streamed to the upstream instead of read whole.
+STREAM_BODY_BYTES = 64 * 1024
 SPOOL_RETRY_AFTER = "5"
 LIB_PATHS = {"lib.min.js": "/libs/mixpanel-2-latest.min.js", "lib.js": "/libs/mixpanel-2-latest.js"}
 LIB_CACHE_SECONDS = 3600
@@ -239,15 +241,18 @@ class Proxy:
         route: str,
         endpoint: Endpoint,
         target: str,
-        body: bytes,
+        body: bytes | StreamReader,
         content_type: str | None,
         content_encoding: str | None,
         method: str | None = None,
+        length: int | None = None,
     ) -> UpstreamResponse:
         ip, chain = client_ip(
             request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
         )
         headers = request_headers(request.headers, route, ip, chain, content_type, content_encoding)
+        if length is not None:  # a streamed body keeps its length (no chunked encoding upstream)
+            headers.append(("content-length", str(length)))
         return await self.s.client.request(
             endpoint, method or request.method, target, headers, body, timeout=self.s.upstreams.timeout
         )
@@ -509,8 +514,17 @@ class Proxy:
         visit = self._visit(request)
         query = query_pairs(request)
         verbose = mixpanel.wants_verbose(query)
+        body: bytes | StreamReader
+        length = request.content_length
         try:
-            body = await read_body(request, self.s.settings.server)
+            if route == "record" and length is not None and length > STREAM_BODY_BYTES:
+                # A large replay chunk goes upstream as it arrives, never held whole
+                # (its identity is in the query; its bytes are forwarded untouched).
+                if length > self.s.settings.server.max_body_bytes:
+                    raise PayloadTooLarge(f"body is larger than {self.s.settings.server.max_body_bytes} bytes")
+                body = request.content
+            else:
+                body = await read_body(request, self.s.settings.server)
         except BadRequest as exc:
             return self._error(exc, visit, verbose, route)
         param = self.s.settings.identity.token_param
@@ -549,6 +563,7 @@ class Proxy:
                 body,
                 request.headers.get("content-type") if body else None,
                 request.headers.get("content-encoding") if body else None,
+                length=length if isinstance(body, StreamReader) else None,
             )
         except UpstreamError as exc:
             self._log(route, region, token, [], resolution, rewrites, 502, started, str(exc))
