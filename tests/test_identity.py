@@ -10,7 +10,12 @@ from proxy.core import identity
 from proxy.core.identity import SOURCE_ALIAS, SOURCE_COOKIE, SOURCE_NEW, SOURCE_NONE
 from proxy.core.rewrite import map_id, rewrite_query
 from proxy.protocols import mixpanel
-from proxy.protocols.mixpanel import rewrite_events, rewrite_flags_context
+from proxy.protocols.mixpanel import rewrite, rewrite_flags_context
+
+
+def rewrite_events(route, events, mapping):
+    """Every change the protocol reports over a batch, in order."""
+    return [r for event in events for r in rewrite(route, event, mapping)]
 from tests.conftest import js_event
 
 D = "0b6f5c2e-9d1a-4a3c-8f7e-1a2b3c4d5e6f"

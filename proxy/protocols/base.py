@@ -13,7 +13,7 @@ Pure: nothing here does I/O or knows aiohttp.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..core.rewrite import Rewrite
@@ -58,7 +58,6 @@ class Payload:
     form: Any = None
     # Substring test over the raw JSON text (C speed): can any value hold ``needle``?
     text: bytes | str = b""
-    params: list[tuple[str, str]] = field(default_factory=list)
 
     def mentions(self, needle: str) -> bool:
         if isinstance(self.text, str):

@@ -107,7 +107,6 @@ def decode(
         wants_ip=codec.param(decoded, query, "ip", "0") == "1",
         form=decoded,
         text=decoded.text,
-        params=decoded.params,
     )
 
 
@@ -274,13 +273,6 @@ def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> li
                 ids[i] = new
                 out.append(Rewrite("$distinct_ids", value, new))
     return out
-
-
-def rewrite_events(route: str, events: list[dict[str, Any]], mapping: Mapping[str, str]) -> list[Rewrite]:
-    """Rewrite events in place; returns what changed, all events together."""
-    if not mapping or route == "groups":
-        return []
-    return [r for event in events for r in rewrite(route, event, mapping)]
 
 
 def rewrite_flags_context(context: str, mapping: Mapping[str, str], out: list[Rewrite]) -> str:

@@ -162,7 +162,6 @@ class UpstreamClient:
         self._ssl = tls_context(ca_file)
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-        self.requests = 0
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -225,7 +224,6 @@ class UpstreamClient:
         session = self._session
         if session is None:
             raise UpstreamUnreachable("the upstream client is closed")
-        self.requests += 1
         where = endpoint.host_header
         try:
             async with session.request(

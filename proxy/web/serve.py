@@ -42,7 +42,6 @@ class QuietServerLog:
         self._log = target
         self._every = every
         self._last = -every
-        self.refused = 0
         self._since_last = 0
 
     def _client_error(self, exc: BaseException | None) -> bool:
@@ -56,7 +55,6 @@ class QuietServerLog:
         if not self._client_error(exc):
             self._log.error(msg, *args, exc_info=exc_info, **kw)
             return
-        self.refused += 1
         self._since_last += 1
         now = time.monotonic()
         if now - self._last < self._every:
