@@ -51,14 +51,8 @@ class Decoded:
     # Form fields other than ``data`` (verbose, ip, api_key, strict...), in order.
     params: list[tuple[str, str]] = field(default_factory=list)
     from_query: bool = False
-    # The JSON text the events came from: a substring test on it (C speed) tells
-    # whether any value can hold something worth a walk over every property.
+    # The JSON text the events came from (``protocols.base.Payload.mentions`` tests it).
     text: bytes | str = b""
-
-    def mentions(self, needle: str) -> bool:
-        if isinstance(self.text, str):
-            return needle in self.text
-        return needle.encode() in self.text
 
 
 def gunzip(body: bytes, limit: int) -> bytes:

@@ -315,20 +315,19 @@ class Proxy:
         """Everything under one mount (``/mp/``): one entry point, so
         ``/mp//track/``, ``/mp/track`` and an alias (``/mp/e/``) reach the same code."""
         skip = len(prefix)
-        aliases = self.aliases
 
         async def handle(request: web.Request) -> web.Response:
-            return await self.mp(request, request.path[skip:], aliases)
+            return await self.mp(request, request.path[skip:])
 
         return handle
 
-    async def mp(self, request: web.Request, tail: str, aliases: Mapping[str, str]) -> web.Response:
+    async def mp(self, request: web.Request, tail: str) -> web.Response:
         parts = [p for p in tail.split("/") if p]
         trailing = "/" if tail.endswith("/") else ""
         if request.method == "OPTIONS":
             return self.preflight(request)
         if len(parts) == 1:
-            name = aliases.get(parts[0], parts[0])
+            name = self.aliases.get(parts[0], parts[0])
             if name in EVENT_ROUTES:
                 return await self.events(request, name, f"/{name}{trailing}")
             if name in QUERY_ROUTES:
