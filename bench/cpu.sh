@@ -13,6 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 kind=${1:-spool}; runs=${2:-3}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
+export PATH="$PATH:/usr/sbin"
 py=$(python3 -c 'import sys; print(sys.executable)')
 tmp=$(mktemp -d); pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
