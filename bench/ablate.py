@@ -2,12 +2,15 @@
 what that part costs (bench/cpu.sh spool-no-sqlite|spool-no-sender). A
 benchmark tool only: the events it accepts are NOT durable.
 
-    python bench/ablate.py no-sqlite|no-sender|no-delivery-log|no-upstream-call serve --config FILE --port N
+    python bench/ablate.py no-sqlite|no-sender|no-delivery-log|no-upstream-call|no-spool|read-only serve --config FILE --port N
 
 no-sqlite: every spool transaction is a no-op that hands out consecutive ids
 (the thread hop stays); no-sender: committed rows are never sent or deleted;
 no-delivery-log: the sender writes no forwarded-log records; no-upstream-call:
-the sender's batches are answered 200 without an HTTP request.
+the sender's batches are answered 200 without an HTTP request; no-spool: the
+whole pipeline up to the spool (decode, consent, identity, rewrite, cookie),
+then the answer, nothing spooled; read-only: our app and route read the body
+and answer what the spool would, no pipeline at all (compare with floor-app).
 """
 
 from __future__ import annotations
@@ -50,6 +53,25 @@ def without_upstream_call() -> None:
     upstream.UpstreamClient.request = request  # type: ignore[method-assign]
 
 
+def without_spool() -> None:
+    from proxy.web import handlers
+
+    async def _spool(self, request, visit, protocol, payload, resolution, per_event):  # type: ignore[no-untyped-def]
+        return self._finish(handlers.answer(protocol.accepted(payload.verbose)), visit, resolution, payload.route)
+
+    handlers.Proxy._spool = _spool  # type: ignore[method-assign]
+
+
+def read_only() -> None:
+    from proxy.web import handlers
+
+    async def events(self, request, route, path, protocol=handlers.MIXPANEL):  # type: ignore[no-untyped-def]
+        await request.read()
+        return handlers.answer(protocol.accepted(True))
+
+    handlers.Proxy.events = events  # type: ignore[method-assign]
+
+
 def without_sender() -> None:
     delivery.Sender.start = lambda self: None  # type: ignore[method-assign]
     delivery.Sender.accept = lambda self, rows: None  # type: ignore[method-assign]
@@ -63,6 +85,8 @@ if __name__ == "__main__":
         "no-sender": without_sender,
         "no-delivery-log": without_delivery_log,
         "no-upstream-call": without_upstream_call,
+        "no-spool": without_spool,
+        "read-only": read_only,
     }[what]()
     sys.argv = ["firstparty", *args]
     sys.exit(cli.main())

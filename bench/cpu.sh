@@ -2,8 +2,10 @@
 # CPU per request at 64 connections, for taking the proxy's cost apart:
 #   bench/cpu.sh KIND [runs]
 #   KIND: sync | spool | spool-no-sqlite | spool-no-sender | spool-no-delivery-log |
-#         spool-no-upstream-call | floor-app | floor-httptools
+#         spool-no-upstream-call | spool-no-spool | spool-read-only | floor-app | floor-httptools
 #   EVENTS=10 bench/cpu.sh spool: the same POST carrying 10 events (CPU per request; per event = /10)
+#   PROFILE=out.txt bench/cpu.sh spool 1: also samples the server with py-spy during the
+#     runs and writes its collapsed stacks to out.txt (py-spy from pip)
 # The measured server is pinned to CPU 0, wrk and a fast nginx upstream to CPU 1;
 # the bench's mixpanel-js-shaped POST; prints req/s and CPU µs/req (utime+stime
 # of the server process over requests completed) for each 5 s run. Interleave
@@ -41,20 +43,33 @@ case "$kind" in
   spool-no-sender) cmd=("$py" bench/ablate.py no-sender "${serve[@]}") ;;
   spool-no-delivery-log) cmd=("$py" bench/ablate.py no-delivery-log "${serve[@]}") ;;
   spool-no-upstream-call) cmd=("$py" bench/ablate.py no-upstream-call "${serve[@]}") ;;
+  spool-no-spool) cmd=("$py" bench/ablate.py no-spool "${serve[@]}") ;;
+  spool-read-only) cmd=("$py" bench/ablate.py read-only "${serve[@]}") ;;
   floor-app) cmd=("$py" bench/floor_app.py "$px" app) ;;
   floor-httptools) cmd=("$py" bench/floor_app.py "$px" httptools) ;;
-  *) echo "usage: $0 sync|spool|spool-no-sqlite|spool-no-sender|spool-no-delivery-log|spool-no-upstream-call|floor-app|floor-httptools [runs]" >&2; exit 2 ;;
+  *) echo "usage: $0 sync|spool|spool-no-sqlite|spool-no-sender|spool-no-delivery-log|spool-no-upstream-call|spool-no-spool|spool-read-only|floor-app|floor-httptools [runs]" >&2; exit 2 ;;
 esac
 taskset -c 0 "${cmd[@]}" > "$tmp/server.log" 2>&1 & pp=$!; pids+=($pp)
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$px/healthz" && break; sleep 0.2; done
 url="http://127.0.0.1:$px/mp/track/?verbose=1&ip=1"
 taskset -c 1 wrk -t1 -c64 -d2s -s "$tmp/post.lua" "$url" >/dev/null  # warm-up
 tick=$(getconf CLK_TCK)
+if [ -n "${PROFILE:-}" ]; then
+  command -v py-spy >/dev/null || python3 -m pip install -q py-spy
+  py-spy record --nonblocking --format raw --rate 500 --duration $((runs * 5)) --pid "$pp" -o "$PROFILE" >/dev/null 2>&1 & spy=$!
+  sleep 0.5
+fi
 for r in $(seq "$runs"); do
   c0=$(awk '{print $14+$15}' "/proc/$pp/stat")
+  for t in /proc/$pp/task/*; do echo "$(basename "$t") $(awk '{print $14+$15}' "$t/stat") $(cat "$t/comm")"; done > "$tmp/threads0"
   out=$(taskset -c 1 wrk -t2 -c64 -d5s -s "$tmp/post.lua" "$url")
   sleep 0.3
   c1=$(awk '{print $14+$15}' "/proc/$pp/stat")
+  for t in /proc/$pp/task/*; do echo "$(basename "$t") $(awk '{print $14+$15}' "$t/stat") $(cat "$t/comm")"; done > "$tmp/threads1"
   n=$(echo "$out" | awk '/requests in/{print $1}'); rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
   python3 -c "print('$kind run $r: %s req/s, %.1f CPU µs/req' % ('$rps', ($c1 - $c0) * 1e6 / $tick / $n))"
+  # THREADS=1: the same per thread (the event loop, the spool's SQLite thread, ...).
+  [ -z "${THREADS:-}" ] || join "$tmp/threads0" "$tmp/threads1" | awk -v n="$n" -v tick="$tick" \
+    '{d=$4-$2; if (d>0) printf "  thread %-16s %.1f CPU µs/req\n", $3, d*1e6/tick/n}'
 done
+[ -z "${spy:-}" ] || wait "$spy" || true

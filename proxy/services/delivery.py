@@ -377,7 +377,7 @@ class Sender:
         reason: str | None = None,
         detail: str | None = None,
     ) -> None:
-        metas = [orjson.loads(r.meta) for r in rows]
+        metas = [r.info if r.info is not None else orjson.loads(r.meta) for r in rows]
         entry: dict[str, Any] = {
             "time": time.time(),
             "outcome": outcome,

@@ -78,6 +78,9 @@ class NewRow:
     meta: bytes
     event_time: float | None = None
     protocol: str = "mixpanel"
+    # ``meta`` as the handler built it, handed to the sender with the committed
+    # row so the forwarded log does not decode it again (never stored).
+    info: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -93,6 +96,7 @@ class Row:
     attempts: int
     event_time: float | None = None
     protocol: str = "mixpanel"
+    info: dict[str, Any] | None = None  # decoded ``meta``, for rows handed over in memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +245,7 @@ class Spool:
                 first = last_id - len(inserts) + 1
                 self.on_commit(
                     [
-                        Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time, r.protocol)
+                        Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time, r.protocol, r.info)
                         for i, (r, t) in enumerate(inserts)
                     ]
                 )

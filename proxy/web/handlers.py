@@ -491,7 +491,9 @@ class Proxy:
                 "r": [[r.field, r.original, r.canonical] for r in changes],
             }
             rows.append(
-                NewRow(route, region, facts.project, wants_ip, orjson.dumps(event), orjson.dumps(meta), facts.time, name)
+                NewRow(
+                    route, region, facts.project, wants_ip, orjson.dumps(event), orjson.dumps(meta), facts.time, name, meta
+                )
             )
         try:
             await self.s.spool.enqueue(rows)
