@@ -107,6 +107,20 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
     asyncio.run(serve_app(settings, reuse_port))
 
 
+def _log_listening(settings: Settings, port: int) -> None:
+    workers = settings.server.workers
+    log.info(
+        "firstparty %s listening on http://%s:%d%s (%d worker%s), upstream %s",
+        __version__,
+        settings.server.host,
+        port,
+        settings.server.mounts[0] if settings.server.mounts else "/",
+        workers,
+        "s" if workers > 1 else "",
+        settings.upstream.regions[settings.upstream.default_region],
+    )
+
+
 def tune_gc() -> None:
     """Everything alive after start-up (modules, settings, services) lives as
     long as the process: freeze it out of the collector's walks. A request's
@@ -132,6 +146,8 @@ async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     serving = await serve(app, settings.server, reuse_port=reuse_port, shutdown_timeout=SHUTDOWN_SECONDS)
+    if not reuse_port:  # one worker: say where it listens (workers: the parent said)
+        _log_listening(settings, serving.port)
     tune_gc()
     try:
         await stop.wait()
@@ -160,18 +176,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     Upstreams.from_settings(settings.upstream)  # fail on bad URLs before forking
     workers = settings.server.workers
-    log.info(
-        "firstparty %s listening on http://%s:%d/mp/ (%d worker%s), upstream %s",
-        __version__,
-        settings.server.host,
-        settings.server.port,
-        workers,
-        "s" if workers > 1 else "",
-        settings.upstream.regions[settings.upstream.default_region],
-    )
     if workers == 1:
+        # Logged by the worker once bound: with --port 0 the line names the port it got.
         _run_worker(settings, reuse_port=False)
         return 0
+    if settings.server.port == 0:
+        raise ConfigError("server.port", "0 (any free port) works with one worker only: workers share one port")
+    _log_listening(settings, settings.server.port)
     leftovers = [p for p in stray_spools(settings.spool_path, workers) if p.exists()]
     if leftovers:
         log.warning(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -14,10 +15,17 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.offline_site import firstparty_offline as offline
 from proxy.web.app import create_app
 from proxy.settings import Settings, build_settings
 from tests.fakeupstream import FakeUpstream
 from tests.support import ProxyClient
+
+# Never online: this process and every Python process a test starts may only
+# reach loopback (tests/offline_site/firstparty_offline.py).
+_OFFLINE_SITE = str(Path(__file__).parent / "offline_site")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_OFFLINE_SITE, os.environ.get("PYTHONPATH")]))
+offline.install()
 
 TOKEN = "test-token-us"
 EU_TOKEN = "test-token-eu"

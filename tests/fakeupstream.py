@@ -9,6 +9,7 @@ secret; the fixture fails the test at teardown if any was seen.
 from __future__ import annotations
 
 import asyncio
+import socket
 import base64
 import time
 import gzip
@@ -126,17 +127,16 @@ class FakeUpstream:
         app.router.add_route("*", "/{tail:.*}", handle)
         return app
 
-    async def serve(self, name: str = "us", port: int | None = None) -> tuple[web.AppRunner, int]:
+    async def serve(self, name: str = "us", sock: socket.socket | None = None) -> tuple[web.AppRunner, int]:
         """Serve one upstream on 127.0.0.1 outside the aiohttp fixtures (for a
-        proxy in another process, or one that must come up late on a fixed port).
-        Returns (runner to clean up, port)."""
-        from tests.support import free_port
-
-        port = port or free_port()
+        proxy in another process), on a port of its own, or on ``sock``: a
+        port the test reserved (``support.reserve_port``) while this upstream
+        was down. Returns (runner to clean up, port)."""
         runner = web.AppRunner(self.app(name))
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner, port
+        site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, runner.addresses[0][1]
 
     @staticmethod
     def default_answer(name: str, request: web.Request, body: bytes) -> web.Response:

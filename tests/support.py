@@ -2,18 +2,71 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
+import re
 import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+# What `firstparty serve` logs once its one worker is bound (with --port 0: the port it got).
+LISTENING = re.compile(rb"listening on http://[^\s]+?:(\d+)/")
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+async def eventually(condition: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    """Wait until ``condition()`` is true (polled every ``interval``), failing
+    after ``timeout`` seconds with ``what`` in the message. The one way the
+    suite waits for something asynchronous: never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(interval)
+
+
+def metric(text: str, sample: str) -> float:
+    """The value of ``sample`` (``name{label="v"}``) in a Prometheus text page.
+    A labelled sample that was never incremented is absent: 0, as long as its
+    family is exported at all; a family that is not there (renamed, never
+    registered) fails the test instead of reading as 0."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    name = sample.split("{", 1)[0]
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    family = next((f for f in families if name == f or name.startswith(f + "_")), None)
+    assert family is not None, f"metric {name} is not exported at all (families: {sorted(families)})"
+    return 0.0
+
+
+def reserve_port() -> socket.socket:
+    """A socket bound to a free 127.0.0.1 port, not listening: connecting to it
+    is refused (an upstream that is down), and no other process can take the
+    port while the test holds it. Hand it to ``FakeUpstream.serve(sock=...)``
+    to bring that upstream up on the same port later; close it at the end."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return sock.getsockname()[1]
+
+
+async def wait_listening(log: Path, proc: subprocess.Popen[Any], offset: int = 0, timeout: float = 20.0) -> int:
+    """The port a ``firstparty serve --port 0`` child says it listens on, read
+    from its log (after byte ``offset``: the lines of this start only)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_bytes()[offset:] if log.exists() else b""
+        found = LISTENING.search(text)
+        if found:
+            return int(found.group(1))
+        assert proc.poll() is None, f"proxy exited during start-up:\n{text.decode(errors='replace')}"
+        assert time.monotonic() < deadline, f"proxy did not start in {timeout} s:\n{text.decode(errors='replace')}"
+        await asyncio.sleep(0.05)
 
 
 def self_signed(directory: Path, *names: str) -> tuple[Path, Path]:

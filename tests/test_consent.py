@@ -14,6 +14,7 @@ import pytest
 
 from proxy.core import consent
 from proxy.settings import ConsentSettings
+from tests.support import metric
 from tests.conftest import BROWSER, TOKEN, b64_body, canonical_of, cookie_from, device_id, js_event
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -58,13 +59,6 @@ async def log_records(client: Any, tmp_path: Any) -> list[dict[str, Any]]:
     await client.close()  # drains the sender, flushes the log
     path = tmp_path / "data" / "forwarded.jsonl"
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
-
-
-def metric(text: str, sample: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import b64_body, device_id, js_event
-from tests.support import free_port
+from tests.support import wait_listening
 from tests.fakeupstream import FakeUpstream, Recorded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,9 +34,9 @@ WORKERS = 32
 
 
 
-def start_proxy(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_proxy(config: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", "0"],
         cwd=ROOT,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")}},
         stdout=subprocess.DEVNULL,
@@ -90,9 +90,9 @@ backoff_max_seconds = 1
 fsync = {"true" if fsync else "false"}
 """
     )
-    port = free_port()
     log = tmp_path / "proxy.log"
-    proc = start_proxy(config, port, log)
+    proc = start_proxy(config, log)
+    port = await wait_listening(log, proc)
     acked: list[str] = []
     sent = 0
     killed = asyncio.Event()
@@ -129,7 +129,9 @@ fsync = {"true" if fsync else "false"}
                 backlog = c.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
             received_before = len(upstream.received())
 
-            proc = start_proxy(config, port, log)  # same spool
+            offset = log.stat().st_size
+            proc = start_proxy(config, log)  # same spool, a port of its own
+            port = await wait_listening(log, proc, offset)
             await wait_ready(session, port, proc)
             deadline = time.monotonic() + 60
             while not set(acked) <= {e["properties"]["$insert_id"] for e in upstream.received()}:

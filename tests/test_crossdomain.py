@@ -11,6 +11,7 @@ import pytest
 
 from proxy.web.app import create_app
 from proxy.core.tokens import KeyRing, generate_key_line
+from tests.support import metric
 from tests.conftest import b64_body, canonical_of, cookie_from, device_id, js_event, make_settings
 
 A = "www.site-a.test"
@@ -61,13 +62,6 @@ def token_of(url: str) -> str:
 
 def landing_event(url: str, device: str, **props: Any) -> dict[str, Any]:
     return js_event("Page B", device, **{"$current_url": url, "$referrer": f"http://{A}/pricing", **props})
-
-
-def metric(text: str, sample: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def test_go_decorates_and_b_adopts_the_carried_id(xclient, upstream):

@@ -26,12 +26,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.services.upstream import UpstreamResponse
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
-from tests.support import free_port
+from tests.support import eventually as until
+from tests.support import port_of, reserve_port
 from tests.fakeupstream import FakeUpstream, Recorded
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 TRACK = "/mp/track/?verbose=1&ip=1"
-OUTAGE_SECONDS = 20
+# An outage lasts until the sender has failed this many times in a row.
+OUTAGE_ATTEMPTS = 3
 
 
 
@@ -54,13 +56,6 @@ async def send_events(client: Any, n: int, per_request: int = 5, **props: Any) -
 
 def insert_ids(upstream: FakeUpstream) -> list[str]:
     return [e["properties"]["$insert_id"] for e in upstream.received("us", "/track")]
-
-
-async def until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def dead_letters(tmp_path: Any) -> list[tuple[str, str, str]]:
@@ -121,15 +116,20 @@ def test_retry_after_and_backoff():
 # ---------------------------------------------------------------- faults
 
 
+def attempts(tmp_path: Any) -> int:
+    """The most delivery attempts any queued row has had."""
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        return c.execute("SELECT COALESCE(MAX(attempts), 0) FROM queue").fetchone()[0]
+
+
 async def test_upstream_down_then_back(serve_proxy, tmp_path, upstream):
-    port = free_port()
+    down = reserve_port()  # bound, not listening: every attempt is refused until the fake takes it over
     client = await start_proxy(
-        serve_proxy, tmp_path, upstream, upstream={"us": f"http://127.0.0.1:{port}", "timeout_seconds": 2}
+        serve_proxy, tmp_path, upstream, upstream={"us": f"http://127.0.0.1:{port_of(down)}", "timeout_seconds": 2}
     )
     acked = await send_events(client, 300)
-    await asyncio.sleep(OUTAGE_SECONDS)
-    assert insert_ids(upstream) == []
-    server, _ = await upstream.serve("us", port)
+    await until(lambda: attempts(tmp_path) >= OUTAGE_ATTEMPTS, 15, f"{OUTAGE_ATTEMPTS} failed attempts")
+    server, _ = await upstream.serve("us", sock=down)
     try:
         await until(lambda: set(insert_ids(upstream)) >= set(acked), 15, "delivery after the outage")
         assert sorted(insert_ids(upstream)) == sorted(acked)  # each exactly once
@@ -263,16 +263,16 @@ async def test_hanging_upstream_times_out_and_retries(serve_proxy, tmp_path, ups
 
 
 async def test_full_spool_answers_503_and_loses_nothing(serve_proxy, tmp_path, upstream):
-    port = free_port()
+    down = reserve_port()
     client = await start_proxy(
         serve_proxy, tmp_path, upstream,
-        upstream={"us": f"http://127.0.0.1:{port}", "timeout_seconds": 1}, delivery={"max_rows": 10},
+        upstream={"us": f"http://127.0.0.1:{port_of(down)}", "timeout_seconds": 1}, delivery={"max_rows": 10},
     )
     acked = await send_events(client, 10)
     resp = await client.post(TRACK, data=b64_body([js_event("Overflow", device_id())]), headers={**BROWSER, **FORM})
     assert resp.status == 503 and resp.headers["Retry-After"]
     assert "limit is 10" in (await resp.json())["error"]
-    server, _ = await upstream.serve("us", port)
+    server, _ = await upstream.serve("us", sock=down)
     try:
         await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery")
         assert "Overflow" not in [e["event"] for e in upstream.received()]
@@ -310,12 +310,13 @@ async def test_401_buries_the_batch_without_retrying(serve_proxy, tmp_path, upst
 
 
 async def test_shutdown_keeps_unsent_events_for_the_next_start(serve_proxy, tmp_path, upstream):
-    port = free_port()
-    down = {"us": f"http://127.0.0.1:{port}", "timeout_seconds": 1}
+    closed = reserve_port()
+    down = {"us": f"http://127.0.0.1:{port_of(closed)}", "timeout_seconds": 1}
     client = await start_proxy(serve_proxy, tmp_path, upstream, upstream=down, delivery={"drain_seconds": 0.5})
     acked = await send_events(client, 25)
     started = time.monotonic()
     await client.close()
+    closed.close()
     assert time.monotonic() - started < 5  # the drain deadline holds
     with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
         assert c.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 25

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -16,7 +19,7 @@ import pytest
 from proxy.web.app import create_app
 from proxy.settings import load_settings
 from tests.conftest import b64_body, device_id, js_event, make_settings
-from tests.support import free_port, self_signed
+from tests.support import self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,19 +73,43 @@ def nginx_bin() -> str:
     return path
 
 
+async def start_nginx(nginx_bin: str, prefix: Path, conf_for: Any) -> tuple[subprocess.Popen[bytes], int]:
+    """nginx binds its own port (it cannot be handed a socket): pick a free one,
+    and should another process take it in the moment between, pick again."""
+    for _ in range(5):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        conf = conf_for(port)
+        check = subprocess.run([nginx_bin, "-t", "-p", str(prefix), "-c", str(conf)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        proc = subprocess.Popen(
+            [nginx_bin, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return proc, port
+            await asyncio.sleep(0.05)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+            pytest.fail("nginx did not listen within 10 s")
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert "Address already in use" in err, err
+    pytest.fail("nginx found its port taken 5 times in a row")
+
+
 async def test_behind_real_nginx(serve_proxy, tmp_path, upstream, nginx_bin):
     # nginx connects from 127.0.0.1 (trusted); the visitor comes from 127.0.0.2.
     settings = make_settings(tmp_path, upstream, server={"trusted_proxies": ["127.0.0.1/32"]})
     proxy = await serve_proxy(create_app(settings))
-    tls_port = free_port()
     cert, key = self_signed(tmp_path / "tls", "www.example.com")
-    conf = render_nginx(tmp_path, proxy.port, tls_port, cert, key)
-    check = subprocess.run([nginx_bin, "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    nginx = subprocess.Popen(
-        [nginx_bin, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    nginx, tls_port = await start_nginx(
+        nginx_bin, tmp_path, lambda port: render_nginx(tmp_path, proxy.port, port, cert, key)
     )
     try:
         ctx = ssl.create_default_context(cafile=str(cert))
@@ -90,25 +117,18 @@ async def test_behind_real_nginx(serve_proxy, tmp_path, upstream, nginx_bin):
         async with aiohttp.ClientSession(connector=connector) as session:
             # Connect to 127.0.0.1, but speak to www.example.com (SNI, Host, certificate).
             url = f"https://127.0.0.1:{tls_port}/mp/track/?verbose=1&ip=1"
-            for _ in range(50):  # nginx takes a moment to listen
-                try:
-                    resp = await session.post(
-                        url,
-                        data=b64_body([js_event("Through nginx", device_id())]),
-                        headers={
-                            "Host": "www.example.com",
-                            "Origin": "https://www.example.com",
-                            "User-Agent": "Mozilla/5.0",
-                            "Content-Type": "application/x-www-form-urlencoded",
-                            "X-Forwarded-For": "6.6.6.6",  # spoofed by the visitor
-                        },
-                        server_hostname="www.example.com",
-                    )
-                    break
-                except aiohttp.ClientConnectorError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("nginx did not start: " + (nginx.stderr.read().decode() if nginx.stderr else ""))
+            resp = await session.post(
+                url,
+                data=b64_body([js_event("Through nginx", device_id())]),
+                headers={
+                    "Host": "www.example.com",
+                    "Origin": "https://www.example.com",
+                    "User-Agent": "Mozilla/5.0",
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "X-Forwarded-For": "6.6.6.6",  # spoofed by the visitor
+                },
+                server_hostname="www.example.com",
+            )
             assert resp.status == 200, await resp.text()
             set_cookie = resp.headers.get("Set-Cookie", "")
             assert "Domain=.example.com" in set_cookie and "HttpOnly" in set_cookie

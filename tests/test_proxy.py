@@ -12,6 +12,7 @@ from urllib.parse import quote
 import orjson
 import pytest
 
+from tests.support import metric
 from tests.conftest import (
     BROWSER,
     EU_TOKEN,
@@ -429,10 +430,7 @@ async def test_metrics_expose_identity_sources_and_outcomes(client, upstream, de
     await client.post(TRACK, data="data=%%%", headers={**BROWSER, **FORM})
     await upstream.wait(2)
 
-    def value(text: str, sample: str) -> float:
-        line = next(line for line in text.splitlines() if line.startswith(sample + " "))
-        return float(line.rsplit(" ", 1)[1])
-
+    value = metric
     async def scrape() -> str:
         resp = await client.get("/metrics")
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")

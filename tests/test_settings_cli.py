@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from proxy.errors import ConfigError
 from proxy.settings import build_settings, load_settings
-from tests.support import free_port
+from tests.support import wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,35 +107,28 @@ def test_help_lists_environment_overrides():
 
 
 
-def test_serve_starts_on_defaults_and_stops_on_sigterm(tmp_path):
-    port = free_port()
+async def test_serve_starts_on_defaults_and_stops_on_sigterm(tmp_path, upstream):
+    log = tmp_path / "serve.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
+        [sys.executable, "-m", "proxy", "serve", "--port", "0"],
         cwd=tmp_path,  # embedded defaults: files under ./firstparty-data
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")},
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "FIRSTPARTY_SERVER_MAX_BODY_BYTES": "4096",
+            # Every default but the vendor: this machine may have network, tests never use it.
+            "FIRSTPARTY_UPSTREAM_US": upstream.urls["us"],
         },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),  # noqa: SIM115 - the child owns it
     )
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                assert time.monotonic() < deadline, "proxy did not start"
-                time.sleep(0.1)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            assert orjson.loads(r.read()) == {"store": True, "spool": True}
-        assert (tmp_path / "firstparty-data" / "cookie_secret").exists()
+        port = await wait_listening(log, proc)
 
-        # The served routes (aiohttp's low-level server in `serve`) behave as the app's.
+        def get(path: str) -> tuple[int, bytes]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return r.status, r.read()
+
         def post(path: str, body: bytes) -> tuple[int, bytes]:
             req = urllib.request.Request(
                 f"http://127.0.0.1:{port}{path}", data=body, method="POST",
@@ -146,16 +140,32 @@ def test_serve_starts_on_defaults_and_stops_on_sigterm(tmp_path):
             except urllib.error.HTTPError as err:
                 return err.code, err.read()
 
+        # Blocking calls in a thread: the fake upstream answers on this loop meanwhile.
+        assert (await asyncio.to_thread(get, "/healthz"))[0] == 200
+        status, ready = await asyncio.to_thread(get, "/readyz")
+        assert (status, orjson.loads(ready)) == (200, {"store": True, "spool": True})
+        assert (tmp_path / "firstparty-data" / "cookie_secret").exists()
+
         event = {"event": "Served", "properties": {"token": "t", "$device_id": "abcdef12-3456", "time": time.time()}}
-        status, answer = post("/mp//track/?verbose=1&ip=1", b"data=" + orjson.dumps(event).replace(b"&", b""))
+        status, answer = await asyncio.to_thread(
+            post, "/mp//track/?verbose=1&ip=1", b"data=" + orjson.dumps(event).replace(b"&", b"")
+        )
         assert (status, orjson.loads(answer)) == (200, {"status": 1, "error": None})  # spooled
-        status, answer = post("/mp/track/?verbose=1", b"data=" + b"A" * 8000)
+        [sent] = await upstream.wait(1, "us", "/track")  # ... and delivered, to the local fake only
+        assert sent["event"] == "Served"
+        status, answer = await asyncio.to_thread(post, "/mp/track/?verbose=1", b"data=" + b"A" * 8000)
         assert status == 413 and b"larger than 4096" in answer
-        assert post("/nowhere", b"")[0] == 404
+        assert (await asyncio.to_thread(post, "/nowhere", b""))[0] == 404
     finally:
         proc.terminate()
         proc.wait(timeout=15)
     assert proc.returncode == 0
+
+
+def test_port_zero_needs_one_worker():
+    result = run_cli("serve", "--port", "0", "--workers", "2")
+    assert result.returncode != 0
+    assert "server.port" in result.stderr and "one worker" in result.stderr
 
 
 def test_logs_command_filters_and_prints(tmp_path):

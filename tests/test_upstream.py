@@ -19,7 +19,7 @@ from proxy.settings import build_settings
 from proxy.web.app import create_app
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 from tests.fakeupstream import LIB_JS, FakeUpstream
-from tests.support import free_port, self_signed
+from tests.support import port_of, reserve_port, self_signed
 
 TRACK = "/mp/track/?verbose=1&ip=1"
 FORM = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
@@ -113,9 +113,10 @@ async def test_errors_are_wrapped_into_the_upstream_error_tree(tmp_path):
     client = UpstreamClient(max_connections_per_host=2, timeout=0.5)
     await client.open()
     try:
-        closed = Endpoint.parse(f"http://127.0.0.1:{free_port()}")
-        with pytest.raises(UpstreamUnreachable, match="unreachable"):
-            await client.request(closed, "GET", "/", [])
+        with reserve_port() as down:
+            closed = Endpoint.parse(f"http://127.0.0.1:{port_of(down)}")
+            with pytest.raises(UpstreamUnreachable, match="unreachable"):
+                await client.request(closed, "GET", "/", [])
 
         async def hang(request: web.Request) -> web.Response:
             await asyncio.sleep(5)

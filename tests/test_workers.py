@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import aiohttp
 
 from tests.conftest import b64_body, device_id, js_event
 from tests.fakeupstream import FakeUpstream
-from tests.support import free_port
+from tests.support import eventually
 from tests.test_crash import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,12 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
         f'[cookie]\nsecure = false\nsecret = "workers-test-secret-workers-test"\n'
         f"[delivery]\nbatch_window_ms = 20\n"
     )
-    port = free_port()
+    # Held for the whole test with SO_REUSEPORT and never listening: the workers
+    # (which bind with SO_REUSEPORT too) join it, and no other process can take the port.
+    reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind(("127.0.0.1", 0))
+    port = reserved.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
         cwd=ROOT,
@@ -73,7 +79,17 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
 
             await asyncio.gather(*(one() for _ in range(100)))
         await upstream.wait(300, "us", "/track", timeout=20)
-        await asyncio.sleep(1.5)  # a double send would show up by now (the senders poll every second)
+
+        def queued() -> int:
+            total = 0
+            for path in (tmp_path / "data").glob("spool*.sqlite3"):
+                with sqlite3.connect(path) as c:
+                    total += c.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+            return total
+
+        # Once both spools are empty every row has had its one send: a double
+        # send (a worker reading the other's spool) would be in the upstream by now.
+        await eventually(lambda: queued() == 0, 20, "both spools to empty")
         received = [e["properties"]["$insert_id"] for e in upstream.received("us", "/track")]
         assert sorted(received) == sorted(sent)  # all of them, each once
         spools = sorted((tmp_path / "data").glob("spool*.sqlite3"))
@@ -87,4 +103,5 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
         await runner.cleanup()
+        reserved.close()
     assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""

@@ -18,6 +18,7 @@ their traceback.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -122,12 +123,19 @@ async def serve(
     port: int | None = None,
     reuse_port: bool = False,
     shutdown_timeout: float = 10.0,
+    sock: socket.socket | None = None,
 ) -> Serving:
+    """Serve ``app`` on ``host``:``port`` (the settings' by default), or on
+    ``sock``, a socket already bound (handed over by whoever reserved it)."""
     runner = runner_for(app, server, shutdown_timeout)
     await runner.setup()
-    site = web.TCPSite(
-        runner, host or server.host, server.port if port is None else port, reuse_port=reuse_port, backlog=1024
-    )
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock, backlog=1024)
+    else:
+        site = web.TCPSite(
+            runner, host or server.host, server.port if port is None else port, reuse_port=reuse_port, backlog=1024
+        )
     try:
         await site.start()
     except BaseException:

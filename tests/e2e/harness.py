@@ -14,6 +14,7 @@ through ``--host-resolver-rules``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import base64
 import contextlib
 import json
@@ -158,10 +159,13 @@ class Site:
     def services(self) -> Any:
         return self.app[SERVICES]
 
-    async def start(self, port: int = 0) -> None:
-        """Open the proxy's services and serve it, with the test pages, on 127.0.0.1."""
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Open the proxy's services and serve it, with the test pages, on a port
+        of its own on 127.0.0.1, or on ``sock`` (a port reserved before the app was built)."""
         self.app.middlewares.append(self.handle)
-        self.serving = await serve(self.app, self.app[SETTINGS].server, host="127.0.0.1", port=port, shutdown_timeout=5)
+        self.serving = await serve(
+            self.app, self.app[SETTINGS].server, host="127.0.0.1", port=0, shutdown_timeout=5, sock=sock
+        )
         self.port = self.serving.port
 
     async def stop(self) -> None:

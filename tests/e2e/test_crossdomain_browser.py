@@ -64,12 +64,6 @@ LANDING = r"^http://checkout\.site-b\.test:\d+/e2e/b\?fpb=([A-Za-z0-9_-]+)&utm_s
 # ---------------------------------------------------------------- fixtures
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def dead_port() -> Iterator[int]:
     """A port bound but not listening for the whole test: connecting to it is refused."""
@@ -108,7 +102,10 @@ async def xsite(
     With hub "up", identity.hub_url is this same app on hub.id-hub.test (the port is
     chosen before the app is built); "down" points it at a port that refuses connections."""
     param: dict[str, Any] = getattr(request, "param", None) or {}
-    port = _free_port()
+    # Reserved now (the hub URL names it), served on when the app starts.
+    reserved = socket.socket()
+    reserved.bind(("127.0.0.1", 0))
+    port = reserved.getsockname()[1]
     identity: dict[str, Any] = {"linked_domains": LINKED, **param.get("identity", {})}
     if param.get("hub") == "up":
         identity["hub_url"] = f"http://{HUB_HOST}:{port}"
@@ -137,10 +134,11 @@ async def xsite(
             return json_response({"offset": clock.offset})
 
         site.routes["/__e2e/clock"] = advance
-    await site.start(port)
+    await site.start(sock=reserved)
     assert site.port == port
     yield site
     await site.stop()
+    reserved.close()
 
 
 def modes(**extra: Any) -> Any:
