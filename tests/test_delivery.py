@@ -246,20 +246,51 @@ async def test_400_dead_letters_exactly_the_bad_events(serve_proxy, tmp_path, up
 
 async def test_hanging_upstream_times_out_and_retries(serve_proxy, tmp_path, upstream):
     calls = {"n": 0}
+    release = asyncio.Event()
 
     async def behave(rec: Recorded) -> web.Response | None:
         calls["n"] += 1
         if calls["n"] == 1:
-            await asyncio.sleep(3)  # past the proxy's 1 s timeout
+            await release.wait()  # hangs for the whole test: only the proxy's timeout ends the attempt
         return None
 
     upstream.behave = behave
     client = await start_proxy(serve_proxy, tmp_path, upstream, upstream={"timeout_seconds": 1})
-    acked = await send_events(client, 10)
-    await until(lambda: set(acked) <= set(insert_ids(upstream)), 10, "delivery after a hang")
-    await client.close()
-    # The hung attempt may have been recorded as arriving too; nothing is missing.
+    try:
+        acked = await send_events(client, 10, per_request=10)  # one batch: the hung one
+        # A hung request is recorded when it arrives: wait for the second attempt itself.
+        await until(lambda: calls["n"] >= 2, 8, "a retry after the 1 s timeout")
+        await until(lambda: len(upstream.requests) >= 2, 2, "the retry recorded")
+        assert [e["properties"]["$insert_id"] for e in upstream.requests[1].events()] == acked
+    finally:
+        release.set()
+        await client.close()
+    # The hung attempt was recorded as arriving too; nothing is missing.
     assert set(insert_ids(upstream)) == set(acked)
+
+
+async def test_events_without_insert_id_get_one_that_a_resend_keeps(serve_proxy, tmp_path, upstream):
+    """The proxy adds ``$insert_id`` before spooling, so the resend after a
+    failure (or a crash) carries the same one and Mixpanel de-duplicates it."""
+    calls = {"n": 0}
+
+    async def behave(rec: Recorded) -> web.Response | None:
+        calls["n"] += 1
+        return web.Response(status=503, text="busy") if calls["n"] == 1 else None
+
+    upstream.behave = behave
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
+    events = [js_event("No Insert Id", device_id()) for _ in range(3)]
+    for e in events:
+        del e["properties"]["$insert_id"]
+    resp = await client.post(TRACK, data=b64_body(events), headers={**BROWSER, **FORM})
+    assert resp.status == 200
+    await until(lambda: len(upstream.received("us", "/track")) == 3, 10, "delivery after the 503")
+    await client.close()
+    first = [e["properties"]["$insert_id"] for e in upstream.refused[0].events()]
+    resent = [e["properties"]["$insert_id"] for e in upstream.received("us", "/track")]
+    assert first == resent
+    assert len(set(first)) == 3 and all(isinstance(i, str) and len(i) == 32 for i in first)
 
 
 async def test_full_spool_answers_503_and_loses_nothing(serve_proxy, tmp_path, upstream):
@@ -272,9 +303,13 @@ async def test_full_spool_answers_503_and_loses_nothing(serve_proxy, tmp_path, u
     resp = await client.post(TRACK, data=b64_body([js_event("Overflow", device_id())]), headers={**BROWSER, **FORM})
     assert resp.status == 503 and resp.headers["Retry-After"]
     assert "limit is 10" in (await resp.json())["error"]
+    ready = await client.get("/readyz")
+    assert ready.status == 503 and (await ready.json())["spool"] is False  # the load balancer stops sending
     server, _ = await upstream.serve("us", sock=down)
     try:
         await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery")
+        ready = await client.get("/readyz")
+        assert ready.status == 200 and await ready.json() == {"store": True, "spool": True}
         assert "Overflow" not in [e["event"] for e in upstream.received()]
     finally:
         await client.close()

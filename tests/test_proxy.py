@@ -111,7 +111,7 @@ async def test_identify_merges_canonical_with_user(client, upstream):
     assert p["$anon_distinct_id"] == f"$device:{canonical}" and p["distinct_id"] == "user-7"
 
 
-async def test_engage_and_groups(client, upstream):
+async def test_engage_and_groups(client, upstream, delivery_mode):
     cookie = await first_visit(client, device_id())
     canonical = canonical_of(cookie)
     d2 = device_id()
@@ -120,6 +120,13 @@ async def test_engage_and_groups(client, upstream):
     assert resp.status == 200
     [e] = await upstream.wait(1, "us", "/engage")
     assert e["$distinct_id"] == f"$device:{canonical}" and e["$device_id"] == canonical and e["$set"] == {"plan": "pro"}
+    if delivery_mode == "spool":
+        # Batches mix visitors: each profile update carries its visitor's IP (ip=1) for geolocation.
+        assert e["$ip"] == "127.0.0.1"
+        await client.post("/mp/engage/?verbose=1&ip=0", data=b64_body(engage), headers=with_cookie(cookie))
+        assert "$ip" not in (await upstream.wait(2, "us", "/engage"))[-1]
+    else:
+        assert "$ip" not in e and dict(upstream.by("us", "/engage")[-1].query)["ip"] == "1"
     groups = [{"$token": TOKEN, "$group_key": "company", "$group_id": "acme", "$set": {"size": 10}}]
     resp = await client.post("/mp/groups/?verbose=1", data=b64_body(groups), headers=with_cookie(cookie))
     assert resp.status == 200
@@ -243,6 +250,19 @@ async def test_record_and_flags_identity_in_query(client, upstream):
     assert resp.status == 200 and "flags" in await resp.json()
     sent = json.loads(dict(upstream.by("us", "/flags")[-1].query)["context"])
     assert sent == {"distinct_id": f"$device:{canonical}", "device_id": canonical, "custom": {"plan": "pro"}}
+
+
+async def test_decide_asks_about_the_canonical_id(client, upstream):
+    cookie = await first_visit(client, device_id())
+    canonical = canonical_of(cookie)
+    d2 = device_id()  # this domain's own mixpanel-js id
+    resp = await client.get(
+        f"/mp-decide/decide?verbose=1&version=3&lib=web&token={TOKEN}&distinct_id=%24device%3A{d2}",
+        headers=with_cookie(cookie),
+    )
+    assert resp.status == 200
+    query = dict(upstream.by("decide", "/decide")[-1].query)
+    assert query["distinct_id"] == f"$device:{canonical}" and query["token"] == TOKEN
 
 
 async def test_regions_and_decide(client, upstream):

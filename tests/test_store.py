@@ -11,6 +11,7 @@ from proxy.web.app import create_app
 from proxy.settings import StoreSettings
 from proxy.services.store import AliasStore, BoundedMemoryCache
 from tests.conftest import BROWSER, b64_body, canonical_of, cookie_from, device_id, js_event, json_body, make_settings
+from tests.support import port_of, reserve_port
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -50,6 +51,23 @@ async def test_unreachable_redis_degrades_without_failing():
     assert store.errors == 2
     assert await store.ping() is False
     await store.close()
+
+
+async def test_readyz_follows_the_store(serve_proxy, tmp_path, upstream, redis_settings):
+    up = await serve_proxy(create_app(make_settings(tmp_path / "up", upstream, store=redis_settings)))
+    ready = await up.get("/readyz")
+    assert ready.status == 200 and await ready.json() == {"store": True, "spool": True}
+    with reserve_port() as down:  # nothing answers there: Redis is down
+        lost = {"url": f"redis://127.0.0.1:{port_of(down)}/0"}
+        proxy = await serve_proxy(create_app(make_settings(tmp_path / "down", upstream, store=lost)))
+        ready = await proxy.get("/readyz")
+        assert ready.status == 503 and await ready.json() == {"store": False, "spool": True}
+        # Not ready, still serving: events are accepted and spooled meanwhile.
+        resp = await proxy.post(
+            "/mp/track/?verbose=1", data=b64_body([js_event("x", device_id())]),
+            headers={**BROWSER, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert resp.status == 200
 
 
 @pytest.fixture
