@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import zlib
 import string
 from urllib.parse import quote, urlencode
 
@@ -233,3 +234,162 @@ def test_a_batch_of_flat_events_skips_the_depth_walk_but_a_deep_one_is_still_ref
     else:
         with pytest.raises(BadRequest, match="nested deeper"):
             codec.decode(**kwargs)
+
+
+# ----------------------------------------------- edges the mutants showed
+
+
+def chain(levels: int) -> object:
+    """``levels`` nested objects, no stray brackets: {"x": {"x": ... 1}}."""
+    value: object = 1
+    for _ in range(levels):
+        value = {"x": value}
+    return value
+
+
+@pytest.mark.parametrize("as_array", [True, False])
+@pytest.mark.parametrize("form", ["raw", "base64", "json"])
+def test_depth_limit_is_exact_in_every_body_form(as_array, form):
+    """MAX_DEPTH containers from the top (the array counts, given or not):
+    one level more is refused, in a single event and in a batch whose other
+    events are flat (so a miscounted bracket shortcut would let it through)."""
+    def body_of(payload: object) -> tuple[bytes, str]:
+        raw = json.dumps(payload, separators=(",", ":"))
+        if form == "raw":
+            return raw.encode(), "application/json"
+        if form == "base64":
+            return ("data=" + quote(base64.b64encode(raw.encode()).decode(), safe="")).encode(), "text/plain"
+        return ("data=" + quote(raw, safe="")).encode(), "application/x-www-form-urlencoded"
+
+    # array(1) > event(2) > properties(3) > chain: depth 3 + levels
+    fits = codec.MAX_DEPTH - 3
+    for levels, ok in ((fits, True), (fits + 1, False)):
+        flat = [{"event": f"f{i}", "properties": {"n": i}} for i in range(10)] if as_array else []
+        event = {"event": "deep", "properties": {"c": chain(levels)}}
+        payload = [*flat, event] if as_array else event
+        body, ctype = body_of(payload)
+        if ok:
+            assert decode(body, ctype=ctype).events[-1] == event
+        else:
+            with pytest.raises(BadRequest, match=f"nested deeper than {codec.MAX_DEPTH} levels"):
+                decode(body, ctype=ctype)
+
+
+def test_deep_lists_count_as_levels_too():
+    fits = codec.MAX_DEPTH - 3
+    nested: object = 1
+    for _ in range(fits + 1):
+        nested = [nested]
+    with pytest.raises(BadRequest, match="nested deeper"):
+        decode(json.dumps([{"event": "e", "properties": {"l": nested}}]), ctype="application/json")
+    assert decode(json.dumps([{"event": "e", "properties": {"l": nested[0]}}]), ctype="application/json")
+
+
+@pytest.mark.parametrize(
+    "body,ctype,message",
+    [
+        ("data=", "application/x-www-form-urlencoded", "data is empty"),
+        ("data=%%%", "application/x-www-form-urlencoded", "data is neither JSON nor valid base64"),
+        ("verbose=1", "application/x-www-form-urlencoded", "no data: send the payload in a 'data' form field or as a JSON body"),
+        ("[]", "application/json", "data contains no events"),
+        ("data=" + quote(base64.b64encode(b'"x"').decode()), "text/plain", "data must be a JSON object or an array of objects"),
+        ("[1]", "application/json", "event 0 is not a JSON object"),
+        ("{nope", "application/json", "data is not valid JSON: unexpected character"),
+    ],
+)
+def test_error_messages_tell_the_client_what_is_wrong(body, ctype, message):
+    with pytest.raises(BadRequest) as caught:
+        decode(body, ctype=ctype)
+    assert str(caught.value).startswith(message)
+
+
+def test_a_broken_percent_escape_in_base64_is_a_400_not_a_crash():
+    # Found by the fuzz test: "%d7" decodes to a non-ASCII character, which
+    # binascii refuses with ValueError rather than binascii.Error.
+    with pytest.raises(BadRequest, match="neither JSON nor valid base64"):
+        decode(b"data=eyJldmVudCI6%d7IlBh")
+
+
+def test_a_body_neither_form_nor_utf8_is_refused_but_raw_utf8_is_read():
+    event = {"event": "café", "properties": {"token": "t"}}
+    body = b"data=" + json.dumps(event, ensure_ascii=False).encode()
+    assert decode(body).events == [event]
+    with pytest.raises(BadRequest) as caught:
+        decode(b"data=\xff\xfe")
+    assert str(caught.value) == "body is neither form-encoded nor UTF-8"
+
+
+@pytest.mark.parametrize("enc", ["gzip", "x-gzip", "GZIP", " deflate "])
+def test_compressed_bodies_by_every_name(enc):
+    raw = b64_body(BATCH).encode()
+    data = zlib.compress(raw) if "deflate" in enc else gzip.compress(raw)
+    assert decode(data, enc=enc).events == BATCH
+
+
+@pytest.mark.parametrize("enc", ["", "identity", "Identity"])
+def test_uncompressed_by_every_name(enc):
+    assert decode(b64_body(BATCH), enc=enc).events == BATCH
+
+
+def test_gunzip_limit_is_exact():
+    raw = b"x" * 1000
+    assert codec.gunzip(gzip.compress(raw), 1000) == raw
+    with pytest.raises(PayloadTooLarge) as caught:
+        codec.gunzip(gzip.compress(raw), 999)
+    assert str(caught.value) == "decompressed body is larger than 999 bytes"
+    with pytest.raises(BadRequest) as caught:
+        codec.gunzip(gzip.compress(raw)[:-12], 5000)
+    assert str(caught.value) == "gzip body is truncated"
+    with pytest.raises(BadRequest) as caught:
+        codec.gunzip(b"plain", 5000)
+    assert str(caught.value) == "body is not valid gzip"
+
+
+@pytest.mark.parametrize(
+    "ctype", ["application/json", "Application/JSON; charset=utf-8", "application/json;charset=UTF-8"]
+)
+def test_json_content_types_are_read_whatever_their_spelling(ctype):
+    d = decode(json.dumps(BATCH), ctype=ctype)
+    assert d.fmt == codec.FORMAT_RAW and d.is_array and d.events == BATCH and d.text == json.dumps(BATCH).encode()
+    single = decode(json.dumps(EVENT), ctype=ctype)
+    assert not single.is_array and single.events == [EVENT]
+
+
+def test_ndjson_flags():
+    body = ("\n".join(json.dumps(e) for e in BATCH) + "\n").encode()
+    d = decode(body, ctype="application/x-ndjson; charset=utf-8")
+    assert d.fmt == codec.FORMAT_NDJSON and d.is_array is True and d.events == BATCH and d.text == body
+    # Leading blank space does not hide a JSON array from the raw-body path.
+    assert decode(b"  \n" + json.dumps(BATCH).encode(), ctype="text/plain").fmt == codec.FORMAT_RAW
+
+
+def test_data_in_the_body_is_not_from_the_query():
+    d = decode(b64_body(EVENT), query=[("data", "ignored")])
+    assert d.from_query is False and d.events == [EVENT]
+    assert decode(b"", query=[("data", json.dumps(EVENT))], ctype="").from_query is True
+
+
+def test_json_data_value_with_leading_space_and_urlsafe_alphabets():
+    d = decode("data=" + quote("  " + json.dumps(EVENT)))
+    assert d.fmt == codec.FORMAT_JSON and d.events == [EVENT]
+    for event in ({"event": "x", "properties": {"v": "\xfb\xff"}}, {"event": "x", "properties": {"v": "~~~>>>"}}):
+        raw = base64.urlsafe_b64encode(json.dumps(event).encode()).decode()
+        assert decode("data=" + raw).events == [event]
+        assert decode("data=" + raw).fmt == codec.FORMAT_BASE64
+
+
+@pytest.mark.parametrize("is_array", [True, False])
+def test_encode_body_in_each_format(is_array):
+    events = BATCH if is_array else [EVENT]
+    payload = events if is_array else events[0]
+    raw = codec.Decoded(list(events), is_array, codec.FORMAT_RAW)
+    assert codec.encode_body(raw) == (orjson.dumps(payload), "application/json")
+    nd = codec.Decoded(list(events), True, codec.FORMAT_NDJSON)
+    assert codec.encode_body(nd) == (b"".join(orjson.dumps(e) + b"\n" for e in events), "application/x-ndjson")
+    form = codec.Decoded(list(events), is_array, codec.FORMAT_JSON, params=[("verbose", "1"), ("a b", "c&d")])
+    body, ctype = codec.encode_body(form)
+    assert ctype == "application/x-www-form-urlencoded"
+    assert body == b"data=" + quote(orjson.dumps(payload).decode(), safe="").encode() + b"&verbose=1&a%20b=c%26d"
+    b64 = codec.Decoded(list(events), is_array, codec.FORMAT_BASE64)
+    value, raw_json = codec.encode_data_value(b64)
+    assert raw_json == orjson.dumps(payload) and value == codec.b64_form_value(raw_json)

@@ -83,13 +83,43 @@ def test_cors_policy():
     assert not policy.allows("http://www.example.com")
     assert policy.allows("https://checkout.brand-b.test")
     assert not policy.allows("https://brand-b.test.evil.com")
+    assert not policy.allows("https://evilbrand-b.test")  # a suffix match is on a label boundary
+    assert not policy.allows("https://brand-b.test")  # *.brand-b.test: subdomains only
+    assert not policy.allows("https://.brand-b.test")
     assert not policy.allows("http://checkout.brand-b.test")  # pattern without scheme: https only
     assert policy.allows("http://www.site.test:8080")
-    assert not policy.allows("null") and not policy.allows(None)
-    h = policy.headers("https://www.example.com")
-    assert h["Access-Control-Allow-Origin"] == "https://www.example.com"
-    assert h["Access-Control-Allow-Credentials"] == "true"
-    assert "Access-Control-Allow-Origin" not in policy.headers("https://evil.test")
-    pre = policy.preflight_headers("https://checkout.brand-b.test")
-    assert pre and "Authorization" in pre["Access-Control-Allow-Headers"] and "traceparent" in pre["Access-Control-Allow-Headers"]
+    assert policy.allows("http://WWW.Site.Test:8080")  # origins compare case-insensitively
+    assert not policy.allows("http://www.site.test:8080:1")
+    assert not policy.allows("http://www.site.test.evil:80")
+    assert not policy.allows("checkout.brand-b.test")  # no scheme: not an origin
+    assert not policy.allows("https://www.example.com.evil.test")
+    assert not policy.allows("null") and not policy.allows(None) and not policy.allows("")
+    assert not OriginPolicy(["https://www.example.com"]).allows("https://shop.example.com")
+    assert policy.headers(None) == {} and policy.headers("") == {}
+
+
+def test_cors_answers_echo_the_origin_and_vary_on_it():
+    policy = OriginPolicy(["https://www.example.com", "*.brand-b.test"])
+    # Vary: Origin on every answer, allowed or not, so a shared cache never hands
+    # one origin's CORS headers to another.
+    assert policy.headers("https://www.example.com") == {
+        "Access-Control-Allow-Origin": "https://www.example.com",
+        "Access-Control-Allow-Credentials": "true",
+        "Vary": "Origin",
+    }
+    assert policy.headers("https://evil.test") == {"Vary": "Origin"}
+    assert policy.headers("https://evil.test") == {"Vary": "Origin"}  # memoised, same answer
+    for i in range(1100):  # the memo is bounded and stays right after it is cleared
+        policy.headers(f"https://s{i}.brand-b.test")
+    assert len(policy._answers) <= 1024
+    assert policy.headers("https://s5.brand-b.test")["Access-Control-Allow-Origin"] == "https://s5.brand-b.test"
+    assert policy.preflight_headers("https://checkout.brand-b.test") == {
+        "Access-Control-Allow-Origin": "https://checkout.brand-b.test",
+        "Access-Control-Allow-Credentials": "true",
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": "Authorization, traceparent, tracestate, Content-Type",
+        "Access-Control-Max-Age": "86400",
+        "Vary": "Origin",
+    }
     assert policy.preflight_headers("https://evil.test") is None
+    assert policy.preflight_headers(None) is None

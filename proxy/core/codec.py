@@ -93,7 +93,7 @@ def decode_data_value(value: str) -> tuple[Any, str, str | bytes]:
         # pass. Anything it refuses takes the repairing path below.
         try:
             raw = binascii.a2b_base64(value, strict_mode=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a non-ASCII str from a broken %-escape
             pass
         else:
             return _loads(raw), FORMAT_BASE64, raw
