@@ -123,3 +123,122 @@ def test_cors_answers_echo_the_origin_and_vary_on_it():
     }
     assert policy.preflight_headers("https://evil.test") is None
     assert policy.preflight_headers(None) is None
+
+
+def test_form_pairs_decode_like_parse_qsl():
+    from urllib.parse import parse_qsl
+
+    from proxy.core.forms import parse_pairs
+
+    cases = [
+        "a=1&&b=2",  # an empty part is skipped, not the end
+        "a=b=c",  # only the first '=' splits
+        "x+y=1+2",  # '+' is a space in names and values
+        "n%20m=%2B%2F%3D",  # base64's escapes
+        "v=a+b%2B",  # a raw '+' beside an escape
+        "v=%2b%2f%3d",  # lowercase escapes
+        "v=%E2%82%AC",  # UTF-8
+        "k=&=v&flag",  # blank values and names kept
+        "data=eyJh%2BYiI%3D&verbose=1",
+    ]
+    for text in cases:
+        assert parse_pairs(text) == parse_qsl(text, keep_blank_values=True), text
+
+
+# ------------------------------------------ core edges the mutants showed
+
+
+def test_identity_cookie_headers_are_exact():
+    jar = CookieJar(CookieSettings(domains=(".example.com",), secret=b"s" * 32, max_age_days=400))
+    sealed = jar.seal("abc-123")
+    assert jar.set_cookie_header("abc-123", "shop.example.com") == (
+        f"fp_id={sealed}; Domain=.example.com; Path=/; Max-Age=34560000; HttpOnly; SameSite=Lax; Secure"
+    )
+    assert jar.set_cookie_header("abc-123", "other.test") == (
+        f"fp_id={sealed}; Path=/; Max-Age=34560000; HttpOnly; SameSite=Lax; Secure"
+    )  # a host outside the configured domains gets a host-only cookie
+    assert jar.expire_header("shop.example.com") == "fp_id=; Domain=.example.com; Path=/; Max-Age=0; HttpOnly; SameSite=Lax; Secure"
+    assert jar.expire_header("other.test") == "fp_id=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax; Secure"
+    plain = CookieJar(CookieSettings(secret=b"s" * 32, secure=False))
+    assert plain.set_cookie_header("abc-123", "localhost").endswith("; SameSite=Lax")
+    assert jar.domain_for("EXAMPLE.com") == ".example.com" and jar.domain_for("notexample.com") is None
+
+
+def test_identity_cookie_values_open_only_when_authentic():
+    from proxy.core.cookie import cookie_values
+
+    jar = CookieJar(CookieSettings(secret=b"s" * 32))
+    sealed = jar.seal("abc-1234")
+    assert jar.seal("abc-1234") == sealed  # memoised, the same value
+    assert jar.open(sealed) == "abc-1234"
+    assert jar.open('"' + sealed + '"') is None  # quotes are the header parser's job
+    assert cookie_values(f'a=1; fp_id="{sealed}"; b=x=y', "fp_id") == [sealed]
+    assert cookie_values("b=x=y", "b") == ["x=y"]  # only the first '=' splits
+    tag = sealed.rpartition(".")[2]
+    assert jar.open("abc-1234." + tag[:-1]) is None and jar.open("abc-1234" + tag) is None
+    assert jar.open("bad id!." + tag) is None and jar.open(None) is None and jar.open("") is None
+    other = CookieJar(CookieSettings(secret=b"t" * 32))
+    assert other.open(sealed) is None  # another secret
+
+
+def test_client_ip_walks_back_past_trusted_proxies_only():
+    from proxy.core.clientip import TrustedProxies
+
+    trusted = TrustedProxies([ipaddress.ip_network("10.0.0.0/8")])
+    # The left-most hop is the client only when every hop after it is trusted.
+    assert client_ip("10.0.0.1", "203.0.113.7, 10.0.0.2", None, trusted) == ("203.0.113.7", ["203.0.113.7", "10.0.0.2", "10.0.0.1"])
+    assert client_ip("10.0.0.1", "6.6.6.6, 198.51.100.9", None, trusted) == ("198.51.100.9", ["198.51.100.9", "10.0.0.1"])
+    # All trusted: X-Real-IP decides, else the first hop.
+    assert client_ip("10.0.0.1", "10.0.0.3", "192.0.2.4", trusted) == ("192.0.2.4", ["192.0.2.4", "10.0.0.3", "10.0.0.1"])
+    assert client_ip("10.0.0.1", "10.0.0.3", None, trusted) == ("10.0.0.3", ["10.0.0.3", "10.0.0.1"])
+    assert client_ip("10.0.0.1", None, None, trusted) == ("10.0.0.1", ["10.0.0.1"])
+    assert client_ip("192.0.2.1", "6.6.6.6", "6.6.6.6", trusted) == ("192.0.2.1", ["192.0.2.1"])  # untrusted peer
+    assert "10.9.9.9" in trusted and "10.9.9.9" in trusted and "11.0.0.1" not in trusted and "11.0.0.1" not in trusted
+    assert "" not in trusted and "junk" not in trusted
+    for i in range(5000):  # the memo is bounded, and answers stay right after it is cleared
+        assert (f"10.1.{i // 256}.{i % 256}" in trusted) is True
+    assert len(trusted._seen) <= 4096 and "11.0.0.1" not in trusted
+
+
+def test_refusal_signals_and_the_opt_out_cookie():
+    from proxy.core import consent
+    from proxy.settings import ConsentSettings
+
+    both = ConsentSettings(honor_dnt=True)
+    assert consent.refusal({}, both) is None  # no signal at all: tracked
+    assert consent.refusal({"dnt": " 1 "}, both) == "dnt"
+    assert consent.refusal({"dnt": "0"}, both) is None
+    assert consent.refusal({"dnt": "1"}, ConsentSettings()) is None  # DNT ignored by default
+    assert consent.refusal({"sec-gpc": "1 "}, ConsentSettings()) == "gpc"
+    assert consent.refusal({"sec-gpc": "1"}, ConsentSettings(honor_gpc=False)) is None
+    assert consent.opt_out_cookie_header(ConsentSettings(), ".example.com", True) == (
+        "fp_optout=1; Path=/; Max-Age=34560000; SameSite=Lax; Domain=.example.com; Secure"
+    )
+    assert consent.opt_out_cookie_header(ConsentSettings(), None, False) == "fp_optout=1; Path=/; Max-Age=34560000; SameSite=Lax"
+
+
+def test_rewrites_are_recorded_field_by_field():
+    from proxy.core.rewrite import Rewrite, rewrite_fields, rewrite_query
+
+    out: list[Rewrite] = []
+    query = [("distinct_id", "$device:d1"), ("other", "$device:d1"), ("$device_id", "d1")]
+    new = rewrite_query(query, ("distinct_id", "$device_id"), {"d1": "c1"}, out)
+    assert new == [("distinct_id", "$device:c1"), ("other", "$device:d1"), ("$device_id", "c1")]
+    assert out == [Rewrite("distinct_id", "$device:d1", "$device:c1"), Rewrite("$device_id", "d1", "c1")]
+    assert rewrite_query(query, ("distinct_id",), {}, out) is query
+    props = {"distinct_id": "$device:d1", "$device_id": "d1", "x": "d1"}
+    rewritten: list[Rewrite] = []
+    rewrite_fields(props, ("distinct_id", "$device_id"), {"d1": "c1"}, rewritten)
+    assert props == {"distinct_id": "$device:c1", "$device_id": "c1", "x": "d1"}
+    assert rewritten == [Rewrite("distinct_id", "$device:d1", "$device:c1"), Rewrite("$device_id", "d1", "c1")]
+
+
+def test_carried_ids_and_server_resolutions():
+    from proxy.core.identity import SOURCE_ALIAS, SOURCE_NONE, resolve_browser, resolve_server
+
+    r = resolve_browser("cookie-id", ["d1"], {}, carried=("carried-id", "bridge"))
+    assert (r.canonical, r.source, r.mapping) == ("carried-id", "bridge", {"d1": "carried-id"})
+    r = resolve_browser("cookie-id", ["d1"], {}, carried=("not valid!", "bridge"))  # never trusted blindly
+    assert (r.canonical, r.source) == ("cookie-id", "cookie")
+    assert resolve_server({"d1": "c1", "d2": "d2", "d3": ""}).mapping == {"d1": "c1"}
+    assert resolve_server({"d1": "c1"}).source == SOURCE_ALIAS and resolve_server({}).source == SOURCE_NONE

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.core.tokens import (
+    MAX_TOKEN_CHARS,
     KeyRing,
     TokenClaims,
     TokenError,
@@ -311,3 +312,92 @@ def test_errors_never_carry_the_payload(ring: KeyRing) -> None:
             call()
         assert ID not in str(info.value) and "granted" not in str(info.value)
         assert len(str(info.value)) < 40
+
+
+# ---------------------------------------------- boundaries the mutants showed
+
+
+def test_argument_bounds_are_exact(ring: KeyRing) -> None:
+    args: dict[str, object] = {"canonical_id": ID, **ARGS, "now": NOW, "consent": "granted"}
+    for ttl in (1, 86_400):  # both ends accepted
+        assert ring.open(ring.seal(**args, ttl=ttl), **ARGS, now=NOW).expires_at == int(NOW) + ttl  # type: ignore[arg-type]
+    assert ring.seal(**{**args, "consent": "x" * 16}, ttl=60)  # type: ignore[arg-type]
+    assert ring.seal(**{**args, "consent": ""}, ttl=60)  # type: ignore[arg-type]
+    assert ring.seal(**{**args, "canonical_id": "é" * 127}, ttl=60)  # type: ignore[arg-type]  # 254 bytes
+    token = ring.seal(**args, ttl=60)  # type: ignore[arg-type]
+    for skew in (0, 300):
+        assert ring.open(token, **ARGS, now=NOW, skew=skew).canonical_id == ID
+    for skew in (-1, 301, True, 1.0):
+        with pytest.raises(ValueError, match="skew must be a whole number of seconds from 0 to 300"):
+            ring.open(token, **ARGS, now=NOW, skew=skew)  # type: ignore[arg-type]
+    for now in (True, "1700000000", float("inf")):
+        with pytest.raises(ValueError, match="now must be a finite unix time in seconds"):
+            ring.open(token, **ARGS, now=now)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="now is outside the range a token can express"):
+        ring.seal(**{**args, "now": -100.0}, ttl=60)  # type: ignore[arg-type]
+
+
+def test_expiry_edges_to_the_second(ring: KeyRing) -> None:
+    token = ring.seal(ID, **ARGS, now=NOW, ttl=60)
+    expires = int(NOW) + 60
+    assert ring.open(token, **ARGS, now=expires + 5, skew=5).expires_at == expires  # the last second still counts
+    with pytest.raises(TokenExpired):
+        ring.open(token, **ARGS, now=expires + 5.001, skew=5)
+    # An expiry exactly TTL_MAX + skew ahead is still ours; a second more is not.
+    far = ring.seal(ID, **ARGS, now=NOW, ttl=86_400)
+    assert ring.open(far, **ARGS, now=int(NOW) - 5, skew=5)
+    with pytest.raises(TokenInvalid, match="expiry too far in the future"):
+        ring.open(far, **ARGS, now=int(NOW) - 5.5, skew=5)
+
+
+def test_key_id_lengths_one_to_eight() -> None:
+    for kid in ("a", "abcdefgh"):
+        ring = KeyRing({kid: OLD_KEY}, current=kid)
+        assert ring.open(ring.seal(ID, **ARGS, now=NOW, ttl=60), **ARGS, now=NOW).canonical_id == ID
+    for kid in ("", "abcdefghi", "a.b"):
+        with pytest.raises(ValueError, match="key id must be 1-8 characters of A-Z a-z 0-9 _ -"):
+            KeyRing({kid: OLD_KEY}, current=kid)
+        with pytest.raises(ValueError, match="key id must be 1-8 characters of A-Z a-z 0-9 _ -"):
+            generate_key_line(kid)
+    with pytest.raises(ValueError, match="key ring is empty: at least one key is needed"):
+        KeyRing({}, current="k1")
+
+
+def test_token_size_limit_is_exact(ring: KeyRing) -> None:
+    long_id = "é" * 127  # the longest id a token carries packs to 254 bytes
+    token = ring.seal(long_id, **ARGS, now=NOW, ttl=60)
+    assert len(token) <= MAX_TOKEN_CHARS and ring.open(token, **ARGS, now=NOW).canonical_id == long_id
+    for junk in ("A" * (MAX_TOKEN_CHARS + 1), 12345, None):
+        with pytest.raises(TokenInvalid, match="^malformed$"):
+            ring.open(junk, **ARGS, now=NOW)  # type: ignore[arg-type]
+
+
+def test_each_refusal_names_its_reason(ring: KeyRing) -> None:
+    token = ring.seal(ID, **ARGS, now=NOW, ttl=60)
+    data = unb64(token)
+    cases = {
+        "unsupported version": b64(bytes([2]) + data[1:]),
+        "unknown key id": b64(data[:2] + b"zz" + data[4:]),
+        "malformed": b64(data[:2]),
+    }
+    for reason, bad in cases.items():
+        with pytest.raises(TokenInvalid) as caught:
+            ring.open(bad, **ARGS, now=NOW)
+        assert str(caught.value) == reason
+    with pytest.raises(TokenInvalid) as caught:
+        ring.open(token, purpose="bridge", audience="", now=NOW)
+    assert str(caught.value) == "authentication failed"
+    with pytest.raises(TokenInvalid) as caught:
+        ring.open(token, purpose="hub", audience="shop.example", now=NOW)
+    assert str(caught.value) == "authentication failed"
+    with pytest.raises(TokenExpired) as expired:
+        ring.open(token, **ARGS, now=NOW + 3600)
+    assert str(expired.value) == "expired"
+
+
+def test_keys_file_without_keys_says_how_to_make_one() -> None:
+    with pytest.raises(ValueError) as caught:
+        KeyRing.from_file("# only a comment\n\n")
+    assert str(caught.value) == "keys file has no keys: add a line '<key id> <base64url key>' (`firstparty keygen` prints one)"
+    padded = KeyRing.from_file(f"k1 {base64.urlsafe_b64encode(OLD_KEY).decode()}\n")  # '=' padding is accepted
+    assert padded.key_ids == ("k1",)
