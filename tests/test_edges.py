@@ -242,3 +242,82 @@ def test_carried_ids_and_server_resolutions():
     assert (r.canonical, r.source) == ("cookie-id", "cookie")
     assert resolve_server({"d1": "c1", "d2": "d2", "d3": ""}).mapping == {"d1": "c1"}
     assert resolve_server({"d1": "c1"}).source == SOURCE_ALIAS and resolve_server({}).source == SOURCE_NONE
+
+
+# ------------------------------------------------ bridge URL helpers, exactly
+
+
+def test_linked_domain_and_redirect_targets():
+    from proxy.core.bridge import linked_domain, redirect_target
+    from proxy.errors import BadRequest
+
+    linked = (".site-a.test", ".site-b.test")
+    assert linked_domain("WWW.Site-A.test.", linked) == "site-a.test"
+    assert linked_domain("site-b.test", linked) == "site-b.test"
+    assert linked_domain("evilsite-b.test", linked) is None
+    assert redirect_target("https://checkout.site-b.test:8443/cart?x=1", linked) == (
+        "https://checkout.site-b.test:8443/cart?x=1", "site-b.test")
+    refused = {
+        None: "missing 'to': the URL to send the visitor to",
+        "": "missing 'to': the URL to send the visitor to",
+        "https://site-b.test/a\\b": "'to' contains characters a URL may not",
+        "https://site-b.test/\x01": "'to' contains characters a URL may not",
+        "https://site-b.test:99999/": "'to' is not a valid URL",
+        "//site-b.test/": "'to' must be an absolute http(s) URL without credentials",
+        "javascript:alert(1)": "'to' must be an absolute http(s) URL without credentials",
+        "https://site-b.test@evil.test/": "'to' must be an absolute http(s) URL without credentials",
+        "https://user@site-b.test/": "'to' must be an absolute http(s) URL without credentials",
+        "https://:pw@site-b.test/": "'to' must be an absolute http(s) URL without credentials",
+        "https://evil.test/": "'to' is not on a linked domain; add it to identity.linked_domains",
+    }
+    for url, message in refused.items():
+        with pytest.raises(BadRequest) as caught:
+            redirect_target(url, linked)
+        assert str(caught.value) == message, url
+    with pytest.raises(BadRequest, match="^missing 'next'"):
+        redirect_target(None, linked, "next")
+
+
+def test_ascii_url_encodes_what_a_location_header_cannot_carry():
+    from proxy.core.bridge import ascii_url
+    from proxy.errors import BadRequest
+
+    plain = "https://www.site-b.test/a b?q=1#f"
+    assert ascii_url(plain) is plain  # ASCII already: untouched
+    assert ascii_url("https://bücher.test:8443/€/ä?q=ü&x=%20y#ß") == (
+        "https://xn--bcher-kva.test:8443/%E2%82%AC/%C3%A4?q=%C3%BC&x=%20y#%C3%9F"
+    )
+    assert ascii_url("http://bücher.test/p") == "http://xn--bcher-kva.test/p"  # no port: none added
+    kept = "/:@!$&'()*+,;=%~-._"
+    assert ascii_url(f"https://h.test/{kept}é?{kept}?é#{kept}?#é") == (
+        f"https://h.test/{kept}%C3%A9?{kept}?%C3%A9#{kept}?#%C3%A9"
+    )
+    with pytest.raises(BadRequest) as caught:
+        ascii_url("https://" + "ü" * 70 + ".test/")
+    assert str(caught.value) == "the URL's host is not a valid domain name"
+
+
+def test_decorate_puts_the_token_first_once():
+    from proxy.core.bridge import decorate
+
+    assert decorate("https://b.test/cart?utm=1&fpb=old&&x=2#top", "fpb", "T") == "https://b.test/cart?fpb=T&utm=1&x=2#top"
+    assert decorate("https://b.test/", "fpb", "T") == "https://b.test/?fpb=T"
+    assert decorate("https://b.test/?fpbx=1", "fpb", "T") == "https://b.test/?fpb=T&fpbx=1"
+    assert decorate("https://bü.test/é", "fpb", "T") == "https://xn--b-eha.test/%C3%A9?fpb=T"
+
+
+def test_strip_param_and_token_in_url():
+    from proxy.core.bridge import strip_param, token_in_url
+
+    assert strip_param("https://b.test/p?fpb=T&a=1#h", "fpb") == "https://b.test/p?a=1#h"
+    assert strip_param("https://b.test/p?a=1&fpb=T", "fpb") == "https://b.test/p?a=1"
+    assert strip_param("https://b.test/p?fpb=T", "fpb") == "https://b.test/p"
+    assert strip_param("https://b.test/p?fpb=T#fpb=x", "fpb") == "https://b.test/p#fpb=x"
+    assert strip_param("https://b.test/p#fpb=T", "fpb") is None  # only the query counts
+    assert strip_param("https://b.test/p?xfpb=T", "fpb") is None
+    assert strip_param("https://b.test/p?a=1", "fpb") is None
+    assert token_in_url("https://b.test/?a=1&fpb=T#x", "fpb") == "T"
+    assert token_in_url("https://b.test/?fpb=", "fpb") is None
+    assert token_in_url("https://b.test/#fpb=T", "fpb") is None
+    assert token_in_url("https://b.test/?xfpb=T", "fpb") is None
+    assert token_in_url(None, "fpb") is None and token_in_url(42, "fpb") is None
