@@ -275,14 +275,51 @@ def test_depth_limit_is_exact_in_every_body_form(as_array, form):
                 decode(body, ctype=ctype)
 
 
-def test_deep_lists_count_as_levels_too():
+@pytest.mark.parametrize("form", ["raw", "base64", "json"])
+def test_deep_lists_count_as_levels_too(form):
     fits = codec.MAX_DEPTH - 3
     nested: object = 1
     for _ in range(fits + 1):
         nested = [nested]
+
+    def body(payload: object) -> tuple[str, str]:
+        raw = json.dumps(payload)
+        if form == "raw":
+            return raw, "application/json"
+        if form == "base64":
+            return b64_body(payload), "application/x-www-form-urlencoded"
+        return json_body(payload), "application/x-www-form-urlencoded"
+
+    deep, ctype = body([{"event": "e", "properties": {"l": nested}}])
     with pytest.raises(BadRequest, match="nested deeper"):
-        decode(json.dumps([{"event": "e", "properties": {"l": nested}}]), ctype="application/json")
-    assert decode(json.dumps([{"event": "e", "properties": {"l": nested[0]}}]), ctype="application/json")
+        decode(deep, ctype=ctype)
+    fits_body, ctype = body([{"event": "e", "properties": {"l": nested[0]}}])
+    assert decode(fits_body, ctype=ctype).events[0]["properties"]["l"] == nested[0]
+
+
+def test_content_type_parameters_do_not_hide_the_type():
+    d = decode(json.dumps(BATCH), ctype="application/json; charset=utf-8; profile=x")
+    assert d.fmt == codec.FORMAT_RAW and d.events == BATCH
+
+
+def test_param_falls_back_to_the_query():
+    d = decode(b64_body(EVENT))  # no other form fields
+    assert codec.param(d, [("a", "x"), ("ip", "1")], "ip") == "1"
+    assert codec.param(d, [("a", "x")], "ip", "0") == "0"
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it():
+    import tracemalloc
+
+    bomb = gzip.compress(b"\0" * 50_000_000)  # 50 MB of zeros in about 50 kB
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadTooLarge):
+            codec.gunzip(bomb, 1_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000  # never more than about the limit in memory
 
 
 @pytest.mark.parametrize(

@@ -321,3 +321,20 @@ def test_strip_param_and_token_in_url():
     assert token_in_url("https://b.test/#fpb=T", "fpb") is None
     assert token_in_url("https://b.test/?xfpb=T", "fpb") is None
     assert token_in_url(None, "fpb") is None and token_in_url(42, "fpb") is None
+
+
+def test_every_sealed_cookie_survives_the_cookie_header_whatever_its_last_character():
+    from proxy.core.cookie import cookie_values
+
+    jar = CookieJar(CookieSettings(secret=b"s" * 32))
+    for i in range(100):  # the tag's last character is one of A, Q, g, w (16 bytes in base64url)
+        sealed = jar.seal(f"canonical-{i:04d}")
+        [value] = cookie_values(f'x=1; fp_id="{sealed}"', "fp_id")
+        assert jar.open(value) == f"canonical-{i:04d}"
+
+
+def test_a_second_question_mark_is_part_of_the_query():
+    from proxy.core.bridge import token_in_url
+
+    assert token_in_url("https://b.test/?x=a?fpb=T", "fpb") is None
+    assert token_in_url("https://b.test/?fpb=T?x", "fpb") == "T?x"

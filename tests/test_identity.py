@@ -129,3 +129,15 @@ def test_query_anon_ids():
     assert mixpanel.query_ids("user-42", D) == [D]
     assert mixpanel.query_ids(f"$device:{D}", None) == [D]
     assert mixpanel.query_ids("user-42", None) == []
+
+
+def test_device_change_at_the_window_edge_and_with_odd_ids():
+    window = 7 * 86400
+    assert identity.device_change("d1|1000", "d2", 1000 + window - 1, window, True) == identity.DEVICE_RESET
+    assert identity.device_change("d1|1000", "d2", 1000 + window, window, True) == identity.DEVICE_RENEWED
+    assert identity.device_change("d1|1000", "d2", 1001, window, False) == identity.DEVICE_RENEWED  # identified
+    # A device id with a '|' in it (custom SDKs): the time is after the last one.
+    assert identity.device_change("a|b|1000", "a|b", 2000, window, True) == identity.DEVICE_SAME
+    assert identity.device_change("a|b|1000", "c", 2000, window, True) == identity.DEVICE_RESET
+    assert identity.device_change(None, "c", 2000, window, True) == identity.DEVICE_FIRST
+    assert identity.device_change("d1|junk", "c", 2000, window, True) == identity.DEVICE_FIRST

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from aiocache import SimpleMemoryCache
@@ -71,13 +72,20 @@ async def test_readyz_follows_the_store(serve_proxy, tmp_path, upstream, redis_s
 
 
 @pytest.fixture
-async def redis_settings() -> dict:
-    store = AliasStore.from_settings(StoreSettings(url=REDIS_URL))
-    if not await store.ping():
-        await store.close()
+async def redis_settings() -> Any:
+    """Database 15 of the machine's Redis, this suite's own, emptied before and after."""
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except redis.ConnectionError:
+        await client.aclose()
         pytest.fail("Redis is not running on 127.0.0.1:6379; scripts/test starts it")
-    await store.close()
-    return {"url": REDIS_URL}
+    await client.flushdb()
+    yield {"url": REDIS_URL}
+    await client.flushdb()
+    await client.aclose()
 
 
 async def test_two_instances_share_aliases_through_redis(serve_proxy, tmp_path, upstream, redis_settings):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import urllib.parse
 
 import pytest
@@ -212,12 +213,12 @@ def test_any_bytes_are_invalid_and_nothing_else(body: bytes, prefix: bytes) -> N
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"canonical_id": ""}, "canonical id"),
+        ({"canonical_id": ""}, "^canonical id must be a non-empty string$"),
         ({"canonical_id": "a" * 256}, "canonical id"),
-        ({"purpose": "Bridge"}, "purpose"),
-        ({"audience": ""}, "audience"),
+        ({"purpose": "Bridge"}, "^purpose must be 1-32 characters of a-z 0-9 _ - \\(such as 'bridge' or 'hub'\\)$"),
+        ({"audience": ""}, "^audience must be 1-253 printable ASCII characters \\(a registrable domain\\)$"),
         ({"audience": "shop example"}, "audience"),
-        ({"consent": "x" * 17}, "consent"),
+        ({"consent": "x" * 17}, "^consent must be at most 16 printable ASCII characters$"),
         ({"consent": "not granted"}, "consent"),
         ({"ttl": 0}, "ttl"),
         ({"ttl": 86_401}, "ttl"),
@@ -317,6 +318,11 @@ def test_errors_never_carry_the_payload(ring: KeyRing) -> None:
 # ---------------------------------------------- boundaries the mutants showed
 
 
+def exact(message: str) -> str:
+    """A ``pytest.raises(match=...)`` pattern for exactly this message."""
+    return "^" + re.escape(message) + "$"
+
+
 def test_argument_bounds_are_exact(ring: KeyRing) -> None:
     args: dict[str, object] = {"canonical_id": ID, **ARGS, "now": NOW, "consent": "granted"}
     for ttl in (1, 86_400):  # both ends accepted
@@ -328,12 +334,12 @@ def test_argument_bounds_are_exact(ring: KeyRing) -> None:
     for skew in (0, 300):
         assert ring.open(token, **ARGS, now=NOW, skew=skew).canonical_id == ID
     for skew in (-1, 301, True, 1.0):
-        with pytest.raises(ValueError, match="skew must be a whole number of seconds from 0 to 300"):
+        with pytest.raises(ValueError, match=exact("skew must be a whole number of seconds from 0 to 300")):
             ring.open(token, **ARGS, now=NOW, skew=skew)  # type: ignore[arg-type]
     for now in (True, "1700000000", float("inf")):
-        with pytest.raises(ValueError, match="now must be a finite unix time in seconds"):
+        with pytest.raises(ValueError, match=exact("now must be a finite unix time in seconds")):
             ring.open(token, **ARGS, now=now)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="now is outside the range a token can express"):
+    with pytest.raises(ValueError, match=exact("now is outside the range a token can express")):
         ring.seal(**{**args, "now": -100.0}, ttl=60)  # type: ignore[arg-type]
 
 
@@ -346,7 +352,7 @@ def test_expiry_edges_to_the_second(ring: KeyRing) -> None:
     # An expiry exactly TTL_MAX + skew ahead is still ours; a second more is not.
     far = ring.seal(ID, **ARGS, now=NOW, ttl=86_400)
     assert ring.open(far, **ARGS, now=int(NOW) - 5, skew=5)
-    with pytest.raises(TokenInvalid, match="expiry too far in the future"):
+    with pytest.raises(TokenInvalid, match=exact("expiry too far in the future")):
         ring.open(far, **ARGS, now=int(NOW) - 5.5, skew=5)
 
 
@@ -355,11 +361,11 @@ def test_key_id_lengths_one_to_eight() -> None:
         ring = KeyRing({kid: OLD_KEY}, current=kid)
         assert ring.open(ring.seal(ID, **ARGS, now=NOW, ttl=60), **ARGS, now=NOW).canonical_id == ID
     for kid in ("", "abcdefghi", "a.b"):
-        with pytest.raises(ValueError, match="key id must be 1-8 characters of A-Z a-z 0-9 _ -"):
+        with pytest.raises(ValueError, match=exact("key id must be 1-8 characters of A-Z a-z 0-9 _ -")):
             KeyRing({kid: OLD_KEY}, current=kid)
-        with pytest.raises(ValueError, match="key id must be 1-8 characters of A-Z a-z 0-9 _ -"):
+        with pytest.raises(ValueError, match=exact("key id must be 1-8 characters of A-Z a-z 0-9 _ -")):
             generate_key_line(kid)
-    with pytest.raises(ValueError, match="key ring is empty: at least one key is needed"):
+    with pytest.raises(ValueError, match=exact("key ring is empty: at least one key is needed")):
         KeyRing({}, current="k1")
 
 
@@ -368,7 +374,7 @@ def test_token_size_limit_is_exact(ring: KeyRing) -> None:
     token = ring.seal(long_id, **ARGS, now=NOW, ttl=60)
     assert len(token) <= MAX_TOKEN_CHARS and ring.open(token, **ARGS, now=NOW).canonical_id == long_id
     for junk in ("A" * (MAX_TOKEN_CHARS + 1), 12345, None):
-        with pytest.raises(TokenInvalid, match="^malformed$"):
+        with pytest.raises(TokenInvalid, match=exact("malformed")):
             ring.open(junk, **ARGS, now=NOW)  # type: ignore[arg-type]
 
 
@@ -401,3 +407,36 @@ def test_keys_file_without_keys_says_how_to_make_one() -> None:
     assert str(caught.value) == "keys file has no keys: add a line '<key id> <base64url key>' (`firstparty keygen` prints one)"
     padded = KeyRing.from_file(f"k1 {base64.urlsafe_b64encode(OLD_KEY).decode()}\n")  # '=' padding is accepted
     assert padded.key_ids == ("k1",)
+
+
+def test_every_token_round_trips_whatever_its_last_character() -> None:
+    # base64url output ends in any of 64 characters; none may be lost on the way.
+    ring = KeyRing({"k1": OLD_KEY}, current="k1")
+    ids = {ring.open(ring.seal(f"id-{i:04d}", **ARGS, now=NOW, ttl=60), **ARGS, now=NOW).token_id[-1] for i in range(400)}
+    assert len(ids) > 40  # many last characters were seen, each token opened
+
+
+def test_expiry_range_edges() -> None:
+    ring = KeyRing({"k1": OLD_KEY}, current="k1")
+    late = 3_000_000_000.0  # 2065: past 2**31, the unsigned field still holds it
+    assert ring.open(ring.seal(ID, **ARGS, now=late, ttl=60), **ARGS, now=late).expires_at == 3_000_000_060
+    assert ring.seal(ID, **ARGS, now=0, ttl=1)  # expires at 1: the first second a token can name
+    for now, ttl in ((-60.0, 60), (2.0**32 - 60, 60)):  # expires at 0, or at 2**32: not expressible
+        with pytest.raises(ValueError, match=exact("now is outside the range a token can express")):
+            ring.seal(ID, **ARGS, now=now, ttl=ttl)
+
+
+def test_malformed_headers_are_malformed_not_unknown_keys(ring: KeyRing) -> None:
+    data = unb64(ring.seal(ID, **ARGS, now=NOW, ttl=60))
+    nine = bytes([1, 9]) + b"abcdefghi" + data[4:]  # a 9-byte key id: no key ring has one
+    short = data[:2 + 2 + 12 + 7 + 16 - 1]  # one byte under header + nonce + smallest payload + tag
+    for bad in (nine, short):
+        with pytest.raises(TokenInvalid, match=exact("malformed")):
+            ring.open(b64(bad), **ARGS, now=NOW)
+
+
+
+def test_a_key_id_that_is_not_ascii_is_unknown(ring: KeyRing) -> None:
+    data = unb64(ring.seal(ID, **ARGS, now=NOW, ttl=60))
+    with pytest.raises(TokenInvalid, match=exact("unknown key id")):
+        ring.open(b64(data[:2] + b"\xff\xfe" + data[4:]), **ARGS, now=NOW)
