@@ -171,6 +171,22 @@ class DeliverySettings:
         return self.max_age_days * 86400
 
 
+SEGMENT_REGIONS = ("us", "eu")
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSettings:
+    """Segment beside Mixpanel (``protocols/segment.py``): where its calls go."""
+
+    us: str = "https://api.segment.io"
+    eu: str = "https://events.eu1.segmentapis.com"
+    cdn: str = "https://cdn.segment.com"
+    default_region: str = "us"
+    # write key -> region; an EU workspace's events sent to the US host are lost.
+    write_keys: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[str, ...] = ("/seg/",)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -182,6 +198,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     consent: ConsentSettings = field(default_factory=ConsentSettings)
+    segment: SegmentSettings = field(default_factory=SegmentSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -345,6 +362,19 @@ def _mode(key: str, value: Any) -> str:
     return value
 
 
+def _segment_region(key: str, value: Any) -> str:
+    value = _str(key, value).lower()
+    if value not in SEGMENT_REGIONS:
+        raise ConfigError(key, f"unknown Segment region {value!r}; use one of {', '.join(SEGMENT_REGIONS)}")
+    return value
+
+
+def _write_keys(key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f'expected a table such as {{ "<write key>" = "eu" }}, got {value!r}')
+    return {str(k): _segment_region(f"{key}.{k}", region) for k, region in value.items()}
+
+
 def _projects(key: str, value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ConfigError(key, f'expected a table such as {{ "<project token>" = "eu" }}, got {value!r}')
@@ -409,6 +439,14 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "timeout_seconds": _float(0.1, 600),
         "max_connections": _int(1, 10_000),
         "ca_file": _str,
+    },
+    "segment": {
+        "us": _url,
+        "eu": _url,
+        "cdn": _url,
+        "default_region": _segment_region,
+        "write_keys": _write_keys,
+        "mounts": _mounts,
     },
     "cookie": {
         "name": _cookie_name,
@@ -578,6 +616,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         log=LogSettings(**clean.get("log", {})),
         delivery=_delivery(clean.get("delivery", {})),
         identity=_identity(clean.get("identity", {}), Path(server.data_dir)),
+        segment=SegmentSettings(**clean.get("segment", {})),
         consent=ConsentSettings(**clean.get("consent", {})),
     )
 

@@ -30,6 +30,8 @@ offline.install()
 TOKEN = "test-token-us"
 EU_TOKEN = "test-token-eu"
 IN_TOKEN = "test-token-in"
+SEG_KEY = "seg-write-key-us"
+SEG_EU_KEY = "seg-write-key-eu"
 BROWSER = {
     "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36",
     "Origin": "https://www.example.com",
@@ -40,7 +42,7 @@ BROWSER = {
 async def upstream(aiohttp_server: Any) -> Any:
     fake = FakeUpstream()
     urls = {}
-    for name in ("us", "eu", "in", "decide", "cdn"):
+    for name in ("us", "eu", "in", "decide", "cdn", "seg-us", "seg-eu"):
         server = await aiohttp_server(fake.app(name))
         urls[name] = f"http://127.0.0.1:{server.port}"
     fake.urls = urls  # type: ignore[attr-defined]
@@ -53,10 +55,11 @@ def make_settings(tmp_path: Path, fake: FakeUpstream, **sections: dict[str, Any]
     raw: dict[str, Any] = {
         "server": {"data_dir": str(tmp_path / "data")},
         "upstream": {
-            **urls,
+            **{k: v for k, v in urls.items() if not k.startswith("seg-")},
             "projects": {EU_TOKEN: "eu", IN_TOKEN: "in"},
             "timeout_seconds": 5,
         },
+        "segment": {"us": urls["seg-us"], "eu": urls["seg-eu"], "write_keys": {SEG_EU_KEY: "eu"}},
         "cookie": {"domains": [".example.com", ".brand-b.test"], "secret": "s" * 32},
         "cors": {"allowed_origins": ["https://www.example.com", "*.example.com"]},
         # Fast enough for tests: partial batches leave after 5 ms, retries start at 0.2 s.

@@ -56,6 +56,8 @@ class Recorded:
 
     def events(self) -> list[dict[str, Any]]:
         p = self.payload()
+        if isinstance(p, dict) and isinstance(p.get("batch"), list):  # Segment's /v1/batch
+            return p["batch"]
         return p if isinstance(p, list) else [p]
 
 
@@ -143,6 +145,10 @@ class FakeUpstream:
         path = request.path.rstrip("/")
         if name == "cdn":
             return web.Response(body=LIB_JS, content_type="application/javascript")
+        if name.startswith("seg-"):  # Segment's tracking API
+            if path != "/v1/batch":
+                return web.json_response({"success": False, "message": f"no route {path}"}, status=404)
+            return web.json_response({"success": True})
         if path.endswith("/decide"):
             return web.json_response({"notifications": [], "config": {"enable_collect_everything": False}})
         if path.startswith("/flags"):

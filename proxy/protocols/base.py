@@ -92,7 +92,14 @@ class WireProtocol(Protocol):
     spooled_routes: frozenset[str]
 
     def decode(
-        self, route: str, body: bytes, query: list[tuple[str, str]], content_type: str, content_encoding: str, limit: int
+        self,
+        route: str,
+        body: bytes,
+        query: list[tuple[str, str]],
+        content_type: str,
+        content_encoding: str,
+        limit: int,
+        authorization: str = "",
     ) -> Payload: ...
 
     def anonymous_ids(self, route: str, events: list[dict[str, Any]]) -> list[str]: ...
@@ -115,7 +122,7 @@ class WireProtocol(Protocol):
 
     def encode(self, payload: Payload) -> tuple[bytes, str]: ...
 
-    def batch(self, route: str, ip: bool, bodies: list[bytes]) -> Outbound: ...
+    def batch(self, route: str, ip: bool, bodies: list[bytes], project: str | None = None) -> Outbound: ...
 
     def classify(self, status: int, body: bytes, retry_after: str | None) -> Verdict: ...
 

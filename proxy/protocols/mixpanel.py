@@ -94,9 +94,16 @@ def error(status: int, message: str, verbose: bool) -> Answer:
 
 
 def decode(
-    route: str, body: bytes, query: list[tuple[str, str]], content_type: str, content_encoding: str, limit: int
+    route: str,
+    body: bytes,
+    query: list[tuple[str, str]],
+    content_type: str,
+    content_encoding: str,
+    limit: int,
+    authorization: str = "",
 ) -> Payload:
-    """A request's events (``core.codec``); raises ``BadRequest``."""
+    """A request's events (``core.codec``); raises ``BadRequest``. Mixpanel's
+    credentials (``/import``) are forwarded, never read here."""
     decoded = codec.decode(
         body=body, query=query, content_type=content_type, content_encoding=content_encoding, limit=limit
     )
@@ -359,7 +366,7 @@ def prepare(route: str, event: dict[str, Any], ip: str | None) -> EventFacts:
     return EventFacts(_name(route, event), None, token if isinstance(token, str) else None, None)
 
 
-def batch(route: str, ip: bool, bodies: list[bytes]) -> Outbound:
+def batch(route: str, ip: bool, bodies: list[bytes], project: str | None = None) -> Outbound:
     """``data=<base64 JSON array>``: the form mixpanel-js itself posts."""
     raw = b"[" + b",".join(bodies) + b"]"
     return Outbound(

@@ -277,7 +277,7 @@ class Sender:
     # ------------------------------------------------------------ a batch
 
     async def _send(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
-        protocol_name, route, _project, ip = key
+        protocol_name, route, project, ip = key
         protocol = self.protocols[protocol_name]
         max_age = self.settings.max_age_seconds
         cutoff = time.time() - max_age
@@ -288,7 +288,7 @@ class Sender:
             batch = [r for r in batch if r.id not in gone]
             if not batch:
                 return
-        outbound = protocol.batch(route, ip, [r.body for r in batch])
+        outbound = protocol.batch(route, ip, [r.body for r in batch], project)
         started = time.perf_counter()
         try:
             self.upstream_requests += 1

@@ -40,7 +40,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from ..errors import ConfigError, UpstreamTimeout, UpstreamTLSError, UpstreamUnreachable
-from ..settings import REGIONS, UpstreamSettings
+from ..settings import REGIONS, SEGMENT_REGIONS, SegmentSettings, UpstreamSettings
 
 # Headers passed through from the client on every route.
 _PASS_HEADERS = ("user-agent", "accept", "accept-language", "traceparent", "tracestate")
@@ -280,6 +280,39 @@ class Upstreams:
     def region_for(self, token: str | None) -> str:
         if token:
             return self.projects.get(token, self.default_region)
+        return self.default_region
+
+
+SEGMENT_PREFIX = "segment-"  # Segment's regions in the spool and the sender: "segment-us", "segment-eu"
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentUpstreams:
+    """Segment's endpoints by region, and which write key goes where."""
+
+    regions: Mapping[str, Endpoint]  # "segment-us" -> Endpoint
+    cdn: Endpoint
+    default_region: str
+    write_keys: Mapping[str, str]
+
+    @classmethod
+    def from_settings(cls, settings: SegmentSettings) -> SegmentUpstreams:
+        def parse(key: str, url: str) -> Endpoint:
+            try:
+                return Endpoint.parse(url)
+            except ValueError as exc:
+                raise ConfigError(key, str(exc)) from exc
+
+        return cls(
+            regions={SEGMENT_PREFIX + r: parse(f"segment.{r}", getattr(settings, r)) for r in SEGMENT_REGIONS},
+            cdn=parse("segment.cdn", settings.cdn),
+            default_region=SEGMENT_PREFIX + settings.default_region,
+            write_keys={k: SEGMENT_PREFIX + r for k, r in settings.write_keys.items()},
+        )
+
+    def region_for(self, write_key: str | None) -> str:
+        if write_key:
+            return self.write_keys.get(write_key, self.default_region)
         return self.default_region
 
 

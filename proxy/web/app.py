@@ -36,9 +36,11 @@ from ..services.forwardlog import ForwardedLog
 from ..services.metrics import Metrics
 from ..services.spool import Spool
 from ..services.store import AliasStore
-from ..services.upstream import UpstreamClient, Upstreams
+from ..services.upstream import SegmentUpstreams, UpstreamClient, Upstreams
 from ..settings import Settings
 from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL
+from ..protocols import segment as segment_protocol
+from ..protocols.segment import SEGMENT
 from .handlers import Proxy, Services
 from .http import text_response
 
@@ -71,9 +73,10 @@ def only(methods: frozenset[str], handler: Handler) -> Handler:
 
 def create_app(settings: Settings) -> web.Application:
     upstreams = Upstreams.from_settings(settings.upstream)  # validates URLs before anything opens
+    segment = SegmentUpstreams.from_settings(settings.segment)
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
-    proxy = app[PROXY] = Proxy(settings, upstreams)
+    proxy = app[PROXY] = Proxy(settings, upstreams, segment)
     cross = proxy.cross
 
     add = app.router.add_route
@@ -95,6 +98,11 @@ def create_app(settings: Settings) -> web.Application:
         add("*", f"{mount}link.js", only(GET, cross.link_js))
         add("*", f"{mount}hub.js", only(GET, cross.hub_js))
         add("*", f"{mount}{{tail:.*}}", proxy.mount(mount))
+    # Segment: analytics.js's per-call paths (/v1/t ...), its batches (/v1/b),
+    # the HTTP API's names and /v1/batch of the server SDKs.
+    for mount in settings.segment.mounts:
+        for route in sorted(segment_protocol.EVENT_ROUTES):
+            add("*", f"{mount}v1/{route}", proxy.event_route(route, f"/v1/{route}", SEGMENT))
     for mount in server.decide_mounts:
         add("*", f"{mount}{{tail:.*}}", proxy.decide_mount(mount))
     add("*", "/hub/resolve", only(GET, cross.hub_resolve))
@@ -173,11 +181,11 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
     sender = app[SENDER] = Sender(
         spool,
         app[UPSTREAM],
-        dict(app[PROXY].upstreams.regions),
+        dict(app[PROXY].endpoints),
         settings.delivery,
         app[FORWARDED],
         timeout=settings.upstream.timeout_seconds,
-        protocols={MIXPANEL.name: MIXPANEL},
+        protocols={MIXPANEL.name: MIXPANEL, SEGMENT.name: SEGMENT},
         metrics=app[METRICS],
     )
     spool.on_commit = sender.accept

@@ -47,13 +47,22 @@ from ..core.rewrite import Rewrite, rewrite_query
 from ..protocols import mixpanel
 from ..protocols.base import Answer, Payload, WireProtocol
 from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ID_FIELDS, QUERY_ROUTES
+from ..protocols.segment import SEGMENT
 from .crossdomain import CrossDomain
 from .http import json_response, query_pairs, read_body, request_host
 from .http import raw_query as raw_query_of
 from ..settings import Settings
 from ..services.spool import NewRow, Spool, SpoolFull
 from ..services.store import AliasStore
-from ..services.upstream import Endpoint, UpstreamClient, UpstreamResponse, Upstreams, request_headers, response_headers
+from ..services.upstream import (
+    Endpoint,
+    SegmentUpstreams,
+    UpstreamClient,
+    UpstreamResponse,
+    Upstreams,
+    request_headers,
+    response_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +124,15 @@ class Proxy:
     """The handlers. Routes are registered when the app is built; the services
     they use are opened at start-up and handed over with ``bind``."""
 
-    def __init__(self, settings: Settings, upstreams: Upstreams) -> None:
+    def __init__(self, settings: Settings, upstreams: Upstreams, segment: SegmentUpstreams) -> None:
         self.upstreams = upstreams
+        self.segment = segment
+        # Per protocol: the spool region (sender) of a project token / write key, and its endpoints.
+        self.region_for: dict[str, Callable[[str | None], str]] = {
+            MIXPANEL.name: upstreams.region_for,
+            SEGMENT.name: segment.region_for,
+        }
+        self.endpoints: dict[str, Endpoint] = {**upstreams.regions, **segment.regions}
         self._trusted = TrustedProxies(settings.server.trusted_proxies)
         self.aliases = dict(settings.server.route_aliases)
         self.s: Services
@@ -154,9 +170,11 @@ class Proxy:
             response.headers["Cache-Control"] = "private, no-store"
         return response
 
-    def _error(self, exc: BadRequest, visit: Visit, verbose: bool, route: str) -> web.Response:
+    def _error(
+        self, exc: BadRequest, visit: Visit, verbose: bool, route: str, protocol: WireProtocol = MIXPANEL
+    ) -> web.Response:
         self.s.metrics.bad_requests.inc()
-        return self._finish(error_response(exc.status, str(exc), verbose), visit, None, route)
+        return self._finish(answer(protocol.error(exc.status, str(exc), verbose)), visit, None, route)
 
     async def _resolve(
         self,
@@ -295,14 +313,16 @@ class Proxy:
 
     # --------------------------------------------------------------- routes
 
-    def event_route(self, name: str, path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-        """The handler of one plain event path (``/mp/track/``), bound once:
-        what ``mp`` would work out from the path, done at start-up."""
+    def event_route(
+        self, name: str, path: str, protocol: WireProtocol = MIXPANEL
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """The handler of one plain event path (``/mp/track/``, ``/seg/v1/t``),
+        bound once: what ``mp`` would work out from the path, done at start-up."""
 
         async def handle(request: web.Request) -> web.Response:
             if request.method == "OPTIONS":
                 return self.preflight(request)
-            return await self.events(request, name, path)
+            return await self.events(request, name, path, protocol)
 
         return handle
 
@@ -377,7 +397,8 @@ class Proxy:
         visit = self._visit(request)
         query = query_pairs(request)
         if request.method not in ("GET", "POST"):
-            return self._finish(error_response(405, f"{request.method} is not supported here", True), visit, None)
+            refusal = answer(protocol.error(405, f"{request.method} is not supported here", True))
+            return self._finish(refusal, visit, None)
         verbose = mixpanel.wants_verbose(query)
         try:
             body = await read_body(request, self.s.settings.server)
@@ -388,9 +409,11 @@ class Proxy:
                 request.headers.get("content-type", ""),
                 request.headers.get("content-encoding", ""),
                 self.s.settings.server.max_body_bytes,
+                request.headers.get("authorization", ""),
             )
         except BadRequest as exc:
-            return self._error(exc, visit, verbose, route)
+            return self._error(exc, visit, verbose, route, protocol)
+        route = payload.route
         verbose = payload.verbose
         events = payload.events
         param = self.s.settings.identity.token_param
@@ -426,6 +449,8 @@ class Proxy:
             self.s.metrics.rewrites.inc(len(rewrites))
         if self.s.spool is not None and route in protocol.spooled_routes:
             return await self._spool(request, visit, protocol, payload, resolution, per_event)
+        if protocol is not MIXPANEL:
+            return await self._forward_batch(request, visit, protocol, payload, resolution, rewrites, started)
 
         raw_query = raw_query_of(request)
         if param + "=" in raw_query:
@@ -478,9 +503,10 @@ class Proxy:
         rows = []
         regions = set()
         name = protocol.name
+        region_for = self.region_for[name]
         for i, event in enumerate(payload.events):
             facts = protocol.prepare(route, event, ip)
-            region = self.s.upstreams.region_for(facts.project)
+            region = region_for(facts.project)
             regions.add(region)
             changes = per_event[i] if per_event else ()
             meta = {
@@ -505,6 +531,42 @@ class Proxy:
         for region in regions:
             self.s.sender.notify(region)
         return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route)
+
+    async def _forward_batch(
+        self,
+        request: web.Request,
+        visit: Visit,
+        protocol: WireProtocol,
+        payload: Payload,
+        resolution: Resolution,
+        rewrites: list[Rewrite],
+        started: float,
+    ) -> web.Response:
+        """Sync mode for a batching protocol (Segment): the request's calls,
+        made ready as the sender would, go upstream as one batch now."""
+        route = payload.route
+        ip = client_ip(
+            request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
+        )[0] if payload.wants_ip else None
+        facts = [protocol.prepare(route, e, ip) for e in payload.events]
+        project = facts[0].project if facts else None
+        region = self.region_for[protocol.name](project)
+        outbound = protocol.batch(route, payload.wants_ip, [orjson.dumps(e) for e in payload.events], project)
+        names = [f.name for f in facts]
+        headers = [("content-type", outbound.content_type), ("user-agent", "firstparty-proxy")]
+        try:
+            upstream = await self.s.client.request(
+                self.endpoints[region], "POST", outbound.target, headers, outbound.body, timeout=self.s.upstreams.timeout
+            )
+        except UpstreamError as exc:
+            self._log(route, region, project, names, resolution, rewrites, 502, started, str(exc))
+            return self._finish(answer(protocol.error(502, str(exc), True)), visit, resolution, route)
+        self._log(route, region, project, names, resolution, rewrites, upstream.status, started)
+        if 200 <= upstream.status < 300:
+            self.s.metrics.accepted(route, len(payload.events))
+            return self._finish(answer(protocol.accepted(True)), visit, resolution, route)
+        response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
+        return self._finish(response, visit, resolution, route)
 
     async def query_route(
         self, request: web.Request, route: str, path: str, endpoint: Endpoint | None

@@ -1,0 +1,298 @@
+"""Segment's tracking API, as analytics.js and Segment's server SDKs speak it.
+
+- routes: analytics.js posts one call per request to ``/v1/t`` ``/p`` ``/i``
+  ``/g`` ``/a`` ``/s`` (track, page, identify, group, alias, screen) and, with
+  its batching strategy, ``/v1/b``; the HTTP API and server SDKs use the
+  names (``/v1/track`` ... ``/v1/screen``) and ``/v1/batch``
+  (``segment-analytics-python``: ``{"batch": [...], "sentAt", "writeKey"}``,
+  HTTP Basic ``writeKey:``, often gzip'd);
+- bodies: JSON whatever the Content-Type (analytics.js sends ``text/plain``
+  to avoid a CORS preflight), the write key in the body or in Basic auth;
+  Segment's limits, 32 KB per call and 500 KB per request, answered 400;
+- identity fields: ``anonymousId`` (the canonical id of the Mixpanel side *is*
+  Segment's anonymous id), ``previousId`` of an ``alias`` when it is an
+  anonymous id we know; ``userId`` is never touched;
+- batches for the upstream: ``POST /v1/batch`` with
+  ``{"batch": [...], "writeKey": ..., "sentAt": ...}``, at most 100 calls;
+  answers sorted into ``base`` classes (a 400 is bisected down to the call).
+
+Pure: no I/O. Invariants: every call made ready for a batch carries a
+``messageId`` (Segment de-duplicates a resend by it) and the write key it
+was sent with; ``context.ip`` is set from the visitor only when the call has
+none (a server SDK's own value wins).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from ..core import codec
+from ..core.bridge import strip_param, token_in_url
+from ..core.rewrite import Rewrite, map_id
+from ..errors import BadRequest
+from .base import ACCEPTED, RATE_LIMITED, REFUSED, REJECTED, RETRY, TOO_LARGE, Answer, EventFacts, Outbound, Payload, Verdict
+from .mixpanel import parse_retry_after
+
+NAME = "segment"
+# analytics.js's short paths and the HTTP API's names, to the call type.
+CALL_ROUTES = {
+    "t": "track", "p": "page", "i": "identify", "g": "group", "a": "alias", "s": "screen",
+    "track": "track", "page": "page", "identify": "identify", "group": "group", "alias": "alias", "screen": "screen",
+}
+BATCH_ROUTES = frozenset({"b", "batch", "import"})
+EVENT_ROUTES = frozenset(CALL_ROUTES) | BATCH_ROUTES
+SPOOLED_ROUTES = EVENT_ROUTES
+# Every call travels to the upstream in one kind of request.
+UPSTREAM_ROUTE = "batch"
+MAX_CALL_BYTES = 32 * 1024
+MAX_REQUEST_BYTES = 500 * 1024
+MAX_BATCH_CALLS = 100
+
+_ACCEPTED = Answer(200, b'{"success":true}', "application/json")
+# URL-valued fields a bridge or hub token can ride in.
+_URL_FIELDS = (("context", "page", "url"), ("context", "page", "search"), ("properties", "url"), ("properties", "search"))
+
+
+def accepted(verbose: bool = True) -> Answer:
+    return _ACCEPTED
+
+
+def error(status: int, message: str, verbose: bool = True) -> Answer:
+    """Segment's error shape: ``{"success": false, "message": ..., "code": ...}``."""
+    code = "invalid_request" if status < 500 else "server_error"
+    return Answer(status, orjson.dumps({"success": False, "message": message, "code": code}), "application/json")
+
+
+def write_key_from_auth(authorization: str) -> str | None:
+    """The write key in ``Authorization: Basic base64(writeKey:)``."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        user = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user or None
+
+
+def decode(
+    route: str,
+    body: bytes,
+    query: list[tuple[str, str]],
+    content_type: str,
+    content_encoding: str,
+    limit: int,
+    authorization: str = "",
+) -> Payload:
+    encoding = content_encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        body = codec.gunzip(body, min(limit, MAX_REQUEST_BYTES * 4))
+    elif encoding not in ("", "identity"):
+        raise BadRequest(f"unsupported Content-Encoding {content_encoding!r}; send gzip or none")
+    if len(body) > MAX_REQUEST_BYTES:
+        raise BadRequest(f"request is larger than Segment's limit of {MAX_REQUEST_BYTES // 1024} KB")
+    if not body.strip():
+        raise BadRequest("empty body: send the call as JSON")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc.args[0] if exc.args else exc}") from exc
+    if not isinstance(obj, dict):
+        raise BadRequest("body must be a JSON object")
+    key = obj.get("writeKey") if isinstance(obj.get("writeKey"), str) else None
+    key = key or write_key_from_auth(authorization)
+    if route in BATCH_ROUTES:
+        calls = obj.get("batch")
+        if not isinstance(calls, list) or not calls:
+            raise BadRequest("'batch' must be a non-empty array of calls")
+    else:
+        calls = [obj]
+    if len(calls) > codec.MAX_EVENTS:
+        raise BadRequest(f"too many calls: {len(calls)} in one request, the limit is {codec.MAX_EVENTS}")
+    for i, call in enumerate(calls):
+        if not isinstance(call, dict):
+            raise BadRequest(f"call {i} is not a JSON object")
+        kind = CALL_ROUTES.get(route) or call.get("type")
+        if kind not in ("track", "page", "identify", "group", "alias", "screen"):
+            raise BadRequest(f"call {i} has no valid 'type' (track, page, identify, group, alias or screen)")
+        call["type"] = kind
+        if kind == "track" and not isinstance(call.get("event"), str):
+            raise BadRequest(f"call {i}: a track call needs an 'event' name")
+        if not call.get("userId") and not call.get("anonymousId"):
+            raise BadRequest(f"call {i} needs a userId or an anonymousId")
+        own = call.get("writeKey") if isinstance(call.get("writeKey"), str) else None
+        if not (own or key):
+            raise BadRequest("no write key: send 'writeKey' in the body or as the Basic auth user")
+        call["writeKey"] = own or key
+        if len(orjson.dumps(call)) > MAX_CALL_BYTES:
+            raise BadRequest(f"call {i} is larger than Segment's limit of {MAX_CALL_BYTES // 1024} KB")
+    # A single call is spooled and logged under its type; a batch under "batch".
+    return Payload(CALL_ROUTES.get(route, UPSTREAM_ROUTE), calls, True, True, form=None, text=body)
+
+
+def _anon(call: Mapping[str, Any]) -> str | None:
+    value = call.get("anonymousId")
+    return value if isinstance(value, str) and value else None
+
+
+def anonymous_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for call in events:
+        value = _anon(call)
+        if value:
+            seen.setdefault(value)
+    return list(seen)
+
+
+def lookup_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for call in events:
+        for value in (_anon(call), call.get("previousId") if call.get("type") == "alias" else None):
+            if isinstance(value, str) and value:
+                seen.setdefault(value)
+    return list(seen)
+
+
+def is_anonymous(route: str, events: list[dict[str, Any]]) -> bool:
+    return all(not call.get("userId") for call in events)
+
+
+def project(route: str, events: list[dict[str, Any]]) -> str | None:
+    key = events[0].get("writeKey") if events else None
+    return key if isinstance(key, str) else None
+
+
+def _name(call: Mapping[str, Any]) -> str:
+    if call.get("type") == "track":
+        return str(call.get("event", ""))
+    return f"${call.get('type', '')}"
+
+
+def names(route: str, events: list[dict[str, Any]]) -> list[str]:
+    return [_name(c) for c in events]
+
+
+def _url_values(call: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    out = []
+    for *path, leaf in _URL_FIELDS:
+        node: Any = call
+        for step in path:
+            node = node.get(step) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str):
+            out.append((node, leaf))
+    return out
+
+
+def find_token(query: list[tuple[str, str]], events: list[dict[str, Any]], param: str) -> str | None:
+    for call in events:
+        for node, leaf in _url_values(call):
+            value = node[leaf]
+            token = token_in_url(value if "?" in value else "?" + value.lstrip("?"), param)
+            if token:
+                return token
+    return None
+
+
+def strip_tokens(route: str, event: dict[str, Any], param: str) -> int:
+    stripped = 0
+    for node, leaf in _url_values(event):
+        value = node[leaf]
+        if leaf == "search":
+            clean = strip_param("?" + value.lstrip("?"), param)
+            if clean is not None:
+                node[leaf] = clean if clean != "" else ""
+                stripped += 1
+        else:
+            clean = strip_param(value, param)
+            if clean is not None:
+                node[leaf] = clean
+                stripped += 1
+    return stripped
+
+
+def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]:
+    out: list[Rewrite] = []
+    fields = ("anonymousId", "previousId") if event.get("type") == "alias" else ("anonymousId",)
+    for name in fields:
+        value = event.get(name)
+        new = map_id(value, mapping)
+        if new is not None:
+            event[name] = new
+            out.append(Rewrite(name, value, new))
+    return out
+
+
+def prepare(route: str, event: dict[str, Any], ip: str | None) -> EventFacts:
+    message_id = event.get("messageId")
+    if not isinstance(message_id, str) or not message_id:
+        message_id = event["messageId"] = f"fp-{uuid.uuid4()}"
+    if ip:
+        context = event.get("context")
+        if not isinstance(context, dict):
+            context = event["context"] = {}
+        context.setdefault("ip", ip)
+    key = event.get("writeKey")
+    return EventFacts(_name(event), message_id, key if isinstance(key, str) else None, None)
+
+
+def encode(payload: Payload) -> tuple[bytes, str]:
+    return orjson.dumps({"batch": payload.events}), "application/json"
+
+
+def batch(route: str, ip: bool, bodies: list[bytes], project: str | None = None) -> Outbound:
+    """``POST /v1/batch`` with the calls of one write key."""
+    sent_at = datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="milliseconds")
+    body = (
+        b'{"batch":[' + b",".join(bodies) + b'],"writeKey":' + orjson.dumps(project or "")
+        + b',"sentAt":' + orjson.dumps(sent_at.replace("+00:00", "Z")) + b"}"
+    )
+    return Outbound("/v1/batch", body, "application/json")
+
+
+def classify(status: int, body: bytes, retry_after: str | None) -> Verdict:
+    text = body[:2000].decode("utf-8", "replace")
+    if 200 <= status < 300:
+        return Verdict(ACCEPTED)
+    if status == 429:
+        return Verdict(RATE_LIMITED, text, retry_after=parse_retry_after(retry_after))
+    if status == 413:
+        return Verdict(TOO_LARGE, text)
+    if status >= 500:
+        return Verdict(RETRY, f"upstream answered {status}: {text}".strip())
+    if status == 400:
+        return Verdict(REJECTED, text)
+    return Verdict(REFUSED, f"upstream answered {status}: {text}".strip())
+
+
+class Segment:
+    """The protocol as one object (``base.WireProtocol``)."""
+
+    name = NAME
+    spooled_routes = SPOOLED_ROUTES
+    max_batch = MAX_BATCH_CALLS
+    decode = staticmethod(decode)
+    encode = staticmethod(encode)
+    anonymous_ids = staticmethod(anonymous_ids)
+    lookup_ids = staticmethod(lookup_ids)
+    is_anonymous = staticmethod(is_anonymous)
+    project = staticmethod(project)
+    names = staticmethod(names)
+    find_token = staticmethod(find_token)
+    strip_tokens = staticmethod(strip_tokens)
+    rewrite = staticmethod(rewrite)
+    prepare = staticmethod(prepare)
+    batch = staticmethod(batch)
+    classify = staticmethod(classify)
+    accepted = staticmethod(accepted)
+    error = staticmethod(error)
+
+
+SEGMENT = Segment()

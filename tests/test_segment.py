@@ -1,0 +1,206 @@
+"""Segment beside Mixpanel: analytics.js-shaped calls and the real Segment
+Python SDK through the same identity, spooled and sent to /v1/batch per write
+key and region, in both delivery modes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.protocols import segment
+from proxy.errors import BadRequest
+from tests.conftest import BROWSER, SEG_EU_KEY, SEG_KEY, TOKEN, b64_body, canonical_of, cookie_from, js_event
+from tests.support import eventually
+
+PLAIN = {"Content-Type": "text/plain"}  # analytics.js: JSON as text/plain, no CORS preflight
+
+
+def ajs_call(kind: str, anonymous_id: str, *, user_id: str | None = None, write_key: str = SEG_KEY, **extra: Any) -> dict[str, Any]:
+    """A call shaped like analytics.js 1.x (``@segment/analytics-next``) posts it."""
+    call: dict[str, Any] = {
+        "type": kind,
+        "anonymousId": anonymous_id,
+        "messageId": f"ajs-next-{uuid.uuid4().hex}",
+        "timestamp": "2026-12-01T12:00:00.000Z",
+        "context": {
+            "page": {"url": "https://www.example.com/pricing", "path": "/pricing", "search": "", "referrer": ""},
+            "library": {"name": "analytics.js", "version": "next-1.70.0"},
+            "userAgent": BROWSER["User-Agent"],
+        },
+        "integrations": {},
+        "writeKey": write_key,
+        "sentAt": "2026-12-01T12:00:00.010Z",
+        **extra,
+    }
+    if user_id:
+        call["userId"] = user_id
+    return call
+
+
+def calls(upstream: Any, name: str = "seg-us") -> list[dict[str, Any]]:
+    return [c for rec in upstream.by(name, "/v1/batch") for c in rec.events()]
+
+
+async def test_analytics_js_calls_carry_the_canonical_id(client, upstream):
+    # A Mixpanel event first: the browser's canonical id is set.
+    device = str(uuid.uuid4())
+    first = await client.post("/mp/track/?verbose=1&ip=1", data=b64_body([js_event("Page View", device)]),
+                              headers={**BROWSER, "Content-Type": "application/x-www-form-urlencoded"})
+    cookie = cookie_from(first)
+    canonical = canonical_of(cookie)
+    anon = str(uuid.uuid4())  # analytics.js's own id on this domain
+    headers = {**BROWSER, **PLAIN, "Cookie": f"fp_id={cookie}"}
+    sent = [
+        ("t", ajs_call("track", anon, event="Signed Up", properties={"plan": "pro"})),
+        ("p", ajs_call("page", anon, name="Pricing")),
+        ("i", ajs_call("identify", anon, user_id="user-42", traits={"email": "a@example.com"})),
+        ("g", ajs_call("group", anon, user_id="user-42", groupId="acme")),
+    ]
+    for path, call in sent:
+        resp = await client.post(f"/seg/v1/{path}", data=orjson.dumps(call), headers=headers)
+        assert resp.status == 200 and await resp.json() == {"success": True}
+    await eventually(lambda: len(calls(upstream)) == 4, 10, "four Segment calls")
+    got = {c["type"]: c for c in calls(upstream)}
+    assert set(got) == {"track", "page", "identify", "group"}
+    for kind, call in got.items():
+        assert call["anonymousId"] == canonical, kind
+        assert call["writeKey"] == SEG_KEY
+        assert call["context"]["ip"] == "127.0.0.1"  # the visitor's, for Segment's geolocation
+        original = next(c for _, c in sent if c["type"] == kind)
+        assert call["messageId"] == original["messageId"]  # kept: Segment de-duplicates by it
+    assert got["identify"]["userId"] == "user-42" and got["group"]["userId"] == "user-42"
+    assert got["track"]["event"] == "Signed Up" and got["track"]["properties"] == {"plan": "pro"}
+    batch = upstream.by("seg-us", "/v1/batch")[-1]
+    body = orjson.loads(batch.body)
+    assert body["writeKey"] == SEG_KEY and body["sentAt"].endswith("Z")
+    assert "cookie" not in batch.headers and "authorization" not in batch.headers
+    [mixpanel] = upstream.received("us", "/track")
+    assert mixpanel["properties"]["$device_id"] == canonical  # one id for both vendors
+
+
+async def test_a_first_segment_call_sets_the_identity_cookie(client, upstream):
+    anon = str(uuid.uuid4())
+    resp = await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", anon, event="x")), headers={**BROWSER, **PLAIN})
+    assert resp.status == 200
+    assert canonical_of(cookie_from(resp)) == anon  # the first id seen is adopted, as for Mixpanel
+
+
+async def test_the_segment_python_sdk_delivers_and_is_rewritten(client, upstream, delivery_mode):
+    """The real SDK (segment-analytics-python, gzip on, Basic auth) posts
+    /v1/batch; a call carrying a browser's original anonymousId reaches
+    Segment under that browser's canonical id."""
+    from segment.analytics import Client
+
+    cookie = cookie_from(await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", str(uuid.uuid4()), event="a")),
+                                           headers={**BROWSER, **PLAIN}))
+    canonical = canonical_of(cookie)
+    browser_anon = str(uuid.uuid4())  # analytics.js's id on another site of the cookie's domain
+    await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", browser_anon, event="b")),
+                      headers={**BROWSER, **PLAIN, "Host": "shop.example.com", "Cookie": f"fp_id={cookie}"})
+    await eventually(lambda: len(calls(upstream)) == 2, 10, "the browser's calls")
+
+    errors: list[Any] = []
+    sdk = Client(SEG_KEY, host=f"http://127.0.0.1:{client.port}/seg", gzip=True, sync_mode=True,
+                 on_error=lambda e, batch: errors.append(e))
+    await asyncio.to_thread(sdk.track, anonymous_id=browser_anon, event="Order Completed", properties={"total": 30})
+    await asyncio.to_thread(sdk.identify, user_id="user-7", traits={"plan": "pro"})
+    assert errors == []
+    await eventually(lambda: len(calls(upstream)) == 4, 10, "the SDK's calls")
+    order = next(c for c in calls(upstream) if c.get("event") == "Order Completed")
+    assert order["anonymousId"] == canonical and order["properties"] == {"total": 30}
+    assert order["context"]["library"]["name"] == "analytics-python"
+    # The SDK's host, as Segment would have seen it had the call gone there directly.
+    assert order["context"]["ip"] == "127.0.0.1"
+    ident = next(c for c in calls(upstream) if c["type"] == "identify")
+    assert ident["userId"] == "user-7" and not ident.get("anonymousId")
+    assert all(orjson.loads(r.body)["writeKey"] == SEG_KEY for r in upstream.by("seg-us", "/v1/batch"))
+
+
+async def test_an_eu_write_key_goes_to_the_eu_host(client, upstream):
+    for key in (SEG_EU_KEY, SEG_KEY):
+        resp = await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", str(uuid.uuid4()), event=key, write_key=key)),
+                                 headers={**BROWSER, **PLAIN})
+        assert resp.status == 200
+    await eventually(lambda: calls(upstream, "seg-eu") and calls(upstream, "seg-us"), 10, "both regions")
+    assert [c["event"] for c in calls(upstream, "seg-eu")] == [SEG_EU_KEY]
+    assert [c["event"] for c in calls(upstream, "seg-us")] == [SEG_KEY]
+
+
+@pytest.mark.parametrize(
+    "path,body,message",
+    [
+        ("t", b"", "empty body: send the call as JSON"),
+        ("t", b"{nope", "body is not valid JSON"),
+        ("t", b"[1]", "body must be a JSON object"),
+        ("t", orjson.dumps({"type": "track", "anonymousId": "a1b2c3d4e5", "writeKey": SEG_KEY}), "call 0: a track call needs an 'event' name"),
+        ("t", orjson.dumps({"type": "track", "event": "x", "writeKey": SEG_KEY}), "call 0 needs a userId or an anonymousId"),
+        ("t", orjson.dumps({"type": "track", "event": "x", "anonymousId": "a1b2c3d4e5"}), "no write key"),
+        ("batch", orjson.dumps({"batch": [], "writeKey": SEG_KEY}), "'batch' must be a non-empty array of calls"),
+        ("batch", orjson.dumps({"batch": [{"type": "nope", "anonymousId": "a"}], "writeKey": SEG_KEY}), "call 0 has no valid 'type'"),
+        ("t", orjson.dumps({"type": "track", "event": "x", "anonymousId": "a1b2c3d4e5", "writeKey": SEG_KEY,
+                            "properties": {"blob": "x" * 33_000}}), "call 0 is larger than Segment's limit of 32 KB"),
+    ],
+)
+async def test_bad_segment_bodies_get_a_400_and_nothing_is_sent(client, upstream, path, body, message):
+    resp = await client.post(f"/seg/v1/{path}", data=body, headers={**BROWSER, **PLAIN})
+    assert resp.status == 400
+    answer = await resp.json()
+    assert answer["success"] is False and answer["message"].startswith(message) and answer["code"] == "invalid_request"
+    ok = await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", str(uuid.uuid4()), event="ok")), headers={**BROWSER, **PLAIN})
+    assert ok.status == 200
+    await eventually(lambda: calls(upstream), 10, "the good call")
+    assert [c["event"] for c in calls(upstream)] == ["ok"]  # queued after the bad ones: nothing else came
+
+
+async def test_a_batch_over_500_kb_is_refused(client, upstream):
+    call = ajs_call("track", str(uuid.uuid4()), event="x", properties={"blob": "x" * 30_000})
+    body = orjson.dumps({"batch": [call] * 18, "writeKey": SEG_KEY})
+    assert len(body) > 500 * 1024
+    resp = await client.post("/seg/v1/batch", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and "500 KB" in (await resp.json())["message"]
+    assert upstream.by("seg-us") == []
+
+
+async def test_bridge_tokens_in_segment_urls_are_stripped(client, upstream):
+    anon = str(uuid.uuid4())
+    call = ajs_call("page", anon)
+    call["context"]["page"].update(url="https://www.example.com/cart?fpb=TOKEN123&utm=1", search="?fpb=TOKEN123&utm=1")
+    call["properties"] = {"url": "https://www.example.com/cart?fpb=TOKEN123&utm=1", "search": "?fpb=TOKEN123&utm=1"}
+    resp = await client.post("/seg/v1/p", data=orjson.dumps(call), headers={**BROWSER, **PLAIN})
+    assert resp.status == 200
+    await eventually(lambda: calls(upstream), 10, "the page call")
+    [page] = calls(upstream)
+    assert page["context"]["page"]["url"] == "https://www.example.com/cart?utm=1"
+    assert page["context"]["page"]["search"] == "?utm=1"
+    assert page["properties"] == {"url": "https://www.example.com/cart?utm=1", "search": "?utm=1"}
+    assert b"TOKEN123" not in upstream.by("seg-us")[-1].body
+
+
+def test_write_key_from_basic_auth():
+    assert segment.write_key_from_auth("Basic " + base64.b64encode(b"wk123:").decode()) == "wk123"
+    assert segment.write_key_from_auth("Basic " + base64.b64encode(b":").decode()) is None
+    assert segment.write_key_from_auth("Bearer x") is None and segment.write_key_from_auth("Basic %%%") is None
+    payload = segment.decode("batch", gzip.compress(json.dumps({"batch": [{"type": "identify", "userId": "u"}]}).encode()),
+                             [], "application/json", "gzip", 10**6, "Basic " + base64.b64encode(b"wk123:").decode())
+    assert payload.events[0]["writeKey"] == "wk123" and payload.route == "batch"
+    with pytest.raises(BadRequest, match="unsupported Content-Encoding"):
+        segment.decode("t", b"{}", [], "", "br", 10**6)
+
+
+def test_prepare_keeps_what_the_call_brought():
+    call = {"type": "track", "event": "x", "anonymousId": "a", "writeKey": "k", "context": {"ip": "203.0.113.9"}}
+    facts = segment.prepare("track", call, "127.0.0.1")
+    assert call["context"]["ip"] == "203.0.113.9"  # a server SDK's own IP wins
+    assert facts.insert_id == call["messageId"] and facts.project == "k" and facts.name == "x"
+    bare = {"type": "identify", "userId": "u", "writeKey": "k"}
+    assert segment.prepare("identify", bare, None).name == "$identify" and "context" not in bare
+    alias = {"type": "alias", "previousId": "d1", "userId": "u"}
+    assert segment.rewrite("alias", alias, {"d1": "c1"})[0].field == "previousId" and alias["previousId"] == "c1"
+    assert segment.rewrite("track", {"type": "track", "userId": "d1"}, {"d1": "c1"}) == []  # userId never touched
