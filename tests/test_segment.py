@@ -204,3 +204,51 @@ def test_prepare_keeps_what_the_call_brought():
     alias = {"type": "alias", "previousId": "d1", "userId": "u"}
     assert segment.rewrite("alias", alias, {"d1": "c1"})[0].field == "previousId" and alias["previousId"] == "c1"
     assert segment.rewrite("track", {"type": "track", "userId": "d1"}, {"d1": "c1"}) == []  # userId never touched
+
+
+async def spooled_client(serve_proxy: Any, tmp_path: Any, upstream: Any) -> Any:
+    from proxy.web.app import create_app
+    from tests.conftest import make_settings
+
+    return await serve_proxy(create_app(make_settings(tmp_path, upstream, delivery={"mode": "spool"})))
+
+
+async def test_segment_faults_lose_nothing(serve_proxy, tmp_path, upstream):
+    """429 with Retry-After, then a 503, then a 400 for one call: every
+    accepted call reaches Segment once or is a dead letter with Segment's words."""
+    from aiohttp import web
+
+    answers = [(429, {"Retry-After": "1"}), (503, {})]
+
+    async def behave(rec: Any) -> Any:
+        if rec.name != "seg-us":
+            return None
+        if answers:
+            status, headers = answers.pop(0)
+            return web.json_response({"success": False, "message": "busy"}, status=status, headers=headers)
+        if any(c.get("event") == "Poison" for c in rec.events()):
+            return web.json_response({"success": False, "message": "Invalid event: Poison", "code": "invalid_request"}, status=400)
+        return None
+
+    upstream.behave = behave
+    client = await spooled_client(serve_proxy, tmp_path, upstream)
+    sent = [ajs_call("track", str(uuid.uuid4()), event=f"e{i}") for i in range(6)]
+    sent.append(ajs_call("track", str(uuid.uuid4()), event="Poison"))
+    resp = await client.post("/seg/v1/batch", data=orjson.dumps({"batch": sent, "writeKey": SEG_KEY}),
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 200
+    good = {c["messageId"] for c in sent[:-1]}
+    await eventually(lambda: good <= {c["messageId"] for c in calls(upstream)}, 20, "every good call after the faults")
+    import sqlite3
+
+    def dead() -> list[tuple[str, str]]:
+        with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+            return [(orjson.loads(b)["messageId"], d) for b, d in c.execute("SELECT body, detail FROM dead WHERE protocol = 'segment'")]
+
+    await eventually(lambda: len(dead()) == 1, 10, "the poison call's dead letter")
+    [(message_id, detail)] = dead()
+    assert message_id == sent[-1]["messageId"] and "Invalid event: Poison" in detail
+    delivered = [c["messageId"] for c in calls(upstream)]
+    assert sorted(delivered) == sorted(good)  # each once, the poison never accepted
+    assert len(upstream.refused) >= 3  # the 429, the 503 and the bisected 400s
+    await client.close()
