@@ -252,3 +252,30 @@ async def test_segment_faults_lose_nothing(serve_proxy, tmp_path, upstream):
     assert sorted(delivered) == sorted(good)  # each once, the poison never accepted
     assert len(upstream.refused) >= 3  # the 429, the 503 and the bisected 400s
     await client.close()
+
+
+async def test_spooled_batches_stay_under_segments_500_kb(serve_proxy, tmp_path, upstream):
+    from aiohttp import web
+
+    async def behave(rec: Any) -> Any:
+        if rec.name == "seg-us" and len(rec.body) > 500 * 1024:
+            return web.json_response({"success": False, "message": "batch too large"}, status=400)
+        return None
+
+    upstream.behave = behave
+    from proxy.web.app import create_app
+    from tests.conftest import make_settings
+
+    client = await serve_proxy(create_app(make_settings(tmp_path, upstream, delivery={"mode": "spool", "batch_window_ms": 200})))
+    sent = []
+    for _ in range(2):  # 2 x 10 calls of 30 KB: 600 KB, one group, within one batch window
+        chunk = [ajs_call("track", str(uuid.uuid4()), event="big", properties={"blob": "x" * 30_000}) for _ in range(10)]
+        sent += chunk
+        resp = await client.post("/seg/v1/batch", data=orjson.dumps({"batch": chunk, "writeKey": SEG_KEY}),
+                                 headers={"Content-Type": "application/json"})
+        assert resp.status == 200
+    await eventually(lambda: len(calls(upstream)) == 20, 10, "all 20 calls")
+    assert upstream.refused == []  # never one request over the limit
+    assert len(upstream.by("seg-us", "/v1/batch")) >= 2
+    assert all(len(r.body) <= 500 * 1024 for r in upstream.by("seg-us", "/v1/batch"))
+    assert sorted(c["messageId"] for c in calls(upstream)) == sorted(c["messageId"] for c in sent)

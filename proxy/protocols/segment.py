@@ -55,6 +55,8 @@ UPSTREAM_ROUTE = "batch"
 MAX_CALL_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500 * 1024
 MAX_BATCH_CALLS = 100
+# The calls' bytes in one /v1/batch, leaving room for the envelope under 500 KB.
+MAX_BATCH_BYTES = MAX_REQUEST_BYTES - 1024
 
 _ACCEPTED = Answer(200, b'{"success":true}', "application/json")
 # URL-valued fields a bridge or hub token can ride in.
@@ -278,6 +280,7 @@ class Segment:
     name = NAME
     spooled_routes = SPOOLED_ROUTES
     max_batch = MAX_BATCH_CALLS
+    max_batch_bytes = MAX_BATCH_BYTES
     decode = staticmethod(decode)
     encode = staticmethod(encode)
     anonymous_ids = staticmethod(anonymous_ids)

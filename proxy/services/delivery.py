@@ -252,8 +252,24 @@ class Sender:
                 waited = now - rows[0].enqueued_at >= cfg.batch_window_seconds
                 if not (full or waited or self._draining):
                     break
-                batch = [rows.popleft() for _ in range(min(cfg.batch_size, len(rows)))]
+                batch = self._take(rows, cfg.batch_size, self.protocols[key[0]])
                 self._launch(state, key, batch)
+
+    @staticmethod
+    def _take(rows: deque[Row], size: int, protocol: WireProtocol) -> list[Row]:
+        """The next batch: at most ``size`` rows, and no more bytes of bodies than
+        the protocol's upstream takes in one request (Segment: 500 KB); one row
+        always goes, whatever its size (the upstream then answers for it)."""
+        limit = getattr(protocol, "max_batch_bytes", None)
+        count = min(size, len(rows))
+        if limit is None:
+            return [rows.popleft() for _ in range(count)]
+        batch = [rows.popleft()]
+        total = len(batch[0].body)
+        while rows and len(batch) < count and total + len(rows[0].body) + 1 <= limit:
+            total += len(rows[0].body) + 1
+            batch.append(rows.popleft())
+        return batch
 
     def _launch(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
         state.in_flight += 1
