@@ -114,7 +114,7 @@ def _log_listening(settings: Settings, port: int) -> None:
         __version__,
         settings.server.host,
         port,
-        settings.server.mounts[0] if settings.server.mounts else "/",
+        settings.server.mounts[0],  # never empty (settings)
         workers,
         "s" if workers > 1 else "",
         settings.upstream.regions[settings.upstream.default_region],

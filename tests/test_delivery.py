@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.web.app import create_app
 from proxy.protocols.mixpanel import classify as classify_answer
-from proxy.protocols.mixpanel import parse_retry_after
+from proxy.protocols.base import parse_retry_after
 from proxy.services.delivery import backoff_delay
 from multidict import CIMultiDict, CIMultiDictProxy
 

@@ -16,7 +16,7 @@ import pytest
 
 from proxy.protocols import segment
 from proxy.errors import BadRequest
-from tests.conftest import BROWSER, SEG_EU_KEY, SEG_KEY, TOKEN, b64_body, canonical_of, cookie_from, js_event
+from tests.conftest import BROWSER, SEG_EU_KEY, SEG_KEY, b64_body, canonical_of, cookie_from, js_event
 from tests.support import eventually
 
 PLAIN = {"Content-Type": "text/plain"}  # analytics.js: JSON as text/plain, no CORS preflight

@@ -69,6 +69,16 @@ def gunzip(body: bytes, limit: int) -> bytes:
     return out
 
 
+def decompress(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """The body as sent before its ``Content-Encoding`` (gzip, deflate or none)."""
+    encoding = content_encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return gunzip(body, limit)
+    if encoding not in ("", "identity"):
+        raise BadRequest(f"unsupported Content-Encoding {content_encoding!r}; send gzip or none")
+    return body
+
+
 def parse_form(body: bytes) -> list[tuple[str, str]]:
     """``application/x-www-form-urlencoded`` fields, in order, ``+`` read as space."""
     try:
@@ -194,11 +204,7 @@ def decode(
     limit: int,
 ) -> Decoded:
     """Decode a request into events. ``query`` is the decoded query string."""
-    encoding = content_encoding.strip().lower()
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        body = gunzip(body, limit)
-    elif encoding not in ("", "identity"):
-        raise BadRequest(f"unsupported Content-Encoding {content_encoding!r}; send gzip or none")
+    body = decompress(body, content_encoding, limit)
 
     ctype = content_type.split(";", 1)[0].strip().lower()
     head = body.lstrip()[:1]

@@ -12,6 +12,8 @@ Pure: nothing here does I/O or knows aiohttp.
 
 from __future__ import annotations
 
+import email.utils
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -84,12 +86,46 @@ class Outbound:
     content_type: str
 
 
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def classify_status(status: int, body: bytes, retry_after: str | None) -> Verdict:
+    """The class an HTTP status puts an upstream answer in; a protocol refines
+    it from the body where its vendor says more (Mixpanel's ``failed_records``)."""
+    text = body[:2000].decode("utf-8", "replace")
+    if 200 <= status < 300:
+        return Verdict(ACCEPTED)
+    if status == 429:
+        return Verdict(RATE_LIMITED, text, retry_after=parse_retry_after(retry_after))
+    if status == 413:
+        return Verdict(TOO_LARGE, text)
+    if status >= 500:
+        return Verdict(RETRY, f"upstream answered {status}: {text}".strip())
+    if status == 400:
+        return Verdict(REJECTED, text)
+    return Verdict(REFUSED, f"upstream answered {status}: {text}".strip())
+
+
 class WireProtocol(Protocol):
     """What the pipeline needs from a vendor's protocol."""
 
     name: str
     # Routes acknowledged once spooled (the rest are forwarded synchronously).
     spooled_routes: frozenset[str]
+    # What one upstream request may carry (None: only delivery.batch_size bounds it).
+    max_batch_calls: int | None
+    max_batch_bytes: int | None
 
     def decode(
         self,

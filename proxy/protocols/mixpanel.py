@@ -24,9 +24,7 @@ its visitor's IP.
 
 from __future__ import annotations
 
-import email.utils
 import secrets
-import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
@@ -39,16 +37,13 @@ from ..core.identity import anon_id, strip_device
 from ..core.rewrite import Rewrite, map_id, rewrite_fields
 from .base import (
     ACCEPTED,
-    RATE_LIMITED,
-    REFUSED,
     REJECTED,
-    RETRY,
-    TOO_LARGE,
     Answer,
     EventFacts,
     Outbound,
     Payload,
     Verdict,
+    classify_status,
 )
 
 NAME = "mixpanel"
@@ -392,40 +387,20 @@ def _failed_records(body: dict[str, Any]) -> dict[int, str] | None:
     return out or None
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def classify(status: int, body: bytes, retry_after: str | None) -> Verdict:
     """Sort an upstream answer into a class. Mixpanel answers a verbose request
     that it refused with a 2xx whose body says ``status: 0``."""
-    text = body[:2000].decode("utf-8", "replace")
-    if 200 <= status < 300:
+    verdict = classify_status(status, body, retry_after)
+    if verdict.kind == ACCEPTED:
         parsed = _json(body)
         if isinstance(parsed, dict) and parsed.get("status") == 0:
+            text = body[:2000].decode("utf-8", "replace")
             return Verdict(REJECTED, str(parsed.get("error") or text), failed=_failed_records(parsed))
-        return Verdict(ACCEPTED)
-    if status == 429:
-        return Verdict(RATE_LIMITED, text, retry_after=parse_retry_after(retry_after))
-    if status == 413:
-        return Verdict(TOO_LARGE, text)
-    if status >= 500:
-        return Verdict(RETRY, f"upstream answered {status}: {text}".strip())
-    if status == 400:
+    elif verdict.kind == REJECTED:
         parsed = _json(body)
-        failed = _failed_records(parsed) if isinstance(parsed, dict) else None
-        return Verdict(REJECTED, text, failed=failed)
-    return Verdict(REFUSED, f"upstream answered {status}: {text}".strip())
+        if isinstance(parsed, dict):
+            return Verdict(REJECTED, verdict.detail, failed=_failed_records(parsed))
+    return verdict
 
 
 class Mixpanel:
@@ -434,6 +409,8 @@ class Mixpanel:
 
     name = NAME
     spooled_routes = SPOOLED_ROUTES
+    max_batch_calls = None
+    max_batch_bytes = None
     decode = staticmethod(decode)
     encode = staticmethod(encode)
     anonymous_ids = staticmethod(anonymous_ids)

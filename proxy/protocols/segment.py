@@ -36,10 +36,9 @@ import orjson
 
 from ..core import codec
 from ..core.bridge import strip_param, token_in_url
-from ..core.rewrite import Rewrite, map_id
+from ..core.rewrite import Rewrite, rewrite_fields
 from ..errors import BadRequest
-from .base import ACCEPTED, RATE_LIMITED, REFUSED, REJECTED, RETRY, TOO_LARGE, Answer, EventFacts, Outbound, Payload, Verdict
-from .mixpanel import parse_retry_after
+from .base import Answer, EventFacts, Outbound, Payload, classify_status
 
 NAME = "segment"
 # analytics.js's short paths and the HTTP API's names, to the call type.
@@ -59,6 +58,8 @@ MAX_BATCH_CALLS = 100
 MAX_BATCH_BYTES = MAX_REQUEST_BYTES - 1024
 
 _ACCEPTED = Answer(200, b'{"success":true}', "application/json")
+_CALL_FIELDS = ("anonymousId",)
+_ALIAS_FIELDS = ("anonymousId", "previousId")
 # URL-valued fields a bridge or hub token can ride in.
 _URL_FIELDS = (("context", "page", "url"), ("context", "page", "search"), ("properties", "url"), ("properties", "search"))
 
@@ -94,11 +95,7 @@ def decode(
     limit: int,
     authorization: str = "",
 ) -> Payload:
-    encoding = content_encoding.strip().lower()
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        body = codec.gunzip(body, min(limit, MAX_REQUEST_BYTES * 4))
-    elif encoding not in ("", "identity"):
-        raise BadRequest(f"unsupported Content-Encoding {content_encoding!r}; send gzip or none")
+    body = codec.decompress(body, content_encoding, min(limit, MAX_REQUEST_BYTES * 4))
     if len(body) > MAX_REQUEST_BYTES:
         raise BadRequest(f"request is larger than Segment's limit of {MAX_REQUEST_BYTES // 1024} KB")
     if not body.strip():
@@ -207,28 +204,17 @@ def strip_tokens(route: str, event: dict[str, Any], param: str) -> int:
     stripped = 0
     for node, leaf in _url_values(event):
         value = node[leaf]
-        if leaf == "search":
-            clean = strip_param("?" + value.lstrip("?"), param)
-            if clean is not None:
-                node[leaf] = clean if clean != "" else ""
-                stripped += 1
-        else:
-            clean = strip_param(value, param)
-            if clean is not None:
-                node[leaf] = clean
-                stripped += 1
+        # A ``search`` is a query on its own ("?a=1"): strip it as one.
+        clean = strip_param("?" + value.lstrip("?") if leaf == "search" else value, param)
+        if clean is not None:
+            node[leaf] = clean
+            stripped += 1
     return stripped
 
 
 def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]:
     out: list[Rewrite] = []
-    fields = ("anonymousId", "previousId") if event.get("type") == "alias" else ("anonymousId",)
-    for name in fields:
-        value = event.get(name)
-        new = map_id(value, mapping)
-        if new is not None:
-            event[name] = new
-            out.append(Rewrite(name, value, new))
+    rewrite_fields(event, _ALIAS_FIELDS if event.get("type") == "alias" else _CALL_FIELDS, mapping, out)
     return out
 
 
@@ -259,27 +245,12 @@ def batch(route: str, ip: bool, bodies: list[bytes], project: str | None = None)
     return Outbound("/v1/batch", body, "application/json")
 
 
-def classify(status: int, body: bytes, retry_after: str | None) -> Verdict:
-    text = body[:2000].decode("utf-8", "replace")
-    if 200 <= status < 300:
-        return Verdict(ACCEPTED)
-    if status == 429:
-        return Verdict(RATE_LIMITED, text, retry_after=parse_retry_after(retry_after))
-    if status == 413:
-        return Verdict(TOO_LARGE, text)
-    if status >= 500:
-        return Verdict(RETRY, f"upstream answered {status}: {text}".strip())
-    if status == 400:
-        return Verdict(REJECTED, text)
-    return Verdict(REFUSED, f"upstream answered {status}: {text}".strip())
-
-
 class Segment:
     """The protocol as one object (``base.WireProtocol``)."""
 
     name = NAME
     spooled_routes = SPOOLED_ROUTES
-    max_batch = MAX_BATCH_CALLS
+    max_batch_calls = MAX_BATCH_CALLS
     max_batch_bytes = MAX_BATCH_BYTES
     decode = staticmethod(decode)
     encode = staticmethod(encode)
@@ -293,7 +264,8 @@ class Segment:
     rewrite = staticmethod(rewrite)
     prepare = staticmethod(prepare)
     batch = staticmethod(batch)
-    classify = staticmethod(classify)
+    # Segment's answers say nothing per call: the status decides (a 400 is bisected).
+    classify = staticmethod(classify_status)
     accepted = staticmethod(accepted)
     error = staticmethod(error)
 

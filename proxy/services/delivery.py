@@ -257,11 +257,12 @@ class Sender:
 
     @staticmethod
     def _take(rows: deque[Row], size: int, protocol: WireProtocol) -> list[Row]:
-        """The next batch: at most ``size`` rows, and no more bytes of bodies than
-        the protocol's upstream takes in one request (Segment: 500 KB); one row
-        always goes, whatever its size (the upstream then answers for it)."""
-        limit = getattr(protocol, "max_batch_bytes", None)
-        count = min(size, len(rows))
+        """The next batch: at most ``size`` rows, and no more calls or bytes of
+        bodies than the protocol's upstream takes in one request (Segment: 100
+        calls, 500 KB); one row always goes, whatever its size (the upstream
+        then answers for it)."""
+        count = min(size, len(rows), protocol.max_batch_calls or size)
+        limit = protocol.max_batch_bytes
         if limit is None:
             return [rows.popleft() for _ in range(count)]
         batch = [rows.popleft()]

@@ -249,6 +249,14 @@ class UpstreamClient:
             raise UpstreamUnreachable(f"upstream {where} unreachable: {type(exc).__name__}: {exc}") from exc
 
 
+def _endpoint(key: str, url: str) -> Endpoint:
+    """A configured URL parsed, or a start-up error naming its key."""
+    try:
+        return Endpoint.parse(url)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from exc
+
+
 @dataclass(frozen=True, slots=True)
 class Upstreams:
     """Which endpoint serves which region, project and purpose."""
@@ -262,16 +270,10 @@ class Upstreams:
 
     @classmethod
     def from_settings(cls, settings: UpstreamSettings) -> Upstreams:
-        def parse(key: str, url: str) -> Endpoint:
-            try:
-                return Endpoint.parse(url)
-            except ValueError as exc:
-                raise ConfigError(key, str(exc)) from exc
-
         return cls(
-            regions={r: parse(f"upstream.{r}", settings.regions[r]) for r in REGIONS},
-            decide=parse("upstream.decide", settings.decide),
-            cdn=parse("upstream.cdn", settings.cdn),
+            regions={r: _endpoint(f"upstream.{r}", settings.regions[r]) for r in REGIONS},
+            decide=_endpoint("upstream.decide", settings.decide),
+            cdn=_endpoint("upstream.cdn", settings.cdn),
             default_region=settings.default_region,
             projects=dict(settings.projects),
             timeout=settings.timeout_seconds,
@@ -297,15 +299,9 @@ class SegmentUpstreams:
 
     @classmethod
     def from_settings(cls, settings: SegmentSettings) -> SegmentUpstreams:
-        def parse(key: str, url: str) -> Endpoint:
-            try:
-                return Endpoint.parse(url)
-            except ValueError as exc:
-                raise ConfigError(key, str(exc)) from exc
-
         return cls(
-            regions={SEGMENT_PREFIX + r: parse(f"segment.{r}", getattr(settings, r)) for r in SEGMENT_REGIONS},
-            cdn=parse("segment.cdn", settings.cdn),
+            regions={SEGMENT_PREFIX + r: _endpoint(f"segment.{r}", getattr(settings, r)) for r in SEGMENT_REGIONS},
+            cdn=_endpoint("segment.cdn", settings.cdn),
             default_region=SEGMENT_PREFIX + settings.default_region,
             write_keys={k: SEGMENT_PREFIX + r for k, r in settings.write_keys.items()},
         )

@@ -157,6 +157,12 @@ class Proxy:
                     break
         return Visit(browser, headers.get("origin"), request_host(headers.get("host")), cookie_id, cookie_raw)
 
+    def _client(self, request: web.Request) -> tuple[str | None, list[str]]:
+        """The visitor's IP and the forwarding chain, trusting only configured proxies."""
+        return client_ip(
+            request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
+        )
+
     def _finish(
         self, response: web.Response, visit: Visit, resolution: Resolution | None, route: str = "other"
     ) -> web.Response:
@@ -265,9 +271,7 @@ class Proxy:
         method: str | None = None,
         length: int | None = None,
     ) -> UpstreamResponse:
-        ip, chain = client_ip(
-            request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
-        )
+        ip, chain = self._client(request)
         headers = request_headers(request.headers, route, ip, chain, content_type, content_encoding)
         if length is not None:  # a streamed body keeps its length (no chunked encoding upstream)
             headers.append(("content-length", str(length)))
@@ -497,9 +501,7 @@ class Proxy:
         # Batches mix visitors, so each event carries its visitor's IP for
         # geolocation when the client asked for it (ip=1).
         wants_ip = payload.wants_ip
-        ip = client_ip(
-            request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
-        )[0] if wants_ip else None
+        ip = self._client(request)[0] if wants_ip else None
         rows = []
         regions = set()
         name = protocol.name
@@ -545,9 +547,7 @@ class Proxy:
         """Sync mode for a batching protocol (Segment): the request's calls,
         made ready as the sender would, go upstream as one batch now."""
         route = payload.route
-        ip = client_ip(
-            request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
-        )[0] if payload.wants_ip else None
+        ip = self._client(request)[0] if payload.wants_ip else None
         facts = [protocol.prepare(route, e, ip) for e in payload.events]
         project = facts[0].project if facts else None
         region = self.region_for[protocol.name](project)
