@@ -142,6 +142,12 @@ class ConsentSettings:
     honor_gpc: bool = True
     # DNT: 1 carries no legal weight and some browsers set it by default.
     honor_dnt: bool = False
+    # Segment calls' own context.consent.categoryPreferences (Segment's consent
+    # tools, a CMP): a browser call in which every category is false is dropped.
+    honor_segment_consent: bool = True
+    # Categories that must not be false for a browser's Segment call to be kept
+    # (names as in your workspace: "Analytics", OneTrust's "C0002"...).
+    segment_required_categories: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +191,9 @@ class SegmentSettings:
     # write key -> region; an EU workspace's events sent to the US host are lost.
     write_keys: Mapping[str, str] = field(default_factory=dict)
     mounts: tuple[str, ...] = ("/seg/",)
+    # Set analytics.js's own ajs_anonymous_id to the canonical id, server-set
+    # (not HttpOnly: the SDK reads it), so the next page starts with it.
+    set_ajs_cookie: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +456,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "default_region": _segment_region,
         "write_keys": _write_keys,
         "mounts": _mounts,
+        "set_ajs_cookie": _bool,
     },
     "cookie": {
         "name": _cookie_name,
@@ -479,6 +489,8 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "honor_mixpanel_opt_out": _bool,
         "honor_gpc": _bool,
         "honor_dnt": _bool,
+        "honor_segment_consent": _bool,
+        "segment_required_categories": _str_list,
     },
     "delivery": {
         "mode": _mode,

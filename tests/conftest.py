@@ -42,7 +42,7 @@ BROWSER = {
 async def upstream(aiohttp_server: Any) -> Any:
     fake = FakeUpstream()
     urls = {}
-    for name in ("us", "eu", "in", "decide", "cdn", "seg-us", "seg-eu"):
+    for name in ("us", "eu", "in", "decide", "cdn", "seg-us", "seg-eu", "seg-cdn"):
         server = await aiohttp_server(fake.app(name))
         urls[name] = f"http://127.0.0.1:{server.port}"
     fake.urls = urls  # type: ignore[attr-defined]
@@ -59,7 +59,7 @@ def make_settings(tmp_path: Path, fake: FakeUpstream, **sections: dict[str, Any]
             "projects": {EU_TOKEN: "eu", IN_TOKEN: "in"},
             "timeout_seconds": 5,
         },
-        "segment": {"us": urls["seg-us"], "eu": urls["seg-eu"], "write_keys": {SEG_EU_KEY: "eu"}},
+        "segment": {"us": urls["seg-us"], "eu": urls["seg-eu"], "cdn": urls["seg-cdn"], "write_keys": {SEG_EU_KEY: "eu"}},
         "cookie": {"domains": [".example.com", ".brand-b.test"], "secret": "s" * 32},
         "cors": {"allowed_origins": ["https://www.example.com", "*.example.com"]},
         # Fast enough for tests: partial batches leave after 5 ms, retries start at 0.2 s.

@@ -24,6 +24,43 @@ from aiohttp import web
 
 HOP_BY_HOP = ("connection-specific", "keep-alive", "proxy-authorization", "te", "trailer", "upgrade", "proxy-connection")
 LIB_JS = b"/* fake mixpanel-js */ window.mixpanel = window.mixpanel || {};\n"
+AJS_JS = b"/* fake analytics.js */ window.analytics = window.analytics || [];\n"
+# Write keys whose workspace the fake Segment CDN places in the EU.
+SEG_EU_WORKSPACES: set[str] = {"seg-write-key-eu", "seg-eu-unrouted"}
+
+
+def segment_settings(write_key: str) -> dict[str, Any]:
+    """A project's settings as Segment's CDN serves them (the fields analytics.js
+    reads), its apiHost naming the workspace's region."""
+    api_host = "events.eu1.segmentapis.com/v1" if write_key in SEG_EU_WORKSPACES else "api.segment.io/v1"
+    return {
+        "integrations": {
+            "Segment.io": {
+                "apiKey": write_key,
+                "unbundledIntegrations": [],
+                "addBundledMetadata": True,
+                "maybeBundledConfigIds": {},
+                "versionSettings": {"version": "4.4.7", "componentTypes": ["browser"]},
+                "apiHost": api_host,
+            }
+        },
+        "plan": {"track": {"__default": {"enabled": True, "integrations": {}}}},
+        "edgeFunction": {},
+        "analyticsNextEnabled": True,
+        "middlewareSettings": {},
+        "enabledMiddleware": {},
+        "metrics": {"sampleRate": 0, "host": api_host},
+        "legacyVideoPluginsEnabled": False,
+        "remotePlugins": [
+            {
+                "name": "Example Destination (Actions)",
+                "creationName": "Example Destination (Actions)",
+                "libraryName": "example-destinationDestination",
+                "url": "https://cdn.segment.com/next-integrations/actions/example/0123abcd.js",
+                "settings": {"subscriptions": []},
+            }
+        ],
+    }
 
 
 @dataclass
@@ -145,6 +182,13 @@ class FakeUpstream:
         path = request.path.rstrip("/")
         if name == "cdn":
             return web.Response(body=LIB_JS, content_type="application/javascript")
+        if name == "seg-cdn":  # Segment's CDN: settings per write key, scripts
+            parts = path.split("/")
+            if len(parts) == 5 and parts[1:3] == ["v1", "projects"] and parts[4] == "settings":
+                return web.json_response(segment_settings(parts[3]))
+            if path.endswith(".js"):
+                return web.Response(body=AJS_JS, content_type="application/javascript")
+            return web.Response(status=404, text="Not Found")
         if name.startswith("seg-"):  # Segment's tracking API
             if path != "/v1/batch":
                 return web.json_response({"success": False, "message": f"no route {path}"}, status=404)

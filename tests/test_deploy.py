@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from proxy.web.app import create_app
 from proxy.settings import load_settings
-from tests.conftest import b64_body, device_id, js_event, make_settings
+from tests.conftest import SEG_KEY, b64_body, device_id, js_event, make_settings
 from tests.support import self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,10 +133,28 @@ async def test_behind_real_nginx(serve_proxy, tmp_path, upstream, nginx_bin):
             assert resp.status == 200, await resp.text()
             set_cookie = resp.headers.get("Set-Cookie", "")
             assert "Domain=.example.com" in set_cookie and "HttpOnly" in set_cookie
+            # analytics.js's settings, fetched first-party through nginx, send it back
+            # here over https (X-Forwarded-Proto from nginx, a trusted peer).
+            browser = {"Host": "www.example.com", "User-Agent": "Mozilla/5.0"}
+            settings_url = f"https://127.0.0.1:{tls_port}/seg/cdn/v1/projects/{SEG_KEY}/settings"
+            got = await session.get(settings_url, headers=browser, server_hostname="www.example.com")
+            assert got.status == 200, await got.text()
+            segment_io = (await got.json())["integrations"]["Segment.io"]
+            assert (segment_io["protocol"], segment_io["apiHost"]) == ("https", "www.example.com/seg/v1")
+            call = {"type": "track", "event": "Segment through nginx", "anonymousId": device_id(), "writeKey": SEG_KEY}
+            seg = await session.post(
+                f"https://127.0.0.1:{tls_port}/seg/v1/t", data=orjson.dumps(call),
+                headers={**browser, "Content-Type": "text/plain", "X-Forwarded-For": "6.6.6.6"},
+                server_hostname="www.example.com",
+            )
+            assert seg.status == 200, await seg.text()
         # Spooled (the default): batches mix visitors, so each event carries its visitor's IP.
         [event] = await upstream.wait(1, "us", "/track")
         assert event["event"] == "Through nginx"
         assert event["properties"]["ip"] == "127.0.0.2"  # the visitor, not nginx, not the spoofed value
+        [segment_call] = await upstream.wait(1, "seg-us", "/v1/batch")
+        assert segment_call["event"] == "Segment through nginx"
+        assert segment_call["context"]["ip"] == "127.0.0.2"
     finally:
         nginx.terminate()
         nginx.wait(timeout=10)

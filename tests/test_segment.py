@@ -279,3 +279,113 @@ async def test_spooled_batches_stay_under_segments_500_kb(serve_proxy, tmp_path,
     assert len(upstream.by("seg-us", "/v1/batch")) >= 2
     assert all(len(r.body) <= 500 * 1024 for r in upstream.by("seg-us", "/v1/batch"))
     assert sorted(c["messageId"] for c in calls(upstream)) == sorted(c["messageId"] for c in sent)
+
+
+def set_cookies(response: Any, name: str) -> list[str]:
+    return [h for h in response.headers.getall("Set-Cookie", []) if h.startswith(name + "=")]
+
+
+async def test_the_ajs_cookie_carries_the_canonical_id_for_analytics_js(proxy_client, upstream):
+    client = await proxy_client()
+    anon = str(uuid.uuid4())
+    resp = await client.post("/seg/v1/p", data=orjson.dumps(ajs_call("page", anon)),
+                             headers={**BROWSER, **PLAIN, "Host": "www.example.com"})
+    assert resp.status == 200
+    canonical = canonical_of(cookie_from(resp))
+    [ajs] = set_cookies(resp, "ajs_anonymous_id")
+    # Server-set, readable by analytics.js (no HttpOnly), the identity cookie's domain and lifetime.
+    assert ajs == f"ajs_anonymous_id={canonical}; Domain=.example.com; Path=/; Max-Age={400 * 86400}; SameSite=Lax; Secure"
+    # A host outside the cookie domains gets a host-only cookie.
+    other = await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", anon, event="x")),
+                              headers={**BROWSER, **PLAIN, "Host": "shop.elsewhere.test"})
+    [host_only] = set_cookies(other, "ajs_anonymous_id")
+    assert "Domain=" not in host_only and "HttpOnly" not in host_only
+
+    # Mixpanel's answers and server SDKs' calls set no ajs cookie.
+    mp = await client.post("/mp/track/", data=b64_body([js_event("x", str(uuid.uuid4()))]),
+                           headers={**BROWSER, "Content-Type": "application/x-www-form-urlencoded"})
+    assert cookie_from(mp) and set_cookies(mp, "ajs_anonymous_id") == []
+    server = await client.post("/seg/v1/batch", data=orjson.dumps({"batch": [ajs_call("track", anon, event="y")]}),
+                               headers={"Content-Type": "application/json", "User-Agent": "analytics-python/2.3"})
+    assert server.status == 200 and set_cookies(server, "ajs_anonymous_id") == []
+
+
+async def test_the_ajs_cookie_can_be_left_to_analytics_js(proxy_client, upstream):
+    client = await proxy_client(segment={"set_ajs_cookie": False})
+    resp = await client.post("/seg/v1/p", data=orjson.dumps(ajs_call("page", str(uuid.uuid4()))), headers={**BROWSER, **PLAIN})
+    assert resp.status == 200 and cookie_from(resp)
+    assert set_cookies(resp, "ajs_anonymous_id") == []
+
+
+def consent(**categories: bool) -> dict[str, Any]:
+    """``context.consent`` as Segment's consent tools stamp it on every call."""
+    return {"categoryPreferences": categories}
+
+
+def with_consent(call: dict[str, Any], **categories: bool) -> dict[str, Any]:
+    call["context"]["consent"] = consent(**categories)
+    return call
+
+
+async def test_segment_calls_honour_their_own_consent_categories(proxy_client, upstream, tmp_path):
+    from tests.test_consent import log_records
+    from tests.support import metric
+
+    client = await proxy_client(consent={"segment_required_categories": ["Analytics"]})
+    anon = str(uuid.uuid4())
+    headers = {**BROWSER, **PLAIN}
+    # Every category refused: the call is dropped before identity, the SDK told "accepted".
+    refused = with_consent(ajs_call("track", anon, event="Refused all"), Analytics=False, Advertising=False)
+    resp = await client.post("/seg/v1/t", data=orjson.dumps(refused), headers=headers)
+    assert resp.status == 200 and await resp.json() == {"success": True}
+    assert cookie_from(resp) is None
+    # A batch from analytics.js's batching strategy: one call refuses a required
+    # category, one grants it, one says nothing of it (pruned): two go on.
+    batch = [
+        with_consent(ajs_call("track", anon, event="No analytics"), Analytics=False, Advertising=True),
+        with_consent(ajs_call("track", anon, event="Granted"), Analytics=True, Advertising=False),
+        with_consent(ajs_call("track", anon, event="Unnamed"), Advertising=True),
+    ]
+    resp = await client.post("/seg/v1/b", data=orjson.dumps({"batch": batch, "writeKey": SEG_KEY}), headers=headers)
+    assert resp.status == 200 and cookie_from(resp)
+    # A server SDK's call is not checked: its backend decided to send it.
+    server = with_consent(ajs_call("track", anon, event="Server"), Analytics=False)
+    resp = await client.post("/seg/v1/batch", data=orjson.dumps({"batch": [server], "writeKey": SEG_KEY}),
+                             headers={"Content-Type": "application/json", "User-Agent": "analytics-python/2.3"})
+    assert resp.status == 200
+    await eventually(lambda: len(calls(upstream)) == 3, 10, "three Segment calls")
+    delivered = {c["event"]: c for c in calls(upstream)}
+    assert set(delivered) == {"Granted", "Unnamed", "Server"}
+    # Forwarded with their consent intact: Segment filters destinations by it.
+    assert delivered["Granted"]["context"]["consent"] == consent(Analytics=True, Advertising=False)
+
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, 'firstparty_consent_dropped_total{reason="segment_consent"}') == 2
+    records = await log_records(client, tmp_path)
+    dropped = [(r["route"], r["events"], r["reason"]) for r in records if r["outcome"] == "dropped"]
+    assert dropped == [("track", ["Refused all"], "consent: segment_consent"),
+                       ("batch", ["No analytics"], "consent: segment_consent")]
+    assert anon.encode() not in orjson.dumps(dropped)
+
+
+async def test_browser_signals_drop_segment_calls_too(proxy_client, upstream):
+    client = await proxy_client(consent={"honor_segment_consent": False})
+    gpc = await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", str(uuid.uuid4()), event="GPC")),
+                            headers={**BROWSER, **PLAIN, "Sec-GPC": "1"})
+    assert gpc.status == 200 and cookie_from(gpc) is None
+    # Segment's consent not honoured: a call refusing everything goes on.
+    off = with_consent(ajs_call("track", str(uuid.uuid4()), event="Not honoured"), Analytics=False)
+    assert (await client.post("/seg/v1/t", data=orjson.dumps(off), headers={**BROWSER, **PLAIN})).status == 200
+    await eventually(lambda: len(calls(upstream)) == 1, 10, "one Segment call")
+    assert [c["event"] for c in calls(upstream)] == ["Not honoured"]
+
+
+def test_refuses_reads_category_preferences():
+    call = ajs_call("track", "a" * 12, event="x")
+    assert not segment.refuses(call, ())
+    assert not segment.refuses(with_consent(call, Analytics=True, Ads=False), ())
+    assert segment.refuses(with_consent(call, Analytics=True, Ads=False), ("Ads",))
+    assert segment.refuses(with_consent(call, Analytics=False, Ads=False), ())
+    assert not segment.refuses(with_consent(call), ("Ads",))  # an empty object says nothing
+    call["context"]["consent"] = {"categoryPreferences": {"Ads": "false"}}  # not a boolean: no signal
+    assert not segment.refuses(call, ("Ads",))

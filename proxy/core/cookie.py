@@ -58,7 +58,9 @@ def cookie_values(header: str | None, name: str) -> list[str]:
 class CookieJar:
     """Signs, verifies and formats the identity cookie for one configuration."""
 
-    __slots__ = ("name", "_secret", "_domains", "_suffix_by_domain", "_host_only_suffix", "_sealed", "_max_age")
+    __slots__ = (
+        "name", "_secret", "_domains", "_suffix_by_domain", "_host_only_suffix", "_sealed", "_max_age", "_readable",
+    )
 
     def __init__(self, settings: CookieSettings) -> None:
         self.name = settings.name
@@ -66,8 +68,14 @@ class CookieJar:
         self._domains = settings.domains
         self._max_age = f"; Max-Age={settings.max_age_days * 86400}"
         common = f"; Path=/{self._max_age}; HttpOnly; SameSite=Lax"
+        readable = f"; Path=/{self._max_age}; SameSite=Lax"
         if settings.secure:
             common += "; Secure"
+            readable += "; Secure"
+        # Cookies an SDK reads itself (analytics.js's ajs_anonymous_id): the
+        # same Domain, Path and lifetime, without HttpOnly.
+        self._readable = {d: f"; Domain={d}{readable}" for d in settings.domains}
+        self._readable[None] = readable
         self._host_only_suffix = common
         self._suffix_by_domain = {d: f"; Domain={d}{common}" for d in settings.domains}
         # Recently sealed values: a visitor's next hits reuse the HMAC.
@@ -108,6 +116,12 @@ class CookieJar:
         domain = self.domain_for(host)
         suffix = self._suffix_by_domain[domain] if domain else self._host_only_suffix
         return f"{self.name}={suffix.replace(self._max_age, '; Max-Age=0')}"
+
+    def readable_cookie_header(self, name: str, value: str, host: str) -> str:
+        """A ``Set-Cookie`` for a cookie the page's script reads (not HttpOnly),
+        with the identity cookie's domain choice. ``value`` must be cookie-safe
+        (a ``valid_id``)."""
+        return f"{name}={value}{self._readable[self.domain_for(host)]}"
 
     def set_cookie_header(self, canonical: str, host: str, sealed: str | None = None) -> str:
         """The full ``Set-Cookie`` value for a response to ``host``."""

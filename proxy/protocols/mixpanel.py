@@ -403,6 +403,12 @@ def classify(status: int, body: bytes, retry_after: str | None) -> Verdict:
     return verdict
 
 
+def refuses(event: dict[str, Any], required: tuple[str, ...]) -> bool:
+    """Mixpanel events carry no consent of their own: mixpanel-js's opt-out is a
+    cookie (``core.consent``), and an opted-out SDK sends nothing."""
+    return False
+
+
 class Mixpanel:
     """The protocol as one object (``base.WireProtocol``): what the pipeline
     and the sender call."""
@@ -420,6 +426,7 @@ class Mixpanel:
     names = staticmethod(names)
     find_token = staticmethod(find_token)
     strip_tokens = staticmethod(strip_tokens)
+    refuses = staticmethod(refuses)
     rewrite = staticmethod(rewrite)
     prepare = staticmethod(prepare)
     batch = staticmethod(batch)

@@ -212,6 +212,21 @@ def strip_tokens(route: str, event: dict[str, Any], param: str) -> int:
     return stripped
 
 
+def refuses(event: dict[str, Any], required: tuple[str, ...]) -> bool:
+    """The call's own consent (``context.consent.categoryPreferences``, stamped
+    by Segment's consent tools from the site's CMP) refuses tracking: every
+    category is false, or one of ``required`` is. A category the call does not
+    name is no signal (consent tools prune unmapped ones)."""
+    context = event.get("context")
+    consent = context.get("consent") if isinstance(context, dict) else None
+    prefs = consent.get("categoryPreferences") if isinstance(consent, dict) else None
+    if not isinstance(prefs, dict) or not prefs:
+        return False
+    if all(value is False for value in prefs.values()):
+        return True
+    return any(prefs.get(category) is False for category in required)
+
+
 def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]:
     out: list[Rewrite] = []
     rewrite_fields(event, _ALIAS_FIELDS if event.get("type") == "alias" else _CALL_FIELDS, mapping, out)
@@ -261,6 +276,7 @@ class Segment:
     names = staticmethod(names)
     find_token = staticmethod(find_token)
     strip_tokens = staticmethod(strip_tokens)
+    refuses = staticmethod(refuses)
     rewrite = staticmethod(rewrite)
     prepare = staticmethod(prepare)
     batch = staticmethod(batch)

@@ -95,7 +95,7 @@ class Metrics:
         self.consent_dropped = Counter(
             "firstparty_consent_dropped",
             "Events dropped because the browser refused tracking, by signal: opt_out_cookie, mixpanel_opt_out,"
-            " gpc, dnt, token",
+            " gpc, dnt, token, segment_consent",
             ["reason"],
             registry=r,
         )

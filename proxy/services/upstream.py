@@ -113,6 +113,11 @@ class Endpoint:
         host_header = header_host if port == default_port else f"{header_host}:{port}"
         return cls(scheme, host, port, parts.path.rstrip("/"), host_header)
 
+    @property
+    def origin(self) -> str:
+        """``scheme://host[:port][/base]``, as configured (normalised)."""
+        return f"{self.scheme}://{self.host_header}{self.base_path}"
+
     def url(self, target: str) -> URL:
         """The absolute URL of ``target`` (an already-encoded path and query)."""
         return URL(f"{self.scheme}://{self.host_header}{self.base_path}{target}", encoded=True)

@@ -100,9 +100,13 @@ def create_app(settings: Settings) -> web.Application:
         add("*", f"{mount}{{tail:.*}}", proxy.mount(mount))
     # Segment: analytics.js's per-call paths (/v1/t ...), its batches (/v1/b),
     # the HTTP API's names and /v1/batch of the server SDKs.
+    # analytics.js, its bundles and settings first-party (/seg/cdn/...), and
+    # its own metrics (/v1/m), answered here and not forwarded.
     for mount in settings.segment.mounts:
         for route in sorted(segment_protocol.EVENT_ROUTES):
             add("*", f"{mount}v1/{route}", proxy.event_route(route, f"/v1/{route}", SEGMENT))
+        add("*", f"{mount}v1/m", proxy.sdk_metrics)
+        add("*", f"{mount}cdn/{{tail:.*}}", proxy.cdn.segment(mount))
     for mount in server.decide_mounts:
         add("*", f"{mount}{{tail:.*}}", proxy.decide_mount(mount))
     add("*", "/hub/resolve", only(GET, cross.hub_resolve))

@@ -48,6 +48,7 @@ from ..protocols import mixpanel
 from ..protocols.base import Answer, Payload, WireProtocol
 from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ID_FIELDS, QUERY_ROUTES
 from ..protocols.segment import SEGMENT
+from .cdn import LIB_PATHS, FirstPartyCdn
 from .crossdomain import CrossDomain
 from .http import json_response, query_pairs, read_body, request_host
 from .http import raw_query as raw_query_of
@@ -69,8 +70,7 @@ log = logging.getLogger(__name__)
 # /record bodies above this are streamed to the upstream instead of read whole.
 STREAM_BODY_BYTES = 64 * 1024
 SPOOL_RETRY_AFTER = "5"
-LIB_PATHS = {"lib.min.js": "/libs/mixpanel-2-latest.min.js", "lib.js": "/libs/mixpanel-2-latest.js"}
-LIB_CACHE_SECONDS = 3600
+AJS_COOKIE = "ajs_anonymous_id"
 _MAX_LOGGED_REWRITES = 50
 
 
@@ -137,6 +137,7 @@ class Proxy:
         self.aliases = dict(settings.server.route_aliases)
         self.s: Services
         self.cross = CrossDomain(self)
+        self.cdn = FirstPartyCdn(self)
         self.resolver: Resolver
 
     def bind(self, services: Services) -> None:
@@ -163,8 +164,22 @@ class Proxy:
             request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
         )
 
+    def public_scheme(self, request: web.Request) -> str:
+        """The scheme the visitor used: ``X-Forwarded-Proto`` from a trusted
+        proxy (nginx terminating TLS), else this connection's own."""
+        if request.remote in self._trusted:
+            proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+            if proto in ("http", "https"):
+                return proto
+        return request.scheme
+
     def _finish(
-        self, response: web.Response, visit: Visit, resolution: Resolution | None, route: str = "other"
+        self,
+        response: web.Response,
+        visit: Visit,
+        resolution: Resolution | None,
+        route: str = "other",
+        protocol: WireProtocol = MIXPANEL,
     ) -> web.Response:
         self.s.metrics.request(route, response.status)
         if visit.origin:
@@ -172,6 +187,13 @@ class Proxy:
         if visit.browser and resolution is not None and resolution.canonical:
             sealed = visit.cookie_raw if resolution.source == SOURCE_COOKIE else None
             response.headers["Set-Cookie"] = self.s.jar.set_cookie_header(resolution.canonical, visit.host, sealed)
+            if protocol is SEGMENT and self.s.settings.segment.set_ajs_cookie:
+                # analytics.js reads its anonymous id from this cookie first: the
+                # next page starts with the canonical id, past Safari's 7-day cap
+                # on script-set cookies (this one is set by the server).
+                response.headers.add(
+                    "Set-Cookie", self.s.jar.readable_cookie_header(AJS_COOKIE, resolution.canonical, visit.host)
+                )
             # A cookie-bearing answer must never be cached by a shared cache.
             response.headers["Cache-Control"] = "private, no-store"
         return response
@@ -226,6 +248,20 @@ class Proxy:
         """Consent refused: nothing is resolved, spooled or forwarded. The SDK is
         answered as if accepted (``response``, so it does not retry), the identity
         cookie is deleted, and the drop is logged and counted, without any id."""
+        self._record_drop(route, names, count, project, why)
+        self._finish(response, visit, None, route)
+        if visit.cookie_raw:
+            response.headers.add("Set-Cookie", self.s.jar.expire_header(visit.host))
+        if why == "token" and self.s.settings.consent.opt_out_cookie:
+            domain = self.s.jar.domain_for(visit.host)
+            secure = self.s.settings.cookie.secure
+            response.headers.add(
+                "Set-Cookie", consent.opt_out_cookie_header(self.s.settings.consent, domain, secure)
+            )
+        response.headers["Cache-Control"] = "private, no-store"
+        return response
+
+    def _record_drop(self, route: str, names: list[str], count: int, project: str | None, why: str) -> None:
         self.s.metrics.consent_dropped.labels(why).inc(count)
         self.s.metrics.outcome("dropped", route, count)
         self.s.forwarded.record(
@@ -240,17 +276,21 @@ class Proxy:
                 "status": None,
             }
         )
-        self._finish(response, visit, None, route)
-        if visit.cookie_raw:
-            response.headers.add("Set-Cookie", self.s.jar.expire_header(visit.host))
-        if why == "token" and self.s.settings.consent.opt_out_cookie:
-            domain = self.s.jar.domain_for(visit.host)
-            secure = self.s.settings.cookie.secure
-            response.headers.add(
-                "Set-Cookie", consent.opt_out_cookie_header(self.s.settings.consent, domain, secure)
-            )
-        response.headers["Cache-Control"] = "private, no-store"
-        return response
+
+    def _consented(
+        self, protocol: WireProtocol, route: str, payload: Payload, project: str | None
+    ) -> list[dict[str, Any]]:
+        """The events whose own consent (Segment's ``context.consent``) does not
+        refuse tracking; the others are dropped here, logged and counted."""
+        settings = self.s.settings.consent
+        if not settings.honor_segment_consent or not payload.mentions("categoryPreferences"):
+            return payload.events
+        required = settings.segment_required_categories
+        kept = [e for e in payload.events if not protocol.refuses(e, required)]
+        if len(kept) < len(payload.events) and kept:
+            refused = [e for e in payload.events if protocol.refuses(e, required)]
+            self._record_drop(route, protocol.names(route, refused), len(refused), project, "segment_consent")
+        return kept
 
     def _strip_tokens(self, protocol: WireProtocol, route: str, events: list[dict[str, Any]]) -> int:
         param = self.s.settings.identity.token_param
@@ -358,7 +398,7 @@ class Proxy:
                 endpoint = self.s.upstreams.decide if name == "decide" else None
                 return await self.query_route(request, name, f"/{name}{trailing}", endpoint)
             if name in LIB_PATHS:
-                return await self.lib(request, name)
+                return await self.cdn.mixpanel_lib(request, name)
         if len(parts) == 3 and parts[0] == "flags" and parts[2] == "first-time-events":
             return await self.query_route(request, "flags-first-time", "/" + "/".join(parts) + trailing, None)
         return self._not_found(request)
@@ -423,6 +463,7 @@ class Proxy:
         param = self.s.settings.identity.token_param
         token = None
         stripped = 0
+        filtered = False
         # Tokens can only be in events whose text mentions the parameter.
         mentioned = payload.mentions(param + "=")
         if visit.browser and route != "import":
@@ -430,6 +471,13 @@ class Proxy:
         project = protocol.project(route, events)
         if visit.browser and route in protocol.spooled_routes:
             refused = self._refused(request, visit, token)
+            if not refused:
+                kept = self._consented(protocol, route, payload, project)
+                if not kept:
+                    refused = "segment_consent"
+                elif len(kept) < len(events):
+                    events = payload.events = kept
+                    filtered = True  # the body changed: re-encoded if forwarded as is
             if refused:
                 names = protocol.names(route, events)
                 accepted = answer(protocol.accepted(verbose))
@@ -461,7 +509,7 @@ class Proxy:
             raw_query = urlencode([(k, v) for k, v in query if k != param])
         content_type = request.headers.get("content-type")
         content_encoding = request.headers.get("content-encoding")
-        if rewrites or stripped:
+        if rewrites or stripped or filtered:
             new_body, new_type, new_query = mixpanel.reencode(payload, [(k, v) for k, v in query if k != param])
             if new_query is not None:
                 raw_query = new_query
@@ -532,7 +580,7 @@ class Proxy:
         self.s.metrics.accepted(route, len(rows))
         for region in regions:
             self.s.sender.notify(region)
-        return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route)
+        return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route, protocol)
 
     async def _forward_batch(
         self,
@@ -560,13 +608,13 @@ class Proxy:
             )
         except UpstreamError as exc:
             self._log(route, region, project, names, resolution, rewrites, 502, started, str(exc))
-            return self._finish(answer(protocol.error(502, str(exc), True)), visit, resolution, route)
+            return self._finish(answer(protocol.error(502, str(exc), True)), visit, resolution, route, protocol)
         self._log(route, region, project, names, resolution, rewrites, upstream.status, started)
         if 200 <= upstream.status < 300:
             self.s.metrics.accepted(route, len(payload.events))
-            return self._finish(answer(protocol.accepted(True)), visit, resolution, route)
+            return self._finish(answer(protocol.accepted(True)), visit, resolution, route, protocol)
         response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
-        return self._finish(response, visit, resolution, route)
+        return self._finish(response, visit, resolution, route, protocol)
 
     async def query_route(
         self, request: web.Request, route: str, path: str, endpoint: Endpoint | None
@@ -635,30 +683,17 @@ class Proxy:
         response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
         return self._finish(response, visit, resolution, route)
 
-    async def lib(self, request: web.Request, name: str) -> web.Response:
-        """The mixpanel-js library itself, first-party, cached."""
-        cdn_path = LIB_PATHS[name]
-        cached = await self.s.lib_cache.get(cdn_path)
-        if cached is None:
-            try:
-                # Redirects are followed (a CDN moving a path is not an outage) and a
-                # compressed answer arrives decoded: what is cached is the script itself.
-                upstream = await self.s.client.request(
-                    self.s.upstreams.cdn, "GET", cdn_path, [("accept", "*/*")], None,
-                    timeout=self.s.upstreams.timeout, follow_redirects=True,
-                )
-            except UpstreamError as exc:
-                return error_response(502, str(exc), True)
-            if upstream.status != 200:
-                return web.Response(status=502, text=f"CDN answered {upstream.status}\n")
-            cached = upstream.body
-            await self.s.lib_cache.set(cdn_path, cached, ttl=LIB_CACHE_SECONDS)
-        return web.Response(
-            body=cached,
-            content_type="application/javascript",
-            charset="utf-8",
-            headers={"Cache-Control": f"public, max-age={LIB_CACHE_SECONDS}"},
-        )
+    async def sdk_metrics(self, request: web.Request) -> web.Response:
+        """analytics.js's own telemetry (``/v1/m``: load errors, retries, sampled):
+        about the SDK, not the visitor, and of use only to Segment. Answered
+        here, counted, never forwarded."""
+        if request.method == "OPTIONS":
+            return self.preflight(request)
+        self.s.metrics.request("sdk-metrics", 200)
+        response = answer(SEGMENT.accepted(True))
+        if request.headers.get("origin"):
+            response.headers.update(self.s.origins.headers(request.headers["origin"]))
+        return response
 
     async def metrics(self, request: web.Request) -> web.Response:
         self.s.metrics.store_errors.set(self.s.store.errors)
