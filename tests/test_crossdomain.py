@@ -172,6 +172,64 @@ async def test_replay_by_another_browser_is_refused(xclient, upstream):
     assert metric(text, 'firstparty_identity_tokens_total{result="replayed"}') == 1
 
 
+async def test_a_second_sdk_on_the_landing_page_is_the_same_browser(xclient, upstream):
+    """mixpanel-js and analytics.js on B both present the landing URL's token, each
+    with its own id; the second, sent with the cookie the first one's answer set, is
+    the same browser, not a replay."""
+    import orjson
+
+    from tests.conftest import SEG_KEY
+
+    cookie_a = await visit_a(xclient)
+    location = await go_to_b(xclient, cookie_a)
+    canonical = canonical_of(cookie_a)
+    first = await xclient.post(TRACK, data=b64_body([landing_event(location, device_id())]), headers=browser(B))
+    cookie_b = cookie_from(first)
+    assert canonical_of(cookie_b) == canonical
+    call = {"type": "page", "anonymousId": device_id(), "writeKey": SEG_KEY, "context": {"page": {"url": location}}}
+    seg = await xclient.post("/seg/v1/p", data=orjson.dumps(call), headers={**browser(B, cookie_b), "Content-Type": "text/plain"})
+    assert seg.status == 200 and canonical_of(cookie_from(seg)) == canonical
+    [forwarded] = await upstream.wait(1, "seg-us", "/v1/batch")
+    assert forwarded["anonymousId"] == canonical
+    assert "fpb=" not in forwarded["context"]["page"]["url"]
+    # A browser holding another canonical id is still refused.
+    other = await xclient.post(TRACK, data=b64_body([js_event("Elsewhere", device_id())]), headers=browser(B))
+    stolen = await xclient.post(TRACK, data=b64_body([landing_event(location, device_id())]),
+                                headers=browser(B, cookie_from(other)))
+    assert canonical_of(cookie_from(stolen)) != canonical
+    text = await (await xclient.get("/metrics")).text()
+    assert metric(text, 'firstparty_identity_tokens_total{result="replayed"}') == 1
+
+
+async def test_both_sdks_landing_at_once_redeem_the_token_as_one_browser(xclient, upstream):
+    """mixpanel-js's and analytics.js's first requests on B leave together, neither with
+    fp_id; both carry the ajs_anonymous_id analytics.js wrote: one browser, one claim."""
+    import asyncio
+
+    import orjson
+
+    from tests.conftest import SEG_KEY
+
+    cookie_a = await visit_a(xclient)
+    location = await go_to_b(xclient, cookie_a)
+    canonical = canonical_of(cookie_a)
+    anon = device_id()
+    jar = {**browser(B), "Cookie": f"ajs_anonymous_id={anon}"}
+    call = {"type": "page", "anonymousId": anon, "writeKey": SEG_KEY, "context": {"page": {"url": location}}}
+    mp, seg = await asyncio.gather(
+        xclient.post(TRACK, data=b64_body([landing_event(location, device_id())]), headers=jar),
+        xclient.post("/seg/v1/p", data=orjson.dumps(call), headers={**jar, "Content-Type": "text/plain"}),
+    )
+    assert canonical_of(cookie_from(mp)) == canonical_of(cookie_from(seg)) == canonical
+    # Someone else opening the landing URL (their own analytics.js id) is refused.
+    thief = {**browser(B), "Cookie": f"ajs_anonymous_id={device_id()}"}
+    stolen = await xclient.post(TRACK, data=b64_body([landing_event(location, device_id())]), headers=thief)
+    assert canonical_of(cookie_from(stolen)) != canonical
+    text = await (await xclient.get("/metrics")).text()
+    assert metric(text, 'firstparty_identity_tokens_total{result="replayed"}') == 1
+    assert metric(text, 'firstparty_identity_tokens_total{result="redeemed_bridge"}') == 1
+
+
 @pytest.mark.parametrize(
     "target",
     [

@@ -389,3 +389,50 @@ def test_refuses_reads_category_preferences():
     assert not segment.refuses(with_consent(call), ("Ads",))  # an empty object says nothing
     call["context"]["consent"] = {"categoryPreferences": {"Ads": "false"}}  # not a boolean: no signal
     assert not segment.refuses(call, ("Ads",))
+
+
+@pytest.mark.parametrize("written", ["{id}", "%22{id}%22"])  # analytics.js 2.x, and 1.0's JSON
+async def test_both_sdks_first_requests_agree_through_the_ajs_cookie(proxy_client, upstream, written):
+    """A fresh browser on a page running both SDKs: analytics.js has written its
+    ajs_anonymous_id, and mixpanel-js's first request leaves before any answer set
+    fp_id. Both requests, each a first visit, adopt analytics.js's id."""
+    client = await proxy_client()
+    anon, device = str(uuid.uuid4()), str(uuid.uuid4())
+    jar = {"Cookie": "ajs_anonymous_id=" + written.format(id=anon) + "; ajs_user_id=null"}
+    mp, seg = await asyncio.gather(
+        client.post("/mp/track/?ip=1", data=b64_body([js_event("Page", device)]),
+                    headers={**BROWSER, **jar, "Content-Type": "application/x-www-form-urlencoded"}),
+        client.post("/seg/v1/p", data=orjson.dumps(ajs_call("page", anon)), headers={**BROWSER, **PLAIN, **jar}),
+    )
+    assert canonical_of(cookie_from(mp)) == canonical_of(cookie_from(seg)) == anon
+    [event] = await upstream.wait(1, "us", "/track")
+    assert event["properties"]["$device_id"] == anon and event["properties"]["distinct_id"] == f"$device:{anon}"
+    await eventually(lambda: len(calls(upstream)) == 1, 10, "the Segment call")
+    assert calls(upstream)[0]["anonymousId"] == anon
+    # Later, mixpanel-js's own id is known: rewritten through the alias store too.
+    server = await client.post("/mp/track", data="data=" + orjson.dumps(js_event("Server", device)).decode(),
+                               headers={"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "mixpanel-python/5.4"})
+    assert server.status == 200
+    events = await upstream.wait(2, "us", "/track")
+    assert events[-1]["properties"]["$device_id"] == anon
+
+
+async def test_the_ajs_cookie_is_no_hint_when_the_proxy_leaves_it_alone(proxy_client, upstream):
+    client = await proxy_client(segment={"set_ajs_cookie": False})
+    anon, device = str(uuid.uuid4()), str(uuid.uuid4())
+    mp = await client.post("/mp/track/", data=b64_body([js_event("Page", device)]),
+                           headers={**BROWSER, "Cookie": f"ajs_anonymous_id={anon}",
+                                    "Content-Type": "application/x-www-form-urlencoded"})
+    assert canonical_of(cookie_from(mp)) == device  # first come: mixpanel-js's own id
+
+
+def test_a_known_hint_brings_its_canonical_id():
+    from proxy.core.identity import resolve_browser
+
+    known = resolve_browser(None, ["dev-00000001"], {"ajs-0000001": "canon-00001"}, hint="ajs-0000001")
+    assert (known.canonical, known.source, known.mapping) == ("canon-00001", "alias", {"dev-00000001": "canon-00001"})
+    # The payload's own id, when the store knows it, wins over the hint.
+    own = resolve_browser(None, ["dev-00000001"], {"dev-00000001": "canon-00002"}, hint="ajs-0000001")
+    assert own.canonical == "canon-00002"
+    # An id not fit for a cookie is no hint.
+    assert resolve_browser(None, ["dev-00000001"], {}, hint="bad id;").canonical == "dev-00000001"

@@ -68,17 +68,24 @@ def resolve_browser(
     known: Mapping[str, str],
     new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     carried: tuple[str, str] | None = None,
+    hint: str | None = None,
 ) -> Resolution:
     """One canonical id for a browser request.
 
     ``carried`` is (canonical id, "bridge" or "hub") from a valid token in this
-    request: it comes first, before the cookie."""
+    request: it comes first, before the cookie. ``hint`` is the id another SDK
+    of the same page keeps in a cookie this request carried (analytics.js's
+    ``ajs_anonymous_id``): for a browser with no identity cookie yet, it is
+    the id adopted, so both SDKs' first requests, in flight together, agree."""
     if carried and valid_id(carried[0]):
         canonical, source = carried
     elif cookie_id:
         canonical, source = cookie_id, SOURCE_COOKIE
     elif incoming and known.get(incoming[0]):
         canonical, source = known[incoming[0]], SOURCE_ALIAS
+    elif incoming and hint and valid_id(hint):
+        canonical = known.get(hint) or hint
+        source = SOURCE_ALIAS if known.get(hint) else SOURCE_NEW
     elif incoming:
         # First come: adopt the SDK's own id, so a single-domain site sees no
         # change; an id we could not safely put in a cookie gets a fresh one.

@@ -52,10 +52,12 @@ class Resolver:
         carried: tuple[str, str] | None = None,
         anonymous: bool = False,
         project: str | None = None,
+        hint: str | None = None,
     ) -> Resolution:
         """The canonical id of a request and the rewrites it implies.
 
-        ``carried`` is what a valid bridge/hub token in the request names."""
+        ``carried`` is what a valid bridge/hub token in the request names;
+        ``hint`` another SDK's id from a cookie (``identity.resolve_browser``)."""
         if not browser:
             resolution = resolve_server(await self.store.get_many(server_ids))
         else:
@@ -68,8 +70,10 @@ class Resolver:
                 if reset:
                     cookie_id = None  # a new person on this browser: a new canonical id
             lookup = [] if carried or cookie_id or reset or not incoming else incoming[:1]
+            if lookup and hint and hint != lookup[0]:
+                lookup.append(hint)
             known = await self.store.get_many(lookup)
-            resolution = resolve_browser(cookie_id, incoming, known, carried=carried)
+            resolution = resolve_browser(cookie_id, incoming, known, carried=carried, hint=hint)
             if reset:
                 resolution.source = SOURCE_RESET
             if watch and resolution.canonical and resolution.source != SOURCE_COOKIE:

@@ -153,8 +153,16 @@ class CrossDomain:
     def _count(self, result: str) -> None:
         self.p.s.metrics.tokens.labels(result).inc()
 
-    async def redeem(self, token: str, host: str, incoming: list[str]) -> tuple[str, str] | None:
-        """(canonical id, source) carried by a valid token for this host, else None."""
+    async def redeem(
+        self, token: str, host: str, incoming: list[str], cookie_id: str | None = None, hint: str | None = None
+    ) -> tuple[str, str] | None:
+        """(canonical id, source) carried by a valid token for this host, else None.
+
+        The first browser to present a token claims it, known by analytics.js's
+        cookie id (``hint``) where there is one, else by its first device id.
+        Another id presenting it from a browser whose identity cookie already
+        holds the token's canonical id is the same browser (a second SDK on the
+        landing page, analytics.js beside mixpanel-js): not a replay."""
         cfg = self._cfg
         audience = linked_domain(host, cfg.linked_domains)
         if audience is None:
@@ -166,9 +174,11 @@ class CrossDomain:
             self._count(outcome.split(" ")[0])
             log.info("identity token refused on %s: %s", host, outcome)
             return None
-        owner = incoming[0] if incoming else "-"
+        owner = hint or (incoming[0] if incoming else "-")
         first = await self.p.s.store.claim_once("token:" + claims.token_id, owner, cfg.token_ttl_seconds + 60)
         if first is not None and first != owner:
+            if cookie_id == claims.canonical_id:
+                return claims.canonical_id, outcome
             self._count("replayed")
             log.warning("identity token replayed on %s by another browser; ignored", host)
             return None
@@ -181,6 +191,8 @@ class CrossDomain:
         """This browser's canonical id, minting one when it has none yet."""
         if visit.cookie_id:
             return visit.cookie_id, "cookie"
+        if visit.hint:  # analytics.js's id: its next call adopts it anyway
+            return visit.hint, "new"
         return str(uuid.uuid4()), "new"
 
     # ----------------------------------------------------------- handlers

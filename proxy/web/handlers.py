@@ -34,7 +34,7 @@ from aiohttp import StreamReader, web
 
 from ..core import consent
 from ..core.clientip import TrustedProxies, client_ip
-from ..core.cookie import CookieJar, cookie_values
+from ..core.cookie import CookieJar, cookie_values, valid_id
 from ..core.cors import OriginPolicy
 from ..errors import BadRequest, PayloadTooLarge, UpstreamError
 from ..services.forwardlog import ForwardedLog
@@ -101,6 +101,20 @@ class Visit:
     host: str
     cookie_id: str | None
     cookie_raw: str | None
+    # With no identity cookie: analytics.js's own id from its cookie, if any.
+    hint: str | None = None
+
+
+def ajs_id(cookie_header: str | None) -> str | None:
+    """analytics.js's anonymous id from its ``ajs_anonymous_id`` cookie: the id
+    as it writes it, or JSON-quoted and URL-encoded as analytics.js 1.0 did."""
+    if not cookie_header or AJS_COOKIE not in cookie_header:
+        return None
+    for value in cookie_values(cookie_header, AJS_COOKIE):
+        value = value.replace("%22", "")
+        if valid_id(value):
+            return value
+    return None
 
 
 def is_browser(headers: Mapping[str, str]) -> bool:
@@ -156,7 +170,10 @@ class Proxy:
                 if cookie_id:
                     cookie_raw = raw
                     break
-        return Visit(browser, headers.get("origin"), request_host(headers.get("host")), cookie_id, cookie_raw)
+        hint = None
+        if browser and cookie_id is None and self.s.settings.segment.set_ajs_cookie:
+            hint = ajs_id(headers.get("cookie"))
+        return Visit(browser, headers.get("origin"), request_host(headers.get("host")), cookie_id, cookie_raw, hint)
 
     def _client(self, request: web.Request) -> tuple[str | None, list[str]]:
         """The visitor's IP and the forwarding chain, trusting only configured proxies."""
@@ -215,7 +232,11 @@ class Proxy:
         project: str | None = None,
     ) -> Resolution:
         browser = visit.browser and route != "import"
-        carried = await self.cross.redeem(token, visit.host, incoming) if browser and token else None
+        carried = (
+            await self.cross.redeem(token, visit.host, incoming, visit.cookie_id, visit.hint)
+            if browser and token
+            else None
+        )
         return await self.resolver.resolve(
             browser=browser,
             cookie_id=visit.cookie_id,
@@ -226,6 +247,7 @@ class Proxy:
             carried=carried,
             anonymous=anonymous,
             project=project,
+            hint=visit.hint,
         )
 
     def _refused(self, request: web.Request, visit: Visit, token: str | None) -> str | None:

@@ -54,9 +54,9 @@
 import { chromium } from 'playwright-core';
 
 // The proxy's paths: /mp/ and /mp-decide/ (the SDK's, /mp/go, link.js, hub.js), the neutral
-// mount the tests configure (/a1/), and the
+// mount the tests configure (/a1/), Segment's /seg/ (calls and the first-party CDN), and the
 // identity hub's /hub/ (ping, resolve).
-const MP_PATH = /^\/(mp(-decide)?|hub|a1)\//;
+const MP_PATH = /^\/(mp(-decide)?|hub|a1|seg)\//;
 const MAX_CONSOLE = 400;
 const MAX_TEXT = 600;
 
@@ -88,7 +88,7 @@ const tracked = [];  // {entry, request, settled}: every request to /mp/, /mp-de
 
 function collectRequests() {
   out.requests = tracked.map(({ entry }) => {
-    const { _settle, ...rest } = entry;
+    const { _settle, _completing, ...rest } = entry;
     return rest;
   });
   out.documents = documents.map(({ entry }) => entry);
@@ -189,6 +189,8 @@ async function completeEntry(request, failure) {
   const item = tracked.find((t) => t.request === request);
   if (!item) return;
   const { entry } = item;
+  if (entry.finished || entry._completing) return;  // its answer's head, then "finished"
+  entry._completing = true;
   try { entry.headers = await request.allHeaders(); } catch { entry.headers = request.headers(); }
   if (failure) {
     entry.failure = failure;
@@ -268,6 +270,9 @@ async function openContext() {
   context.setDefaultTimeout(10000);
   context.on('request', (r) => { track(r); trackDocument(r, index); });
   context.on('requestfinished', (r) => { completeEntry(r, null); completeDocument(r, null); });
+  // A fetch whose answer the page never reads (analytics.js ignores the body)
+  // may never report "finished": its answer's head is enough here.
+  context.on('response', (response) => { completeEntry(response.request(), null); });
   context.on('requestfailed', (r) => {
     const failure = (r.failure() || {}).errorText || 'failed';
     completeEntry(r, failure);

@@ -44,6 +44,9 @@ CHROMIUM = "/usr/bin/chromium"
 # The UMD build defines window.mixpanel when loaded by a plain <script> and
 # bundles the session recorder (no extra download from a CDN).
 MIXPANEL_JS = NODE_MODULES / "mixpanel-browser" / "dist" / "mixpanel.umd.js"
+# analytics.js as Segment's CDN serves it (the standalone build and its
+# code-split bundles); the fake Segment CDN serves these files.
+AJS_DIST = NODE_MODULES / "@segment" / "analytics-next" / "dist" / "umd"
 INSTALL_HINT = "run `bash tests/e2e/install.sh` (installs Debian's chromium and the npm packages)"
 
 CHROMIUM_ARGS = [
@@ -71,6 +74,8 @@ def missing_prerequisites() -> list[str]:
         missing.append(f"{CHROMIUM} (Debian package chromium)")
     if shutil.which("node") is None:
         missing.append("node")
+    if not (AJS_DIST / "standalone.js").is_file():
+        missing.append("tests/e2e/node_modules/@segment/analytics-next/dist/umd/standalone.js")
     for package in ("playwright-core", "mixpanel-browser"):
         if not (NODE_MODULES / package / "package.json").is_file():
             missing.append(f"tests/e2e/node_modules/{package}")
@@ -123,6 +128,87 @@ window.__recordBodies = [];
   };
 })(window.fetch);
 """
+
+# The analytics.js snippet, as Segment's own does it: a stub that queues calls
+# until the script (from the first-party CDN path) replaces it. On an https
+# site analytics.js finds its CDN in the script's src; over the tests' plain
+# http it must be told (analytics._cdn), as the README says for http set-ups.
+SEGMENT_SNIPPET = """
+(function () {{
+  var analytics = window.analytics = window.analytics || [];
+  if (analytics.initialize || analytics.invoked) return;
+  analytics.invoked = true;
+  analytics.methods = ["track", "page", "identify", "group", "alias", "screen", "ready", "reset", "user",
+                       "on", "once", "off", "trackLink", "trackForm", "debug", "setAnonymousId"];
+  analytics.factory = function (method) {{
+    return function () {{
+      var args = Array.prototype.slice.call(arguments);
+      args.unshift(method);
+      analytics.push(args);
+      return analytics;
+    }};
+  }};
+  for (var i = 0; i < analytics.methods.length; i++) {{
+    analytics[analytics.methods[i]] = analytics.factory(analytics.methods[i]);
+  }}
+  analytics.load = function (key, options) {{
+    var script = document.createElement("script");
+    script.async = true;
+    script.src = analytics._cdn + "/analytics.js/v1/" + key + "/analytics.min.js";
+    document.head.appendChild(script);
+    analytics._loadOptions = options;
+  }};
+  analytics._writeKey = {key};
+  analytics._cdn = location.origin + "/seg/cdn";
+  {load}
+}})();
+"""
+
+SEGMENT_PAGE = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>{title}</title><link rel="icon" href="data:,"></head>
+<body>
+<h1>{title}</h1>
+{body}
+{mixpanel}
+<script>{snippet}</script>
+<script>{post}</script>
+</body>
+</html>
+"""
+
+MIXPANEL_BLOCK = """<script src="/static/mixpanel.js"></script>
+<script>mixpanel.init({token}, Object.assign({{api_host: location.origin + '/mp', debug: true}}, {config}));</script>"""
+
+
+def segment_calls(upstream: FakeUpstream) -> list[dict[str, Any]]:
+    """Every call the fake Segment API (US) received, in order."""
+    return [c for rec in upstream.by("seg-us", "/v1/batch") for c in rec.events()]
+
+
+def serve_segment_cdn(upstream: FakeUpstream) -> None:
+    """Make the fake Segment CDN answer as cdn.segment.com does, with the real
+    analytics.js build: the standalone script (its write key embedded, as the
+    CDN does), its bundles and a project's settings (no destinations)."""
+    from tests.fakeupstream import segment_settings
+
+    async def behave(rec: Recorded) -> web.Response | None:
+        if rec.name != "seg-cdn":
+            return None
+        parts = rec.path.split("/")
+        if rec.path.startswith("/analytics.js/v1/") and len(parts) == 5:
+            body = (AJS_DIST / "standalone.js").read_bytes().replace(b"__WRITE_KEY__", parts[3].encode())
+            return web.Response(body=body, content_type="application/javascript")
+        if rec.path.startswith("/analytics-next/bundles/") and (AJS_DIST / parts[-1]).is_file():
+            return web.Response(body=(AJS_DIST / parts[-1]).read_bytes(), content_type="application/javascript")
+        if len(parts) == 5 and parts[1:3] == ["v1", "projects"] and parts[4] == "settings":
+            settings = segment_settings(parts[3])
+            settings["remotePlugins"] = []
+            return web.json_response(settings)
+        return web.Response(status=404, text="Not Found")
+
+    upstream.behave = behave
+
 
 BLANK = "<!doctype html><html><head><meta charset='utf-8'><title>blank</title></head><body>left</body></html>"
 
@@ -180,6 +266,29 @@ class Site:
         has received ``count`` requests on ``path`` whose payload contains ``contains``."""
         query = urlencode({"path": path, "contains": contains, "count": count})
         return f"http://127.0.0.1:{self.port}/__e2e/upstream?{query}"
+
+    def segment_page(
+        self,
+        name: str,
+        write_key: str,
+        *,
+        mixpanel: dict[str, Any] | None = None,
+        load: bool = True,
+        body: str = "",
+        post: str = "",
+    ) -> str:
+        """Register a page running analytics.js (the snippet, loading from
+        ``/seg/cdn/``) and, with ``mixpanel`` (its config), mixpanel-browser
+        too; ``post`` runs after both. ``load=False`` leaves ``analytics.load``
+        to ``post``. Returns the page's path."""
+        self.pages[name] = SEGMENT_PAGE.format(
+            title=name,
+            body=body,
+            mixpanel=MIXPANEL_BLOCK.format(token=json.dumps(self.token), config=json.dumps(mixpanel)) if mixpanel is not None else "",
+            snippet=SEGMENT_SNIPPET.format(key=json.dumps(write_key), load=f"analytics.load({json.dumps(write_key)});" if load else ""),
+            post=post,
+        )
+        return f"/e2e/{name}"
 
     def page(
         self,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the browser end-to-end tests (tests/e2e) need, idempotently:
 #   - Debian's chromium (/usr/bin/chromium) and, if absent, node + npm;
-#   - this directory's npm packages (playwright-core, mixpanel-browser) from
+#   - this directory's npm packages (playwright-core, mixpanel-browser,
+#     @segment/analytics-next) from
 #     the committed package-lock.json (npm ci), re-installed only when
 #     node_modules is missing or was installed from other manifests.
 # Never downloads a browser build of its own (no `playwright install`).
@@ -42,7 +43,8 @@ manifests_hash() { cat package.json package-lock.json 2>/dev/null | sha256sum | 
 want=$(manifests_hash)
 stamp=node_modules/.firstparty-e2e-stamp
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
-   || [ ! -f node_modules/playwright-core/package.json ] || [ ! -f node_modules/mixpanel-browser/package.json ]; then
+   || [ ! -f node_modules/playwright-core/package.json ] || [ ! -f node_modules/mixpanel-browser/package.json ] \
+   || [ ! -f node_modules/@segment/analytics-next/package.json ]; then
   if [ -f package-lock.json ]; then
     echo "tests/e2e/install.sh: npm ci" >&2
     npm ci --no-audit --no-fund --loglevel=error </dev/null
@@ -56,4 +58,4 @@ fi
 
 # (Debian's launcher script may print a harmless shell warning on stderr.)
 echo "tests/e2e/install.sh: $(/usr/bin/chromium --version 2>/dev/null || echo 'chromium does not start')" >&2
-node -e 'console.error("tests/e2e/install.sh: playwright-core " + require("playwright-core/package.json").version + ", mixpanel-browser " + require("mixpanel-browser/package.json").version)'
+node -e 'console.error("tests/e2e/install.sh: playwright-core " + require("playwright-core/package.json").version + ", mixpanel-browser " + require("mixpanel-browser/package.json").version + ", @segment/analytics-next " + require("@segment/analytics-next/package.json").version)'
