@@ -628,9 +628,23 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         log=LogSettings(**clean.get("log", {})),
         delivery=_delivery(clean.get("delivery", {})),
         identity=_identity(clean.get("identity", {}), Path(server.data_dir)),
-        segment=SegmentSettings(**clean.get("segment", {})),
+        segment=_segment(clean.get("segment", {}), server),
         consent=ConsentSettings(**clean.get("consent", {})),
     )
+
+
+def _segment(values: dict[str, Any], server: ServerSettings) -> SegmentSettings:
+    segment = SegmentSettings(**values)
+    taken = [*server.mounts, *server.decide_mounts]
+    for mount in segment.mounts:
+        for other in taken:
+            if mount.startswith(other) or other.startswith(mount):
+                raise ConfigError(
+                    "segment.mounts",
+                    f"{mount!r} overlaps the Mixpanel mount {other!r} (server.mounts, server.decide_mounts): "
+                    "give Segment a path of its own, such as \"/seg/\"",
+                )
+    return segment
 
 
 def _identity(values: dict[str, Any], data_dir: Path) -> IdentitySettings:

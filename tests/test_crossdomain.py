@@ -230,6 +230,32 @@ async def test_both_sdks_landing_at_once_redeem_the_token_as_one_browser(xclient
     assert metric(text, 'firstparty_identity_tokens_total{result="redeemed_bridge"}') == 1
 
 
+async def test_a_segment_only_site_crosses_domains_under_its_own_mount(xclient, upstream):
+    """/seg/go, /seg/link.js, /seg/id: the cross-domain endpoints need no Mixpanel."""
+    import orjson
+
+    from tests.conftest import SEG_KEY
+
+    anon_a = device_id()
+    call = {"type": "page", "anonymousId": anon_a, "writeKey": SEG_KEY, "context": {"page": {"url": f"http://{A}/"}}}
+    first = await xclient.post("/seg/v1/p", data=orjson.dumps(call), headers={**browser(A), "Content-Type": "text/plain"})
+    cookie_a = cookie_from(first)
+    assert canonical_of(cookie_a) == anon_a
+    link = await xclient.get("/seg/link.js", headers=browser(A))
+    assert link.status == 200 and 'GO = "/seg/go"' in await link.text()
+    ident = await xclient.get("/seg/id", headers=browser(A, cookie_a))
+    assert (await ident.json())["id"] == anon_a
+    target = f"http://{B}/cart"
+    go = await xclient.get(f"/seg/go?to={quote(target, safe='')}", headers=browser(A, cookie_a), allow_redirects=False)
+    assert go.status == 302 and go.headers["Location"].startswith(f"{target}?fpb=")
+    landing = {**call, "anonymousId": device_id(), "context": {"page": {"url": go.headers["Location"]}}}
+    on_b = await xclient.post("/seg/v1/p", data=orjson.dumps(landing), headers={**browser(B), "Content-Type": "text/plain"})
+    assert canonical_of(cookie_from(on_b)) == anon_a
+    calls = await upstream.wait(2, "seg-us", "/v1/batch")
+    assert [c["anonymousId"] for c in calls] == [anon_a, anon_a]
+    assert calls[1]["context"]["page"]["url"] == target
+
+
 @pytest.mark.parametrize(
     "target",
     [

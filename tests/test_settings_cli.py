@@ -60,6 +60,9 @@ def test_defaults_need_no_server(tmp_path):
         ({"server": {"trusted_proxies": ["10.0.0.0/33"]}}, "server.trusted_proxies", "CIDR"),
         ({"cors": {"allowed_origins": ["ftp://x.test"]}}, "cors.allowed_origins", "http or https"),
         ({"store": {"url": "mysql://x"}}, "store.url", "redis://"),
+        ({"segment": {"mounts": ["/mp/seg/"]}}, "segment.mounts", "a path of its own"),
+        ({"segment": {"set_ajs_cookie": "maybe"}}, "segment.set_ajs_cookie", "true or false"),
+        ({"consent": {"segment_required_categories": 3}}, "consent.segment_required_categories", "list of strings"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(tmp_path, raw, key, fix):

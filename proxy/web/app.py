@@ -71,6 +71,16 @@ def only(methods: frozenset[str], handler: Handler) -> Handler:
     return checked
 
 
+def add_crossdomain(app: web.Application, mount: str, proxy: Proxy) -> None:
+    """``go``, ``bridge``, ``id``, ``link.js`` and ``hub.js`` under ``mount``."""
+    add, cross = app.router.add_route, proxy.cross
+    add("*", f"{mount}go", only(GET, cross.go))
+    add("*", f"{mount}bridge", only(frozenset({"POST", "OPTIONS"}), proxy.bridge))
+    add("*", f"{mount}id", only(GET, cross.identity))
+    add("*", f"{mount}link.js", only(GET, cross.link_js))
+    add("*", f"{mount}hub.js", only(GET, cross.hub_js))
+
+
 def create_app(settings: Settings) -> web.Application:
     upstreams = Upstreams.from_settings(settings.upstream)  # validates URLs before anything opens
     segment = SegmentUpstreams.from_settings(settings.segment)
@@ -92,11 +102,7 @@ def create_app(settings: Settings) -> web.Application:
         for spelling, route in spellings:
             for trailing in ("", "/"):
                 add("*", f"{mount}{spelling}{trailing}", proxy.event_route(route, f"/{route}{trailing}"))
-        add("*", f"{mount}go", only(GET, cross.go))
-        add("*", f"{mount}bridge", only(frozenset({"POST", "OPTIONS"}), proxy.bridge))
-        add("*", f"{mount}id", only(GET, cross.identity))
-        add("*", f"{mount}link.js", only(GET, cross.link_js))
-        add("*", f"{mount}hub.js", only(GET, cross.hub_js))
+        add_crossdomain(app, mount, proxy)
         add("*", f"{mount}{{tail:.*}}", proxy.mount(mount))
     # Segment: analytics.js's per-call paths (/v1/t ...), its batches (/v1/b),
     # the HTTP API's names and /v1/batch of the server SDKs.
@@ -106,6 +112,8 @@ def create_app(settings: Settings) -> web.Application:
         for route in sorted(segment_protocol.EVENT_ROUTES):
             add("*", f"{mount}v1/{route}", proxy.event_route(route, f"/v1/{route}", SEGMENT))
         add("*", f"{mount}v1/m", proxy.sdk_metrics)
+        # The same cross-domain endpoints as under /mp/: nothing in them is Mixpanel's.
+        add_crossdomain(app, mount, proxy)
         add("*", f"{mount}cdn/{{tail:.*}}", proxy.cdn.segment(mount))
     for mount in server.decide_mounts:
         add("*", f"{mount}{{tail:.*}}", proxy.decide_mount(mount))

@@ -303,8 +303,12 @@ class CrossDomain:
         return linked_domain(host, self._cfg.linked_domains) is not None
 
     async def link_js(self, request: web.Request) -> web.Response:
+        """Links to linked domains leave through ``go`` under the mount this
+        script was loaded from (``/mp/link.js`` -> ``/mp/go``, ``/seg/link.js``
+        -> ``/seg/go``)."""
         linked = [d.lstrip(".") for d in self._cfg.linked_domains]
-        body = LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps(self.p.s.settings.server.mounts[0] + "go").decode())
+        go = request.path.removesuffix("link.js") + "go"
+        body = LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps(go).decode())
         return web.Response(
             text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
         )
