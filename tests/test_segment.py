@@ -436,3 +436,15 @@ def test_a_known_hint_brings_its_canonical_id():
     assert own.canonical == "canon-00002"
     # An id not fit for a cookie is no hint.
     assert resolve_browser(None, ["dev-00000001"], {}, hint="bad id;").canonical == "dev-00000001"
+
+
+def test_rewrite_reaches_the_traits_in_context_and_leaves_user_ids():
+    call = ajs_call("track", "anon-0000001", user_id="user-1", event="x")
+    call["context"]["traits"] = {"anonymousId": "anon-0000001", "email": "a@example.com", "userId": "anon-0000001"}
+    changes = segment.rewrite("t", call, {"anon-0000001": "canon-00001"})
+    assert call["anonymousId"] == call["context"]["traits"]["anonymousId"] == "canon-00001"
+    assert call["userId"] == "user-1" and call["context"]["traits"]["userId"] == "anon-0000001"
+    assert [(r.field, r.original, r.canonical) for r in changes] == [
+        ("anonymousId", "anon-0000001", "canon-00001"),
+        ("context.traits.anonymousId", "anon-0000001", "canon-00001"),
+    ]

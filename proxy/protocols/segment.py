@@ -230,6 +230,14 @@ def refuses(event: dict[str, Any], required: tuple[str, ...]) -> bool:
 def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]:
     out: list[Rewrite] = []
     rewrite_fields(event, _ALIAS_FIELDS if event.get("type") == "alias" else _CALL_FIELDS, mapping, out)
+    # Traits a call carries in its context (a page or track call after identify)
+    # may name the anonymous id too.
+    context = event.get("context")
+    traits = context.get("traits") if isinstance(context, dict) else None
+    if isinstance(traits, dict) and "anonymousId" in traits:
+        inner: list[Rewrite] = []
+        rewrite_fields(traits, _CALL_FIELDS, mapping, inner)
+        out += [Rewrite("context.traits." + r.field, r.original, r.canonical) for r in inner]
     return out
 
 
