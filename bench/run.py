@@ -630,7 +630,7 @@ class Target:
         self.upstream: Upstream | None = None  # the fake upstream that serves this row (counters)
         self.upstream_is_server = False  # row A: the upstream is the measured server itself
         self.mode: str | None = None  # proxy rows: "sync" / "spool"
-        self.port: int | None = None  # proxy rows: for /metrics
+        self.port: int | None = None  # proxy rows: the ops listener's port, for /metrics
         self.smoke: dict[str, Any] = {}
         self.throughput: list[dict[str, Any]] = []
         self.latency1: list[dict[str, Any]] = []
@@ -1257,12 +1257,14 @@ def fs_type(path: Path) -> str:
     return kind
 
 
-def write_proxy_conf(conf: Path, port: int, data_dir: Path, up_port: int, mode: str) -> None:
+def write_proxy_conf(conf: Path, port: int, ops_port: int, data_dir: Path, up_port: int, mode: str) -> None:
     conf.write_text(
         "[server]\n"
         'host = "127.0.0.1"\n'
         f"port = {port}\n"
         f'data_dir = "{data_dir}"\n'
+        "[ops]\n"
+        f"port = {ops_port}\n"
         "[upstream]\n"
         f'us = "http://127.0.0.1:{up_port}"\n'
         'default_region = "us"\n'
@@ -1292,13 +1294,14 @@ def start_proxy(key: str, name: str, port: int, up: Upstream, query: str, tmpdir
     data_dir = tmpdir / f"{name}_data"
     data_dir.mkdir()
     conf = tmpdir / f"{name}.toml"
-    write_proxy_conf(conf, port, data_dir, up.port, mode)
+    ops_port = free_ports(1)[0]
+    write_proxy_conf(conf, port, ops_port, data_dir, up.port, mode)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     px = Managed(name, pin_server + proxy_command(args, conf), tmpdir, cwd=REPO_ROOT, env=env)
     procs.append(px)
     ok, why = wait_http_ok(f"http://127.0.0.1:{port}/healthz", px, 15)
     t = Target(key, ROW_LABELS[key], f"http://127.0.0.1:{port}/mp/track/{query}", px, ok, why)
-    t.mode, t.port, t.upstream = mode, port, up
+    t.mode, t.port, t.upstream = mode, ops_port, up
     if not ok:
         tail = px.stderr_tail()
         t.reason = f"proxy ({mode}) did not become ready: {why}"

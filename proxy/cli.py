@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -50,6 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument("--port", type=int, help="listen port (server.port)")
     serve.add_argument("--workers", type=int, help="worker processes sharing the port (server.workers)")
+    serve.add_argument("--ops-port", type=int, help="the ops listener's port, 0 for none (ops.port)")
 
     logs = sub.add_parser("logs", help="print the forwarded log readably")
     logs.add_argument("--config", "-c", help="settings file, to find the log (log.forwarded)")
@@ -94,6 +96,8 @@ def _settings_for(args: argparse.Namespace) -> Settings:
         env["FIRSTPARTY_SERVER_PORT"] = str(args.port)
     if getattr(args, "workers", None) is not None:
         env["FIRSTPARTY_SERVER_WORKERS"] = str(args.workers)
+    if getattr(args, "ops_port", None) is not None:
+        env["FIRSTPARTY_OPS_PORT"] = str(args.ops_port)
     return load_settings(args.config, env)
 
 
@@ -104,13 +108,22 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
+    if reuse_port:  # one of several workers: metrics in shared files, any worker answers a scrape
+        from .services.metrics import enable_multiprocess
+
+        enable_multiprocess(metrics_dir(settings))
     asyncio.run(serve_app(settings, reuse_port))
+
+
+def metrics_dir(settings: Settings) -> Path:
+    return settings.data_dir / "metrics"
 
 
 def _log_listening(settings: Settings, port: int) -> None:
     workers = settings.server.workers
+    ops = settings.ops
     log.info(
-        "firstparty %s listening on http://%s:%d%s (%d worker%s), upstream %s",
+        "firstparty %s listening on http://%s:%d%s (%d worker%s), upstream %s; %s",
         __version__,
         settings.server.host,
         port,
@@ -118,6 +131,7 @@ def _log_listening(settings: Settings, port: int) -> None:
         workers,
         "s" if workers > 1 else "",
         settings.upstream.regions[settings.upstream.default_region],
+        f"ops on http://{ops.host}:{ops.port} (/metrics, /readyz, /healthz)" if ops.port else "no ops listener (ops.port = 0)",
     )
 
 
@@ -146,12 +160,24 @@ async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     serving = await serve(app, settings.server, reuse_port=reuse_port, shutdown_timeout=SHUTDOWN_SECONDS)
-    if not reuse_port:  # one worker: say where it listens (workers: the parent said)
-        _log_listening(settings, serving.port)
-    tune_gc()
+    ops = None
     try:
+        if settings.ops.port:
+            from .web.ops import create_ops_app
+
+            # SO_REUSEPORT always: the workers share it, and a supervisor (or a
+            # test) may hold the port for it (only the same user can join).
+            ops = await serve(
+                create_ops_app(app), settings.server, host=settings.ops.host, port=settings.ops.port,
+                reuse_port=True, shutdown_timeout=1.0,
+            )
+        if not reuse_port:  # one worker: say where it listens (workers: the parent said)
+            _log_listening(settings, serving.port)
+        tune_gc()
         await stop.wait()
     finally:
+        if ops is not None:
+            await ops.stop()
         await serving.stop()
 
 
@@ -189,6 +215,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "spool files of workers beyond %d remain (%s): start with --workers %d once to send them",
             workers, ", ".join(str(p) for p in leftovers), workers + len(leftovers),
         )
+    from .services.metrics import MULTIPROC_ENV, reset_multiprocess_dir, worker_exited
+
+    reset_multiprocess_dir(metrics_dir(settings))
+    os.environ[MULTIPROC_ENV] = str(metrics_dir(settings))
     ctx = multiprocessing.get_context("fork")
     procs = [
         ctx.Process(target=_run_worker, args=(for_worker(settings, i), True), daemon=False) for i in range(workers)
@@ -203,8 +233,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for p in procs:
-        p.join()
+    alive = {p.sentinel: p for p in procs}
+    while alive:
+        for sentinel in multiprocessing.connection.wait(list(alive)):
+            gone = alive.pop(sentinel)  # type: ignore[call-overload]
+            gone.join()
+            if gone.pid:
+                worker_exited(gone.pid)  # its spool gauges leave the totals
     return max((p.exitcode or 0) for p in procs)
 
 

@@ -104,6 +104,19 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OpsSettings:
+    """The operators' listener: /metrics, /readyz, /healthz (and the live
+    view), never on the public port."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001  # 0: no ops listener (and no /metrics or /readyz anywhere)
+    allowed_networks: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     forwarded: str = ""
     max_bytes: int = 100 * 1024 * 1024
@@ -208,6 +221,7 @@ class Settings:
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     consent: ConsentSettings = field(default_factory=ConsentSettings)
     segment: SegmentSettings = field(default_factory=SegmentSettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -424,6 +438,11 @@ def _optional_cookie_name(key: str, value: Any) -> str:
 
 # Section -> key -> validator. The schema is the single list of what exists.
 _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
+    "ops": {
+        "host": _str,
+        "port": _int(0, 65535),
+        "allowed_networks": _networks,
+    },
     "server": {
         "host": _str,
         "port": _int(0, 65535),
@@ -619,6 +638,9 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     cookie = CookieSettings(
         secret=secret, **{k: v for k, v in cookie_raw.items() if k not in ("secret", "secret_file")}
     )
+    ops = OpsSettings(**clean.get("ops", {}))
+    if ops.port and ops.port == server.port and ops.host == server.host:
+        raise ConfigError("ops.port", f"{ops.port} is server.port too: give the ops listener a port of its own (or 0: none)")
     return Settings(
         server=server,
         upstream=upstream,
@@ -626,6 +648,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         cors=CorsSettings(**clean.get("cors", {})),
         store=StoreSettings(**clean.get("store", {})),
         log=LogSettings(**clean.get("log", {})),
+        ops=ops,
         delivery=_delivery(clean.get("delivery", {})),
         identity=_identity(clean.get("identity", {}), Path(server.data_dir)),
         segment=_segment(clean.get("segment", {}), server),

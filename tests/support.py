@@ -26,6 +26,14 @@ async def eventually(condition: Any, timeout: float, what: str, interval: float 
         await asyncio.sleep(interval)
 
 
+async def eventually_async(condition: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """``eventually`` for a condition that must await (a request)."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(interval)
+
+
 def metric(text: str, sample: str) -> float:
     """The value of ``sample`` (``name{label="v"}``) in a Prometheus text page.
     A labelled sample that was never incremented is absent: 0, as long as its
@@ -47,6 +55,16 @@ def reserve_port() -> socket.socket:
     port while the test holds it. Hand it to ``FakeUpstream.serve(sock=...)``
     to bring that upstream up on the same port later; close it at the end."""
     sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def reserve_shared_port() -> socket.socket:
+    """A free 127.0.0.1 port held with SO_REUSEPORT and never listening: a
+    child that binds it with SO_REUSEPORT too (the ops listener, workers)
+    joins it, and no other process can take it meanwhile."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
 
@@ -115,6 +133,7 @@ class ProxyClient:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.serving: Any = None
+        self.ops: Any = None
         self.session: Any = None
         self.port = 0
 
@@ -124,16 +143,29 @@ class ProxyClient:
         from proxy.web.app import SETTINGS
         from proxy.web.serve import serve
 
+        from proxy.web.ops import create_ops_app
+
         self.serving = await serve(self.app, self.app[SETTINGS].server, host="127.0.0.1", port=0, shutdown_timeout=5)
         self.port = self.serving.port
+        # The ops listener (/metrics, /readyz), on a port of its own as in production.
+        self.ops = await serve(create_ops_app(self.app), self.app[SETTINGS].server, host="127.0.0.1", port=0)
         self.session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         return self
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+            self.session = None
+        if self.ops is not None:
+            await self.ops.stop()
+            self.ops = None
         if self.serving is not None:
             await self.serving.stop()
+            self.serving = None
+
+    def ops_get(self, path: str, **kwargs: Any) -> Any:
+        """GET on the ops listener (``/metrics``, ``/readyz``)."""
+        return self.session.get(f"http://127.0.0.1:{self.ops.port}{path}", **kwargs)
 
     @property
     def services(self) -> Any:

@@ -88,7 +88,7 @@ async def test_refused_events_are_dropped_logged_and_counted(proxy_client, upstr
                                data=b64_body([{"$token": TOKEN, "$distinct_id": device, "$set": {"a": 1}}]))
     assert engage.status == 200
 
-    text = await (await client.get("/metrics")).text()
+    text = await (await client.ops_get("/metrics")).text()
     assert metric(text, f'firstparty_consent_dropped_total{{reason="{reason}"}}') == 3
     # A visitor who did not refuse, after them: once that event is through, a
     # refused one that had been queued would be too.

@@ -36,7 +36,8 @@ WORKERS = 32
 
 def start_proxy(config: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", "0"],
+        # No ops listener: the test needs none, and its port would be a fixed one.
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", "0", "--ops-port", "0"],
         cwd=ROOT,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")}},
         stdout=subprocess.DEVNULL,

@@ -93,7 +93,7 @@ async def test_go_decorates_and_b_adopts_the_carried_id(xclient, upstream):
             assert not (isinstance(value, str) and "fpb=" in value), value
     assert events[1]["properties"]["$current_url"] == f"http://{B}/cart?utm_source=mail&x=1"
     assert events[2]["properties"]["$referrer"] == f"http://{B}/cart?utm_source=mail&x=1"
-    text = await (await xclient.get("/metrics")).text()
+    text = await (await xclient.ops_get("/metrics")).text()
     assert metric(text, 'firstparty_identity_tokens_total{result="redeemed_bridge"}') == 1
     assert metric(text, 'firstparty_identity_source_total{source="bridge"}') >= 1
 
@@ -149,7 +149,7 @@ async def test_bad_tokens_are_refused_and_the_event_flows(xclient, upstream, kin
     event = (await upstream.wait(2, "us", "/track"))[-1]["properties"]
     assert event["$device_id"] == d_b
     assert event["$current_url"] == f"http://{B}/?utm_source=x"  # stripped all the same
-    text = await (await xclient.get("/metrics")).text()
+    text = await (await xclient.ops_get("/metrics")).text()
     reason = "expired" if kind == "expired" else "invalid"
     assert metric(text, f'firstparty_identity_tokens_total{{result="{reason}"}}') == 1
 
@@ -168,7 +168,7 @@ async def test_replay_by_another_browser_is_refused(xclient, upstream):
     assert canonical_of(cookie_from(stolen)) == attacker_device
     events = await upstream.wait(4, "us", "/track")
     assert events[-1]["properties"]["$device_id"] == attacker_device
-    text = await (await xclient.get("/metrics")).text()
+    text = await (await xclient.ops_get("/metrics")).text()
     assert metric(text, 'firstparty_identity_tokens_total{result="replayed"}') == 1
 
 
@@ -197,7 +197,7 @@ async def test_a_second_sdk_on_the_landing_page_is_the_same_browser(xclient, ups
     stolen = await xclient.post(TRACK, data=b64_body([landing_event(location, device_id())]),
                                 headers=browser(B, cookie_from(other)))
     assert canonical_of(cookie_from(stolen)) != canonical
-    text = await (await xclient.get("/metrics")).text()
+    text = await (await xclient.ops_get("/metrics")).text()
     assert metric(text, 'firstparty_identity_tokens_total{result="replayed"}') == 1
 
 
@@ -225,7 +225,7 @@ async def test_both_sdks_landing_at_once_redeem_the_token_as_one_browser(xclient
     thief = {**browser(B), "Cookie": f"ajs_anonymous_id={device_id()}"}
     stolen = await xclient.post(TRACK, data=b64_body([landing_event(location, device_id())]), headers=thief)
     assert canonical_of(cookie_from(stolen)) != canonical
-    text = await (await xclient.get("/metrics")).text()
+    text = await (await xclient.ops_get("/metrics")).text()
     assert metric(text, 'firstparty_identity_tokens_total{result="replayed"}') == 1
     assert metric(text, 'firstparty_identity_tokens_total{result="redeemed_bridge"}') == 1
 
@@ -358,7 +358,7 @@ async def test_device_cap(proxy_client, upstream):
     events = (await upstream.wait(5, "us", "/track"))[1:]
     joined = [e["properties"]["$device_id"] == canonical_of(cookie) for e in events]
     assert joined == [True, True, False, False]
-    text = await (await client.get("/metrics")).text()
+    text = await (await client.ops_get("/metrics")).text()
     assert metric(text, "firstparty_device_cap_exceeded_total") == 2
 
 
@@ -411,7 +411,7 @@ async def test_reset_on_the_same_host_starts_a_new_person(xclient, upstream):
     assert canonical_of(new_cookie) == d2  # not joined to alice's id
     events = await upstream.wait(3, "us", "/track")
     assert events[-1]["properties"]["$device_id"] == d2 and events[-1]["properties"]["distinct_id"] == f"$device:{d2}"
-    text = await (await xclient.get("/metrics")).text()
+    text = await (await xclient.ops_get("/metrics")).text()
     assert metric(text, "firstparty_identity_resets_total") == 1
     assert metric(text, 'firstparty_identity_source_total{source="reset"}') == 1
 
@@ -435,5 +435,5 @@ async def test_two_projects_on_one_page_are_not_resets(xclient, upstream):
         await xclient.post(TRACK, data=b64_body([js_event("c", d_main)]), headers=browser(A, cookie))
     events = await upstream.wait(5, "us", "/track")
     assert {e["properties"]["$device_id"] for e in events} == {d_main}
-    text = await (await xclient.get("/metrics")).text()
+    text = await (await xclient.ops_get("/metrics")).text()
     assert metric(text, "firstparty_identity_resets_total") == 0

@@ -306,12 +306,12 @@ async def test_full_spool_answers_503_and_loses_nothing(serve_proxy, tmp_path, u
     resp = await client.post(TRACK, data=b64_body([js_event("Overflow", device_id())]), headers={**BROWSER, **FORM})
     assert resp.status == 503 and resp.headers["Retry-After"]
     assert "limit is 10" in (await resp.json())["error"]
-    ready = await client.get("/readyz")
+    ready = await client.ops_get("/readyz")
     assert ready.status == 503 and (await ready.json())["spool"] is False  # the load balancer stops sending
     server, _ = await upstream.serve("us", sock=down)
     try:
         await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery")
-        ready = await client.get("/readyz")
+        ready = await client.ops_get("/readyz")
         assert ready.status == 200 and await ready.json() == {"store": True, "spool": True}
         assert "Overflow" not in [e["event"] for e in upstream.received()]
     finally:

@@ -452,7 +452,7 @@ async def test_metrics_expose_identity_sources_and_outcomes(client, upstream, de
 
     value = metric
     async def scrape() -> str:
-        resp = await client.get("/metrics")
+        resp = await client.ops_get("/metrics")
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
         return await resp.text()
 

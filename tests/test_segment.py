@@ -359,7 +359,7 @@ async def test_segment_calls_honour_their_own_consent_categories(proxy_client, u
     # Forwarded with their consent intact: Segment filters destinations by it.
     assert delivered["Granted"]["context"]["consent"] == consent(Analytics=True, Advertising=False)
 
-    text = await (await client.get("/metrics")).text()
+    text = await (await client.ops_get("/metrics")).text()
     assert metric(text, 'firstparty_consent_dropped_total{reason="segment_consent"}') == 2
     records = await log_records(client, tmp_path)
     dropped = [(r["route"], r["events"], r["reason"]) for r in records if r["outcome"] == "dropped"]

@@ -139,7 +139,7 @@ async def test_sdk_metrics_are_answered_and_not_forwarded(client, upstream):
     assert resp.status == 200
     assert await resp.json() == {"success": True}
     assert upstream.requests == []
-    metrics = await (await client.get("/metrics")).text()
+    metrics = await (await client.ops_get("/metrics")).text()
     assert 'firstparty_requests_total{route="sdk-metrics",status="200"} 1.0' in metrics
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from proxy.errors import ConfigError
 from proxy.settings import build_settings, load_settings
-from tests.support import wait_listening
+from tests.support import port_of, reserve_shared_port, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,6 +112,8 @@ def test_help_lists_environment_overrides():
 
 async def test_serve_starts_on_defaults_and_stops_on_sigterm(tmp_path, upstream):
     log = tmp_path / "serve.log"
+    ops_sock = reserve_shared_port()  # the ops listener's port, held for it
+    ops_port = port_of(ops_sock)
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--port", "0"],
         cwd=tmp_path,  # embedded defaults: files under ./firstparty-data
@@ -121,16 +123,21 @@ async def test_serve_starts_on_defaults_and_stops_on_sigterm(tmp_path, upstream)
             "FIRSTPARTY_SERVER_MAX_BODY_BYTES": "4096",
             # Every default but the vendor: this machine may have network, tests never use it.
             "FIRSTPARTY_UPSTREAM_US": upstream.urls["us"],
+            "FIRSTPARTY_OPS_PORT": str(ops_port),
         },
         stdout=subprocess.DEVNULL,
         stderr=open(log, "wb"),  # noqa: SIM115 - the child owns it
     )
     try:
         port = await wait_listening(log, proc)
+        assert f"ops on http://127.0.0.1:{ops_port} (/metrics, /readyz, /healthz)" in log.read_text()
 
-        def get(path: str) -> tuple[int, bytes]:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-                return r.status, r.read()
+        def get(path: str, on: int = port) -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{on}{path}", timeout=5) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as err:
+                return err.code, err.read()
 
         def post(path: str, body: bytes) -> tuple[int, bytes]:
             req = urllib.request.Request(
@@ -145,8 +152,12 @@ async def test_serve_starts_on_defaults_and_stops_on_sigterm(tmp_path, upstream)
 
         # Blocking calls in a thread: the fake upstream answers on this loop meanwhile.
         assert (await asyncio.to_thread(get, "/healthz"))[0] == 200
-        status, ready = await asyncio.to_thread(get, "/readyz")
+        status, ready = await asyncio.to_thread(get, "/readyz", ops_port)
         assert (status, orjson.loads(ready)) == (200, {"store": True, "spool": True})
+        # The ops endpoints are not on the public port (but /healthz, for load balancers).
+        assert (await asyncio.to_thread(get, "/readyz"))[0] == 404
+        assert (await asyncio.to_thread(get, "/metrics"))[0] == 404
+        assert (await asyncio.to_thread(get, "/healthz", ops_port))[0] == 200
         assert (tmp_path / "firstparty-data" / "cookie_secret").exists()
 
         event = {"event": "Served", "properties": {"token": "t", "$device_id": "abcdef12-3456", "time": time.time()}}
@@ -162,6 +173,7 @@ async def test_serve_starts_on_defaults_and_stops_on_sigterm(tmp_path, upstream)
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+        ops_sock.close()
     assert proc.returncode == 0
 
 

@@ -56,12 +56,12 @@ async def test_unreachable_redis_degrades_without_failing():
 
 async def test_readyz_follows_the_store(serve_proxy, tmp_path, upstream, redis_settings):
     up = await serve_proxy(create_app(make_settings(tmp_path / "up", upstream, store=redis_settings)))
-    ready = await up.get("/readyz")
+    ready = await up.ops_get("/readyz")
     assert ready.status == 200 and await ready.json() == {"store": True, "spool": True}
     with reserve_port() as down:  # nothing answers there: Redis is down
         lost = {"url": f"redis://127.0.0.1:{port_of(down)}/0"}
         proxy = await serve_proxy(create_app(make_settings(tmp_path / "down", upstream, store=lost)))
-        ready = await proxy.get("/readyz")
+        ready = await proxy.ops_get("/readyz")
         assert ready.status == 503 and await ready.json() == {"store": False, "spool": True}
         # Not ready, still serving: events are accepted and spooled meanwhile.
         resp = await proxy.post(

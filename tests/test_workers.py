@@ -17,7 +17,7 @@ import aiohttp
 
 from tests.conftest import b64_body, device_id, js_event
 from tests.fakeupstream import FakeUpstream
-from tests.support import eventually
+from tests.support import eventually, eventually_async, metric, port_of, reserve_shared_port
 from tests.test_crash import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,12 +48,12 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
     )
     # Held for the whole test with SO_REUSEPORT and never listening: the workers
     # (which bind with SO_REUSEPORT too) join it, and no other process can take the port.
-    reserved = socket.socket()
-    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    reserved.bind(("127.0.0.1", 0))
-    port = reserved.getsockname()[1]
+    reserved = reserve_shared_port()
+    port = port_of(reserved)
+    ops_reserved = reserve_shared_port()  # the ops listener, shared by the workers the same way
+    ops_port = port_of(ops_reserved)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--ops-port", str(ops_port)],
         cwd=ROOT,
         env={k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")},
         stdout=subprocess.DEVNULL,
@@ -99,9 +99,35 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
             with sqlite3.connect(path) as c:
                 accepted.append(c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'queue'").fetchone()[0])
         assert sum(accepted) == 300 and min(accepted) > 0  # both workers took a share
+
+        # One scrape of the ops listener, whichever worker answers it, counts
+        # every worker's events (their per-request counters reach the shared
+        # files within a second).
+        async def scrape() -> str:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async with s.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
+                    assert r.status == 200
+                    return await r.text()
+
+        scraped: list[str] = []
+
+        async def totals_reported() -> bool:
+            scraped.append(await scrape())
+            return metric(scraped[-1], 'firstparty_events_accepted_total{route="track"}') == 300
+
+        await eventually_async(totals_reported, 10, "a scrape counting all 300 events")
+        text = scraped[-1]
+        assert metric(text, 'firstparty_requests_total{route="track",status="200"}') == 100
+        assert metric(text, 'firstparty_delivery_outcomes_total{outcome="forwarded",route="track"}') == 300
+        assert metric(text, "firstparty_spool_depth") == 0
+        # Not on the public port.
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 404
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
         await runner.cleanup()
         reserved.close()
+        ops_reserved.close()
     assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""

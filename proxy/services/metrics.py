@@ -1,7 +1,13 @@
 """Prometheus metrics, one registry per app (no module-level state).
 
-Served at ``/metrics``. With several workers each process has its own
-counters; scrape each, or sum them in Prometheus.
+Served at ``/metrics`` on the ops listener. With several workers
+(``server.workers``) prometheus-client's multiprocess mode is on: every
+worker writes its samples to memory-mapped files in one directory
+(``enable_multiprocess``, before the metrics are built), and whichever worker
+a scrape reaches answers with the totals of all of them (counters and
+histograms summed, spool gauges summed over the live workers, the oldest
+age their maximum). The per-request ``HotCounter``s stay plain dicts and are
+copied into their multiprocess counters every second and before a scrape.
 
 Identity-source counters make fragmentation a number on a dashboard: a
 healthy cross-domain setup shows ``cookie`` (and later ``bridge``/``hub``)
@@ -10,16 +16,41 @@ growing, ``new`` only for first visits.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _STATUS = {code: str(code) for code in range(100, 600)}
+
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_multiprocess(directory: Path) -> None:
+    """In a worker process, before its ``Metrics`` are built: samples go to
+    files under ``directory`` (one per process), shared by every worker."""
+    os.environ[MULTIPROC_ENV] = str(directory)
+    values.ValueClass = values.MultiProcessValue()
+
+
+def reset_multiprocess_dir(directory: Path) -> None:
+    """Before the workers start: no samples of an earlier run are counted."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+
+
+def worker_exited(pid: int) -> None:
+    """A worker is gone: its live gauges (spool depth) stop counting."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
 
 
 class HotCounter(Collector):
@@ -34,10 +65,24 @@ class HotCounter(Collector):
         self.labels = labels
         self.counts: dict[tuple[str, ...], float] = {}
         registry.register(self)
+        # Multiprocess mode: a file-backed counter the counts are copied into.
+        self._shared: Counter | None = None
+        self._copied: dict[tuple[str, ...], float] = {}
+        if os.environ.get(MULTIPROC_ENV):
+            self._shared = Counter(name, documentation, labels, registry=None)
 
     def inc(self, key: tuple[str, ...], amount: float = 1) -> None:
         counts = self.counts
         counts[key] = counts.get(key, 0) + amount
+
+    def copy_to_shared(self) -> None:
+        if self._shared is None:
+            return
+        for key, value in list(self.counts.items()):
+            delta = value - self._copied.get(key, 0)
+            if delta:
+                self._shared.labels(*key).inc(delta)
+                self._copied[key] = value
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
@@ -102,12 +147,23 @@ class Metrics:
         self.tokens_stripped = Counter(
             "firstparty_tokens_stripped", "Token parameters removed from URL properties before forwarding", registry=r
         )
-        self.spool_depth = Gauge("firstparty_spool_depth", "Events waiting in the spool", registry=r)
-        self.spool_oldest = Gauge(
-            "firstparty_spool_oldest_age_seconds", "Age of the oldest event waiting in the spool", registry=r
+        # Each worker has its own spool: depths add up, the oldest is the oldest of all.
+        self.spool_depth = Gauge(
+            "firstparty_spool_depth", "Events waiting in the spool", registry=r, multiprocess_mode="livesum"
         )
-        self.dead_letters = Gauge("firstparty_dead_letters", "Events in the dead-letter table", registry=r)
-        self.store_errors = Gauge("firstparty_store_errors", "Alias store failures since start", registry=r)
+        self.spool_oldest = Gauge(
+            "firstparty_spool_oldest_age_seconds",
+            "Age of the oldest event waiting in the spool",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.dead_letters = Gauge(
+            "firstparty_dead_letters", "Events in the dead-letter table", registry=r, multiprocess_mode="livesum"
+        )
+        self.store_errors = Gauge(
+            "firstparty_store_errors", "Alias store failures since start", registry=r, multiprocess_mode="livesum"
+        )
+        self._hot = [self.requests, self.events_accepted, self.identity_sources]
 
         # Labelled children, looked up once: .labels() is a measurable cost per request.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -131,5 +187,20 @@ class Metrics:
     def outcome(self, outcome: str, route: str, n: int) -> None:
         self._child(self.outcomes, outcome, route).inc(n)
 
+    @property
+    def shared(self) -> bool:
+        """Multiprocess mode: a scrape answers for every worker."""
+        return bool(os.environ.get(MULTIPROC_ENV))
+
+    def copy_to_shared(self) -> None:
+        for counter in self._hot:
+            counter.copy_to_shared()
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        self.copy_to_shared()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry)

@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiocache import SimpleMemoryCache
@@ -119,9 +120,8 @@ def create_app(settings: Settings) -> web.Application:
         add("*", f"{mount}{{tail:.*}}", proxy.decide_mount(mount))
     add("*", "/hub/resolve", only(GET, cross.hub_resolve))
     add("*", "/hub/ping", only(GET, cross.hub_ping))
+    # For load balancers; /metrics and /readyz are on the ops listener only (web/ops).
     add("*", "/healthz", only(GET, proxy.healthz))
-    add("*", "/readyz", only(GET, proxy.readyz))
-    add("*", "/metrics", only(GET, proxy.metrics))
 
     # Built here (TLS context, ca_file checked: a bad file fails start-up with
     # one line), opened in the clean-up context below.
@@ -165,8 +165,23 @@ async def _forwarded_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[METRICS] = Metrics()
+    metrics = app[METRICS] = Metrics()
+    if not metrics.shared:
+        yield
+        return
+    # Several workers: the per-request counters reach the shared files every
+    # second (and before a scrape this worker answers).
+    async def copy_every_second() -> None:
+        while True:
+            await asyncio.sleep(1)
+            metrics.copy_to_shared()
+
+    task = asyncio.create_task(copy_every_second())
     yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    metrics.copy_to_shared()
 
 
 async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:

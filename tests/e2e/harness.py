@@ -228,6 +228,7 @@ class Site:
     routes: dict[str, Callable[[web.Request], Any]] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
     serving: Serving | None = None
+    ops: Serving | None = None
 
     @web.middleware
     async def handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -248,15 +249,25 @@ class Site:
     async def start(self, sock: socket.socket | None = None) -> None:
         """Open the proxy's services and serve it, with the test pages, on a port
         of its own on 127.0.0.1, or on ``sock`` (a port reserved before the app was built)."""
+        from proxy.web.ops import create_ops_app
+
         self.app.middlewares.append(self.handle)
         self.serving = await serve(
             self.app, self.app[SETTINGS].server, host="127.0.0.1", port=0, shutdown_timeout=5, sock=sock
         )
         self.port = self.serving.port
+        self.ops = await serve(create_ops_app(self.app), self.app[SETTINGS].server, host="127.0.0.1", port=0)
 
     async def stop(self) -> None:
+        if self.ops is not None:
+            await self.ops.stop()
         if self.serving is not None:
             await self.serving.stop()
+
+    def ops_url(self, path: str) -> str:
+        """A URL on the ops listener (``/metrics``)."""
+        assert self.ops is not None
+        return f"http://127.0.0.1:{self.ops.port}{path}"
 
     def url(self, host: str, path: str = "/") -> str:
         return f"http://{host}:{self.port}{path}"

@@ -755,7 +755,7 @@ async def test_global_privacy_control_drops_events_without_retries(site: Site) -
     await asyncio.sleep(0.3)
     assert site.upstream.received("us", "/track") == []
     async with aiohttp.ClientSession() as session:
-        async with session.get(site.url("127.0.0.1", "/metrics")) as resp:
+        async with session.get(site.ops_url("/metrics")) as resp:
             metrics = await resp.text()
     assert 'firstparty_consent_dropped_total{reason="gpc"} 2.0' in metrics
 

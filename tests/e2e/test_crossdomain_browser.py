@@ -161,7 +161,7 @@ def go_href(site: Site) -> str:
 async def token_metrics(site: Site) -> dict[str, float]:
     """``firstparty_identity_tokens_total`` by result, read from the proxy's /metrics."""
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{site.port}/metrics", timeout=aiohttp.ClientTimeout(5)) as r:
+        async with session.get(site.ops_url("/metrics"), timeout=aiohttp.ClientTimeout(5)) as r:
             assert r.status == 200
             text = await r.text()
     out = {}

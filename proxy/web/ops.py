@@ -1,0 +1,40 @@
+"""The ops listener: ``/metrics``, ``/readyz`` and ``/healthz`` on a port of
+their own (``[ops]``), never on the public one (which keeps ``/healthz`` for
+load balancers).
+
+``create_ops_app(main)`` builds a small ``web.Application`` whose handlers are
+the main app's (``Proxy``): it opens nothing itself and is served once the
+main app's resources are open (``cli.serve_app``, the tests' ``ProxyClient``).
+Only peers in ``ops.allowed_networks`` are answered; anyone else gets 403.
+With several workers each binds the ops port too (``SO_REUSEPORT``), and
+whichever answers a scrape reports the totals of all (``services.metrics``).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..core.clientip import TrustedProxies
+from .app import GET, PROXY, SETTINGS, Handler, only
+from .http import text_response
+
+
+def create_ops_app(main: web.Application) -> web.Application:
+    settings = main[SETTINGS]
+    proxy = main[PROXY]
+    allowed = TrustedProxies(settings.ops.allowed_networks)
+
+    @web.middleware
+    async def only_allowed(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.remote not in allowed:
+            return text_response("not allowed from this address; see ops.allowed_networks\n", status=403)
+        return await handler(request)
+
+    app = web.Application(middlewares=[only_allowed])
+    app[SETTINGS] = settings
+    app[PROXY] = proxy
+    add = app.router.add_route
+    add("*", "/metrics", only(GET, proxy.metrics))
+    add("*", "/readyz", only(GET, proxy.readyz))
+    add("*", "/healthz", only(GET, proxy.healthz))
+    return app
