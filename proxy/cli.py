@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,6 +79,13 @@ def _build_parser() -> argparse.ArgumentParser:
     stats = spool_sub.add_parser("stats", help="depth, oldest age, dead letters by reason")
     stats.add_argument("--config", "-c", help="settings file, to find the spool (delivery.spool_path)")
     stats.add_argument("--json", action="store_true", help="print as JSON")
+
+    check = sub.add_parser("check", help="the config doctor: each problem with its fix (exit 1 on errors)")
+    check.add_argument("--config", "-c", help="TOML settings file (default: $FIRSTPARTY_CONFIG, else built-in defaults)")
+    check.add_argument("--online", action="store_true", help="also resolve and TLS-handshake every upstream and fetch the SDKs")
+    check.add_argument("--nginx", metavar="FILE", help="also check the site's nginx config against the mounts")
+    check.add_argument("--instances", type=int, default=1, help="how many instances share this config (default 1)")
+    check.add_argument("--write-key", action="append", default=[], help="with --online: a Segment write key whose region to check")
 
     replay = sub.add_parser("replay", help="move dead letters back into the queue (after fixing their cause)")
     replay.add_argument("--config", "-c", help="settings file, to find the spool (delivery.spool_path)")
@@ -413,6 +421,38 @@ def cmd_spool_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Print every finding with its fix; 1 when any is an error, else 0. A
+    config the loader refuses is one error (its own message)."""
+    from . import doctor
+
+    env = dict(os.environ)
+    path = args.config or env.get("FIRSTPARTY_CONFIG")
+    try:
+        settings = load_settings(path, env)
+    except ConfigError as exc:
+        print(f"error   {exc.key}: {exc.message}")
+        print("1 error, 0 warnings (the config does not load)")
+        return 1
+    raw: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    ctx = doctor.Context(settings, raw, env, max(1, args.instances))
+    found = doctor.findings(ctx)
+    if args.nginx:
+        found += doctor.nginx_findings(ctx, Path(args.nginx))
+    if args.online:
+        found += asyncio.run(doctor.online_findings(ctx, args.write_key))
+    for finding in found:
+        print(finding.line())
+    errors = sum(f.level == doctor.ERROR for f in found)
+    warnings = len(found) - errors
+    checked = "config" + (", nginx" if args.nginx else "") + (", upstreams" if args.online else "")
+    print(f"{errors} error{'s' if errors != 1 else ''}, {warnings} warning{'s' if warnings != 1 else ''} ({checked} checked)")
+    return 1 if errors else 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .services.spool import connect, replay
 
@@ -444,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_spool_stats(args)
         if args.command == "replay":
             return cmd_replay(args)
+        if args.command == "check":
+            return cmd_check(args)
     except ConfigError as exc:
         print(f"firstparty: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ class ConfigError(ProxyError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"config error: {key}: {message}")
         self.key = key
+        self.message = message
 
 
 class BadRequest(ProxyError):

@@ -1,0 +1,457 @@
+"""``firstparty check``: the config doctor.
+
+Each check is one function in ``CHECKS`` (the table grows with the product):
+it reads the settings as loaded (``Settings``) and the file as written (the
+raw TOML: a value the loader normalises, such as a cookie domain's leading
+dot, is only visible there) and yields ``Finding``s, each with the fix.
+``--online`` adds ``ONLINE_CHECKS`` (DNS, TLS and the vendors' CDNs, through
+the proxy's own ``UpstreamClient``: its CA file, proxies and verification),
+``--nginx FILE`` the checks of ``nginx_findings`` on the site's nginx config,
+parsed with ``crossplane``.
+
+Errors break the product (events lost, identity split, a secret exposed):
+exit code 1. Warnings are risks or costs: exit code 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+
+ERROR = "error"
+WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    level: str  # ERROR or WARNING
+    where: str  # the setting (``cookie.domains``) or ``file:line``
+    problem: str
+    fix: str
+
+    def line(self) -> str:
+        return f"{self.level:<7} {self.where}: {self.problem}\n        fix: {self.fix}"
+
+
+@dataclass
+class Context:
+    settings: Settings
+    raw: dict[str, Any] = field(default_factory=dict)  # the TOML as written ({} without a file)
+    env: Mapping[str, str] = field(default_factory=dict)  # the environment the settings were read with
+    # How many instances will share this configuration (--instances): more than one
+    # needs what every instance must agree on (store, secret, keys).
+    instances: int = 1
+
+
+Check = Callable[[Context], Iterator[Finding]]
+
+
+def _raw(ctx: Context, section: str, key: str) -> Any:
+    """A setting as written: its ``FIRSTPARTY_<SECTION>_<KEY>`` override, else the file's."""
+    env = ctx.env.get(f"FIRSTPARTY_{section}_{key}".upper())
+    if env:
+        return env.strip().strip('"')
+    value = ctx.raw.get(section, {})
+    return value.get(key) if isinstance(value, dict) else None
+
+
+_psl: Any = None
+
+
+def public_suffixes() -> Any:
+    """The Public Suffix List (the ``publicsuffixlist`` package: offline, updated
+    with each release), loaded once."""
+    global _psl
+    if _psl is None:
+        from publicsuffixlist import PublicSuffixList
+
+        _psl = PublicSuffixList()
+    return _psl
+
+
+# --------------------------------------------------------------------- checks
+
+
+def cookie_domains(ctx: Context) -> Iterator[Finding]:
+    section = ctx.raw.get("cookie")
+    written = section.get("domains", []) if isinstance(section, dict) else []
+    for item in written if isinstance(written, list) else []:
+        if isinstance(item, str) and not item.startswith("."):
+            yield Finding(
+                WARNING, "cookie.domains",
+                f"{item!r} has no leading dot; it is used as \".{item}\" (the domain and every subdomain)",
+                f"write \".{item}\" so the file says what the cookie covers",
+            )
+    psl = public_suffixes()
+    for domain in ctx.settings.cookie.domains:
+        bare = domain.lstrip(".")
+        if psl.is_public(bare):
+            yield Finding(
+                ERROR, "cookie.domains",
+                f"{domain!r} is a public suffix: browsers refuse a cookie for it, so no visitor keeps an id",
+                f"use your own registrable domain under it, such as \".example.{bare}\"",
+            )
+
+
+def linked_domains(ctx: Context) -> Iterator[Finding]:
+    s = ctx.settings
+    for linked in s.identity.linked_domains:
+        bare = linked.lstrip(".")
+        if not any(bare == d.lstrip(".") or bare.endswith(d) for d in s.cookie.domains):
+            yield Finding(
+                ERROR, "identity.linked_domains",
+                f"{linked!r} is not under any of cookie.domains: on it the identity cookie is host-only, "
+                "so each of its subdomains keeps an id of its own",
+                f"add \"{'.' + bare}\" to cookie.domains",
+            )
+        if s.cors.allowed_origins and not any(bare in o for o in s.cors.allowed_origins):
+            yield Finding(
+                WARNING, "cors.allowed_origins",
+                f"no allowed origin names {linked!r}: pages there with a cross-origin api_host are refused",
+                f"add \"https://*.{bare}\" (or its exact origins) to cors.allowed_origins",
+            )
+
+
+def secure_cookie(ctx: Context) -> Iterator[Finding]:
+    s = ctx.settings
+    https = [o for o in s.cors.allowed_origins if o.startswith("https://")]
+    if not s.cookie.secure and https:
+        yield Finding(
+            WARNING, "cookie.secure",
+            f"false, yet the site is served over https ({https[0]}): the identity cookie would also travel over plain http",
+            "set cookie.secure = true (false is for local http only)",
+        )
+
+
+def trusted_proxies(ctx: Context) -> Iterator[Finding]:
+    for net in ctx.settings.server.trusted_proxies:
+        if net.prefixlen < (8 if net.version == 4 else 16):
+            yield Finding(
+                ERROR, "server.trusted_proxies",
+                f"{net} trusts X-Forwarded-For from {'everyone' if net.prefixlen == 0 else 'a large part of the internet'}: "
+                "any visitor can pick the IP sent to the vendor",
+                "list only the addresses nginx or your load balancer connects from (\"127.0.0.1/32\", \"10.0.3.0/24\")",
+            )
+
+
+def shared_state(ctx: Context) -> Iterator[Finding]:
+    s = ctx.settings
+    many_workers = s.server.workers > 1
+    if s.store.url.startswith("memory://") and (many_workers or ctx.instances > 1):
+        who = f"{s.server.workers} workers" if many_workers else f"{ctx.instances} instances"
+        yield Finding(
+            ERROR, "store.url",
+            f"an in-process alias store with {who}: each keeps its own aliases, so a server SDK's event "
+            "is rewritten only when it reaches the process that saw the browser",
+            "use a shared store: store.url = \"redis://host:6379/0\"",
+        )
+    if ctx.instances > 1:
+        if not _raw(ctx, "cookie", "secret") and not _raw(ctx, "cookie", "secret_file"):
+            yield Finding(
+                ERROR, "cookie.secret",
+                f"generated per instance ({s.data_dir / 'cookie_secret'}): with {ctx.instances} instances a cookie "
+                "set by one is forged to the others, and the visitor gets a new id",
+                "give every instance the same secret: cookie.secret_file = \"/run/secrets/firstparty_cookie_secret\"",
+            )
+        if not _raw(ctx, "identity", "keys_file"):
+            yield Finding(
+                ERROR, "identity.keys_file",
+                "generated per instance: a bridge token minted by one instance cannot be opened by another",
+                "share one keys file (firstparty keygen --file ...) and set identity.keys_file on every instance",
+            )
+
+
+def file_modes(ctx: Context) -> Iterator[Finding]:
+    s = ctx.settings
+    files = {
+        "cookie.secret_file": Path(_raw(ctx, "cookie", "secret_file") or s.data_dir / "cookie_secret"),
+        "identity.keys_file": Path(s.identity.keys_file) if s.identity.keys_file else s.data_dir / "identity_keys",
+    }
+    for key, path in files.items():
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            yield Finding(
+                ERROR, key,
+                f"{path} is readable by others (mode {stat.filemode(mode)}): whoever reads it can forge "
+                "identity cookies or tokens",
+                f"chmod 600 {path}",
+            )
+
+
+def delivery(ctx: Context) -> Iterator[Finding]:
+    d = ctx.settings.delivery
+    if d.mode == "spool" and not d.fsync:
+        yield Finding(
+            WARNING, "delivery.fsync",
+            "false: events acknowledged in the last moments before a power cut or a kernel crash are lost",
+            "keep delivery.fsync = true unless the disk's fsync is too slow for your traffic (bench/)",
+        )
+    if d.mode == "spool":
+        fs = filesystem_of(ctx.settings.spool_path)
+        if fs in ("tmpfs", "ramfs"):
+            yield Finding(
+                WARNING, "delivery.spool_path",
+                f"{ctx.settings.spool_path} is on {fs}: the spool is lost at every reboot, with what it holds",
+                "put the spool on a disk (server.data_dir or delivery.spool_path)",
+            )
+
+
+def ops_listener(ctx: Context) -> Iterator[Finding]:
+    ops = ctx.settings.ops
+    if not ops.port:
+        return
+    wide = [n for n in ops.allowed_networks if n.prefixlen == 0]
+    if ops.host in ("0.0.0.0", "::", "") and wide:
+        yield Finding(
+            WARNING, "ops.allowed_networks",
+            f"{wide[0]} on a listener bound to {ops.host or 'every address'}: anyone who reaches the port reads "
+            "the metrics",
+            "allow only your monitoring network, such as [\"10.0.0.0/8\"]",
+        )
+
+
+
+CHECKS: list[Check] = [
+    cookie_domains,
+    linked_domains,
+    secure_cookie,
+    trusted_proxies,
+    shared_state,
+    file_modes,
+    delivery,
+    ops_listener,
+]
+
+
+def filesystem_of(path: Path) -> str | None:
+    """The file system type the path (or its nearest existing parent) is on, from /proc/mounts."""
+    try:
+        target = path.resolve()
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, fstype = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3:
+            point = parts[1].replace("\\040", " ")
+            if (str(target) == point or str(target).startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, fstype = point, parts[2]
+    return fstype
+
+
+def findings(ctx: Context) -> list[Finding]:
+    return [f for check in CHECKS for f in check(ctx)]
+
+
+# --------------------------------------------------------------------- online
+
+
+async def online_findings(ctx: Context, write_keys: list[str]) -> list[Finding]:
+    """Resolve and TLS-handshake every upstream, fetch the SDKs from the CDNs,
+    and read each named Segment workspace's region from its settings."""
+    import orjson
+
+    from .errors import UpstreamError, UpstreamTLSError
+    from .protocols import segment_cdn
+    from .services.upstream import SegmentUpstreams, UpstreamClient, Upstreams
+    from .web.cdn import LIB_PATHS
+
+    s = ctx.settings
+    mixpanel = Upstreams.from_settings(s.upstream)
+    seg = SegmentUpstreams.from_settings(s.segment)
+    client = UpstreamClient(
+        max_connections_per_host=4,
+        timeout=min(s.upstream.timeout_seconds, 10),
+        ca_file=s.upstream.ca_file,
+        proxies={"https": s.upstream.https_proxy, "http": s.upstream.http_proxy},
+        no_proxy=s.upstream.no_proxy,
+    )
+    out: list[Finding] = []
+    targets = [(f"upstream.{name}", ep, "/") for name, ep in mixpanel.regions.items()]
+    targets += [("upstream.decide", mixpanel.decide, "/")]
+    targets += [("upstream.cdn", mixpanel.cdn, LIB_PATHS["lib.min.js"])]
+    targets += [(f"segment.{name.removeprefix('segment-')}", ep, "/") for name, ep in seg.regions.items()]
+    for key in dict.fromkeys(list(s.segment.write_keys) + write_keys):
+        targets.append((f"segment.cdn ({key[:6]}…)", seg.cdn, f"/v1/projects/{key}/settings"))
+    await client.open()
+    try:
+        for where, endpoint, path in targets:
+            try:
+                answer = await client.request(endpoint, "GET", path, [("accept", "*/*")], None, follow_redirects=True)
+            except UpstreamTLSError as exc:
+                out.append(Finding(ERROR, where, f"{endpoint.origin}: {exc}",
+                                   "trust the CA that signs it with upstream.ca_file (a TLS-inspecting proxy's, a private CA)"))
+                continue
+            except UpstreamError as exc:
+                out.append(Finding(ERROR, where, f"{endpoint.origin}: {exc}",
+                                   "check DNS and egress from this host (upstream.https_proxy / HTTPS_PROXY if it must use a proxy)"))
+                continue
+            if path == "/" or path.startswith("/libs/"):
+                if path != "/" and answer.status != 200:
+                    out.append(Finding(ERROR, where, f"{endpoint.origin}{path} answered {answer.status}",
+                                       "check upstream.cdn: /mp/lib.min.js is served from there"))
+                continue
+            key = path.split("/")[3]
+            if answer.status != 200:
+                out.append(Finding(ERROR, where, f"the settings of write key {key[:6]}… answered {answer.status}",
+                                   "check the write key (Segment: Sources > your source > Settings > API Keys)"))
+                continue
+            try:
+                obj = orjson.loads(answer.body)
+                api_host = obj["integrations"]["Segment.io"]["apiHost"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            region = segment_cdn.REGION_OF_API_HOST.get(api_host)
+            routed = seg.region_for(key).removeprefix("segment-")
+            if region and region != routed:
+                out.append(Finding(ERROR, f"segment.write_keys.{key[:6]}…",
+                                   f"the workspace is in the {region.upper()} region but its calls go to {routed.upper()}: "
+                                   "Segment drops them there",
+                                   f"segment.write_keys = {{ \"{key}\" = \"{region}\" }}"))
+    finally:
+        await client.close()
+    return out
+
+
+# ---------------------------------------------------------------------- nginx
+
+
+def nginx_findings(ctx: Context, path: Path) -> list[Finding]:
+    """The site's nginx config against the proxy's mounts: each mount proxied
+    here, with the headers identity and geolocation need, a body limit no
+    lower than the proxy's, keep-alive upstream, no path rewriting."""
+    import crossplane
+
+    # A site file sits inside http {} (upstream, server at its top): no context check.
+    parsed = crossplane.parse(str(path), catch_errors=True, comments=False, check_ctx=False)
+    out: list[Finding] = []
+    for error in parsed.get("errors", []):
+        out.append(Finding(ERROR, f"{path}:{error.get('line')}", f"nginx config: {error.get('error')}", "fix the syntax (nginx -t)"))
+    directives = [d for cfg in parsed.get("config", []) for d in cfg.get("parsed", [])]
+    servers = [d for d in _walk(directives) if d["directive"] == "server" and "block" in d]
+    upstreams = {d["args"][0]: d for d in _walk(directives) if d["directive"] == "upstream" and d.get("args")}
+    s = ctx.settings
+    mounts = [*s.server.mounts, *s.server.decide_mounts, *s.segment.mounts]
+    for mount in mounts:
+        found = None
+        for server in servers:
+            loc = _location_for(server, mount)
+            if loc is not None:
+                found = (server, loc)
+                break
+        if found is None:
+            out.append(Finding(ERROR, str(path), f"no location sends {mount} to the proxy: those requests reach your site instead",
+                               f"add `location {mount} {{ proxy_pass http://firstparty; ... }}` (nginx.example.conf)"))
+            continue
+        server, loc = found
+        out += _location_findings(path, mount, server, loc, s, upstreams)
+    return out
+
+
+def _walk(directives: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for d in directives:
+        yield d
+        yield from _walk(d.get("block", []) or [])
+
+
+def _location_for(server: dict[str, Any], mount: str) -> dict[str, Any] | None:
+    probe = mount + "track"
+    best: tuple[int, dict[str, Any]] | None = None
+    for d in server.get("block", []):
+        if d["directive"] != "location" or not d.get("args"):
+            continue
+        args = d["args"]
+        if args[0] in ("~", "~*") and len(args) > 1:
+            if re.search(args[1], probe, re.I if args[0] == "~*" else 0):
+                return d  # nginx: the first matching regex wins over prefixes
+        else:
+            prefix = args[-1]
+            if probe.startswith(prefix) and prefix.startswith("/") and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), d)
+    return best[1] if best else None
+
+
+def _values(block: list[dict[str, Any]], name: str) -> list[list[str]]:
+    return [d.get("args", []) for d in block if d["directive"] == name]
+
+
+def _effective(levels: list[list[dict[str, Any]]], name: str) -> list[list[str]]:
+    """nginx inheritance: a directive set at an inner level replaces the outer ones."""
+    for block in levels:
+        found = _values(block, name)
+        if found:
+            return found
+    return []
+
+
+def _size(value: str) -> int:
+    m = re.fullmatch(r"(\d+)([kKmMgG]?)", value.strip())
+    if not m:
+        return 0
+    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+
+
+def _location_findings(
+    path: Path, mount: str, server: dict[str, Any], loc: dict[str, Any], s: Settings, upstreams: dict[str, Any]
+) -> list[Finding]:
+    out: list[Finding] = []
+    where = f"{path}:{loc.get('line')}"
+    levels = [loc.get("block", []), server.get("block", [])]
+    passes = _values(loc.get("block", []), "proxy_pass")
+    if not passes:
+        return [Finding(ERROR, where, f"the location for {mount} has no proxy_pass", "proxy_pass http://firstparty;")]
+    target = passes[0][0] if passes[0] else ""
+    rest = target.split("://", 1)[-1]
+    host, slash, uri = rest.partition("/")
+    prefix = loc["args"][-1] if loc["args"][0] not in ("~", "~*") else None
+    if slash and prefix is not None and "/" + uri != prefix:
+        out.append(Finding(ERROR, where,
+                           f"proxy_pass {target} replaces {prefix} with /{uri}: {mount}track reaches the proxy as /{uri}track",
+                           "proxy_pass http://firstparty; (no path: the request's path is passed as it is)"))
+    headers = {args[0].lower(): args[1] if len(args) > 1 else "" for args in _effective(levels, "proxy_set_header")}
+    if "host" not in headers:
+        out.append(Finding(ERROR, where, f"{mount}: no `proxy_set_header Host $host`: the proxy sees the upstream's name, "
+                           "so the cookie domain and analytics.js's settings name the wrong host",
+                           "proxy_set_header Host $host;"))
+    if "x-forwarded-for" not in headers and "x-real-ip" not in headers:
+        out.append(Finding(ERROR, where, f"{mount}: neither X-Forwarded-For nor X-Real-IP is set: every visitor has nginx's IP",
+                           "proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"))
+    if mount in s.segment.mounts and "x-forwarded-proto" not in headers:
+        out.append(Finding(WARNING, where, f"{mount}: no X-Forwarded-Proto: analytics.js's settings say http to a site served over https",
+                           "proxy_set_header X-Forwarded-Proto $scheme;"))
+    version = _effective(levels, "proxy_http_version")
+    if not version or version[0][:1] != ["1.1"] or headers.get("connection", None) != "":
+        out.append(Finding(WARNING, where, f"{mount}: no keep-alive to the proxy (a new connection per request)",
+                           "proxy_http_version 1.1; proxy_set_header Connection \"\"; and `keepalive 32;` in the upstream block"))
+    body = _effective(levels, "client_max_body_size")
+    limit = _size(body[0][0]) if body and body[0] else 1024**2
+    if limit and limit < s.server.max_body_bytes:
+        out.append(Finding(WARNING, where,
+                           f"{mount}: client_max_body_size {body[0][0] if body else '1m (the default)'} is below the proxy's "
+                           f"{s.server.max_body_bytes} bytes: nginx answers 413 to large batches and replays",
+                           f"client_max_body_size {max(1, s.server.max_body_bytes // 1024**2)}m;"))
+    name = host.split(":")[0]
+    if name and name not in upstreams:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            out.append(Finding(WARNING, where,
+                               f"proxy_pass names the host {name!r} directly: nginx resolves it once at start and keeps that IP",
+                               "define `upstream firstparty { server ...; keepalive 32; }` and proxy_pass http://firstparty;"))
+    elif name in upstreams and not _values(upstreams[name].get("block", []), "keepalive"):
+        out.append(Finding(WARNING, f"{path}:{upstreams[name].get('line')}", f"upstream {name} keeps no idle connections",
+                           "keepalive 32;"))
+    return out

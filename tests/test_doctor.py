@@ -1,0 +1,221 @@
+"""``firstparty check``, the config doctor: a table of broken configurations,
+each caught with its fix; the shipped ``deploy/config.toml`` and
+``nginx.example.conf`` pass; ``--online`` against local TLS fakes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy import doctor
+from proxy.settings import build_settings, load_settings
+from tests.fakeupstream import FakeUpstream
+from tests.support import port_of, reserve_port, self_signed
+from tests.test_upstream import serve_tls
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD_NGINX = """
+upstream firstparty { server 127.0.0.1:8000; keepalive 64; }
+server {
+    listen 443 ssl;
+    client_max_body_size 10m;
+    location ~ ^/(mp(-decide)?|seg)/ {
+        proxy_pass http://firstparty;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+    }
+}
+"""
+
+
+def run(tmp_path: Path, raw: dict[str, Any], env: dict[str, str] | None = None, instances: int = 1) -> list[doctor.Finding]:
+    raw = {**raw, "server": {"data_dir": str(tmp_path / "data"), **raw.get("server", {})}}
+    env = env or {}
+    settings = build_settings(raw, env)
+    return doctor.findings(doctor.Context(settings, raw, env, instances))
+
+
+def nginx(tmp_path: Path, text: str, raw: dict[str, Any] | None = None) -> list[doctor.Finding]:
+    conf = tmp_path / "site.conf"
+    conf.write_text(text)
+    settings = build_settings({"server": {"data_dir": str(tmp_path / "data")}, **(raw or {})}, {})
+    return doctor.nginx_findings(doctor.Context(settings), conf)
+
+
+def one(found: list[doctor.Finding], where: str) -> doctor.Finding:
+    matching = [f for f in found if f.where.startswith(where)]
+    assert len(matching) == 1, [f.line() for f in found]
+    return matching[0]
+
+
+# (settings, instances, where, level, in the problem, in the fix)
+BROKEN = [
+    ({"cookie": {"domains": ["example.com"]}}, 1, "cookie.domains", "warning", "no leading dot", '".example.com"'),
+    ({"cookie": {"domains": [".co.uk"]}}, 1, "cookie.domains", "error", "public suffix", "registrable domain"),
+    ({"cookie": {"domains": [".github.io"]}}, 1, "cookie.domains", "error", "public suffix", "registrable domain"),
+    ({"cookie": {"domains": [".example.com"]}, "identity": {"linked_domains": [".brand-b.com"]}},
+     1, "identity.linked_domains", "error", "host-only", 'add ".brand-b.com" to cookie.domains'),
+    ({"cookie": {"domains": [".example.com", ".brand-b.com"]}, "identity": {"linked_domains": [".brand-b.com"]},
+      "cors": {"allowed_origins": ["https://www.example.com"]}},
+     1, "cors.allowed_origins", "warning", "brand-b.com", "https://*.brand-b.com"),
+    ({"cookie": {"secure": False}, "cors": {"allowed_origins": ["https://www.example.com"]}},
+     1, "cookie.secure", "warning", "https", "cookie.secure = true"),
+    ({"server": {"trusted_proxies": ["0.0.0.0/0"]}}, 1, "server.trusted_proxies", "error", "everyone", "127.0.0.1/32"),
+    ({"server": {"trusted_proxies": ["10.0.0.0/4"]}}, 1, "server.trusted_proxies", "error", "large part", "load balancer"),
+    ({"server": {"workers": 2}}, 1, "store.url", "error", "2 workers", "redis://"),
+    ({"store": {"url": "redis://127.0.0.1:6379/15"}}, 3, "cookie.secret", "error", "3 instances", "secret_file"),
+    ({"store": {"url": "redis://127.0.0.1:6379/15"}}, 3, "identity.keys_file", "error", "another", "keygen"),
+    ({"delivery": {"fsync": False}}, 1, "delivery.fsync", "warning", "power cut", "fsync = true"),
+    ({"ops": {"host": "0.0.0.0", "allowed_networks": ["0.0.0.0/0"]}}, 1, "ops.allowed_networks", "warning", "anyone", "monitoring"),
+]
+
+
+@pytest.mark.parametrize("raw, instances, where, level, problem, fix", BROKEN, ids=[b[2] + ":" + b[4] for b in BROKEN])
+def test_each_broken_config_is_caught_with_its_fix(tmp_path, raw, instances, where, level, problem, fix):
+    finding = one(run(tmp_path, raw, instances=instances), where)
+    assert finding.level == level
+    assert problem in finding.problem and fix in finding.fix, finding.line()
+
+
+def test_a_readable_secret_is_an_error(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("a-secret-of-enough-length\n")
+    secret.chmod(0o644)
+    finding = one(run(tmp_path, {"cookie": {"secret_file": str(secret)}}), "cookie.secret_file")
+    assert finding.level == "error" and finding.fix == f"chmod 600 {secret}"
+    secret.chmod(0o600)
+    assert run(tmp_path, {"cookie": {"secret_file": str(secret)}}) == []
+
+
+def test_a_spool_on_tmpfs_is_named(tmp_path):
+    if doctor.filesystem_of(Path("/dev/shm")) != "tmpfs":
+        pytest.fail("this machine has no tmpfs at /dev/shm to try")
+    spool = Path("/dev/shm") / f"firstparty-doctor-{os.getpid()}" / "spool.sqlite3"
+    finding = one(run(tmp_path, {"delivery": {"spool_path": str(spool)}}), "delivery.spool_path")
+    assert "tmpfs" in finding.problem and not spool.parent.exists()  # the check created nothing
+
+
+def test_the_defaults_and_a_sound_config_pass(tmp_path):
+    assert run(tmp_path, {}) == []
+    sound = {
+        "cookie": {"domains": [".example.com", ".brand-b.com"]},
+        "identity": {"linked_domains": [".example.com", ".brand-b.com"]},
+        "cors": {"allowed_origins": ["https://*.example.com", "https://*.brand-b.com"]},
+        "server": {"workers": 4},
+        "store": {"url": "redis://127.0.0.1:6379/15"},
+    }
+    assert run(tmp_path, sound) == []
+
+
+# (nginx site, where the finding is, level, in the problem, in the fix)
+BROKEN_NGINX = [
+    (GOOD_NGINX.replace("|seg)", ")"), "site.conf", "error", "/seg/", "location /seg/"),
+    (GOOD_NGINX.replace("proxy_set_header Host $host;", ""), "site.conf:", "error", "Host", "proxy_set_header Host $host;"),
+    (GOOD_NGINX.replace("proxy_set_header X-Real-IP $remote_addr;", "").replace(
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;", ""), "site.conf:", "error", "nginx's IP", "X-Real-IP"),
+    (GOOD_NGINX.replace("proxy_set_header X-Forwarded-Proto $scheme;", ""), "site.conf:", "warning", "X-Forwarded-Proto", "$scheme"),
+    (GOOD_NGINX.replace("client_max_body_size 10m;", ""), "site.conf:", "warning", "1m (the default)", "client_max_body_size 10m;"),
+    (GOOD_NGINX.replace("proxy_http_version 1.1;", ""), "site.conf:", "warning", "keep-alive", "proxy_http_version 1.1"),
+    (GOOD_NGINX.replace(" keepalive 64;", ""), "site.conf:2", "warning", "idle connections", "keepalive 32;"),
+    (GOOD_NGINX.replace("proxy_pass http://firstparty;", "proxy_pass http://proxy.internal:8000;"),
+     "site.conf:", "warning", "resolves it once", "upstream firstparty"),
+    (GOOD_NGINX.replace("location ~ ^/(mp(-decide)?|seg)/ {", "location /mp/ {").replace(
+        "proxy_pass http://firstparty;", "proxy_pass http://firstparty/;"), "site.conf:", "error", "replaces /mp/ with /", "no path"),
+    ("server { location / { } ", "site.conf:", "error", "nginx config", "nginx -t"),
+]
+
+
+@pytest.mark.parametrize("text, where, level, problem, fix", BROKEN_NGINX, ids=[b[3] for b in BROKEN_NGINX])
+def test_each_broken_nginx_config_is_caught_with_its_fix(tmp_path, text, where, level, problem, fix):
+    found = nginx(tmp_path, text)
+    matching = [f for f in found if f.where.startswith(str(tmp_path / where)) and problem in f.problem]
+    assert len(matching) >= 1, [f.line() for f in found]
+    assert matching[0].level == level and fix in matching[0].fix, matching[0].line()
+
+
+def test_a_sound_nginx_config_passes(tmp_path):
+    assert nginx(tmp_path, GOOD_NGINX) == []
+
+
+def test_the_shipped_configs_pass(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("a-production-secret-of-some-length\n")
+    secret.chmod(0o600)
+    env = {
+        "FIRSTPARTY_COOKIE_SECRET_FILE": str(secret),
+        "FIRSTPARTY_SERVER_DATA_DIR": str(tmp_path / "data"),
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--config", str(ROOT / "deploy" / "config.toml"),
+         "--nginx", str(ROOT / "nginx.example.conf")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("0 errors, 0 warnings (config, nginx checked)"), result.stdout
+
+
+def test_the_cli_exits_1_on_errors_and_names_each(tmp_path):
+    conf = tmp_path / "bad.toml"
+    conf.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\ntrusted_proxies = ["0.0.0.0/0"]\n[delivery]\nfsync = false\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")}
+    result = subprocess.run([sys.executable, "-m", "proxy", "check", "-c", str(conf)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "error   server.trusted_proxies: 0.0.0.0/0" in result.stdout
+    assert "warning delivery.fsync" in result.stdout
+    assert "1 error, 1 warning (config checked)" in result.stdout
+    # A config that does not load is one error, the loader's own words.
+    conf.write_text("[cookie]\nmax_age_days = 9000\n")
+    result = subprocess.run([sys.executable, "-m", "proxy", "check", "-c", str(conf)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "error   cookie.max_age_days: 9000 is out of range" in result.stdout
+
+
+async def test_online_checks_name_unreachable_and_untrusted_upstreams_and_misrouted_workspaces(tmp_path):
+    trusted_cert, trusted_key = self_signed(tmp_path / "ca", "127.0.0.1")
+    other_cert, other_key = self_signed(tmp_path / "other", "127.0.0.1")
+    fake = FakeUpstream()
+    runners = []
+    ports = {}
+    for name, (cert, key) in {"us": (trusted_cert, trusted_key), "cdn": (trusted_cert, trusted_key),
+                              "seg-cdn": (trusted_cert, trusted_key), "eu": (other_cert, other_key)}.items():
+        runner, ports[name] = await serve_tls(fake.app(name), cert, key)
+        runners.append(runner)
+    down = reserve_port()
+    url = lambda name: f"https://127.0.0.1:{ports[name]}"  # noqa: E731
+    dead = f"https://127.0.0.1:{port_of(down)}"
+    raw = {
+        "server": {"data_dir": str(tmp_path / "data")},
+        "upstream": {"us": url("us"), "eu": url("eu"), "in": dead, "decide": url("us"), "cdn": url("cdn"),
+                     "ca_file": str(trusted_cert), "timeout_seconds": 3},
+        "segment": {"us": url("us"), "eu": url("us"), "cdn": url("seg-cdn"), "write_keys": {"seg-write-key-eu": "eu"}},
+    }
+    try:
+        settings = build_settings(raw, {})
+        # seg-eu-unrouted: an EU workspace (the fake CDN's settings say so) left on the US default.
+        found = await doctor.online_findings(doctor.Context(settings, raw), ["seg-eu-unrouted"])
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        down.close()
+    by_where = {f.where: f for f in found}
+    assert set(by_where) == {"upstream.eu", "upstream.in", "segment.write_keys.seg-eu…"}, [f.line() for f in found]
+    assert "certificate not trusted" in by_where["upstream.eu"].problem and "ca_file" in by_where["upstream.eu"].fix
+    assert "unreachable" in by_where["upstream.in"].problem and "egress" in by_where["upstream.in"].fix
+    misrouted = by_where["segment.write_keys.seg-eu…"]
+    assert "EU region" in misrouted.problem and misrouted.fix == 'segment.write_keys = { "seg-eu-unrouted" = "eu" }'
+    # The CDN was asked for mixpanel-js and for both workspaces' settings.
+    assert {r.path for r in fake.by("cdn")} == {"/libs/mixpanel-2-latest.min.js"}
+    assert {r.path for r in fake.by("seg-cdn")} == {"/v1/projects/seg-write-key-eu/settings", "/v1/projects/seg-eu-unrouted/settings"}
