@@ -114,6 +114,8 @@ class OpsSettings:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    # /live: identities forming, event by event (records nothing while nobody watches).
+    live: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +444,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "host": _str,
         "port": _int(0, 65535),
         "allowed_networks": _networks,
+        "live": _bool,
     },
     "server": {
         "host": _str,

@@ -44,6 +44,7 @@ import orjson
 
 from .forwardlog import ForwardedLog
 from ..errors import UpstreamError
+from .live import LiveFeed
 from .metrics import Metrics
 from ..settings import DeliverySettings
 from .spool import DeadLetter, Row, Spool
@@ -95,8 +96,10 @@ class Sender:
         timeout: float,
         protocols: Mapping[str, WireProtocol],
         metrics: Metrics | None = None,
+        live: LiveFeed | None = None,
     ) -> None:
         self.spool = spool
+        self.live = live  # the live view's feed: batch outcomes, while someone watches
         self.protocols = protocols
         self.client = client
         self.settings = settings
@@ -418,3 +421,5 @@ class Sender:
             entry["detail"] = (detail or "")[:500]
         self.forwarded.record(entry)
         self.metrics.outcome(outcome, rows[0].route, len(rows))
+        if self.live is not None and self.live.watching:
+            self.live.delivery(entry["insert_ids"], outcome, status, reason)

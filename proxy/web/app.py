@@ -34,6 +34,7 @@ from ..core.cookie import CookieJar
 from ..core.cors import OriginPolicy
 from ..services.delivery import Sender
 from ..services.forwardlog import ForwardedLog
+from ..services.live import LiveFeed
 from ..services.metrics import Metrics
 from ..services.spool import Spool
 from ..services.store import AliasStore
@@ -54,6 +55,7 @@ FORWARDED = web.AppKey("forwarded", ForwardedLog)
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
 SENDER = web.AppKey("sender", Sender)
+LIVE = web.AppKey("live", LiveFeed)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 GET = frozenset({"GET", "HEAD"})
@@ -87,6 +89,7 @@ def create_app(settings: Settings) -> web.Application:
     segment = SegmentUpstreams.from_settings(settings.segment)
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
+    app[LIVE] = LiveFeed()  # the live view's feed: idle (and free) until someone watches
     proxy = app[PROXY] = Proxy(settings, upstreams, segment)
     cross = proxy.cross
 
@@ -214,6 +217,7 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout=settings.upstream.timeout_seconds,
         protocols={MIXPANEL.name: MIXPANEL, SEGMENT.name: SEGMENT},
         metrics=app[METRICS],
+        live=app[LIVE],
     )
     spool.on_commit = sender.accept
     sender.start()
@@ -236,6 +240,7 @@ async def _bind_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics=app[METRICS],
         spool=app.get(SPOOL),
         sender=app.get(SENDER),
+        live=app[LIVE],
     )
     app[PROXY].bind(services)
     yield

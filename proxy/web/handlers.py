@@ -38,6 +38,7 @@ from ..core.cookie import CookieJar, cookie_values, valid_id
 from ..core.cors import OriginPolicy
 from ..errors import BadRequest, PayloadTooLarge, UpstreamError
 from ..services.forwardlog import ForwardedLog
+from ..services.live import LiveFeed
 from ..services.metrics import CONTENT_TYPE, Metrics
 from ..services.resolver import Resolver
 from ..core.identity import SOURCE_COOKIE, Resolution
@@ -90,6 +91,7 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     spool: Spool | None = None
     sender: Sender | None = None
+    live: LiveFeed = field(default_factory=LiveFeed)
 
 
 @dataclass(slots=True)
@@ -266,11 +268,14 @@ class Proxy:
         project: str | None,
         why: str,
         response: web.Response,
+        protocol: WireProtocol = MIXPANEL,
     ) -> web.Response:
         """Consent refused: nothing is resolved, spooled or forwarded. The SDK is
         answered as if accepted (``response``, so it does not retry), the identity
         cookie is deleted, and the drop is logged and counted, without any id."""
         self._record_drop(route, names, count, project, why)
+        if self.s.live.watching:
+            self._live(visit, protocol, route, None, [], names, [None] * len(names), "dropped", f"consent: {why}")
         self._finish(response, visit, None, route)
         if visit.cookie_raw:
             response.headers.add("Set-Cookie", self.s.jar.expire_header(visit.host))
@@ -282,6 +287,34 @@ class Proxy:
             )
         response.headers["Cache-Control"] = "private, no-store"
         return response
+
+    def _live(
+        self,
+        visit: Visit,
+        protocol: WireProtocol,
+        route: str,
+        resolution: Resolution | None,
+        rewrites: list[Rewrite],
+        names: list[str],
+        ids: list[str | None],
+        outcome: str,
+        reason: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        """What the live view shows of this request (called only while someone watches)."""
+        self.s.live.request(
+            protocol=protocol.name,
+            route=route,
+            host=visit.host,
+            canonical=resolution.canonical if resolution else None,
+            source=resolution.source if resolution else "none",
+            rewrites=[(r.field, r.original, r.canonical) for r in rewrites],
+            names=names,
+            ids=ids,
+            outcome=outcome,
+            reason=reason,
+            status=status,
+        )
 
     def _record_drop(self, route: str, names: list[str], count: int, project: str | None, why: str) -> None:
         self.s.metrics.consent_dropped.labels(why).inc(count)
@@ -503,7 +536,7 @@ class Proxy:
             if refused:
                 names = protocol.names(route, events)
                 accepted = answer(protocol.accepted(verbose))
-                return self._drop(visit, route, names, len(events), project, refused, accepted)
+                return self._drop(visit, route, names, len(events), project, refused, accepted, protocol)
         if mentioned:
             stripped = self._strip_tokens(protocol, route, events)
 
@@ -548,10 +581,15 @@ class Proxy:
             )
         except UpstreamError as exc:
             self._log(route, region, project, names, resolution, rewrites, 502, started, str(exc))
+            if self.s.live.watching:
+                self._live(visit, protocol, route, resolution, rewrites, names, [None] * len(names), "failed", str(exc), 502)
             return self._finish(error_response(502, str(exc), verbose), visit, resolution, route)
         self._log(route, region, project, names, resolution, rewrites, upstream.status, started)
         if 200 <= upstream.status < 300:
             self.s.metrics.accepted(route, len(events))
+        if self.s.live.watching:
+            outcome = "forwarded" if 200 <= upstream.status < 300 else "failed"
+            self._live(visit, protocol, route, resolution, rewrites, names, [None] * len(names), outcome, None, upstream.status)
         response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
         return self._finish(response, visit, resolution, route)
 
@@ -602,6 +640,10 @@ class Proxy:
         self.s.metrics.accepted(route, len(rows))
         for region in regions:
             self.s.sender.notify(region)
+        if self.s.live.watching:
+            metas = [row.info or {} for row in rows]
+            self._live(visit, protocol, route, resolution, [r for rs in per_event for r in rs],
+                       [m.get("n", "") for m in metas], [m.get("i") for m in metas], "spooled")
         return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route, protocol)
 
     async def _forward_batch(
@@ -630,8 +672,13 @@ class Proxy:
             )
         except UpstreamError as exc:
             self._log(route, region, project, names, resolution, rewrites, 502, started, str(exc))
+            if self.s.live.watching:
+                self._live(visit, protocol, route, resolution, rewrites, names, [f.insert_id for f in facts], "failed", str(exc), 502)
             return self._finish(answer(protocol.error(502, str(exc), True)), visit, resolution, route, protocol)
         self._log(route, region, project, names, resolution, rewrites, upstream.status, started)
+        if self.s.live.watching:
+            outcome = "forwarded" if 200 <= upstream.status < 300 else "failed"
+            self._live(visit, protocol, route, resolution, rewrites, names, [f.insert_id for f in facts], outcome, None, upstream.status)
         if 200 <= upstream.status < 300:
             self.s.metrics.accepted(route, len(payload.events))
             return self._finish(answer(protocol.accepted(True)), visit, resolution, route, protocol)

@@ -1,5 +1,5 @@
-"""The ops listener: ``/metrics``, ``/readyz`` and ``/healthz`` on a port of
-their own (``[ops]``), never on the public one (which keeps ``/healthz`` for
+"""The ops listener: ``/metrics``, ``/readyz``, ``/healthz`` and the live view
+(``/live``, ``web/live``) on a port of their own (``[ops]``), never on the public one (which keeps ``/healthz`` for
 load balancers).
 
 ``create_ops_app(main)`` builds a small ``web.Application`` whose handlers are
@@ -15,7 +15,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..core.clientip import TrustedProxies
-from .app import GET, PROXY, SETTINGS, Handler, only
+from .app import GET, LIVE, PROXY, SETTINGS, Handler, only
+from .live import add_live_routes
 from .http import text_response
 
 
@@ -37,4 +38,6 @@ def create_ops_app(main: web.Application) -> web.Application:
     add("*", "/metrics", only(GET, proxy.metrics))
     add("*", "/readyz", only(GET, proxy.readyz))
     add("*", "/healthz", only(GET, proxy.healthz))
+    if settings.ops.live:
+        add_live_routes(app, main[LIVE])
     return app

@@ -44,6 +44,8 @@
 //   new_context {}              open a new, separate browser context (another person: its
 //                               own cookies and storage) with one tab; it becomes current
 //   use_page {page}             make page number `page` current again
+//   screenshot {path, width?, height?, full_page?}
+//                               save a PNG of the current page (at that viewport size, if given)
 // `goto` also takes {url_from: name}: the URL saved earlier under that name;
 // {wait_until: "commit"} (for a page that navigates away before its load event, e.g.
 // hub.js's redirect; follow with wait_url); {referer}: the Referer the page is opened with.
@@ -316,9 +318,21 @@ async function main() {
           if (step.save) out.results[step.save] = value === undefined ? null : value;
           break;
         }
-        case 'wait_js':
-          await page.waitForFunction(step.js, null, { timeout, polling: 50 });
+        case 'wait_js': {
+          // Polled from here with page.evaluate (not waitForFunction, which a
+          // page's CSP without 'unsafe-eval' refuses: the live view's).
+          const deadline = Date.now() + timeout;
+          for (;;) {
+            let value = false;
+            try { value = await page.evaluate(`(() => (${step.js}))()`); } catch (e) {
+              if (!/Execution context was destroyed|navigat/i.test(String(e))) throw e;  // a navigation in between
+            }
+            if (value) break;
+            if (Date.now() > deadline) throw new Error(`waited ${timeout} ms for ${step.js}`);
+            await new Promise((r) => setTimeout(r, 50));
+          }
           break;
+        }
         case 'mark':
           mark = tracked.length;
           break;
@@ -373,6 +387,10 @@ async function main() {
         case 'new_context':
           context = await openContext();
           page = await openPage(context);
+          break;
+        case 'screenshot':
+          if (step.width) await page.setViewportSize({ width: step.width, height: step.height || 900 });
+          await page.screenshot({ path: step.path, fullPage: !!step.full_page });
           break;
         case 'use_page': {
           const chosen = pages[step.page];
