@@ -104,6 +104,15 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacySettings:
+    """What of the visitor's IP the vendors receive (for geolocation): the
+    network of this many leading bits; 32 and 128 send it whole."""
+
+    ip_prefix_v4: int = 32  # 24: 203.0.113.77 -> 203.0.113.0
+    ip_prefix_v6: int = 128  # 48: 2001:db8:1:2::7 -> 2001:db8:1::
+
+
+@dataclass(frozen=True, slots=True)
 class OpsSettings:
     """The operators' listener: /metrics, /readyz, /healthz (and the live
     view), never on the public port."""
@@ -224,6 +233,7 @@ class Settings:
     consent: ConsentSettings = field(default_factory=ConsentSettings)
     segment: SegmentSettings = field(default_factory=SegmentSettings)
     ops: OpsSettings = field(default_factory=OpsSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     @property
     def data_dir(self) -> Path:
@@ -440,6 +450,10 @@ def _optional_cookie_name(key: str, value: Any) -> str:
 
 # Section -> key -> validator. The schema is the single list of what exists.
 _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
+    "privacy": {
+        "ip_prefix_v4": _int(8, 32),
+        "ip_prefix_v6": _int(16, 128),
+    },
     "ops": {
         "host": _str,
         "port": _int(0, 65535),
@@ -652,6 +666,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         store=StoreSettings(**clean.get("store", {})),
         log=LogSettings(**clean.get("log", {})),
         ops=ops,
+        privacy=PrivacySettings(**clean.get("privacy", {})),
         delivery=_delivery(clean.get("delivery", {})),
         identity=_identity(clean.get("identity", {}), Path(server.data_dir)),
         segment=_segment(clean.get("segment", {}), server),

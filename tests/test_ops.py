@@ -38,3 +38,34 @@ def test_the_ops_port_is_not_the_public_one(tmp_path):
         build_settings({"server": {"data_dir": str(tmp_path), "port": 9000}, "ops": {"port": 9000}}, {})
     assert err.value.key == "ops.port"
     assert build_settings({"server": {"data_dir": str(tmp_path)}, "ops": {"port": 0}}, {}).ops.port == 0
+
+
+async def test_the_visitors_ip_can_reach_the_vendors_truncated(proxy_client, upstream, delivery_mode):
+    import orjson
+
+    from tests.conftest import BROWSER, b64_body, device_id, js_event
+    from tests.support import eventually
+    from tests.test_segment import PLAIN, ajs_call
+
+    client = await proxy_client(privacy={"ip_prefix_v4": 24, "ip_prefix_v6": 48})
+    # The peer, 127.0.0.1, is a trusted proxy: the visitor is the forwarded address.
+    for visitor in ("203.0.113.77", "2001:db8:1:2::7"):
+        resp = await client.post("/mp/track/?ip=1", data=b64_body([js_event(visitor, device_id())]),
+                                 headers={**BROWSER, "Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-For": visitor})
+        assert resp.status == 200
+    seg = await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", device_id(), event="x")),
+                            headers={**BROWSER, **PLAIN, "X-Forwarded-For": "198.51.100.9"})
+    assert seg.status == 200
+    await upstream.wait(2, "us", "/track")
+    await eventually(lambda: upstream.by("seg-us"), 10, "the Segment call")
+    seen = orjson.dumps([r.body.decode("latin-1") for r in upstream.requests] + [r.headers for r in upstream.requests])
+    for whole in (b"203.0.113.77", b"2001:db8:1:2::7", b"198.51.100.9"):
+        assert whole not in seen
+    if delivery_mode == "spool":  # each event carries its visitor's (cut) IP
+        ips = {e["event"]: e["properties"]["ip"] for e in upstream.received("us", "/track")}
+        assert ips == {"203.0.113.77": "203.0.113.0", "2001:db8:1:2::7": "2001:db8:1::"}
+    else:  # forwarded as the visitor's request, the (cut) IP in the forwarding headers
+        forwarded = [r.headers["x-real-ip"] for r in upstream.by("us", "/track")]
+        assert forwarded == ["203.0.113.0", "2001:db8:1::"]
+    [call] = upstream.by("seg-us")[0].events()
+    assert call["context"]["ip"] == "198.51.100.0"

@@ -79,3 +79,16 @@ def client_ip(
         real = str(_parse(real_ip))
         return real, [real, *chain]
     return chain[0], chain
+
+
+@lru_cache(maxsize=4096)
+def truncate(ip: str, v4_prefix: int, v6_prefix: int) -> str:
+    """``ip`` cut to its network of ``v4_prefix``/``v6_prefix`` leading bits
+    (``203.0.113.77``, 24 -> ``203.0.113.0``); not an IP: unchanged."""
+    addr = _parse(ip)
+    if addr is None:
+        return ip
+    prefix = v4_prefix if addr.version == 4 else v6_prefix
+    if prefix >= addr.max_prefixlen:
+        return str(addr)
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)

@@ -33,7 +33,7 @@ from aiocache.base import BaseCache
 from aiohttp import StreamReader, web
 
 from ..core import consent
-from ..core.clientip import TrustedProxies, client_ip
+from ..core.clientip import TrustedProxies, client_ip, truncate
 from ..core.cookie import CookieJar, cookie_values, valid_id
 from ..core.cors import OriginPolicy
 from ..errors import BadRequest, PayloadTooLarge, UpstreamError
@@ -150,6 +150,9 @@ class Proxy:
         }
         self.endpoints: dict[str, Endpoint] = {**upstreams.regions, **segment.regions}
         self._trusted = TrustedProxies(settings.server.trusted_proxies)
+        privacy = settings.privacy
+        whole = privacy.ip_prefix_v4 == 32 and privacy.ip_prefix_v6 == 128
+        self._ip_prefixes = None if whole else (privacy.ip_prefix_v4, privacy.ip_prefix_v6)
         self.aliases = dict(settings.server.route_aliases)
         self.s: Services
         self.cross = CrossDomain(self)
@@ -178,10 +181,15 @@ class Proxy:
         return Visit(browser, headers.get("origin"), request_host(headers.get("host")), cookie_id, cookie_raw, hint)
 
     def _client(self, request: web.Request) -> tuple[str | None, list[str]]:
-        """The visitor's IP and the forwarding chain, trusting only configured proxies."""
-        return client_ip(
+        """The visitor's IP and the forwarding chain, trusting only configured
+        proxies, cut to ``privacy``'s prefixes: what the vendors may see."""
+        ip, chain = client_ip(
             request.remote, request.headers.get("x-forwarded-for"), request.headers.get("x-real-ip"), self._trusted
         )
+        if self._ip_prefixes is not None and ip:
+            v4, v6 = self._ip_prefixes
+            return truncate(ip, v4, v6), [truncate(hop, v4, v6) for hop in chain]
+        return ip, chain
 
     def public_scheme(self, request: web.Request) -> str:
         """The scheme the visitor used: ``X-Forwarded-Proto`` from a trusted
