@@ -69,3 +69,38 @@ async def test_the_visitors_ip_can_reach_the_vendors_truncated(proxy_client, ups
         assert forwarded == ["203.0.113.0", "2001:db8:1::"]
     [call] = upstream.by("seg-us")[0].events()
     assert call["context"]["ip"] == "198.51.100.0"
+
+
+async def test_metrics_count_events_by_protocol_and_identity_source_and_dead_letters_by_reason(proxy_client, upstream):
+    import orjson
+    from aiohttp import web
+
+    from tests.conftest import BROWSER, b64_body, cookie_from, device_id, js_event
+    from tests.test_segment import PLAIN, ajs_call
+
+    async def refuse_poison(rec):
+        if rec.path.startswith("/track") and any(e.get("event") == "poison" for e in rec.events()):
+            return web.json_response({"error": "bad", "status": 0}, status=400)
+        return None
+
+    upstream.behave = refuse_poison
+    client = await proxy_client(delivery={"mode": "spool"})
+    form = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
+    first = await client.post("/mp/track/?verbose=1", data=b64_body([js_event("a", device_id()), js_event("b", device_id())]), headers=form)
+    jar = {"Cookie": f"fp_id={cookie_from(first)}"}
+    await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", device_id(), event="c")), headers={**BROWSER, **PLAIN, **jar})
+    await client.post("/mp/track/?verbose=1", data=b64_body([js_event("poison", device_id())]), headers={**form, **jar})
+    text = ""
+
+    async def counted() -> bool:
+        nonlocal text
+        text = await (await client.ops_get("/metrics")).text()
+        return metric(text, 'firstparty_dead_lettered_total{reason="rejected"}') == 1
+
+    from tests.support import eventually_async
+
+    await eventually_async(counted, 10, "the poison event's dead letter")
+    assert metric(text, 'firstparty_events_total{protocol="mixpanel",source="new"}') == 2
+    assert metric(text, 'firstparty_events_total{protocol="segment",source="cookie"}') == 1
+    # The poison came from the same browser with a new device id at once: a reset().
+    assert metric(text, 'firstparty_events_total{protocol="mixpanel",source="reset"}') == 1

@@ -385,6 +385,7 @@ class Sender:
     def _bury(self, state: RegionState, rows: list[Row], reason: str, detail: str, status: int | None, latency: float) -> None:
         self.spool.bury(DeadLetter(r, reason, detail, status) for r in rows)
         state.held -= len(rows)
+        self.metrics.dead_lettered(reason, len(rows))
         self._log(state, rows, "expired" if reason == "expired" else "dead_letter", status, latency, reason, detail)
 
     def _log(

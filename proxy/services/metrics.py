@@ -107,6 +107,12 @@ class Metrics:
         self.identity_sources = HotCounter(
             "firstparty_identity_source", "Where a request's canonical id came from", ["source"], registry=r
         )
+        self.events_by_source = HotCounter(
+            "firstparty_events",
+            "Events accepted, by protocol and where their canonical id came from",
+            ["protocol", "source"],
+            registry=r,
+        )
         self.rewrites = Counter("firstparty_rewrites", "Identity fields rewritten to a canonical id", registry=r)
         self.bad_requests = Counter("firstparty_bad_requests", "Requests refused as bad input (400/413)", registry=r)
         self.outcomes = Counter(
@@ -163,7 +169,13 @@ class Metrics:
         self.store_errors = Gauge(
             "firstparty_store_errors", "Alias store failures since start", registry=r, multiprocess_mode="livesum"
         )
-        self._hot = [self.requests, self.events_accepted, self.identity_sources]
+        self._hot = [self.requests, self.events_accepted, self.identity_sources, self.events_by_source]
+        self.dead_letter_reasons = Counter(
+            "firstparty_dead_lettered",
+            "Events moved to the dead-letter table, by reason (rejected, expired, http_401...)",
+            ["reason"],
+            registry=r,
+        )
 
         # Labelled children, looked up once: .labels() is a measurable cost per request.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -181,8 +193,12 @@ class Metrics:
     def source(self, source: str) -> None:
         self.identity_sources.inc((source,))
 
-    def accepted(self, route: str, n: int) -> None:
+    def accepted(self, route: str, n: int, protocol: str = "mixpanel", source: str = "none") -> None:
         self.events_accepted.inc((route,), n)
+        self.events_by_source.inc((protocol, source), n)
+
+    def dead_lettered(self, reason: str, n: int) -> None:
+        self._child(self.dead_letter_reasons, reason).inc(n)
 
     def outcome(self, outcome: str, route: str, n: int) -> None:
         self._child(self.outcomes, outcome, route).inc(n)

@@ -594,7 +594,7 @@ class Proxy:
             return self._finish(error_response(502, str(exc), verbose), visit, resolution, route)
         self._log(route, region, project, names, resolution, rewrites, upstream.status, started)
         if 200 <= upstream.status < 300:
-            self.s.metrics.accepted(route, len(events))
+            self.s.metrics.accepted(route, len(events), protocol.name, resolution.source)
         if self.s.live.watching:
             outcome = "forwarded" if 200 <= upstream.status < 300 else "failed"
             self._live(visit, protocol, route, resolution, rewrites, names, [None] * len(names), outcome, None, upstream.status)
@@ -645,7 +645,7 @@ class Proxy:
             response = answer(protocol.error(503, f"{exc}; retry later", payload.verbose))
             response.headers["Retry-After"] = SPOOL_RETRY_AFTER
             return self._finish(response, visit, None, route)
-        self.s.metrics.accepted(route, len(rows))
+        self.s.metrics.accepted(route, len(rows), protocol.name, resolution.source)
         for region in regions:
             self.s.sender.notify(region)
         if self.s.live.watching:
@@ -688,7 +688,7 @@ class Proxy:
             outcome = "forwarded" if 200 <= upstream.status < 300 else "failed"
             self._live(visit, protocol, route, resolution, rewrites, names, [f.insert_id for f in facts], outcome, None, upstream.status)
         if 200 <= upstream.status < 300:
-            self.s.metrics.accepted(route, len(payload.events))
+            self.s.metrics.accepted(route, len(payload.events), protocol.name, resolution.source)
             return self._finish(answer(protocol.accepted(True)), visit, resolution, route, protocol)
         response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
         return self._finish(response, visit, resolution, route, protocol)
