@@ -18,6 +18,7 @@ blocks on the disk). Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -61,6 +62,8 @@ CREATE TABLE IF NOT EXISTS dead (
     protocol    TEXT NOT NULL DEFAULT 'mixpanel'
 );
 """
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = "id, route, region, project, ip, body, meta, enqueued_at, attempts, event_time, protocol"
 _INSERT_HEAD = "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, event_time, protocol) VALUES "
@@ -139,6 +142,124 @@ def connect(path: Path, fsync: bool = True) -> sqlite3.Connection:
     return conn
 
 
+@dataclass(frozen=True, slots=True)
+class Salvage:
+    """What opening a spool found: an unreadable file moved aside, and how
+    many of its rows were carried into the fresh one."""
+
+    moved_to: Path
+    error: str
+    queued: int
+    dead: int
+
+
+def check(conn: sqlite3.Connection) -> str | None:
+    """None when the database reads as sound, else SQLite's first complaint."""
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        conn.execute("SELECT COUNT(*) FROM queue").fetchone()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return None if problems == ["ok"] else "; ".join(problems[:3])
+
+
+def open_or_salvage(path: Path, fsync: bool = True) -> tuple[sqlite3.Connection, Salvage | None]:
+    """The spool at ``path``, or, when SQLite cannot read it (``file is not a
+    database``, ``database disk image is malformed``), a fresh spool there
+    holding every row that could still be read, the old file (and its WAL)
+    renamed ``<name>.corrupt-<UTC time>`` beside it. Never a crash loop for a
+    file the operator cannot repair by hand."""
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = connect(path, fsync)
+        error = check(conn)
+    except sqlite3.DatabaseError as exc:
+        error = str(exc)
+    if error is None:
+        assert conn is not None
+        return conn, None
+    if conn is not None:
+        conn.close()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        old = Path(str(path) + suffix)
+        if old.exists():
+            old.rename(Path(str(aside) + suffix))
+    fresh = connect(path, fsync)
+    queued, dead = salvage_into(aside, fresh)
+    return fresh, Salvage(aside, error, queued, dead)
+
+
+def _readable_rows(conn: sqlite3.Connection, table: str, columns: str, chunk: int = 500) -> Iterable[tuple[Any, ...]]:
+    """Every row of ``table`` SQLite can still read, in id order, stepping past
+    the pages it cannot."""
+    try:
+        top = conn.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0
+    except sqlite3.DatabaseError:
+        try:
+            found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+            top = found[0] if found else 0
+        except sqlite3.DatabaseError:
+            return
+    cursor = 0
+    while cursor < top:
+        try:
+            rows = conn.execute(f"SELECT {columns} FROM {table} WHERE id > ? ORDER BY id LIMIT ?", (cursor, chunk)).fetchall()
+        except sqlite3.DatabaseError:
+            # A bad page in this stretch: row by row across it, then on.
+            for rowid in range(cursor + 1, min(cursor + chunk, top) + 1):
+                try:
+                    row = conn.execute(f"SELECT {columns} FROM {table} WHERE id = ?", (rowid,)).fetchone()
+                except sqlite3.DatabaseError:
+                    continue
+                if row is not None:
+                    yield row
+            cursor += chunk
+            continue
+        if not rows:
+            return
+        yield from rows
+        cursor = rows[-1][0]
+
+
+_DEAD_COLUMNS = (
+    "id, queue_id, route, region, project, ip, body, meta, enqueued_at, attempts, reason, detail, status, failed_at, protocol"
+)
+
+
+def salvage_into(old_path: Path, fresh: sqlite3.Connection) -> tuple[int, int]:
+    """Copy the readable queued rows and dead letters of ``old_path`` into
+    ``fresh`` (queued ids kept, so nothing is sent out of order). Returns
+    (queued, dead) counts."""
+    try:
+        old = sqlite3.connect(f"file:{old_path}?mode=ro", uri=True)
+    except sqlite3.DatabaseError:
+        return 0, 0
+    queued = dead = 0
+    try:
+        fresh.execute("BEGIN")
+        for row in _readable_rows(old, "queue", _COLUMNS):
+            try:
+                fresh.execute(f"INSERT INTO queue ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                queued += 1
+            except sqlite3.DatabaseError:
+                continue
+        for row in _readable_rows(old, "dead", _DEAD_COLUMNS):
+            try:
+                fresh.execute(f"INSERT INTO dead ({_DEAD_COLUMNS}) VALUES ({', '.join('?' * 15)})", row)
+                dead += 1
+            except sqlite3.DatabaseError:
+                continue
+        fresh.execute("COMMIT")
+    except sqlite3.DatabaseError:
+        fresh.execute("ROLLBACK")
+        queued = dead = 0
+    finally:
+        old.close()
+    return queued, dead
+
+
 def _row(t: tuple[Any, ...]) -> Row:
     return Row(t[0], t[1], t[2], t[3], bool(t[4]), t[5], t[6], t[7], t[8], t[9], t[10])
 
@@ -162,6 +283,7 @@ class Spool:
         # getpid() system call, too many for a per-request path.
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0
+        self.salvaged: Salvage | None = None  # set by open() when the file had to be replaced
         # Called with the rows of each committed transaction (ids assigned), so
         # the sender gets fresh rows without reading them back from disk.
         self.on_commit: Callable[[list[Row]], None] | None = None
@@ -170,7 +292,14 @@ class Spool:
 
     async def open(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._executor, connect, self.path, self.fsync)
+        self._conn, salvaged = await loop.run_in_executor(self._executor, open_or_salvage, self.path, self.fsync)
+        self.salvaged = salvaged
+        if salvaged is not None:
+            log.error(
+                "spool %s could not be read (%s): moved aside to %s; %d queued events and %d dead letters "
+                "salvaged into a fresh spool, which is in use",
+                self.path, salvaged.error, salvaged.moved_to, salvaged.queued, salvaged.dead,
+            )
         self.depth = await self._call(lambda c: c.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
 
     async def close(self) -> None:

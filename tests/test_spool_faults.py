@@ -1,0 +1,126 @@
+"""Faults of our own under the spool: a file SQLite cannot read at start is
+moved aside, what can be read is salvaged, and the proxy serves (no crash
+loop); `firstparty spool check` names a bad file offline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from proxy.services.spool import NewRow, Spool, open_or_salvage
+from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def fill(path: Path, n: int) -> list[bytes]:
+    spool = Spool(path, max_rows=100_000)
+    await spool.open()
+    bodies = [orjson.dumps({"event": f"e{i}", "properties": {"pad": "x" * 300, "$insert_id": f"id-{i:05d}"}}) for i in range(n)]
+    await spool.enqueue([NewRow("track", "us", "t", True, b, b'{"c":null}', time.time()) for b in bodies])
+    await spool.close()
+    assert not Path(str(path) + "-wal").exists() or Path(str(path) + "-wal").stat().st_size == 0
+    return bodies
+
+
+def damage_pages(path: Path, count: int) -> None:
+    """Overwrite ``count`` table-leaf pages from the middle of the file with
+    garbage (a bad sector, a torn write): never the header page or an interior
+    page, so what is lost is those pages' rows and no more."""
+    with sqlite3.connect(path) as c:
+        size = c.execute("PRAGMA page_size").fetchone()[0]
+    data = path.read_bytes()
+    leaves = [n for n in range(1, len(data) // size) if data[n * size] == 0x0D]  # 0x0D: a table b-tree leaf
+    middle = len(leaves) // 2
+    with open(path, "r+b") as fh:
+        for n in leaves[middle:middle + count]:
+            fh.seek(n * size)
+            fh.write(b"\xff" * 8 + os.urandom(size - 8))
+
+
+def asides(path: Path) -> list[Path]:
+    """The moved-aside database files (their WAL and shared-memory files went with them)."""
+    return sorted(p for p in path.parent.glob(path.name + ".corrupt-*") if not p.name.endswith(("-wal", "-shm")))
+
+
+async def test_damaged_pages_are_salvaged_around(tmp_path):
+    path = tmp_path / "spool.sqlite3"
+    bodies = await fill(path, 2000)
+    damage_pages(path, 3)
+    conn, salvaged = open_or_salvage(path)
+    try:
+        assert salvaged is not None and salvaged.error
+        assert asides(path) == [salvaged.moved_to] and salvaged.moved_to.exists()
+        # Most rows came through; the few on the damaged pages did not.
+        assert 1500 < salvaged.queued < 2000, salvaged
+        rows = conn.execute("SELECT id, body FROM queue ORDER BY id").fetchall()
+        assert len(rows) == salvaged.queued
+        assert all(body in set(bodies) for _id, body in rows)
+        assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+        # New rows take ids after the salvaged ones: nothing is sent out of order.
+        conn.execute("INSERT INTO queue (route, region, ip, body, meta, enqueued_at) VALUES ('track', 'us', 1, x'00', x'00', 0)")
+        assert conn.execute("SELECT MAX(id) FROM queue").fetchone()[0] > rows[-1][0]
+    finally:
+        conn.close()
+
+
+async def test_a_file_that_is_no_database_is_replaced(tmp_path):
+    path = tmp_path / "spool.sqlite3"
+    path.write_bytes(b"this is not SQLite" * 500)
+    conn, salvaged = open_or_salvage(path)
+    conn.close()
+    assert salvaged is not None and "not a database" in salvaged.error
+    assert (salvaged.queued, salvaged.dead) == (0, 0)
+    assert salvaged.moved_to.read_bytes().startswith(b"this is not SQLite")
+
+
+async def test_the_proxy_serves_and_delivers_what_was_salvaged(serve_proxy, tmp_path, upstream, caplog):
+    from proxy.web.app import create_app
+
+    settings = make_settings(tmp_path, upstream, delivery={"mode": "spool"})
+    path = settings.spool_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bodies = await fill(path, 2000)
+    # The fill's events are Mixpanel /track rows: delivered once the proxy is up.
+    damage_pages(path, 2)
+    caplog.set_level(logging.ERROR, logger="proxy.services.spool")
+    client = await serve_proxy(create_app(settings))
+    [line] = [r.getMessage() for r in caplog.records if r.name == "proxy.services.spool"]
+    assert str(asides(path)[0]) in line and "salvaged into a fresh spool" in line
+    salvaged = client.services.spool.salvaged
+    assert salvaged is not None and salvaged.queued > 1500
+    # New events are accepted as ever, and the salvaged ones go out too.
+    resp = await client.post("/mp/track/?verbose=1", data=b64_body([js_event("After", device_id())]),
+                             headers={**BROWSER, "Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status == 200
+    events = await upstream.wait(salvaged.queued + 1, "us", "/track", timeout=20)
+    names = [e["event"] for e in events]
+    assert "After" in names and len(set(names)) == salvaged.queued + 1
+    assert len(bodies) == 2000
+
+
+def test_spool_check_names_a_bad_file_offline(tmp_path):
+    import asyncio
+
+    data = tmp_path / "data"
+    data.mkdir()
+    asyncio.run(fill(data / "spool.sqlite3", 10))
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[server]\ndata_dir = "{data}"\n[cookie]\nsecret = "{"s" * 32}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")}
+    good = subprocess.run([sys.executable, "-m", "proxy", "spool", "check", "-c", str(conf)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0 and good.stdout.startswith("ok ")
+    (data / "spool-1.sqlite3").write_bytes(b"garbage" * 1000)
+    bad = subprocess.run([sys.executable, "-m", "proxy", "spool", "check", "-c", str(conf)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "corrupt  " + str(data / "spool-1.sqlite3") in bad.stdout and "not a database" in bad.stdout
+    assert "salvages every readable row" in bad.stdout
