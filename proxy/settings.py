@@ -191,6 +191,10 @@ class DeliverySettings:
     # true: every commit is fsync'd (an acknowledged event survives a power cut);
     # false: survives a process crash (kill -9) but not the machine's.
     fsync: bool = True
+    # Below this much free space under the spool, new events are answered 503
+    # (Retry-After): the room left is for deletes and dead letters, so the
+    # queue can still drain. 0: only SQLite's own "disk full" stops it.
+    min_free_bytes: int = 64 * 1024 * 1024
 
     @property
     def batch_window_seconds(self) -> float:
@@ -540,6 +544,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "max_age_days": _float(0.001, 3650),
         "drain_seconds": _float(0, 3600),
         "fsync": _bool,
+        "min_free_bytes": _int(0, 1 << 50),
     },
 }
 

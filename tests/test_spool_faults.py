@@ -4,6 +4,7 @@ loop); `firstparty spool check` names a bad file offline."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -124,3 +125,119 @@ def test_spool_check_names_a_bad_file_offline(tmp_path):
     assert bad.returncode == 1
     assert "corrupt  " + str(data / "spool-1.sqlite3") in bad.stdout and "not a database" in bad.stdout
     assert "salvages every readable row" in bad.stdout
+
+
+@contextlib.contextmanager
+def tiny_disk(where: Path, size: str = "1m"):
+    """A real file system of ``size`` (tmpfs), mounted for the test and gone after it."""
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs (the test needs root): {mounted.stderr}"
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_full_disk_is_a_503_and_the_spool_recovers_by_itself(serve_proxy, tmp_path, upstream, caplog):
+    """The issue's scenario: a 1 MB disk under the spool, the vendor down, one
+    event per request. Past delivery.min_free_bytes new events are answered
+    503 with Retry-After (never 500, no traceback, one log line), /readyz
+    fails and the metric says so; once the vendor is back the queue drains into
+    the room left, the space is given back, and events are accepted again.
+    Every event acknowledged is delivered once."""
+    from aiohttp import web
+
+    from proxy.web.app import create_app
+    from tests.support import eventually, eventually_async, metric, port_of, reserve_port
+
+    down = reserve_port()  # Mixpanel, unreachable for now
+    vendor_url = f"http://127.0.0.1:{port_of(down)}"
+    caplog.set_level(logging.INFO)
+    with tiny_disk(tmp_path / "tiny") as disk:
+        settings = make_settings(
+            tmp_path, upstream,
+            upstream={"us": vendor_url, "timeout_seconds": 2},
+            delivery={"mode": "spool", "spool_path": str(disk / "spool.sqlite3"), "min_free_bytes": 300 * 1024,
+                      "batch_window_ms": 5, "backoff_initial_seconds": 0.1, "backoff_max_seconds": 0.3},
+        )
+        client = await serve_proxy(create_app(settings))
+        form = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
+        accepted: list[str] = []
+        statuses: dict[int, int] = {}
+        for i in range(400):
+            event = js_event(f"e{i}", device_id(), pad="x" * 1500)
+            resp = await client.post("/mp/track/?verbose=1", data=b64_body([event]), headers=form)
+            statuses[resp.status] = statuses.get(resp.status, 0) + 1
+            if resp.status == 200:
+                accepted.append(event["properties"]["$insert_id"])
+            else:
+                assert resp.status == 503 and resp.headers["Retry-After"].isdigit()
+                assert "min_free_bytes" in (await resp.json())["error"]
+        assert set(statuses) == {200, 503} and 10 < len(accepted) < 400, statuses
+        ready = await client.ops_get("/readyz")
+        assert ready.status == 503 and "min_free_bytes" in (await ready.json())["spool_refusing"]
+        text = await (await client.ops_get("/metrics")).text()
+        assert metric(text, "firstparty_spool_accepting") == 0
+
+        # The vendor comes back on its port: the queue drains into the headroom,
+        # space is given back, and new events are taken again.
+        runner, _ = await upstream.serve("us", sock=down)
+        try:
+            await upstream.wait(len(accepted), "us", "/track", timeout=30)
+
+            async def accepting_again() -> bool:
+                return (await client.ops_get("/readyz")).status == 200
+
+            await eventually_async(accepting_again, 15, "the spool to accept events again")
+            late = js_event("after", device_id())
+            resp = await client.post("/mp/track/?verbose=1", data=b64_body([late]), headers=form)
+            assert resp.status == 200
+            await eventually(lambda: len(upstream.received("us", "/track")) == len(accepted) + 1, 15, "the late event")
+            got = [e["properties"]["$insert_id"] for e in upstream.received("us", "/track")]
+            assert sorted(got) == sorted(accepted + [late["properties"]["$insert_id"]])  # each once, none lost
+            text = await (await client.ops_get("/metrics")).text()
+            assert metric(text, "firstparty_spool_accepting") == 1
+        finally:
+            await client.close()
+            await runner.cleanup()
+            down.close()
+    spool_lines = [r for r in caplog.records if r.name == "proxy.services.spool"]
+    assert [r.levelname for r in spool_lines] == ["ERROR", "WARNING"], [r.getMessage() for r in spool_lines]
+    assert "refuses new events" in spool_lines[0].getMessage() and "accepts events again" in spool_lines[1].getMessage()
+    assert not [r for r in caplog.records if r.exc_info], "no tracebacks"
+
+
+async def test_a_disk_that_refuses_writes_is_a_503_not_a_500(tmp_path):
+    """SQLite's own wall (SQLITE_FULL, here through max_page_count): the
+    waiting clients get SpoolUnwritable, pending outcomes are kept, and the
+    spool takes writes again when the disk does."""
+    from proxy.services.spool import SpoolUnwritable
+
+    spool = Spool(tmp_path / "spool.sqlite3", max_rows=100_000, min_free_bytes=0)
+    await spool.open()
+    try:
+        await spool._call(lambda c: c.execute("PRAGMA max_page_count = 40").fetchall())
+        row = lambda i: NewRow("track", "us", "t", True, b"x" * 2000, b"{}", time.time())  # noqa: E731
+        refused = None
+        for i in range(200):
+            try:
+                await spool.enqueue([row(i)])
+            except SpoolUnwritable as exc:
+                refused = exc
+                break
+        assert refused is not None and "full" in str(refused)
+        assert not spool.accepting
+        # Later calls are refused at once, without touching the disk.
+        try:
+            await spool.enqueue([row(0)])
+            raise AssertionError("accepted while refusing")
+        except SpoolUnwritable:
+            pass
+        await spool._call(lambda c: c.execute("PRAGMA max_page_count = 100000").fetchall())
+        from tests.support import eventually
+
+        await eventually(lambda: spool.accepting, 10, "the spool to take writes again")
+        await spool.enqueue([row(1)])
+    finally:
+        await spool.close()

@@ -163,6 +163,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.spool_accepting = Gauge(
+            "firstparty_spool_accepting",
+            "1 while the spool takes new events, 0 while it refuses them (disk nearly full or refusing writes)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.spool_accepting.set(1)
         self.dead_letters = Gauge(
             "firstparty_dead_letters", "Events in the dead-letter table", registry=r, multiprocess_mode="livesum"
         )

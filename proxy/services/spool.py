@@ -18,7 +18,9 @@ blocks on the disk). Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -64,6 +66,9 @@ CREATE TABLE IF NOT EXISTS dead (
 """
 
 log = logging.getLogger(__name__)
+
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+_PAGE = 4096  # SQLite's default page size, which the spool keeps
 
 _COLUMNS = "id, route, region, project, ip, body, meta, enqueued_at, attempts, event_time, protocol"
 _INSERT_HEAD = "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, event_time, protocol) VALUES "
@@ -111,7 +116,24 @@ class DeadLetter:
 
 
 class SpoolFull(Exception):
-    """The spool holds ``max_rows``: the client must keep its copy and retry."""
+    """The spool cannot take these events now (it holds ``max_rows``, or it
+    cannot write): the client must keep its copy and retry (503)."""
+
+
+class SpoolUnwritable(SpoolFull):
+    """The disk under the spool is (nearly) full, or refuses writes."""
+
+
+# SQLite's words for a write the disk refused (SQLITE_FULL, SQLITE_IOERR, SQLITE_CANTOPEN).
+_WRITE_ERRORS = ("full", "disk i/o error", "unable to open", "readonly")
+# While the spool refuses, how often it looks whether it can write again.
+RECOVERY_CHECK_SECONDS = 1.0
+# Outcomes per transaction while space is tight.
+TIGHT_OUTCOMES = 16
+
+
+def is_write_error(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and any(w in str(exc).lower() for w in _WRITE_ERRORS)
 
 
 def connect(path: Path, fsync: bool = True) -> sqlite3.Connection:
@@ -119,6 +141,12 @@ def connect(path: Path, fsync: bool = True) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per group.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    # A new spool gives the pages of deleted rows back to the file system on
+    # request (``PRAGMA incremental_vacuum``, run when space is short). SQLite
+    # honours this only before the file's first write (even the WAL switch
+    # below), so older spools keep their free pages for reuse by new rows
+    # (counted as free space).
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     # WAL: appends go to a log, readers (the sender, `firstparty spool stats`)
     # never block the writer and the writer never blocks them.
     conn.execute("PRAGMA journal_mode=WAL")
@@ -131,6 +159,9 @@ def connect(path: Path, fsync: bool = True) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=10000")
     # Temporary b-trees for ORDER BY/IN lists stay in memory, never on disk.
     conn.execute("PRAGMA temp_store=MEMORY")
+    # After a checkpoint the WAL is cut back to this size: an outage's backlog,
+    # once sent, does not leave a WAL of its size behind on the disk.
+    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     conn.executescript(SCHEMA)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(queue)")}
     if "event_time" not in columns:  # a spool written by 0.1.0 before this column existed
@@ -265,10 +296,17 @@ def _row(t: tuple[Any, ...]) -> Row:
 
 
 class Spool:
-    def __init__(self, path: Path, *, max_rows: int, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, max_rows: int, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.path = path
         self.max_rows = max_rows
         self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        # Why new events are refused (low space, a write the disk refused), or None.
+        self.refusing: str | None = None
+        self._disk_refused = False  # a write failed; outcomes wait for the disk
+        self._room = 0  # bytes that may still be written above min_free_bytes (an estimate, re-measured)
+        self._watch: asyncio.Task[None] | None = None
+        self.on_state: Callable[[bool], None] | None = None  # told when accepting flips
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._conn: sqlite3.Connection | None = None
         self.depth = 0  # rows in queue, kept in memory for the backpressure check
@@ -301,8 +339,14 @@ class Spool:
                 self.path, salvaged.error, salvaged.moved_to, salvaged.queued, salvaged.dead,
             )
         self.depth = await self._call(lambda c: c.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+        await self._check_space()
+        self._watch = loop.create_task(self._watch_space())
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         await self.flush()
         if self._conn is not None:
             conn, self._conn = self._conn, None
@@ -316,8 +360,15 @@ class Spool:
 
     # --------------------------------------------------------------- writes
 
+    @property
+    def accepting(self) -> bool:
+        return self.refusing is None
+
     async def enqueue(self, rows: Sequence[NewRow]) -> None:
-        """Durably add rows; returns once they are committed. Raises SpoolFull."""
+        """Durably add rows; returns once they are committed. Raises SpoolFull
+        (SpoolUnwritable while the disk is full or refuses writes)."""
+        if self.refusing is not None:
+            raise SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
         if self.depth + len(self._inserts) + len(rows) > self.max_rows:
             raise SpoolFull(f"spool holds {self.depth} events, its limit is {self.max_rows}")
         now = time.time()
@@ -357,16 +408,60 @@ class Spool:
             deletes, self._deletes = self._deletes, []
             dead, self._dead = self._dead, []
             attempts, self._attempts = self._attempts, []
+            # Near the threshold every page counts: retry counts are only for the
+            # log (an UPDATE rewrites each row's page), and the WAL is cut after
+            # each transaction so that deletes, which touch a page per row, fit.
+            tight = bool(self.min_free_bytes) and (self.refusing is not None or self._room < self.min_free_bytes)
+            if tight:
+                attempts = []
+            if tight and len(deletes) + len(dead) > TIGHT_OUTCOMES:
+                # Small transactions: a delete rewrites each row's page into the WAL.
+                deletes, later_deletes = deletes[:TIGHT_OUTCOMES], deletes[TIGHT_OUTCOMES:]
+                room = TIGHT_OUTCOMES - len(deletes)
+                dead, later_dead = dead[:room], dead[room:]
+                self._deletes[:0], self._dead[:0] = later_deletes, later_dead
+            if inserts and self.min_free_bytes and not await self._room_for(inserts):
+                # Below the threshold: these events are refused (503, the clients
+                # keep them); the outcomes still go in, into the room kept for them.
+                failure = SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(failure)
+                inserts, waiters = [], []
+                if not (deletes or dead or attempts):
+                    continue
             try:
                 last_id = await self._call(lambda c: _transaction(c, inserts, deletes, dead, attempts))
             except BaseException as exc:
+                if is_write_error(exc):
+                    # The disk refused: the clients are told 503 (they keep their
+                    # copies), outcomes wait for the disk to take them again.
+                    self._disk_refused = True
+                    self._refuse(f"the disk refused a write: {exc}")
+                    failure: Exception = SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
+                    self._deletes[:0], self._dead[:0], self._attempts[:0] = deletes, dead, attempts
+                else:
+                    failure = exc if isinstance(exc, Exception) else RuntimeError("spool write cancelled")
                 for w in waiters:
                     if not w.done():
-                        w.set_exception(exc if isinstance(exc, Exception) else RuntimeError("spool write cancelled"))
+                        w.set_exception(failure)
                 # Outcomes not written stay pending: the rows remain queued and will be resent.
                 if not isinstance(exc, Exception):
                     raise
+                if self.refusing is not None:
+                    return  # retried by _watch_space once the disk takes writes again
                 continue
+            if tight or self.refusing is not None:
+                self._room -= _PAGE * (len(deletes) + len(dead))
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    await self._call(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+            if self._disk_refused and not (self._deletes or self._dead):
+                # The disk took every outcome it had refused: the threshold decides now.
+                self._disk_refused = False
+                if self.min_free_bytes:
+                    await self._check_space()
+                else:
+                    self._accept()
             self.commits += 1
             self.depth += len(inserts) - len(set(deletes)) - len(dead)
             if inserts and self.on_commit is not None:
@@ -386,6 +481,82 @@ class Spool:
         """Wait until everything pending is committed."""
         while self._flushing is not None and not self._flushing.done():
             await asyncio.shield(self._flushing)
+
+    # ---------------------------------------------------------- disk space
+
+    def _refuse(self, why: str) -> None:
+        if self.refusing is None:
+            log.error("spool %s refuses new events: %s; clients are answered 503 with Retry-After and resend",
+                      self.path, why)
+            if self.on_state is not None:
+                self.on_state(False)
+        self.refusing = why
+
+    def _accept(self) -> None:
+        if self.refusing is not None:
+            log.warning("spool %s accepts events again (it refused them: %s)", self.path, self.refusing)
+            self.refusing = None
+            if self.on_state is not None:
+                self.on_state(True)
+
+    async def _room_for(self, inserts: list[tuple[NewRow, float]]) -> bool:
+        """Whether these rows fit above ``min_free_bytes``; the free space is
+        measured again only when the estimate of what is left runs short."""
+        # A commit appends every page it touches to the WAL (the leaves the rows
+        # fill, their parents, sqlite_sequence), and the checkpoint copies them
+        # into the file, which grows by the new ones.
+        size = sum(len(r.body) + len(r.meta) + 64 for r, _ in inserts)
+        need = 2 * (size + _PAGE * 4)
+        if self._room < need:
+            await self._check_space()
+        if self.refusing is not None or self._room < need:
+            if self.refusing is None:
+                self._refuse(f"below delivery.min_free_bytes ({self.min_free_bytes // 1024} KiB free kept for the queue to drain)")
+                # Cut the WAL now, while there is room for the checkpoint to do it.
+                await self._call(_give_back_space(self.path))
+            return False
+        self._room -= need
+        return True
+
+    async def _check_space(self) -> None:
+        """Refuse below ``min_free_bytes`` of usable space (the file system's
+        free space plus the spool's own free pages), after giving back what
+        SQLite can (checkpoint and truncate the WAL, free pages)."""
+        if not self.min_free_bytes:
+            return
+        usable = await self._call(_usable_space_of(self.path))
+        if usable < 2 * self.min_free_bytes:
+            # Give space back while there is still room to: a checkpoint must copy
+            # the WAL's pages into the file (which grows) before it can cut the
+            # WAL, so on a full disk it fails, and the WAL never shrinks.
+            usable = await self._call(_give_back_space(self.path))
+        self._room = usable - self.min_free_bytes
+        if usable < self.min_free_bytes:
+            self._refuse(
+                f"{usable // 1024} KiB usable under it, below delivery.min_free_bytes ({self.min_free_bytes // 1024} KiB)"
+            )
+        elif self.refusing is not None and not self._disk_refused:
+            self._accept()
+
+    async def _watch_space(self) -> None:
+        """Every second: the free-space threshold, and whether a disk that
+        refused a write takes one again (pending outcomes first)."""
+        while True:
+            await asyncio.sleep(RECOVERY_CHECK_SECONDS)
+            try:
+                await self._check_space()
+                if self._disk_refused:
+                    await self._call(_give_back_space(self.path))
+                    if self._deletes or self._dead:
+                        self._schedule()  # the outcomes it refused, in small transactions
+                    elif await self._call(_probe_write):
+                        self._disk_refused = False
+                        if self.min_free_bytes:
+                            await self._check_space()
+                        else:
+                            self._accept()
+            except Exception:  # never let the watcher die: it is how the spool recovers
+                log.exception("spool %s: checking free space failed", self.path)
 
     # ---------------------------------------------------------------- reads
 
@@ -446,9 +617,52 @@ def _transaction(
             c.executemany("UPDATE queue SET attempts = ? WHERE id = ?", attempts)
         c.execute("COMMIT")
     except BaseException:
-        c.execute("ROLLBACK")
+        # SQLite rolls back by itself after some errors (SQLITE_FULL, SQLITE_IOERR):
+        # a ROLLBACK then would fail with "no transaction is active".
+        if c.in_transaction:
+            c.execute("ROLLBACK")
         raise
     return last_id
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path.parent)
+    return st.f_bavail * st.f_frsize
+
+
+def _usable_space_of(path: Path) -> Callable[[sqlite3.Connection], int]:
+    def measure(c: sqlite3.Connection) -> int:
+        free_pages = c.execute("PRAGMA freelist_count").fetchone()[0]
+        page = c.execute("PRAGMA page_size").fetchone()[0]
+        return _free_bytes(path) + free_pages * page
+
+    return measure
+
+
+def _give_back_space(path: Path) -> Callable[[sqlite3.Connection], int]:
+    def give_back(c: sqlite3.Connection) -> int:
+        with contextlib.suppress(sqlite3.DatabaseError):
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            c.execute("PRAGMA incremental_vacuum").fetchall()
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return _usable_space_of(path)(c)
+
+    return give_back
+
+
+def _probe_write(c: sqlite3.Connection) -> bool:
+    """Whether a committed write goes through again (a one-row table)."""
+    try:
+        c.execute("BEGIN IMMEDIATE")
+        c.execute("CREATE TABLE IF NOT EXISTS probe (k INTEGER PRIMARY KEY, at REAL)")
+        c.execute("INSERT OR REPLACE INTO probe VALUES (1, ?)", (time.time(),))
+        c.execute("COMMIT")
+        return True
+    except sqlite3.DatabaseError:
+        if c.in_transaction:
+            with contextlib.suppress(sqlite3.DatabaseError):
+                c.execute("ROLLBACK")
+        return False
 
 
 def id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:

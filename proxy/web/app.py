@@ -193,7 +193,9 @@ async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
     if delivery.mode != "spool":
         yield
         return
-    spool = app[SPOOL] = Spool(app[SETTINGS].spool_path, max_rows=delivery.max_rows, fsync=delivery.fsync)
+    spool = app[SPOOL] = Spool(
+        app[SETTINGS].spool_path, max_rows=delivery.max_rows, fsync=delivery.fsync, min_free_bytes=delivery.min_free_bytes
+    )
     await spool.open()
     yield
     await spool.close()
@@ -220,6 +222,9 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
         live=app[LIVE],
     )
     spool.on_commit = sender.accept
+    spool.on_state = lambda accepting: app[METRICS].spool_accepting.set(1 if accepting else 0)
+    if not spool.accepting:
+        app[METRICS].spool_accepting.set(0)
     sender.start()
     yield
     await sender.stop(asyncio.get_running_loop().time() + settings.delivery.drain_seconds)

@@ -786,7 +786,9 @@ class Proxy:
         body: dict[str, Any] = {"store": store_ok}
         ok = store_ok
         if self.s.spool is not None:
-            spool_ok = self.s.spool.depth < self.s.spool.max_rows
+            spool_ok = self.s.spool.depth < self.s.spool.max_rows and self.s.spool.accepting
             body["spool"] = spool_ok
+            if self.s.spool.refusing:
+                body["spool_refusing"] = self.s.spool.refusing
             ok = ok and spool_ok
         return json_response(body, status=200 if ok else 503)
