@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from proxy import doctor
-from proxy.settings import build_settings, load_settings
+from proxy.settings import build_settings
 from tests.fakeupstream import FakeUpstream
 from tests.support import port_of, reserve_port, self_signed
 from tests.test_upstream import serve_tls

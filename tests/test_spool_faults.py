@@ -146,8 +146,6 @@ async def test_a_full_disk_is_a_503_and_the_spool_recovers_by_itself(serve_proxy
     fails and the metric says so; once the vendor is back the queue drains into
     the room left, the space is given back, and events are accepted again.
     Every event acknowledged is delivered once."""
-    from aiohttp import web
-
     from proxy.web.app import create_app
     from tests.support import eventually, eventually_async, metric, port_of, reserve_port
 

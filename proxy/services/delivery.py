@@ -44,6 +44,7 @@ import orjson
 
 from .forwardlog import ForwardedLog
 from ..errors import UpstreamError
+from ..lograte import Throttled
 from .live import LiveFeed
 from .metrics import Metrics
 from ..settings import DeliverySettings
@@ -100,6 +101,7 @@ class Sender:
     ) -> None:
         self.spool = spool
         self.live = live  # the live view's feed: batch outcomes, while someone watches
+        self._warn = Throttled(log)
         self.protocols = protocols
         self.client = client
         self.settings = settings
@@ -373,8 +375,10 @@ class Sender:
         rows = state.groups.setdefault(key, deque())
         rows.extendleft(reversed(batch))  # back to the front, in order
         self.metrics.outcome("retry", key[1], len(batch))
-        log.warning(
-            "upstream %s: %s; %d events kept, next try in %.1f s", state.region, detail, len(batch), delay
+        # At most a line a minute per region, however many sends fail meanwhile.
+        self._warn.warning(
+            ("retry", state.region),
+            "upstream %s: %s; %d events kept, next try in %.1f s", state.region, detail, len(batch), delay,
         )
 
     def _done(self, state: RegionState, rows: list[Row], outcome: str, status: int, latency: float) -> None:

@@ -13,7 +13,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -21,6 +20,7 @@ from aiocache import Cache, SimpleMemoryCache
 from aiocache.base import BaseCache
 from aiocache.serializers import StringSerializer
 
+from ..lograte import Throttled
 from ..settings import StoreSettings
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class AliasStore:
         self._memory = cache if isinstance(cache, BoundedMemoryCache) else None
         self._written = _Recent(100_000)
         self.errors = 0
-        self._last_error_log = 0.0
+        self._warn = Throttled(log)
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> "AliasStore":
@@ -120,10 +120,7 @@ class AliasStore:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.errors += 1
-        now = time.monotonic()
-        if now - self._last_error_log > 60:
-            self._last_error_log = now
-            log.warning("alias store %s failed (%s: %s); continuing without it", what, type(exc).__name__, exc)
+        self._warn.warning("store", "alias store %s failed (%s: %s); continuing without it", what, type(exc).__name__, exc)
 
     async def get_many(self, keys: list[str]) -> dict[str, str]:
         if not keys:

@@ -30,6 +30,7 @@ from ..core import consent
 from ..core.bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
 from ..core.cookie import CookieJar, cookie_values, valid_id
 from ..errors import BadRequest
+from ..lograte import Throttled
 from .http import json_response, query_get, read_body, request_host
 from ..core.tokens import TokenClaims, TokenExpired, TokenInvalid
 
@@ -114,6 +115,7 @@ HUB_JS = """/* firstparty hub.js: once per browser and domain, ask the identity 
 class CrossDomain:
     def __init__(self, proxy: Proxy) -> None:
         self.p = proxy
+        self._warn = Throttled(log)  # a flood of replayed or misplaced tokens writes a line a minute
 
     # ------------------------------------------------------------ helpers
 
@@ -167,7 +169,7 @@ class CrossDomain:
         audience = linked_domain(host, cfg.linked_domains)
         if audience is None:
             self._count("unlinked_host")
-            log.warning("identity token presented on %s, which is not in identity.linked_domains; ignored", host)
+            self._warn.warning("unlinked", "identity token presented on %s, which is not in identity.linked_domains; ignored", host)
             return None
         claims, outcome = self._open(token, audience)
         if claims is None:
@@ -180,7 +182,7 @@ class CrossDomain:
             if cookie_id == claims.canonical_id:
                 return claims.canonical_id, outcome
             self._count("replayed")
-            log.warning("identity token replayed on %s by another browser; ignored", host)
+            self._warn.warning("replayed", "identity token replayed on %s by another browser; ignored", host)
             return None
         source = outcome  # the token's purpose: bridge or hub
         if first is None:

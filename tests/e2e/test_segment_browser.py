@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import SEG_KEY, canonical_of
 from tests.e2e.harness import Run, Site, drive, event_named, segment_calls, serve_segment_cdn
-from tests.e2e.test_browser import event, goto, js, wait
+from tests.e2e.test_browser import goto, js, wait
 from tests.e2e.test_crossdomain_browser import A_HOST, B_HOST, browser_clean, dead_port, modes, one_cookie, xsite  # noqa: F401 (fixtures)
 from tests.support import eventually
 
