@@ -109,3 +109,108 @@ async def test_two_instances_share_aliases_through_redis(serve_proxy, tmp_path, 
     sent = upstream.requests[-1].events()[0]["properties"]
     assert sent["$device_id"] == canonical_of(cookie)
     assert sent["distinct_id"] == f"$device:{canonical_of(cookie)}"
+
+
+class OwnRedis:
+    """A redis-server of this test's own, on a free port, that can be killed and
+    started again on the same port (no persistence: a restart forgets)."""
+
+    def __init__(self, directory: Any) -> None:
+        self.directory = directory
+        self.proc: Any = None
+        self.port = 0
+
+    async def start(self) -> None:
+        """Start on a free port (chosen again should another process take it
+        first), or, once it has one, on that port again."""
+        import asyncio
+        import shutil
+        import socket
+        import subprocess
+
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        keep = bool(self.port)
+        for _ in range(1 if keep else 5):
+            if not keep:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    self.port = probe.getsockname()[1]
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.directory)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            for _ in range(200):
+                if self.proc.poll() is not None:
+                    break  # it could not bind: try another port
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
+                await asyncio.sleep(0.05)
+            self.stop()
+        pytest.fail(f"could not start a redis-server of the test's own (port {self.port})")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+async def test_redis_lost_and_back_mid_load_loses_nothing(serve_proxy, tmp_path, upstream):
+    """Redis killed in the middle of the load and started again on its port:
+    every event is accepted and delivered once meanwhile (the store degrades),
+    and once Redis is back, aliases are written and used again."""
+    import asyncio
+
+    from tests.support import eventually
+
+    redis = OwnRedis(tmp_path)
+    await redis.start()
+    try:
+        store = {"url": f"redis://127.0.0.1:{redis.port}/0"}
+        client = await serve_proxy(create_app(make_settings(tmp_path, upstream, store=store, delivery={"mode": "spool"})))
+        form = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
+        sent: list[str] = []
+
+        async def load(n: int) -> None:
+            for _ in range(n):
+                event = js_event("load", device_id())
+                resp = await client.post("/mp/track/", data=b64_body([event]), headers=form)
+                assert resp.status == 200
+                sent.append(event["properties"]["$insert_id"])
+                await asyncio.sleep(0)
+
+        await load(50)
+        redis.stop()  # lost mid-load
+        await load(50)
+        ready = await client.ops_get("/readyz")
+        assert ready.status == 503 and (await ready.json())["store"] is False
+        await redis.start()  # back, empty, on the same port
+        await load(50)
+
+        async def store_back() -> bool:
+            return (await client.ops_get("/readyz")).status == 200
+
+        from tests.support import eventually_async
+
+        await eventually_async(store_back, 10, "the store to answer again")
+        # Aliases again: a browser seen now, then a server-side event with its other id.
+        first = await client.post("/mp/track/", data=b64_body([js_event("browser", device_id())]), headers=form)
+        cookie = cookie_from(first)
+        original = f"dev-{uuid.uuid4()}"
+        await client.post("/mp/track/", data=b64_body([js_event("other host", original)]),
+                          headers={**form, "Cookie": f"fp_id={cookie}", "Host": "shop.example.com"})
+        await client.post("/mp/track", data=json_body(js_event("server", original)),
+                          headers={"User-Agent": "python-requests/2", "Content-Type": "application/x-www-form-urlencoded"})
+        await eventually(lambda: len(upstream.received("us", "/track")) == 153, 20, "every event")
+        received = upstream.received("us", "/track")
+        loaded = [e["properties"]["$insert_id"] for e in received if e["event"] == "load"]
+        assert sorted(loaded) == sorted(sent)  # all 150, each once
+        server = next(e for e in received if e["event"] == "server")["properties"]
+        assert server["$device_id"] == canonical_of(cookie)  # through the alias Redis holds again
+        text = await (await client.ops_get("/metrics")).text()
+        from tests.support import metric
+
+        assert metric(text, "firstparty_store_errors") > 0
+    finally:
+        redis.stop()
