@@ -45,6 +45,13 @@ class RequestTimeout(BadRequest):
     status = 408
 
 
+class Overloaded(BadRequest):
+    """Too many bodies arriving at once (``server.max_inflight_body_bytes``):
+    answered 503 with Retry-After; the client keeps its events and resends."""
+
+    status = 503
+
+
 class UpstreamError(ProxyError):
     """The upstream could not be reached in time or its answer could not be read."""
 

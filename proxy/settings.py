@@ -41,6 +41,9 @@ class ServerSettings:
         ipaddress.ip_network("::1/128"),
     )
     max_body_bytes: int = 10 * 1024 * 1024
+    # Bodies still arriving, all connections together: past this, a new slow
+    # upload is answered 503 (Retry-After) instead of buffered.
+    max_inflight_body_bytes: int = 256 * 1024 * 1024
     workers: int = 1
     # Longer than whatever pools connections in front (nginx keeps idle upstream
     # connections 60 s, AWS ALB 60 s by default), so it never reuses one we close.
@@ -469,6 +472,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "port": _int(0, 65535),
         "data_dir": _str,
         "trusted_proxies": _networks,
+        "max_inflight_body_bytes": _int(1024, 1 << 40),
         "max_body_bytes": _int(1024, 1024 * 1024 * 1024),
         "workers": _int(1, 256),
         "keepalive_timeout_seconds": _float(1, 3600),

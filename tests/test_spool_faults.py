@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 
 from proxy.services.spool import NewRow, Spool, open_or_salvage
+from proxy.web.http import BODY_BUDGET
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,3 +240,45 @@ async def test_a_disk_that_refuses_writes_is_a_503_not_a_500(tmp_path):
         await spool.enqueue([row(1)])
     finally:
         await spool.close()
+
+
+async def test_bodies_arriving_at_once_are_bounded(proxy_client, upstream):
+    """Slow uploads hold at most server.max_inflight_body_bytes between them: one
+    more is answered 503 with Retry-After at once, not buffered; once the first
+    has arrived the room is back."""
+    import asyncio
+
+    client = await proxy_client(server={"max_inflight_body_bytes": 100_000})
+    body = b64_body([js_event("slow", device_id(), pad="x" * 50_000)]).encode()
+
+    async def start_upload() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(
+            b"POST /mp/track/?verbose=1 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: Mozilla/5.0\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000]
+        )
+        await writer.drain()
+        return reader, writer
+
+    first = await start_upload()
+    await asyncio.sleep(0)  # let the proxy start reading it
+    from tests.support import eventually
+
+    await eventually(lambda: client.app[BODY_BUDGET].used > 0, 5, "the first upload to hold the budget")
+    second = await start_upload()
+    head = await asyncio.wait_for(second[0].readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in head
+    second[1].close()
+    first[1].write(body[1000:])
+    await first[1].drain()
+    head = await asyncio.wait_for(first[0].readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    first[1].close()
+    assert client.app[BODY_BUDGET].used == 0
+    third = await start_upload()
+    third[1].write(body[1000:])
+    await third[1].drain()
+    head = await asyncio.wait_for(third[0].readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    third[1].close()

@@ -44,7 +44,7 @@ from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL
 from ..protocols import segment as segment_protocol
 from ..protocols.segment import SEGMENT
 from .handlers import Proxy, Services
-from .http import text_response
+from .http import BODY_BUDGET, BodyBudget, text_response
 
 SETTINGS = web.AppKey("settings", Settings)
 SERVICES = web.AppKey("services", Services)
@@ -89,6 +89,7 @@ def create_app(settings: Settings) -> web.Application:
     segment = SegmentUpstreams.from_settings(settings.segment)
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
+    app[BODY_BUDGET] = BodyBudget(settings.server.max_inflight_body_bytes)
     app[LIVE] = LiveFeed()  # the live view's feed: idle (and free) until someone watches
     proxy = app[PROXY] = Proxy(settings, upstreams, segment)
     cross = proxy.cross

@@ -228,8 +228,13 @@ class Proxy:
     def _error(
         self, exc: BadRequest, visit: Visit, verbose: bool, route: str, protocol: WireProtocol = MIXPANEL
     ) -> web.Response:
-        self.s.metrics.bad_requests.inc()
-        return self._finish(answer(protocol.error(exc.status, str(exc), verbose)), visit, None, route)
+        if exc.status < 500:
+            self.s.metrics.bad_requests.inc()
+        response = answer(protocol.error(exc.status, str(exc), verbose))
+        if exc.status == 503:  # overloaded: the SDK keeps its events and comes back
+            response.headers["Retry-After"] = SPOOL_RETRY_AFTER
+            response.force_close()  # its body is not read: never linger draining it
+        return self._finish(response, visit, None, route)
 
     async def _resolve(
         self,

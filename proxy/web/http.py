@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from ..core.forms import parse_pairs
-from ..errors import PayloadTooLarge, RequestTimeout
+from ..errors import Overloaded, PayloadTooLarge, RequestTimeout
 from ..settings import ServerSettings
 
 QUERY_KEY = "fp_query"
@@ -60,9 +60,35 @@ def text_response(text: str, *, status: int = 200, headers: Mapping[str, str] | 
     return web.Response(text=text, status=status, headers=headers, content_type="text/plain")
 
 
+class BodyBudget:
+    """The bytes of request bodies still arriving, across all connections,
+    bounded: past ``limit`` a new slow body is refused (503) instead of being
+    buffered. (Bodies that arrived whole with their head cost nothing here;
+    aiohttp itself stops reading a connection whose handler is not reading.)"""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+
+
 async def read_body(request: web.Request, server: ServerSettings) -> bytes:
     """The whole body, within ``server.max_body_bytes`` (aiohttp's
-    ``client_max_size``) and ``server.request_timeout_seconds``."""
+    ``client_max_size``), ``server.request_timeout_seconds`` and, for a body
+    still on its way, the app's ``BodyBudget``."""
     if not request.body_exists:
         return b""
     try:
@@ -70,8 +96,18 @@ async def read_body(request: web.Request, server: ServerSettings) -> bytes:
             # The common case, an SDK's small POST: it has all arrived with the
             # head, and a timer per request would cost more than the read.
             return await request.read()
-        async with asyncio.timeout(server.request_timeout_seconds):
-            return await request.read()
+        budget = request.app.get(BODY_BUDGET)
+        claim = min(request.content_length or server.max_body_bytes, server.max_body_bytes)
+        if budget is not None and not budget.take(claim):
+            raise Overloaded(
+                f"too many request bodies arriving at once (server.max_inflight_body_bytes = {budget.limit}); retry later"
+            )
+        try:
+            async with asyncio.timeout(server.request_timeout_seconds):
+                return await request.read()
+        finally:
+            if budget is not None:
+                budget.give(claim)
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"body is larger than {server.max_body_bytes} bytes") from exc
     except TimeoutError as exc:
