@@ -60,7 +60,7 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")}
         env.update(FIRSTPARTY_SERVER_DATA_DIR=f'"{tmp}"', FIRSTPARTY_COOKIE_SECURE="false")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
+            [sys.executable, "-m", "proxy", "serve", "--port", str(port), "--ops-port", "0"],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
         )
