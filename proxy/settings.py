@@ -169,6 +169,10 @@ class ConsentSettings:
     honor_gpc: bool = True
     # DNT: 1 carries no legal weight and some browsers set it by default.
     honor_dnt: bool = False
+    # "drop": a refusing browser's events are not sent; "anonymise": its track
+    # events (and Segment track/page/screen calls) are sent without any id
+    # (a throwaway one per request) and without IP; profile updates are dropped.
+    mode: str = "drop"
     # Segment calls' own context.consent.categoryPreferences (Segment's consent
     # tools, a CMP): a browser call in which every category is false is dropped.
     honor_segment_consent: bool = True
@@ -404,6 +408,13 @@ def _mode(key: str, value: Any) -> str:
     return value
 
 
+def _consent_mode(key: str, value: Any) -> str:
+    value = _str(key, value).lower()
+    if value not in ("drop", "anonymise", "anonymize"):
+        raise ConfigError(key, f'unknown mode {value!r}; use "drop" or "anonymise"')
+    return "anonymise" if value == "anonymize" else value
+
+
 def _segment_region(key: str, value: Any) -> str:
     value = _str(key, value).lower()
     if value not in SEGMENT_REGIONS:
@@ -534,6 +545,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "honor_gpc": _bool,
         "honor_dnt": _bool,
         "honor_segment_consent": _bool,
+        "mode": _consent_mode,
         "segment_required_categories": _str_list,
     },
     "delivery": {

@@ -201,3 +201,54 @@ async def test_the_hub_keeps_no_id_for_a_refusing_browser(proxy_client):
     assert keys.open(token, purpose="hub", audience="site-a.test", now=time.time()).consent == consent.DENIED
     granted = await client.get(f"/hub/resolve?return={back}", allow_redirects=False, headers=browser("hub.id-hub.test"))
     assert granted.headers["Set-Cookie"].startswith("fp_hub=")
+
+
+async def test_anonymise_mode_counts_a_refusing_browser_without_identity(proxy_client, upstream, tmp_path, delivery_mode):
+    """consent.mode = "anonymise": a GPC browser's events arrive with no id shared
+    with any other event, no IP, and are counted; its profile updates and
+    Segment identify calls are dropped; its identity cookie is deleted."""
+    from tests.test_segment import PLAIN, ajs_call
+
+    client = await proxy_client(consent={"mode": "anonymise"})
+    before = await client.post(TRACK, data=b64_body([js_event("Before", device_id())]), headers=browser())
+    cookie = cookie_from(before)
+    device = device_id()
+    gpc = {**browser(**{"Sec-GPC": "1"}), "Cookie": f"fp_id={cookie}", "X-Forwarded-For": "203.0.113.77"}
+    first = await client.post(TRACK, data=b64_body([js_event("Page", device, user="user-9"), js_event("Click", device)]), headers=gpc)
+    assert first.status == 200 and (await first.json()) == {"status": 1, "error": None}
+    set_cookies = first.headers.getall("Set-Cookie")
+    assert len(set_cookies) == 1 and set_cookies[0].startswith("fp_id=;") and "Max-Age=0" in set_cookies[0]
+    second = await client.post(TRACK, data=b64_body([js_event("Later", device)]), headers=gpc)
+    assert second.status == 200
+    engage = await client.post("/mp/engage/?verbose=1", headers=gpc,
+                               data=b64_body([{"$token": TOKEN, "$distinct_id": device, "$set": {"email": "a@example.com"}}]))
+    assert engage.status == 200
+    seg_headers = {**BROWSER, **PLAIN, "Sec-GPC": "1", "X-Forwarded-For": "203.0.113.77"}
+    anon = device_id()
+    await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", anon, user_id="user-9", event="Seg")), headers=seg_headers)
+    await client.post("/seg/v1/i", data=orjson.dumps(ajs_call("identify", anon, user_id="user-9", traits={"email": "a@x"})),
+                      headers=seg_headers)
+    events = await upstream.wait(4, "us", "/track")
+    from tests.support import eventually
+
+    await eventually(lambda: upstream.by("seg-us"), 10, "the Segment call")
+    by_name = {e["event"]: e["properties"] for e in events}
+    assert set(by_name) == {"Before", "Page", "Click", "Later"}
+    throwaway = {name: by_name[name]["distinct_id"] for name in ("Page", "Click", "Later")}
+    assert throwaway["Page"] == throwaway["Click"] != throwaway["Later"]  # one per request, shared with nothing else
+    assert all(t.startswith("anon-") for t in throwaway.values())
+    for name in ("Page", "Click", "Later"):
+        props = by_name[name]
+        assert "$device_id" not in props and "$user_id" not in props and "ip" not in props
+    text = orjson.dumps([r.body.decode("latin-1") for r in upstream.requests] + [r.headers for r in upstream.requests] + [r.query for r in upstream.requests])
+    for secret in (device.encode(), canonical_of(cookie).encode(), b"user-9", b"203.0.113.77", anon.encode()):
+        assert secret not in text
+    track_requests = [r for r in upstream.by("us", "/track") if any(e["event"] == "Page" for e in r.events())]
+    assert all(dict(r.query).get("ip") in (None, "0") for r in track_requests)
+    [seg] = [c for r in upstream.by("seg-us") for c in r.events()]
+    assert seg["event"] == "Seg" and seg["anonymousId"].startswith("anon-") and "userId" not in seg
+    assert seg["context"]["ip"] == "0.0.0.0"
+    assert upstream.received("us", "/engage") == []
+    metrics = await (await client.ops_get("/metrics")).text()
+    assert metric(metrics, 'firstparty_consent_anonymised_total{reason="gpc"}') == 4
+    assert metric(metrics, 'firstparty_consent_dropped_total{reason="gpc"}') == 2  # the profile update and the identify

@@ -154,6 +154,10 @@ class WireProtocol(Protocol):
     # Whether the event itself says its visitor refused tracking (a consent
     # object the SDK stamped on it), given the categories that must be granted.
     def refuses(self, event: dict[str, Any], required: tuple[str, ...]) -> bool: ...
+    # Consent's anonymise mode: strip the event of every id and IP in place,
+    # with ``throwaway`` as its only id; False when it cannot be sent without
+    # identity at all (a profile update, an identify) and must be dropped.
+    def anonymise(self, route: str, event: dict[str, Any], throwaway: str) -> bool: ...
 
     def rewrite(self, route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]: ...
 

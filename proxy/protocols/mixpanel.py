@@ -409,6 +409,28 @@ def refuses(event: dict[str, Any], required: tuple[str, ...]) -> bool:
     return False
 
 
+# Properties that name a person or a device, or carry an IP.
+_IDENTITY_PROPERTIES = (
+    "distinct_id", "$device_id", "$user_id", "$anon_distinct_id", "$distinct_id_before_identity",
+    "$had_persisted_distinct_id", "$identified_id", "ip", "$ip", "$insert_id_device",
+)
+
+
+def anonymise(route: str, event: dict[str, Any], throwaway: str) -> bool:
+    """A track event counted without identity: every id removed, the
+    throwaway one as its ``distinct_id``, no IP. Profiles and groups are
+    nothing but identity: dropped."""
+    if route != "track":
+        return False
+    props = event.get("properties")
+    if not isinstance(props, dict):
+        props = event["properties"] = {}
+    for key in _IDENTITY_PROPERTIES:
+        props.pop(key, None)
+    props["distinct_id"] = throwaway
+    return True
+
+
 class Mixpanel:
     """The protocol as one object (``base.WireProtocol``): what the pipeline
     and the sender call."""
@@ -427,6 +449,7 @@ class Mixpanel:
     find_token = staticmethod(find_token)
     strip_tokens = staticmethod(strip_tokens)
     refuses = staticmethod(refuses)
+    anonymise = staticmethod(anonymise)
     rewrite = staticmethod(rewrite)
     prepare = staticmethod(prepare)
     batch = staticmethod(batch)

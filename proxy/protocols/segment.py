@@ -227,6 +227,24 @@ def refuses(event: dict[str, Any], required: tuple[str, ...]) -> bool:
     return any(prefs.get(category) is False for category in required)
 
 
+def anonymise(route: str, event: dict[str, Any], throwaway: str) -> bool:
+    """A track, page or screen call counted without identity: the throwaway id
+    as ``anonymousId``, no ``userId``, no traits, and ``context.ip`` set to
+    0.0.0.0 (without one Segment would geolocate the proxy's own address).
+    identify, alias and group calls are nothing but identity: dropped."""
+    if event.get("type") not in ("track", "page", "screen"):
+        return False
+    event["anonymousId"] = throwaway
+    event.pop("userId", None)
+    event.pop("previousId", None)
+    context = event.get("context")
+    if not isinstance(context, dict):
+        context = event["context"] = {}
+    context.pop("traits", None)
+    context["ip"] = "0.0.0.0"
+    return True
+
+
 def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]:
     out: list[Rewrite] = []
     rewrite_fields(event, _ALIAS_FIELDS if event.get("type") == "alias" else _CALL_FIELDS, mapping, out)
@@ -285,6 +303,7 @@ class Segment:
     find_token = staticmethod(find_token)
     strip_tokens = staticmethod(strip_tokens)
     refuses = staticmethod(refuses)
+    anonymise = staticmethod(anonymise)
     rewrite = staticmethod(rewrite)
     prepare = staticmethod(prepare)
     batch = staticmethod(batch)

@@ -150,6 +150,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.consent_anonymised = Counter(
+            "firstparty_consent_anonymised",
+            "Events of refusing browsers sent without identity or IP (consent.mode = anonymise), by signal",
+            ["reason"],
+            registry=r,
+        )
         self.tokens_stripped = Counter(
             "firstparty_tokens_stripped", "Token parameters removed from URL properties before forwarding", registry=r
         )

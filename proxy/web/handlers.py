@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -378,8 +379,9 @@ class Proxy:
         content_encoding: str | None,
         method: str | None = None,
         length: int | None = None,
+        anonymous: bool = False,
     ) -> UpstreamResponse:
-        ip, chain = self._client(request)
+        ip, chain = (None, []) if anonymous else self._client(request)
         headers = request_headers(request.headers, route, ip, chain, content_type, content_encoding)
         if length is not None:  # a streamed body keeps its length (no chunked encoding upstream)
             headers.append(("content-length", str(length)))
@@ -547,6 +549,8 @@ class Proxy:
                     events = payload.events = kept
                     filtered = True  # the body changed: re-encoded if forwarded as is
             if refused:
+                if self.s.settings.consent.mode == "anonymise":
+                    return await self._anonymised(request, visit, protocol, payload, query, refused, project, mentioned, started)
                 names = protocol.names(route, events)
                 accepted = answer(protocol.accepted(verbose))
                 return self._drop(visit, route, names, len(events), project, refused, accepted, protocol)
@@ -605,6 +609,66 @@ class Proxy:
             self._live(visit, protocol, route, resolution, rewrites, names, [None] * len(names), outcome, None, upstream.status)
         response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
         return self._finish(response, visit, resolution, route)
+
+    async def _anonymised(
+        self,
+        request: web.Request,
+        visit: Visit,
+        protocol: WireProtocol,
+        payload: Payload,
+        query: list[tuple[str, str]],
+        why: str,
+        project: str | None,
+        mentioned: bool,
+        started: float,
+    ) -> web.Response:
+        """``consent.mode = "anonymise"``: a refusing browser's events counted
+        without identity. Each keeps only a throwaway id (one per request,
+        shared with nothing), no IP reaches the vendor, nothing is resolved,
+        rewritten or remembered, the identity cookie is deleted. Profile
+        updates and identify calls (identity and nothing else) are dropped."""
+        route = payload.route
+        throwaway = f"anon-{uuid.uuid4()}"
+        kept, dropped = [], []
+        for event in payload.events:
+            (kept if protocol.anonymise(route, event, throwaway) else dropped).append(event)
+        if not kept:
+            accepted = answer(protocol.accepted(payload.verbose))
+            return self._drop(visit, route, protocol.names(route, dropped), len(dropped), project, why, accepted, protocol)
+        if dropped:
+            self._record_drop(route, protocol.names(route, dropped), len(dropped), project, why)
+        payload.events = kept
+        payload.wants_ip = False
+        if mentioned:
+            self._strip_tokens(protocol, route, kept)
+        self.s.metrics.consent_anonymised.labels(why).inc(len(kept))
+        resolution = Resolution(None, "anonymous")
+        if self.s.spool is not None and route in protocol.spooled_routes:
+            response = await self._spool(request, visit, protocol, payload, resolution, [])
+        elif protocol is not MIXPANEL:
+            response = await self._forward_batch(request, visit, protocol, payload, resolution, [], started)
+        else:
+            param = self.s.settings.identity.token_param
+            clean = [(k, "0" if k == "ip" else v) for k, v in query if k != param]
+            body, content_type, new_query = mixpanel.reencode(payload, clean)
+            target = f"/{route}?" + (new_query if new_query is not None else urlencode(clean))
+            region = self.s.upstreams.region_for(project)
+            names = protocol.names(route, kept)
+            try:
+                upstream = await self._forward(
+                    request, route, self.s.upstreams.regions[region], target, body, content_type or None, None,
+                    anonymous=True,
+                )
+            except UpstreamError as exc:
+                self._log(route, region, project, names, resolution, [], 502, started, str(exc))
+                return self._finish(error_response(502, str(exc), payload.verbose), visit, None, route)
+            self._log(route, region, project, names, resolution, [], upstream.status, started)
+            response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
+            response = self._finish(response, visit, None, route)
+        if visit.cookie_raw:
+            response.headers.add("Set-Cookie", self.s.jar.expire_header(visit.host))
+        response.headers["Cache-Control"] = "private, no-store"
+        return response
 
     async def _spool(
         self,

@@ -19,13 +19,13 @@ from ..core.forms import parse_pairs
 from ..errors import Overloaded, PayloadTooLarge, RequestTimeout
 from ..settings import ServerSettings
 
-QUERY_KEY = "fp_query"
+QUERY_KEY = web.RequestKey("fp_query", list)
 
 
 def query_pairs(request: web.Request) -> list[tuple[str, str]]:
     """The decoded query string, in order, blank values kept (parsed once per request)."""
     try:
-        return request[QUERY_KEY]  # type: ignore[no-any-return]
+        return request[QUERY_KEY]
     except KeyError:
         raw = request.rel_url.raw_query_string
         pairs = request[QUERY_KEY] = parse_pairs(raw) if raw else []
