@@ -335,11 +335,14 @@ def nginx_findings(ctx: Context, path: Path) -> list[Finding]:
     lower than the proxy's, keep-alive upstream, no path rewriting."""
     import crossplane
 
+    if not path.is_file():
+        return [Finding(ERROR, str(path), "no such file", "name the nginx file that holds the site's server block (--nginx)")]
     # A site file sits inside http {} (upstream, server at its top): no context check.
     parsed = crossplane.parse(str(path), catch_errors=True, comments=False, check_ctx=False)
     out: list[Finding] = []
     for error in parsed.get("errors", []):
-        out.append(Finding(ERROR, f"{path}:{error.get('line')}", f"nginx config: {error.get('error')}", "fix the syntax (nginx -t)"))
+        line = f":{error['line']}" if error.get("line") else ""
+        out.append(Finding(ERROR, f"{path}{line}", f"nginx config: {error.get('error')}", "fix the syntax (nginx -t)"))
     directives = [d for cfg in parsed.get("config", []) for d in cfg.get("parsed", [])]
     servers = [d for d in _walk(directives) if d["directive"] == "server" and "block" in d]
     upstreams = {d["args"][0]: d for d in _walk(directives) if d["directive"] == "upstream" and d.get("args")}
@@ -375,7 +378,11 @@ def _location_for(server: dict[str, Any], mount: str) -> dict[str, Any] | None:
             continue
         args = d["args"]
         if args[0] in ("~", "~*") and len(args) > 1:
-            if re.search(args[1], probe, re.I if args[0] == "~*" else 0):
+            try:
+                matched = re.search(args[1], probe, re.I if args[0] == "~*" else 0)
+            except re.error:  # PCRE that Python's re does not read: not ours to judge
+                continue
+            if matched:
                 return d  # nginx: the first matching regex wins over prefixes
         else:
             prefix = args[-1]

@@ -143,6 +143,18 @@ def test_each_broken_nginx_config_is_caught_with_its_fix(tmp_path, text, where, 
     assert matching[0].level == level and fix in matching[0].fix, matching[0].line()
 
 
+def test_a_missing_nginx_file_is_one_clear_error(tmp_path):
+    settings = build_settings({"server": {"data_dir": str(tmp_path / "data")}}, {})
+    [finding] = doctor.nginx_findings(doctor.Context(settings), tmp_path / "nowhere.conf")
+    assert finding.level == "error" and finding.problem == "no such file" and "--nginx" in finding.fix
+
+
+def test_a_regex_python_cannot_read_is_not_a_crash(tmp_path):
+    odd = GOOD_NGINX.replace("location ~ ^/(mp(-decide)?|seg)/ {", "location ~ ^/(?<mount>mp|seg)/ {\n    }\n    location /mp/ {")
+    found = nginx(tmp_path, odd)
+    assert all("no location sends /mp/" not in f.problem for f in found)
+
+
 def test_a_sound_nginx_config_passes(tmp_path):
     assert nginx(tmp_path, GOOD_NGINX) == []
 
