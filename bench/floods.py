@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,28 +31,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) / 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def idle(port: int, n: int) -> list[asyncio.StreamWriter]:
-    writers = []
-    for _ in range(n):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n")
-        await writer.drain()
-        await reader.readuntil(b"\r\n\r\n")
-        writers.append(writer)
-    return writers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from idle_connections import free_port, hold as idle, rss_mb  # noqa: E402  (bench/ is no package)
 
 
 async def slow_upload(port: int, size: int) -> tuple[asyncio.StreamWriter, asyncio.Task[bytes]]:

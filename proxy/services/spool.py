@@ -267,21 +267,22 @@ def salvage_into(old_path: Path, fresh: sqlite3.Connection) -> tuple[int, int]:
         old = sqlite3.connect(f"file:{old_path}?mode=ro", uri=True)
     except sqlite3.DatabaseError:
         return 0, 0
+    def copy(table: str, columns: str) -> int:
+        insert = f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * (columns.count(',') + 1))})"
+        copied = 0
+        for row in _readable_rows(old, table, columns):
+            try:
+                fresh.execute(insert, row)
+                copied += 1
+            except sqlite3.DatabaseError:
+                continue
+        return copied
+
     queued = dead = 0
     try:
         fresh.execute("BEGIN")
-        for row in _readable_rows(old, "queue", _COLUMNS):
-            try:
-                fresh.execute(f"INSERT INTO queue ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-                queued += 1
-            except sqlite3.DatabaseError:
-                continue
-        for row in _readable_rows(old, "dead", _DEAD_COLUMNS):
-            try:
-                fresh.execute(f"INSERT INTO dead ({_DEAD_COLUMNS}) VALUES ({', '.join('?' * 15)})", row)
-                dead += 1
-            except sqlite3.DatabaseError:
-                continue
+        queued = copy("queue", _COLUMNS)
+        dead = copy("dead", _DEAD_COLUMNS)
         fresh.execute("COMMIT")
     except sqlite3.DatabaseError:
         fresh.execute("ROLLBACK")
