@@ -156,6 +156,9 @@ class IdentitySettings:
     # hand, not Safari expiring script storage (which takes 7 days): the
     # visitor starts a new canonical id.
     reset_window_days: float = 7.0
+    # Names and globs ("plan", "ab_*") of properties carried across domains per
+    # canonical id (core/carry.py); empty: none.
+    carry_properties: tuple[str, ...] = ()
     keys: Any = None  # the loaded KeyRing (filled by build_settings)
 
 
@@ -408,6 +411,14 @@ def _mode(key: str, value: Any) -> str:
     return value
 
 
+def _carry_patterns(key: str, value: Any) -> tuple[str, ...]:
+    out = _str_list(key, value)
+    for item in out:
+        if item.startswith(("$", "mp_")) or not item:
+            raise ConfigError(key, f"{item!r}: $-prefixed and mp_ properties are identity or the SDK's own, never carried")
+    return out
+
+
 def _consent_mode(key: str, value: Any) -> str:
     value = _str(key, value).lower()
     if value not in ("drop", "anonymise", "anonymize"):
@@ -538,6 +549,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "hub_cookie_name": _cookie_name,
         "max_devices_per_id": _int(1, 100_000),
         "reset_window_days": _float(0, 400),
+        "carry_properties": _carry_patterns,
     },
     "consent": {
         "opt_out_cookie": _optional_cookie_name,

@@ -158,6 +158,9 @@ class WireProtocol(Protocol):
     # with ``throwaway`` as its only id; False when it cannot be sent without
     # identity at all (a profile update, an identify) and must be dropped.
     def anonymise(self, route: str, event: dict[str, Any], throwaway: str) -> bool: ...
+    # The event's own property bag (carried properties are read from and added
+    # to it), or None for an event that has none (a profile update, identify).
+    def properties(self, route: str, event: dict[str, Any]) -> dict[str, Any] | None: ...
 
     def rewrite(self, route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]: ...
 

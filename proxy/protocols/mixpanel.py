@@ -431,6 +431,13 @@ def anonymise(route: str, event: dict[str, Any], throwaway: str) -> bool:
     return True
 
 
+def properties(route: str, event: dict[str, Any]) -> dict[str, Any] | None:
+    if route not in ("track", "import"):
+        return None
+    props = event.get("properties")
+    return props if isinstance(props, dict) else None
+
+
 class Mixpanel:
     """The protocol as one object (``base.WireProtocol``): what the pipeline
     and the sender call."""
@@ -450,6 +457,7 @@ class Mixpanel:
     strip_tokens = staticmethod(strip_tokens)
     refuses = staticmethod(refuses)
     anonymise = staticmethod(anonymise)
+    properties = staticmethod(properties)
     rewrite = staticmethod(rewrite)
     prepare = staticmethod(prepare)
     batch = staticmethod(batch)

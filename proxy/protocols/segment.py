@@ -245,6 +245,15 @@ def anonymise(route: str, event: dict[str, Any], throwaway: str) -> bool:
     return True
 
 
+def properties(route: str, event: dict[str, Any]) -> dict[str, Any] | None:
+    if event.get("type") not in ("track", "page", "screen"):
+        return None
+    props = event.get("properties")
+    if props is None:
+        props = event["properties"] = {}
+    return props if isinstance(props, dict) else None
+
+
 def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]:
     out: list[Rewrite] = []
     rewrite_fields(event, _ALIAS_FIELDS if event.get("type") == "alias" else _CALL_FIELDS, mapping, out)
@@ -304,6 +313,7 @@ class Segment:
     strip_tokens = staticmethod(strip_tokens)
     refuses = staticmethod(refuses)
     anonymise = staticmethod(anonymise)
+    properties = staticmethod(properties)
     rewrite = staticmethod(rewrite)
     prepare = staticmethod(prepare)
     batch = staticmethod(batch)

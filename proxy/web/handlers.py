@@ -33,7 +33,7 @@ import orjson
 from aiocache.base import BaseCache
 from aiohttp import StreamReader, web
 
-from ..core import consent
+from ..core import carry, consent
 from ..core.clientip import TrustedProxies, client_ip, truncate
 from ..core.cookie import CookieJar, cookie_values, valid_id
 from ..core.cors import OriginPolicy
@@ -155,6 +155,7 @@ class Proxy:
         whole = privacy.ip_prefix_v4 == 32 and privacy.ip_prefix_v6 == 128
         self._ip_prefixes = None if whole else (privacy.ip_prefix_v4, privacy.ip_prefix_v6)
         self.aliases = dict(settings.server.route_aliases)
+        self._carry = carry.matcher(settings.identity.carry_properties)
         self.s: Services
         self.cross = CrossDomain(self)
         self.cdn = FirstPartyCdn(self)
@@ -329,6 +330,34 @@ class Proxy:
             reason=reason,
             status=status,
         )
+
+    async def _carry_properties(
+        self, protocol: WireProtocol, route: str, events: list[dict[str, Any]], canonical: str
+    ) -> bool:
+        """Carried properties (``core.carry``): the values this visitor's events
+        set before, on any domain, added where missing; what these set, kept.
+        True when an event gained one."""
+        assert self._carry is not None
+        key = "carry:" + canonical
+        raw = await self.s.store.get_value(key)
+        try:
+            kept = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            kept = {}
+        running = dict(kept) if isinstance(kept, dict) else {}
+        seen: dict[str, Any] = {}
+        changed = False
+        for event in events:
+            props = protocol.properties(route, event)
+            if props is None:
+                continue
+            changed |= bool(carry.add_missing(props, running))
+            fresh = carry.collect(props, self._carry)
+            seen.update(fresh)
+            running.update(fresh)
+        if seen and any(kept.get(k) != v for k, v in seen.items()):
+            await self.s.store.set_value(key, orjson.dumps(carry.merge(kept, seen)).decode())
+        return changed
 
     def _record_drop(self, route: str, names: list[str], count: int, project: str | None, why: str) -> None:
         self.s.metrics.consent_dropped.labels(why).inc(count)
@@ -566,6 +595,9 @@ class Proxy:
             protocol.is_anonymous(route, events),
             project,
         )
+        if self._carry is not None and resolution.canonical and visit.browser and route in protocol.spooled_routes:
+            if await self._carry_properties(protocol, route, events, resolution.canonical):
+                filtered = True  # the body changed: re-encoded if forwarded as is
         mapping = resolution.mapping
         per_event = [protocol.rewrite(route, e, mapping) for e in events] if mapping else []
         rewrites = [r for rs in per_event for r in rs]
