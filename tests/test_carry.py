@@ -12,7 +12,7 @@ import pytest
 from proxy.core import carry
 from proxy.errors import ConfigError
 from proxy.settings import build_settings
-from tests.conftest import BROWSER, SEG_KEY, b64_body, cookie_from, device_id, js_event
+from tests.conftest import SEG_KEY, b64_body, cookie_from, device_id, js_event
 from tests.test_crossdomain import A, B, IDENTITY, browser, go_to_b, landing_event
 
 CARRY = copy.deepcopy(IDENTITY)
