@@ -159,6 +159,9 @@ class IdentitySettings:
     # Names and globs ("plan", "ab_*") of properties carried across domains per
     # canonical id (core/carry.py); empty: none.
     carry_properties: tuple[str, ...] = ()
+    # Put back a visitor's first external referrer and campaign where a domain
+    # hop replaced them with one of the site's own (core/firsttouch.py).
+    repair_first_touch: bool = True
     keys: Any = None  # the loaded KeyRing (filled by build_settings)
 
 
@@ -550,6 +553,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "max_devices_per_id": _int(1, 100_000),
         "reset_window_days": _float(0, 400),
         "carry_properties": _carry_patterns,
+        "repair_first_touch": _bool,
     },
     "consent": {
         "opt_out_cookie": _optional_cookie_name,

@@ -70,3 +70,50 @@ def test_kept_values_are_bounded_newest_first():
     merged = carry.merge(kept, {"new": 1})
     assert len(merged) == carry.MAX_CARRIED and merged["new"] == 1
     assert carry.merge({"a": 1}, {"a": 2}) == {"a": 2}
+
+
+GOOGLE = {"$initial_referrer": "https://www.google.com/search?q=shoes", "$initial_referring_domain": "www.google.com"}
+
+
+async def test_first_touch_survives_the_hop_to_another_domain(proxy_client, upstream, tmp_path):
+    from tests.test_consent import log_records
+    from tests.test_crossdomain import token_of
+
+    client = await proxy_client(**IDENTITY)
+    # Landing on A from a search, with a campaign.
+    first = await client.post(TRACK, data=b64_body([js_event("Landing A", device_id(), utm_source="google", **GOOGLE)]),
+                              headers=browser(A))
+    cookie_a = cookie_from(first)
+    location = await go_to_b(client, cookie_a)
+    # On B, mixpanel-js's own first touch is site A (the hop), and its first campaign A's link.
+    d_b = device_id()
+    hop = {"$initial_referrer": f"http://{A}/", "$initial_referring_domain": A}
+    await client.post(TRACK, data=b64_body([landing_event(location, d_b, **hop)]), headers=browser(B))
+    update = {"$token": "test-token-us", "$distinct_id": f"$device:{d_b}", "$device_id": d_b,
+              "$set_once": {"initial_utm_source": "mail", "initial_utm_medium": "email", "plan_at_signup": "free"}}
+    await client.post(f"/mp/engage/?verbose=1&fpb={token_of(location)}", data=b64_body([update]), headers=browser(B))
+    # Another visitor whose first seen referrer is an own domain, with nothing kept: left alone.
+    await client.post(TRACK, data=b64_body([js_event("Stranger", device_id(), **hop)]), headers=browser(B))
+    await upstream.wait(3, "us", "/track")
+    await upstream.wait(1, "us", "/engage")
+    page_b = props_of(upstream, "Page B")
+    assert (page_b["$initial_referrer"], page_b["$initial_referring_domain"]) == (GOOGLE["$initial_referrer"], "www.google.com")
+    [profile] = upstream.received("us", "/engage")
+    # The first campaign's source; its medium was none; the rest untouched.
+    assert profile["$set_once"] == {"initial_utm_source": "google", "plan_at_signup": "free"}
+    assert props_of(upstream, "Stranger")["$initial_referring_domain"] == A
+    records = await log_records(client, tmp_path)
+    fields = {(rw["field"], rw["to"]) for r in records for rw in r.get("rewrites", [])}
+    assert ("$initial_referring_domain", "www.google.com") in fields  # logged as a rewrite
+
+
+async def test_first_touch_repair_can_be_off(proxy_client, upstream):
+    off = copy.deepcopy(IDENTITY)
+    off["identity"]["repair_first_touch"] = False
+    client = await proxy_client(**off)
+    first = await client.post(TRACK, data=b64_body([js_event("Landing A", device_id(), **GOOGLE)]), headers=browser(A))
+    location = await go_to_b(client, cookie_from(first))
+    hop = {"$initial_referrer": f"http://{A}/", "$initial_referring_domain": A}
+    await client.post(TRACK, data=b64_body([landing_event(location, device_id(), **hop)]), headers=browser(B))
+    await upstream.wait(2, "us", "/track")
+    assert props_of(upstream, "Page B")["$initial_referring_domain"] == A

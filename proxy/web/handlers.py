@@ -33,7 +33,7 @@ import orjson
 from aiocache.base import BaseCache
 from aiohttp import StreamReader, web
 
-from ..core import carry, consent
+from ..core import carry, consent, firsttouch
 from ..core.clientip import TrustedProxies, client_ip, truncate
 from ..core.cookie import CookieJar, cookie_values, valid_id
 from ..core.cors import OriginPolicy
@@ -156,6 +156,10 @@ class Proxy:
         self._ip_prefixes = None if whole else (privacy.ip_prefix_v4, privacy.ip_prefix_v6)
         self.aliases = dict(settings.server.route_aliases)
         self._carry = carry.matcher(settings.identity.carry_properties)
+        # First-touch repair: the site's own domains, and the ids whose first touch is kept.
+        own = dict.fromkeys([*settings.cookie.domains, *settings.identity.linked_domains])
+        self._own_domains = tuple(own) if settings.identity.repair_first_touch else ()
+        self._touch_known: set[str] = set()
         self.s: Services
         self.cross = CrossDomain(self)
         self.cdn = FirstPartyCdn(self)
@@ -330,6 +334,53 @@ class Proxy:
             reason=reason,
             status=status,
         )
+
+    async def _first_touch(
+        self, route: str, events: list[dict[str, Any]], resolution: Resolution
+    ) -> dict[int, list[Rewrite]]:
+        """Keep this visitor's first external touch; repair what names one of
+        our own domains instead (``core.firsttouch``). Index -> rewrites."""
+        canonical = resolution.canonical
+        assert canonical is not None
+        own_domains = self._own_domains
+        key = "touch:" + canonical
+        kept: dict[str, Any] | None = None
+        out: dict[int, list[Rewrite]] = {}
+        for i, event in enumerate(events):
+            props = event.get("properties") if route == "track" else None
+            if route == "track" and isinstance(props, dict):
+                touch = firsttouch.touch_of(props, own_domains)
+                if touch is not None:
+                    if canonical not in self._touch_known:  # kept once per id (set once, like the SDK)
+                        if await self.s.store.get_value(key) is None:
+                            await self.s.store.set_value(key, orjson.dumps(touch).decode())
+                        self._remember_touch(canonical)
+                    continue
+                if firsttouch.own(props.get("$initial_referring_domain"), own_domains):
+                    kept = kept if kept is not None else await self._kept_touch(key)
+                    changes = firsttouch.repair_event(props, kept, own_domains)
+                    if changes:
+                        out[i] = changes
+            elif route == "engage" and resolution.source in ("bridge", "hub") and isinstance(event.get("$set_once"), dict):
+                kept = kept if kept is not None else await self._kept_touch(key)
+                if kept:
+                    changes = firsttouch.repair_profile(event["$set_once"], kept)
+                    if changes:
+                        out[i] = changes
+        return out
+
+    async def _kept_touch(self, key: str) -> dict[str, Any]:
+        raw = await self.s.store.get_value(key)
+        try:
+            kept = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            return {}
+        return kept if isinstance(kept, dict) else {}
+
+    def _remember_touch(self, canonical: str) -> None:
+        if len(self._touch_known) >= 100_000:
+            self._touch_known.clear()
+        self._touch_known.add(canonical)
 
     async def _carry_properties(
         self, protocol: WireProtocol, route: str, events: list[dict[str, Any]], canonical: str
@@ -600,6 +651,13 @@ class Proxy:
                 filtered = True  # the body changed: re-encoded if forwarded as is
         mapping = resolution.mapping
         per_event = [protocol.rewrite(route, e, mapping) for e in events] if mapping else []
+        if self._own_domains and resolution.canonical and visit.browser and protocol is MIXPANEL:
+            touched = await self._first_touch(route, events, resolution)
+            if touched:
+                per_event = per_event or [[] for _ in events]
+                for i, changes in touched.items():
+                    per_event[i] = per_event[i] + changes
+                filtered = True  # the body changed: re-encoded if forwarded as is
         rewrites = [r for rs in per_event for r in rs]
         if rewrites:
             self.s.metrics.rewrites.inc(len(rewrites))

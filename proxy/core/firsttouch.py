@@ -1,0 +1,71 @@
+"""First-touch repair: a visitor's first external referrer and campaign,
+kept per canonical id, put back where a domain hop replaced them.
+
+mixpanel-js records first touch per domain: ``$initial_referrer`` and
+``$initial_referring_domain`` as super properties set once (``register_once``)
+and, on a profile, ``initial_utm_*`` set once from the landing URL. After a
+hop from www.site-a.com to checkout.site-b.com, site B's storage is new: its
+"first" referrer is site A, its first campaign whatever A's link carried.
+The proxy keeps the first touch whose referring domain is not one of the
+site's own (``cookie.domains``, ``identity.linked_domains``) and repairs
+events and profile updates that name an own domain instead. Pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .cookie import host_matches
+from .rewrite import Rewrite
+
+REFERRER_FIELDS = ("$initial_referrer", "$initial_referring_domain")
+# mixpanel-js's CAMPAIGN_KEYWORDS (src/utils.js): the landing URL's parameters it records.
+CAMPAIGN = (
+    "utm_source", "utm_medium", "utm_campaign", "utm_content", "utm_term", "utm_id", "utm_source_platform",
+    "utm_campaign_id", "utm_creative_format", "utm_marketing_tactic",
+)
+
+
+def own(domain: Any, own_domains: Sequence[str]) -> bool:
+    return isinstance(domain, str) and any(host_matches(domain.lower(), d) for d in own_domains)
+
+
+def touch_of(props: Mapping[str, Any], own_domains: Sequence[str]) -> dict[str, Any] | None:
+    """The first touch an event shows, when it is an external one (a search
+    engine, an ad, ``$direct``): its referrer and the campaign it landed with."""
+    domain = props.get("$initial_referring_domain")
+    if not isinstance(domain, str) or own(domain, own_domains):
+        return None
+    touch = {f: props[f] for f in REFERRER_FIELDS if isinstance(props.get(f), str)}
+    touch.update({k: props[k] for k in CAMPAIGN if isinstance(props.get(k), str)})
+    return touch
+
+
+def repair_event(props: dict[str, Any], kept: Mapping[str, Any], own_domains: Sequence[str]) -> list[Rewrite]:
+    """An event whose first referrer is one of our own domains gets the kept one."""
+    out: list[Rewrite] = []
+    if not own(props.get("$initial_referring_domain"), own_domains):
+        return out
+    for field in REFERRER_FIELDS:
+        if isinstance(kept.get(field), str) and props.get(field) != kept[field]:
+            out.append(Rewrite(field, str(props.get(field)), kept[field]))
+            props[field] = kept[field]
+    return out
+
+
+def repair_profile(set_once: dict[str, Any], kept: Mapping[str, Any]) -> list[Rewrite]:
+    """A profile's ``initial_utm_*`` set on a domain reached by a hop: the kept
+    first campaign's, or none (the hop's own link is no first touch)."""
+    out: list[Rewrite] = []
+    for key in CAMPAIGN:
+        field = "initial_" + key
+        if field not in set_once:
+            continue
+        first = kept.get(key)
+        if first is None:
+            out.append(Rewrite(field, str(set_once.pop(field)), ""))
+        elif set_once[field] != first:
+            out.append(Rewrite(field, str(set_once[field]), first))
+            set_once[field] = first
+    return out
