@@ -57,6 +57,15 @@ async def test_properties_set_on_a_reach_b_and_never_another_browser(proxy_clien
     assert seg["properties"]["ab_checkout"] == "blue"
 
 
+def test_an_own_referring_domain_may_carry_a_port():
+    from proxy.core import firsttouch
+
+    assert firsttouch.own("www.site-a.test:8443", (".site-a.test",))
+    assert firsttouch.own("WWW.SITE-A.TEST", (".site-a.test",))
+    assert not firsttouch.own("www.google.com", (".site-a.test",))
+    assert not firsttouch.own("evil-site-a.test", (".site-a.test",))
+
+
 def test_identity_and_the_sdks_own_properties_are_never_carried(tmp_path):
     match = carry.matcher(("*",))
     assert carry.collect({"$device_id": "d", "mp_lib": "web", "plan": "pro", "big": "x" * 2000}, match) == {"plan": "pro"}

@@ -28,7 +28,12 @@ CAMPAIGN = (
 
 
 def own(domain: Any, own_domains: Sequence[str]) -> bool:
-    return isinstance(domain, str) and any(host_matches(domain.lower(), d) for d in own_domains)
+    """Whether a referring domain (mixpanel-js keeps the port of a URL that
+    has one: ``www.site-a.com:8443``) is one of the site's own."""
+    if not isinstance(domain, str):
+        return False
+    host = domain.lower().rsplit(":", 1)[0] if domain.count(":") == 1 else domain.lower()
+    return any(host_matches(host, d) for d in own_domains)
 
 
 def touch_of(props: Mapping[str, Any], own_domains: Sequence[str]) -> dict[str, Any] | None:
