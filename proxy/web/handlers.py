@@ -156,10 +156,10 @@ class Proxy:
         self._ip_prefixes = None if whole else (privacy.ip_prefix_v4, privacy.ip_prefix_v6)
         self.aliases = dict(settings.server.route_aliases)
         self._carry = carry.matcher(settings.identity.carry_properties)
-        # First-touch repair: the site's own domains, and the ids whose first touch is kept.
+        # First-touch repair: the site's own domains, and the first touches already known.
         own = dict.fromkeys([*settings.cookie.domains, *settings.identity.linked_domains])
         self._own_domains = tuple(own) if settings.identity.repair_first_touch else ()
-        self._touch_known: set[str] = set()
+        self._touches: dict[str, dict[str, Any]] = {}  # canonical id -> its kept first touch
         self.s: Services
         self.cross = CrossDomain(self)
         self.cdn = FirstPartyCdn(self)
@@ -296,6 +296,11 @@ class Proxy:
         if self.s.live.watching:
             self._live(visit, protocol, route, None, [], names, [None] * len(names), "dropped", f"consent: {why}")
         self._finish(response, visit, None, route)
+        return self._forget(response, visit, why)
+
+    def _forget(self, response: web.Response, visit: Visit, why: str) -> web.Response:
+        """A refusing browser's answer: its identity cookie deleted, the refusal
+        kept on this domain when a token brought it, never cached."""
         if visit.cookie_raw:
             response.headers.add("Set-Cookie", self.s.jar.expire_header(visit.host))
         if why == "token" and self.s.settings.consent.opt_out_cookie:
@@ -343,44 +348,51 @@ class Proxy:
         canonical = resolution.canonical
         assert canonical is not None
         own_domains = self._own_domains
-        key = "touch:" + canonical
-        kept: dict[str, Any] | None = None
         out: dict[int, list[Rewrite]] = {}
         for i, event in enumerate(events):
             props = event.get("properties") if route == "track" else None
             if route == "track" and isinstance(props, dict):
                 touch = firsttouch.touch_of(props, own_domains)
                 if touch is not None:
-                    if canonical not in self._touch_known:  # kept once per id (set once, like the SDK)
-                        if await self.s.store.get_value(key) is None:
-                            await self.s.store.set_value(key, orjson.dumps(touch).decode())
-                        self._remember_touch(canonical)
+                    if canonical not in self._touches:  # kept once per id (set once, like the SDK)
+                        kept = await self._kept_touch(canonical)
+                        if not kept:
+                            await self.s.store.set_value("touch:" + canonical, orjson.dumps(touch).decode())
+                            self._remember_touch(canonical, touch)
                     continue
                 if firsttouch.own(props.get("$initial_referring_domain"), own_domains):
-                    kept = kept if kept is not None else await self._kept_touch(key)
-                    changes = firsttouch.repair_event(props, kept, own_domains)
+                    changes = firsttouch.repair_event(props, await self._kept_touch(canonical), own_domains)
                     if changes:
                         out[i] = changes
             elif route == "engage" and resolution.source in ("bridge", "hub") and isinstance(event.get("$set_once"), dict):
-                kept = kept if kept is not None else await self._kept_touch(key)
+                kept = await self._kept_touch(canonical)
                 if kept:
                     changes = firsttouch.repair_profile(event["$set_once"], kept)
                     if changes:
                         out[i] = changes
         return out
 
-    async def _kept_touch(self, key: str) -> dict[str, Any]:
-        raw = await self.s.store.get_value(key)
+    async def _kept_touch(self, canonical: str) -> dict[str, Any]:
+        """The first touch kept for ``canonical`` ({} if none yet): from this
+        process's memo once known (a kept touch never changes), else the store."""
+        kept = self._touches.get(canonical)
+        if kept is not None:
+            return kept
+        raw = await self.s.store.get_value("touch:" + canonical)
         try:
             kept = orjson.loads(raw) if raw else {}
         except orjson.JSONDecodeError:
             return {}
-        return kept if isinstance(kept, dict) else {}
+        if not isinstance(kept, dict):
+            return {}
+        if kept:  # nothing kept yet may change (another instance): not memoised
+            self._remember_touch(canonical, kept)
+        return kept
 
-    def _remember_touch(self, canonical: str) -> None:
-        if len(self._touch_known) >= 100_000:
-            self._touch_known.clear()
-        self._touch_known.add(canonical)
+    def _remember_touch(self, canonical: str, touch: dict[str, Any]) -> None:
+        if len(self._touches) >= 100_000:
+            self._touches.clear()
+        self._touches[canonical] = touch
 
     async def _carry_properties(
         self, protocol: WireProtocol, route: str, events: list[dict[str, Any]], canonical: str
@@ -755,10 +767,7 @@ class Proxy:
             self._log(route, region, project, names, resolution, [], upstream.status, started)
             response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
             response = self._finish(response, visit, None, route)
-        if visit.cookie_raw:
-            response.headers.add("Set-Cookie", self.s.jar.expire_header(visit.host))
-        response.headers["Cache-Control"] = "private, no-store"
-        return response
+        return self._forget(response, visit, why)
 
     async def _spool(
         self,
