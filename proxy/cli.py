@@ -74,6 +74,14 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--id", help="key id (1-8 letters, digits, '-' or '_'; default random)")
     keygen.add_argument("--print", action="store_true", help="only print a new key line, write nothing")
 
+    apikey = sub.add_parser(
+        "apikey", help="add a server key for an app backend (POST /mp/bridge with a device id); prints the key once"
+    )
+    apikey.add_argument("--name", required=True, help="what logs and metrics call this key (e.g. ios-app)")
+    apikey.add_argument("--config", "-c", help="settings file, to find identity.api_keys_file")
+    apikey.add_argument("--file", help="the server keys file to write (default: identity.api_keys_file)")
+    apikey.add_argument("--print", action="store_true", help="only print a new key line, write nothing")
+
     spool = sub.add_parser("spool", help="inspect the durable spool")
     spool_sub = spool.add_subparsers(dest="spool_command", required=True)
     spool_check = spool_sub.add_parser("check", help="verify every spool file offline (exit 1 if one is unreadable)")
@@ -370,15 +378,46 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         KeyRing.from_file(text)
     except ValueError as exc:
         raise ConfigError(str(path), str(exc)) from exc
+    _write_private(path, text)
+    key_id = line.split()[0]
+    print(f"added key {key_id} to {path}; it signs after the proxy restarts, {len(keys)} older key(s) still verify")
+    return 0
+
+
+def cmd_apikey(args: argparse.Namespace) -> int:
+    from .core.apikeys import ApiKeys, generate_key_line
+
+    try:
+        line = generate_key_line(args.name)
+    except ValueError as exc:
+        raise ConfigError("--name", str(exc)) from exc
+    if args.print:
+        print(line)
+        return 0
+    target = args.file or load_settings(args.config).identity.api_keys_file
+    if not target:
+        raise ConfigError("identity.api_keys_file", "not set; set it (or pass --file) to say where server keys live")
+    path = Path(target)
+    old = path.read_text() if path.exists() else "# firstparty server keys: <name> <key>; `firstparty apikey` adds one\n"
+    text = old + ("" if old.endswith("\n") else "\n") + line + "\n"
+    try:
+        ApiKeys.from_file(text)
+    except ValueError as exc:
+        raise ConfigError(str(path), str(exc)) from exc
+    _write_private(path, text)
+    print(f"added server key {args.name!r} to {path} (read at the next start); give it to that backend only:")
+    print(line.split()[1])
+    return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically, readable by its owner only."""
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
-    key_id = line.split()[0]
-    print(f"added key {key_id} to {path}; it signs after the proxy restarts, {len(keys)} older key(s) still verify")
-    return 0
 
 
 # ------------------------------------------------------------------ spool
@@ -503,6 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_logs(args)
         if args.command == "keygen":
             return cmd_keygen(args)
+        if args.command == "apikey":
+            return cmd_apikey(args)
         if args.command == "spool":
             return cmd_spool_check(args) if args.spool_command == "check" else cmd_spool_stats(args)
         if args.command == "replay":

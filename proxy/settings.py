@@ -162,7 +162,11 @@ class IdentitySettings:
     # Put back a visitor's first external referrer and campaign where a domain
     # hop replaced them with one of the site's own (core/firsttouch.py).
     repair_first_touch: bool = True
+    # Server keys of app backends that may ask POST /mp/bridge for a token
+    # carrying their own device id (core/apikeys.py); empty: app hand-off off.
+    api_keys_file: str = ""
     keys: Any = None  # the loaded KeyRing (filled by build_settings)
+    api_keys: Any = None  # the loaded ApiKeys, or None without api_keys_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,6 +549,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     },
     "identity": {
         "keys_file": _str,
+        "api_keys_file": _str,
         "linked_domains": _cookie_domains,
         "token_ttl_seconds": _int(5, 3600),
         "token_param": _token_param,
@@ -750,7 +755,30 @@ def _identity(values: dict[str, Any], data_dir: Path) -> IdentitySettings:
         ring = KeyRing.from_file(text)
     except ValueError as exc:
         raise ConfigError(key, f"{path}: {exc}") from exc
-    return IdentitySettings(keys=ring, **{k: v for k, v in values.items() if k != "keys_file"}, keys_file=str(path))
+    return IdentitySettings(
+        keys=ring, api_keys=_api_keys(values.get("api_keys_file", "")),
+        **{k: v for k, v in values.items() if k != "keys_file"}, keys_file=str(path),
+    )
+
+
+def _api_keys(path: str) -> Any:
+    """The app backends' server keys (``identity.api_keys_file``), or None."""
+    from .core.apikeys import ApiKeys
+
+    if not path:
+        return None
+    key = "identity.api_keys_file"
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path!r}: {exc.strerror}; create one with `firstparty apikey --name <app>`") from exc
+    try:
+        keys = ApiKeys.from_file(text)
+    except ValueError as exc:
+        raise ConfigError(key, f"{path}: {exc}") from exc
+    if not keys.names:
+        raise ConfigError(key, f"{path} holds no keys; add one with `firstparty apikey --name <app>`")
+    return keys
 
 
 def _delivery(values: dict[str, Any]) -> DeliverySettings:

@@ -27,6 +27,7 @@ from .cookie import cookie_pairs, cookie_values
 from ..settings import ConsentSettings
 
 DENIED = "denied"
+UNKNOWN = "unknown"  # not known to the party that minted a token (an app's backend)
 GRANTED = "granted"  # no refusal signal: the site's own consent flow decides the rest
 _NO = frozenset({"1", "true", "yes", "y", "on", "denied", "deny", "out", "opt-out", "optout"})
 MIXPANEL_COOKIE_PREFIX = "__mp_opt_in_out_"

@@ -123,6 +123,15 @@ class CookieJar:
         (a ``valid_id``)."""
         return f"{name}={value}{self._readable[self.domain_for(host)]}"
 
+    def partitioned_cookie_header(self, canonical: str, host: str) -> str:
+        """The identity cookie for a widget in a cross-site iframe: partitioned
+        by the top-level site (CHIPS), so a browser that blocks third-party
+        cookies still keeps it for this embedding, and only for it. Partitioned
+        requires ``Secure`` and ``SameSite=None``, whatever ``cookie.secure`` says."""
+        domain = self.domain_for(host)
+        scope = f"; Domain={domain}" if domain else ""
+        return f"{self.name}={self.seal(canonical)}{scope}; Path=/{self._max_age}; HttpOnly; Secure; SameSite=None; Partitioned"
+
     def set_cookie_header(self, canonical: str, host: str, sealed: str | None = None) -> str:
         """The full ``Set-Cookie`` value for a response to ``host``."""
         domain = self.domain_for(host)

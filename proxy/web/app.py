@@ -75,13 +75,16 @@ def only(methods: frozenset[str], handler: Handler) -> Handler:
 
 
 def add_crossdomain(app: web.Application, mount: str, proxy: Proxy) -> None:
-    """``go``, ``bridge``, ``id``, ``link.js`` and ``hub.js`` under ``mount``."""
+    """``go``, ``bridge``, ``id`` and the page scripts (``link.js``, ``hub.js``,
+    ``land.js``, ``frame.js``) under ``mount``."""
     add, cross = app.router.add_route, proxy.cross
     add("*", f"{mount}go", only(GET, cross.go))
     add("*", f"{mount}bridge", only(frozenset({"POST", "OPTIONS"}), proxy.bridge))
-    add("*", f"{mount}id", only(GET, cross.identity))
+    add("*", f"{mount}id", only(GET | {"POST"}, cross.identity))
     add("*", f"{mount}link.js", only(GET, cross.link_js))
     add("*", f"{mount}hub.js", only(GET, cross.hub_js))
+    add("*", f"{mount}land.js", only(GET, cross.land_js))
+    add("*", f"{mount}frame.js", only(GET, cross.frame_js))
 
 
 def create_app(settings: Settings) -> web.Application:

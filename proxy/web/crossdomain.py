@@ -28,6 +28,7 @@ from aiohttp import web
 
 from ..core import consent
 from ..core.bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
+from ..core.apikeys import bearer
 from ..core.cookie import CookieJar, cookie_values, valid_id
 from ..errors import BadRequest
 from ..lograte import Throttled
@@ -65,12 +66,16 @@ LINK_JS = """/* firstparty link.js: links to linked domains leave through {go}, 
 }})();
 """
 
-HUB_JS = """/* firstparty hub.js: once per browser and domain, ask the identity hub who this is.
-   Call mixpanel.init inside firstpartyHub.ready(...): it runs at once when no trip to
-   the hub is needed, after the hub check otherwise, and never on a page that is
-   leaving for the hub (so no event goes out under an id about to be replaced). */
+# hub.js and land.js: one script. land.js (HUB null) only redeems a landing
+# token and takes it out of the address bar; hub.js also asks the hub once.
+LANDING_JS = """/* firstparty {name}: a landing page's identity token is redeemed here (POST {id}) and then
+   removed from the address bar, so no other tag on the page records it and no copied
+   link carries it on.{hub_doc}
+   Call the SDKs' init inside firstpartyLanding.ready(...) (firstpartyHub.ready is the same):
+   it runs once the token is redeemed, at once when there is none, and never on a page
+   that is leaving for the hub. */
 (function () {{
-  var HUB = {hub}, PARAM = {param}, DONE = "fp_hub_done", REF = "fp_hub_referrer", waiting = [], settled = false;
+  var HUB = {hub}, PARAM = {param}, ID = {id}, DONE = "fp_hub_done", REF = "fp_hub_referrer", waiting = [], settled = false;
   function settle() {{
     if (settled) return;
     settled = true;
@@ -80,7 +85,17 @@ HUB_JS = """/* firstparty hub.js: once per browser and domain, ask the identity 
       try {{ callbacks[i](); }} catch (e) {{ setTimeout(function () {{ throw e; }}); }}
     }}
   }}
-  window.firstpartyHub = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
+  window.firstpartyLanding = window.firstpartyHub = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
+  function tokenInUrl() {{
+    var parts = location.search.slice(1).split("&");
+    for (var i = 0; i < parts.length; i++) if (parts[i].indexOf(PARAM + "=") === 0) return parts[i].slice(PARAM.length + 1);
+    return null;
+  }}
+  function clean() {{  /* the rest of the URL as it was: only the token goes */
+    var kept = location.search.slice(1).split("&").filter(function (p) {{ return p && p.indexOf(PARAM + "=") !== 0; }});
+    try {{ history.replaceState(history.state, "", location.pathname + (kept.length ? "?" + kept.join("&") : "") + location.hash); }}
+    catch (e) {{}}
+  }}
   /* The round trip to the hub replaces the visitor's referrer (the hub answers with
      Referrer-Policy: no-referrer): keep it for the tab across the trip and show it to
      the SDK again on the way back, so $initial_referrer and search attribution survive. */
@@ -92,22 +107,104 @@ HUB_JS = """/* firstparty hub.js: once per browser and domain, ask the identity 
       catch (e) {{}}
     }}
   }}
-  try {{
-    if (location.search.indexOf(PARAM + "=") >= 0 && sessionStorage.getItem(REF) !== null) restoreReferrer();
-    if (localStorage.getItem(DONE)) {{ sessionStorage.removeItem(REF); return settle(); }}
-    if (location.search.indexOf(PARAM + "=") >= 0) {{ localStorage.setItem(DONE, "1"); return settle(); }}
-  }} catch (e) {{ return settle(); }}  /* no storage: never redirect, never loop */
-  var ctl = window.AbortController ? new AbortController() : null;
-  var timer = setTimeout(function () {{ if (ctl) ctl.abort(); settle(); }}, 1500);
-  fetch(HUB + "/hub/ping", {{ mode: "cors", credentials: "omit", signal: ctl && ctl.signal }})
-    .then(function (r) {{
-      clearTimeout(timer);
-      if (!r.ok || settled) return settle();
-      localStorage.setItem(DONE, "1");
-      try {{ sessionStorage.setItem(REF, document.referrer); }} catch (e) {{}}
-      location.replace(HUB + "/hub/resolve?return=" + encodeURIComponent(location.href));
-    }})
-    .catch(function () {{ clearTimeout(timer); settle(); }});  /* hub unreachable: keep the per-domain id */
+  function toHub() {{
+    var ctl = window.AbortController ? new AbortController() : null;
+    var timer = setTimeout(function () {{ if (ctl) ctl.abort(); settle(); }}, 1500);
+    fetch(HUB + "/hub/ping", {{ mode: "cors", credentials: "omit", signal: ctl && ctl.signal }})
+      .then(function (r) {{
+        clearTimeout(timer);
+        if (!r.ok || settled) return settle();
+        localStorage.setItem(DONE, "1");  /* before leaving: never a second trip, whatever comes back */
+        try {{ sessionStorage.setItem(REF, document.referrer); }} catch (e) {{}}
+        location.replace(HUB + "/hub/resolve?return=" + encodeURIComponent(location.href));
+      }})
+      .catch(function () {{ clearTimeout(timer); settle(); }});  /* hub unreachable: keep the per-domain id */
+  }}
+  /* A token this domain accepted resolves it; one it refused (another domain's, copied
+     along with the query string; expired; replayed) does not: the hub is asked as if
+     there had been none. */
+  function then(accepted) {{
+    try {{
+      if (accepted && HUB) localStorage.setItem(DONE, "1");
+      if (accepted || !HUB || localStorage.getItem(DONE)) {{ sessionStorage.removeItem(REF); return settle(); }}
+    }} catch (e) {{ return settle(); }}  /* no storage: never redirect, never loop */
+    toHub();
+  }}
+  var token = tokenInUrl();
+  try {{ if (token !== null && sessionStorage.getItem(REF) !== null) restoreReferrer(); }} catch (e) {{}}
+  if (token === null) return then(false);
+  fetch(ID, {{ method: "POST", credentials: "same-origin", headers: {{ "Content-Type": "application/x-www-form-urlencoded" }},
+              body: PARAM + "=" + encodeURIComponent(token) }})
+    .then(function (r) {{ return r.ok ? r.json() : null; }})
+    .then(function (answer) {{ clean(); then(!!answer && answer.token === "accepted"); }},
+          function () {{ settle(); }});  /* proxy unreachable: the token stays for the SDK's requests */
+}})();
+"""
+
+# frame.js: the same script on the parent page and inside the widget's iframe.
+FRAME_JS = """/* firstparty frame.js: one identity for a widget in an iframe on a linked domain.
+   On the parent page it answers each linked iframe's hello with a fresh bridge token,
+   posted to that frame's exact origin. Inside the iframe it asks the parent, redeems
+   the token here (POST {id}; the id is kept in a partitioned cookie, CHIPS) and then runs
+   firstpartyFrame.ready(...) callbacks: call the SDKs' init inside it. */
+(function () {{
+  var LINKED = {linked}, PARAM = {param}, ID = {id}, BRIDGE = {bridge};
+  var HELLO = "firstparty:hello", TOKEN = "firstparty:token", waiting = [], settled = false;
+  function linked(origin) {{
+    var url;
+    try {{ url = new URL(origin); }} catch (e) {{ return false; }}
+    if (!/^https?:$/.test(url.protocol)) return false;
+    var host = url.hostname.toLowerCase();
+    for (var i = 0; i < LINKED.length; i++) {{
+      var d = LINKED[i];
+      if (host === d || host.slice(-d.length - 1) === "." + d) return true;
+    }}
+    return false;
+  }}
+  function ourFrame(source) {{
+    for (var i = 0; i < window.frames.length; i++) if (window.frames[i] === source) return true;
+    return false;
+  }}
+  /* Parent: a token only for a frame of this page, only to its exact origin, only a linked
+     one; one per page load of the frame (its hello, repeated until answered, names it). */
+  var answered = {{}};
+  window.addEventListener("message", function (ev) {{
+    var d = ev.data, frame = ev.source;
+    if (!d || d.type !== HELLO || typeof d.id !== "string" || answered[d.id] || !frame || !ourFrame(frame) || !linked(ev.origin)) return;
+    answered[d.id] = true;
+    fetch(BRIDGE, {{ method: "POST", credentials: "same-origin", headers: {{ "Content-Type": "application/json" }},
+                    body: JSON.stringify({{ to: ev.origin + "/" }}) }})
+      .then(function (r) {{ return r.ok ? r.json() : null; }})
+      .then(function (a) {{ if (a && a.token) frame.postMessage({{ type: TOKEN, token: a.token }}, ev.origin); }})
+      .catch(function () {{}});
+  }});
+  function settle() {{
+    if (settled) return;
+    settled = true;
+    var callbacks = waiting;
+    waiting = [];
+    for (var i = 0; i < callbacks.length; i++) {{
+      try {{ callbacks[i](); }} catch (e) {{ setTimeout(function () {{ throw e; }}); }}
+    }}
+  }}
+  window.firstpartyFrame = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
+  if (window.parent === window) return settle();
+  /* Frame: a token only from the page that embeds it, only from a linked origin. */
+  var timer = setTimeout(settle, 1500), asked = 0, redeeming = false, me = String(Math.random()).slice(2);
+  window.addEventListener("message", function (ev) {{
+    var d = ev.data;
+    if (settled || redeeming || ev.source !== window.parent || !d || d.type !== TOKEN || typeof d.token !== "string" || !linked(ev.origin)) return;
+    redeeming = true;
+    fetch(ID, {{ method: "POST", credentials: "same-origin", headers: {{ "Content-Type": "application/x-www-form-urlencoded" }},
+                body: PARAM + "=" + encodeURIComponent(d.token) + "&frame=1" }})
+      .then(function () {{ clearTimeout(timer); settle(); }}, function () {{ clearTimeout(timer); settle(); }});
+  }});
+  /* The hello carries nothing secret; it is repeated in case the parent's listener is not there yet. */
+  (function hello() {{
+    if (settled || redeeming || asked++ > 3) return;
+    window.parent.postMessage({{ type: HELLO, id: me }}, "*");
+    setTimeout(hello, 250);
+  }})();
 }})();
 """
 
@@ -176,7 +273,10 @@ class CrossDomain:
             self._count(outcome.split(" ")[0])
             log.info("identity token refused on %s: %s", host, outcome)
             return None
-        owner = hint or (incoming[0] if incoming else "-")
+        # With no id at all (a landing script redeeming before any SDK ran) the
+        # claim is this request's own: the same browser shows it again only
+        # with the cookie this answer sets.
+        owner = hint or (incoming[0] if incoming else f"landing:{uuid.uuid4().hex}")
         first = await self.p.s.store.claim_once("token:" + claims.token_id, owner, cfg.token_ttl_seconds + 60)
         if first is not None and first != owner:
             if cookie_id == claims.canonical_id:
@@ -232,34 +332,27 @@ class CrossDomain:
         from ..core.identity import Resolution
 
         visit = self.p._visit(request)
-        to = query_get(request, "to")
         try:
-            raw = await read_body(request, self.p.s.settings.server) if to is None else b""
+            fields = await self._fields(request, "to")
         except BadRequest as exc:
-            body = orjson.dumps({"status": 0, "error": str(exc)})
-            return self.p._finish(web.Response(status=exc.status, body=body, content_type="application/json"), visit, None, "bridge")
-        if raw:
-            if raw[:1] == b"{":
-                try:
-                    to = orjson.loads(raw).get("to")
-                except (orjson.JSONDecodeError, AttributeError):
-                    to = None
-            else:
-                to = dict(p.split("=", 1) for p in raw.decode(errors="replace").split("&") if "=" in p).get("to")
-                if to:
-                    from urllib.parse import unquote_plus
-
-                    to = unquote_plus(to)
+            return self.p._finish(_json_error(exc.status, str(exc)), visit, None, "bridge")
+        app = bearer(request.headers.get("authorization"))
+        if app is not None or "device_id" in fields:
+            return self.p._finish(self._app_bridge(request, app, fields), visit, None, "bridge")
         try:
-            to, audience = redirect_target(to, self._cfg.linked_domains)
+            to, audience = redirect_target(fields.get("to"), self._cfg.linked_domains)
         except BadRequest as exc:
             self._count("bad_redirect")
-            body = orjson.dumps({"status": 0, "error": str(exc)})
-            return self.p._finish(web.Response(status=400, body=body, content_type="application/json"), visit, None, "bridge")
+            return self.p._finish(_json_error(400, str(exc)), visit, None, "bridge")
         state = self._consent(request)
         canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
-        token = self._seal(canonical, PURPOSE_BRIDGE, audience, state)
         self._count("issued_bridge")
+        response = self._bridge_answer(canonical, to, audience, state)
+        resolution = Resolution(canonical, source) if state != consent.DENIED else None
+        return self.p._finish(response, visit, resolution, "bridge")
+
+    def _bridge_answer(self, canonical: str, to: str, audience: str, state: str) -> web.Response:
+        token = self._seal(canonical, PURPOSE_BRIDGE, audience, state)
         body = orjson.dumps(
             {
                 "token": token,
@@ -268,26 +361,107 @@ class CrossDomain:
                 "url": decorate(to, self._cfg.token_param, token),
             }
         )
-        response = web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
-        resolution = Resolution(canonical, source) if state != consent.DENIED else None
-        return self.p._finish(response, visit, resolution, "bridge")
+        return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
+
+    def _app_bridge(self, request: web.Request, presented: str | None, fields: dict[str, str]) -> web.Response:
+        """An app's backend asks for a token carrying *its* device id
+        (``Authorization: Bearer <server key>``, ``{"to", "device_id"}``). Only
+        a server key from ``identity.api_keys_file`` may name an id; a browser,
+        which could only name someone else's, never can."""
+        keys = self._cfg.api_keys
+        name = keys.verify(presented) if keys is not None and presented else None
+        if name is None:
+            self._count("unauthorized")
+            why = (
+                "a device_id needs a server key (Authorization: Bearer <key>)" if presented is None
+                else "server key not accepted" if keys is not None
+                else "no server keys are configured (identity.api_keys_file)"
+            )
+            self._warn.warning("unauthorized", "POST bridge with a device id refused: %s", why)
+            response = _json_error(401, why)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="firstparty"'
+            return response
+        if "sec-fetch-site" in request.headers or "origin" in request.headers:
+            # A server key inside a page is a leaked key: refuse it, loudly.
+            self._count("unauthorized")
+            self._warn.warning("browser-key", "server key %r was used from a browser; refused (rotate it)", name)
+            return _json_error(403, "server keys are for servers: this request came from a browser")
+        device = fields.get("device_id")
+        if not device or not valid_id(device):
+            return _json_error(400, "'device_id' must be 8-128 characters of A-Z a-z 0-9 _ - :")
+        try:
+            to, audience = redirect_target(fields.get("to"), self._cfg.linked_domains)
+        except BadRequest as exc:
+            self._count("bad_redirect")
+            return _json_error(400, str(exc))
+        self._count("issued_app")
+        log.info("bridge token issued to server key %r for %s", name, audience)
+        return self._bridge_answer(device, to, audience, consent.UNKNOWN)
+
+    async def _fields(self, request: web.Request, name: str) -> dict[str, str]:
+        """``name`` from the query, else every field of the form or JSON body."""
+        value = query_get(request, name)
+        if value is not None:
+            return {name: value}
+        raw = await read_body(request, self.p.s.settings.server)
+        if not raw:
+            return {}
+        if raw[:1] == b"{":
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise BadRequest("the body is not valid JSON") from None
+            if not isinstance(obj, dict):
+                raise BadRequest("the body must be a JSON object")
+            return {k: v for k, v in obj.items() if isinstance(v, str)}
+        from urllib.parse import parse_qsl
+
+        return dict(parse_qsl(raw.decode(errors="replace")))
 
     async def identity(self, request: web.Request) -> web.Response:
-        """``GET /mp/id``: the canonical id, CORS only for linked origins."""
+        """``GET /mp/id``: the canonical id, CORS only for linked origins.
+        ``POST /mp/id`` with ``fpb=<token>``: a landing script (land.js, hub.js,
+        frame.js) redeems the page's token before any SDK runs; ``frame=1``
+        keeps the id in a partitioned cookie (a widget in a cross-site iframe)."""
         from ..core.identity import Resolution
 
         visit = self.p._visit(request)
         origin = request.headers.get("origin")
+        token = None
+        frame = False
+        if request.method == "POST":
+            if origin and not self._origin_linked(origin):
+                # Only this deployment's own pages may make a browser take a token's id.
+                self._count("foreign_origin")
+                return self.p._finish(_json_error(403, "origin is not on a linked domain"), visit, None, "id")
+            try:
+                fields = await self._fields(request, self._cfg.token_param)
+            except BadRequest as exc:
+                return self.p._finish(_json_error(exc.status, str(exc)), visit, None, "id")
+            token = fields.get(self._cfg.token_param) or None
+            frame = fields.get("frame") == "1"
         refused = consent.refusal(request.headers, self.p.s.settings.consent)
+        if not refused and token and self.token_consent(token, visit.host) == consent.DENIED:
+            refused = "token"  # refused on another domain; the refusal follows the visitor
         if refused:
             # No id for a browser that refused tracking, and no cookie minted for it.
-            response = json_response({"id": None, "source": "refused", "reason": refused},
-                                     headers={"Cache-Control": "no-store"})
+            body = {"id": None, "source": "refused", "reason": refused}
+            if token:
+                body["token"] = "refused"
+            response = json_response(body, headers={"Cache-Control": "no-store"})
             response = self.p._finish(response, visit, None, "id")
+            if request.method == "POST":
+                response = self.p._forget(response, visit, refused)
         else:
-            canonical, source = self._canonical_for(visit)
-            response = json_response({"id": canonical, "source": source}, headers={"Cache-Control": "no-store"})
+            carried = await self.redeem(token, visit.host, [], visit.cookie_id, visit.hint) if token else None
+            canonical, source = carried or self._canonical_for(visit)
+            body = {"id": canonical, "source": source}
+            if token:
+                body["token"] = "accepted" if carried else "refused"
+            response = json_response(body, headers={"Cache-Control": "no-store"})
             response = self.p._finish(response, visit, Resolution(canonical, source), "id")
+            if frame and visit.browser:
+                response.headers["Set-Cookie"] = self.p.s.jar.partitioned_cookie_header(canonical, visit.host)
         # Stricter than the SDK endpoints: only linked origins may read an id.
         response.headers.popall("Access-Control-Allow-Origin", None)
         response.headers.popall("Access-Control-Allow-Credentials", None)
@@ -310,19 +484,36 @@ class CrossDomain:
         -> ``/seg/go``)."""
         linked = [d.lstrip(".") for d in self._cfg.linked_domains]
         go = request.path.removesuffix("link.js") + "go"
-        body = LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps(go).decode())
-        return web.Response(
-            text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
-        )
+        return _script(LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps(go).decode()))
 
     async def hub_js(self, request: web.Request) -> web.Response:
         hub = self._cfg.hub_url
         if not hub:
             return web.Response(status=404, text="no identity hub configured (identity.hub_url)\n")
-        body = HUB_JS.format(hub=orjson.dumps(hub).decode(), param=orjson.dumps(self._cfg.token_param).decode())
-        return web.Response(
-            text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"}
+        doc = "\n   Once per browser and domain it also asks the identity hub who this is."
+        return self._landing_js(request, "hub.js", hub, doc)
+
+    async def land_js(self, request: web.Request) -> web.Response:
+        """For ``/mp/go`` landings without a hub: redeem, then clean the URL."""
+        return self._landing_js(request, "land.js", None, "")
+
+    def _landing_js(self, request: web.Request, name: str, hub: str | None, doc: str) -> web.Response:
+        base = request.path.removesuffix(name)
+        body = LANDING_JS.format(
+            name=name, hub_doc=doc, hub=orjson.dumps(hub).decode(),
+            param=orjson.dumps(self._cfg.token_param).decode(), id=orjson.dumps(base + "id").decode(),
         )
+        return _script(body)
+
+    async def frame_js(self, request: web.Request) -> web.Response:
+        base = request.path.removesuffix("frame.js")
+        body = FRAME_JS.format(
+            linked=orjson.dumps([d.lstrip(".") for d in self._cfg.linked_domains]).decode(),
+            param=orjson.dumps(self._cfg.token_param).decode(),
+            id=orjson.dumps(base + "id").decode(),
+            bridge=orjson.dumps(base + "bridge").decode(),
+        )
+        return _script(body)
 
     # ---------------------------------------------------------------- hub
 
@@ -365,3 +556,11 @@ class CrossDomain:
         headers["Location"] = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience, state))
         self._count("issued_hub")
         return web.Response(status=302, headers=headers)
+
+
+def _script(body: str) -> web.Response:
+    return web.Response(text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"})
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps({"status": 0, "error": message}), content_type="application/json")

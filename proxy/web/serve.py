@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,17 +125,21 @@ async def serve(
     reuse_port: bool = False,
     shutdown_timeout: float = 10.0,
     sock: socket.socket | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Serving:
     """Serve ``app`` on ``host``:``port`` (the settings' by default), or on
-    ``sock``, a socket already bound (handed over by whoever reserved it)."""
+    ``sock``, a socket already bound (handed over by whoever reserved it).
+    In production nginx terminates TLS in front; ``ssl_context`` is for
+    what needs https end to end without it (browser tests of CHIPS)."""
     runner = runner_for(app, server, shutdown_timeout)
     await runner.setup()
     site: web.BaseSite
     if sock is not None:
-        site = web.SockSite(runner, sock, backlog=1024)
+        site = web.SockSite(runner, sock, backlog=1024, ssl_context=ssl_context)
     else:
         site = web.TCPSite(
-            runner, host or server.host, server.port if port is None else port, reuse_port=reuse_port, backlog=1024
+            runner, host or server.host, server.port if port is None else port, reuse_port=reuse_port, backlog=1024,
+            ssl_context=ssl_context,
         )
     try:
         await site.start()

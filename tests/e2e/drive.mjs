@@ -38,6 +38,11 @@
 //                               not awaited here, follow with wait_url)
 //   wait_url {pattern, save?}   wait until the page's URL matches the regular expression
 //                               `pattern` and that document has loaded; save the URL
+//   wait_landing {pattern, count?, save?}
+//                               wait until the current page has requested a document whose
+//                               URL matches `pattern` (its address bar may since have been
+//                               cleaned by history.replaceState) and has loaded; save that URL
+//                               (with `count`, the count-th such document)
 //   url {save}                  the page's current URL
 //   new_page {}                 open a new tab in the current browser context; it becomes
 //                               the current page
@@ -378,6 +383,22 @@ async function main() {
           await page.waitForURL(new RegExp(step.pattern), { waitUntil: 'load', timeout });
           if (step.save) out.results[step.save] = page.url();
           break;
+        case 'wait_landing': {
+          // A landing script takes the token out of the address bar as soon as it has
+          // redeemed it, so page.url() may never show it: wait for the document request.
+          const pattern = new RegExp(step.pattern);
+          const index = pageIndex(page);
+          const deadline = Date.now() + timeout;
+          const nth = step.count || 1;
+          let found = null;
+          while (!(found = documents.filter((d) => d.entry.page === index && pattern.test(d.entry.url))[nth - 1])) {
+            if (Date.now() > deadline) throw new Error(`waited ${timeout} ms for a document ${step.pattern}`);
+            await new Promise((r) => setTimeout(r, 25));
+          }
+          await page.waitForLoadState('load', { timeout });
+          if (step.save) out.results[step.save] = found.entry.url;
+          break;
+        }
         case 'url':
           out.results[step.save] = page.url();
           break;

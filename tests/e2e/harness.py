@@ -229,6 +229,7 @@ class Site:
     delays: dict[str, float] = field(default_factory=dict)
     serving: Serving | None = None
     ops: Serving | None = None
+    scheme: str = "http"  # "https" once started with an ssl context (``tls_context``)
 
     @web.middleware
     async def handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -246,15 +247,19 @@ class Site:
     def services(self) -> Any:
         return self.app[SERVICES]
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, sock: socket.socket | None = None, ssl_context: Any = None) -> None:
         """Open the proxy's services and serve it, with the test pages, on a port
-        of its own on 127.0.0.1, or on ``sock`` (a port reserved before the app was built)."""
+        of its own on 127.0.0.1, or on ``sock`` (a port reserved before the app was built);
+        over https with ``ssl_context``."""
         from proxy.web.ops import create_ops_app
 
         self.app.middlewares.append(self.handle)
         self.serving = await serve(
-            self.app, self.app[SETTINGS].server, host="127.0.0.1", port=0, shutdown_timeout=5, sock=sock
+            self.app, self.app[SETTINGS].server, host="127.0.0.1", port=0, shutdown_timeout=5, sock=sock,
+            ssl_context=ssl_context,
         )
+        if ssl_context is not None:
+            self.scheme = "https"
         self.port = self.serving.port
         self.ops = await serve(create_ops_app(self.app), self.app[SETTINGS].server, host="127.0.0.1", port=0)
 
@@ -270,7 +275,7 @@ class Site:
         return f"http://127.0.0.1:{self.ops.port}{path}"
 
     def url(self, host: str, path: str = "/") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def seen_upstream(self, path: str, contains: str = "", count: int = 1) -> str:
         """A URL (for the driver's ``poll`` op) that answers 200 once the fake upstream
@@ -312,6 +317,7 @@ class Site:
         body: str = "",
         post: str = "",
         hub_ready: bool = False,
+        ready: str | None = None,
     ) -> str:
         """Register a page that loads mixpanel-browser and calls ``mixpanel.init`` with
         ``config`` (merged over api_host and debug), after the script ``pre``; returns its
@@ -319,7 +325,9 @@ class Site:
         added at the end of <head> (e.g. ``<script src="/mp/hub.js"></script>``),
         ``body`` HTML before the scripts (links), ``post`` script run right after init
         (what the page itself tracks as it loads). ``hub_ready`` wraps init and ``post``
-        in ``firstpartyHub.ready(...)``, as the README tells hub sites to."""
+        in ``firstpartyHub.ready(...)``, as the README tells hub sites to; ``ready`` names
+        another landing script's object for the same (``firstpartyLanding``, ``firstpartyFrame``)."""
+        ready = ready or ("firstpartyHub" if hub_ready else None)
         host = json.dumps(api_host) if api_host else "location.origin + '/mp'"
         self.pages[name] = PAGE.format(
             title=name,
@@ -330,10 +338,50 @@ class Site:
             head=head,
             body=body,
             post=post,
-            init_open="firstpartyHub.ready(function () {\n" if hub_ready else "",
-            init_close="\n});" if hub_ready else "",
+            init_open=f"{ready}.ready(function () {{\n" if ready else "",
+            init_close="\n});" if ready else "",
         )
         return f"/e2e/{name}"
+
+
+# With ``tls_context``: chromium accepts the test's self-signed certificate.
+TLS_ARGS = ["--ignore-certificate-errors"]
+
+
+def tls_context(directory: Path, domains: list[str]) -> Any:
+    """A server TLS context with a fresh self-signed certificate for ``*.<domain>``
+    of each domain (chromium runs with ``TLS_ARGS``): for what browsers only do
+    over https, such as partitioned cookies (CHIPS)."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "firstparty e2e")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"*.{d.lstrip('.')}") for d in domains]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "e2e-cert.pem", directory / "e2e-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 def add_site_routes(site: Site) -> None:
@@ -422,12 +470,15 @@ class Run:
 
 
 async def drive(
-    steps: list[dict[str, Any]], timeout_s: float = SCENARIO_TIMEOUT_S, headers: dict[str, str] | None = None
+    steps: list[dict[str, Any]],
+    timeout_s: float = SCENARIO_TIMEOUT_S,
+    headers: dict[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> Run:
     """Run a scenario in a fresh headless chromium; fails the test if the driver does.
 
     Missing chromium or npm packages fail the test (never skip it), naming the
-    install script. The driver is our child in its own session; it is stopped by
+    install script. ``args`` are chromium flags added for this run. The driver is our child in its own session; it is stopped by
     its pid (SIGTERM lets playwright close the browser, SIGKILL to its process group
     after)."""
     missing = missing_prerequisites()
@@ -435,7 +486,7 @@ async def drive(
         pytest.fail(f"browser e2e prerequisites missing: {', '.join(missing)}; {INSTALL_HINT}", pytrace=False)
     scenario = {
         "chromium": CHROMIUM,
-        "args": CHROMIUM_ARGS,
+        "args": [*CHROMIUM_ARGS, *(args or [])],
         "timeout_ms": int(timeout_s * 1000),
         "steps": steps,
         "headers": headers or {},
