@@ -174,6 +174,8 @@ def file_modes(ctx: Context) -> Iterator[Finding]:
         "cookie.secret_file": Path(_raw(ctx, "cookie", "secret_file") or s.data_dir / "cookie_secret"),
         "identity.keys_file": Path(s.identity.keys_file) if s.identity.keys_file else s.data_dir / "identity_keys",
     }
+    if s.identity.api_keys_file:
+        files["identity.api_keys_file"] = Path(s.identity.api_keys_file)
     for key, path in files.items():
         try:
             mode = path.stat().st_mode

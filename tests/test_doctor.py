@@ -97,6 +97,18 @@ def test_a_readable_secret_is_an_error(tmp_path):
     assert run(tmp_path, {"cookie": {"secret_file": str(secret)}}) == []
 
 
+def test_a_readable_server_keys_file_is_an_error(tmp_path):
+    from proxy.core.apikeys import generate_key_line
+
+    keys = tmp_path / "api_keys"
+    keys.write_text(generate_key_line("ios-app") + "\n")
+    keys.chmod(0o640)
+    finding = one(run(tmp_path, {"identity": {"api_keys_file": str(keys)}}), "identity.api_keys_file")
+    assert finding.level == "error" and finding.fix == f"chmod 600 {keys}"
+    keys.chmod(0o600)
+    assert run(tmp_path, {"identity": {"api_keys_file": str(keys)}}) == []
+
+
 def test_a_spool_on_tmpfs_is_named(tmp_path):
     if doctor.filesystem_of(Path("/dev/shm")) != "tmpfs":
         pytest.fail("this machine has no tmpfs at /dev/shm to try")
