@@ -21,13 +21,14 @@ from aiohttp import web
 from proxy.web.app import create_app
 from proxy.protocols.mixpanel import classify as classify_answer
 from proxy.protocols.base import parse_retry_after
+from proxy.services import memory
 from proxy.services.delivery import backoff_delay
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.services.upstream import UpstreamResponse
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 from tests.support import eventually as until
-from tests.support import port_of, reserve_port
+from tests.support import metric, port_of, reserve_port
 from tests.fakeupstream import FakeUpstream, Recorded
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -137,6 +138,47 @@ async def test_upstream_down_then_back(serve_proxy, tmp_path, upstream):
     finally:
         await client.close()
         await server.cleanup()
+
+
+async def test_an_outage_keeps_new_events_on_disk_not_in_memory(serve_proxy, tmp_path, upstream, monkeypatch):
+    """While the upstream fails, the sender holds only the batches it was already
+    sending (to retry them); what arrives meanwhile waits in the spool, so an outage
+    at full traffic does not fill the process's memory (issue 10's soak: +100 MB)."""
+    from proxy.web.app import SENDER
+
+    down = reserve_port()
+    client = await start_proxy(
+        serve_proxy, tmp_path, upstream,
+        upstream={"us": f"http://127.0.0.1:{port_of(down)}", "timeout_seconds": 2},
+        delivery={"backoff_initial_seconds": 0.5, "backoff_max_seconds": 1.0},
+    )
+    state = client.app[SENDER].regions["us"]
+    first = await send_events(client, 100)
+    await until(lambda: attempts(tmp_path) >= OUTAGE_ATTEMPTS, 15, f"{OUTAGE_ATTEMPTS} failed attempts")
+    held_at_outage = state.held
+    assert 0 < held_at_outage <= 100
+    more = await send_events(client, 1000, per_request=20)
+    await until(lambda: attempts(tmp_path) >= OUTAGE_ATTEMPTS + 2, 15, "more failed attempts")
+    assert state.held <= held_at_outage, (state.held, held_at_outage)  # the 1,000 stayed on disk
+    monkeypatch.setattr(memory, "_last", -memory.TRIM_EVERY_SECONDS)  # no other test's trim in the way
+    server, _ = await upstream.serve("us", sock=down)
+    try:
+        await until(lambda: set(insert_ids(upstream)) >= set(first + more), 20, "delivery after the outage")
+        assert sorted(insert_ids(upstream)) == sorted(first + more)
+        await until(lambda: state.held == 0 and state.live, 5, "the sender caught up")
+        # The backlog it read from disk (over TRIM_AFTER_ROWS) drained: memory handed back once.
+        text = await (await client.ops_get("/metrics")).text()
+        assert metric(text, "firstparty_memory_trims_total") == 1
+    finally:
+        await client.close()
+        await server.cleanup()
+
+
+def test_memory_trims_are_spaced():
+    memory._last = -memory.TRIM_EVERY_SECONDS
+    assert memory.due(1000.0) and not memory.due(1000.0 + memory.TRIM_EVERY_SECONDS - 1)
+    assert memory.due(1000.0 + memory.TRIM_EVERY_SECONDS)
+    assert memory._malloc_trim() is not None
 
 
 async def test_500s_then_recovery_respects_backoff(serve_proxy, tmp_path, upstream):

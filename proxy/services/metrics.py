@@ -115,6 +115,10 @@ class Metrics:
         )
         self.rewrites = Counter("firstparty_rewrites", "Identity fields rewritten to a canonical id", registry=r)
         self.bad_requests = Counter("firstparty_bad_requests", "Requests refused as bad input (400/413)", registry=r)
+        self.memory_trims = Counter(
+            "firstparty_memory_trims", "Freed memory handed back to the system after a drained backlog (malloc_trim)",
+            registry=r,
+        )
         self.outcomes = Counter(
             "firstparty_delivery_outcomes",
             "Spooled events by outcome: forwarded, dead_letter, expired; retry counts attempts kept for later",
