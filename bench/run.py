@@ -77,11 +77,12 @@ ROW_LABELS = {
     "D": "our proxy, spool",
     "E": "bare aiohttp (framework floor)",
     "F": "our proxy, spool, 10 events per request",
+    "G": "our proxy, spool on NATS JetStream (+ its nats-server's CPU)",
 }
-PROXY_MODES = {"C": "sync", "D": "spool"}
+PROXY_MODES = {"C": "sync", "D": "spool", "G": "spool"}
 # Written into both proxies' TOML so the notes can reason about them (these are the proxy's defaults).
 DELIVERY = {"batch_size": 50, "batch_window_ms": 50, "max_in_flight": 32}
-ALL_ROWS = "ABCDEF"
+ALL_ROWS = "ABCDEFG"
 BATCH_EVENTS = 10  # row F: mixpanel-js batches up to 50 events per request
 
 # Opener that never goes through an http_proxy from the environment.
@@ -636,6 +637,11 @@ class Target:
         self.latency1: list[dict[str, Any]] = []
         self.lua: Path | None = None  # row F: its own body (a batch)
         self.body: str | None = None
+        self.extra: list[Managed] = []  # row G: its nats-server, whose CPU counts as the row's
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        return self.proc.cpu_seconds() + sum(p.cpu_seconds() for p in self.extra)
 
 
 def stub_status(port: int | None) -> dict[str, int] | None:
@@ -803,7 +809,7 @@ def measure(target: Target, tools: dict[str, str], pin_load: list[str], lua: Pat
     pc0 = proxy_counters(target.port) if spool else None
     p0 = all_proc_ticks()
     c0 = core_times()
-    s0 = target.proc.cpu_seconds()
+    s0 = target.cpu_seconds()
     u0 = up_proc.cpu_seconds() if up_proc else None
     res = run_wrk(tools["wrk"], pin_load, target.url, lua, threads, conns, seconds)
     res["upstream_idle_at_start"] = idle
@@ -811,7 +817,7 @@ def measure(target: Target, tools: dict[str, str], pin_load: list[str], lua: Pat
     # still being forwarded and would otherwise be counted against the requests wrk completed.
     # (Spool rows are read after the drain instead.)
     uc1 = None if spool else upstream_counts(up)
-    s1 = target.proc.cpu_seconds()
+    s1 = target.cpu_seconds()
     u1 = up_proc.cpu_seconds() if up_proc else None
     c1 = core_times()
     p1 = all_proc_ticks()
@@ -830,7 +836,7 @@ def measure(target: Target, tools: dict[str, str], pin_load: list[str], lua: Pat
                                       and not d.get("dead_letter") and not d.get("expired")
                                       and d.get("forwarded", 0) >= n)
             res["delivery"] = d
-        s_total = target.proc.cpu_seconds() - s0  # includes the sender's work after wrk stopped
+        s_total = target.cpu_seconds() - s0  # includes the sender's work after wrk stopped
     if spool:
         uc1 = upstream_counts(up)
     ud = upstream_delta(up, uc0, uc1) if up else None
@@ -869,6 +875,8 @@ def measure(target: Target, tools: dict[str, str], pin_load: list[str], lua: Pat
         res["other_cpu0_pct"] = round(busy["cpu0"] - res["server_cpu_pct"], 1)
         res["other_cpu1_pct"] = round(busy["cpu1"] - res["wrk_cpu_pct"] - (res["upstream_cpu_pct"] or 0), 1)
     ours = set(target.proc.known) | (set(up_proc.known) if up_proc else set())
+    for extra in target.extra:
+        ours |= set(extra.known)
     res["other_top_procs"] = top_other_procs(p0, p1, ours, el)
     if not target.proc.alive():
         res["ok"] = False
@@ -1257,7 +1265,8 @@ def fs_type(path: Path) -> str:
     return kind
 
 
-def write_proxy_conf(conf: Path, port: int, ops_port: int, data_dir: Path, up_port: int, mode: str) -> None:
+def write_proxy_conf(conf: Path, port: int, ops_port: int, data_dir: Path, up_port: int, mode: str,
+                     extra: str = "") -> None:
     conf.write_text(
         "[server]\n"
         'host = "127.0.0.1"\n'
@@ -1276,6 +1285,7 @@ def write_proxy_conf(conf: Path, port: int, ops_port: int, data_dir: Path, up_po
         "[delivery]\n"
         f'mode = "{mode}"\n'
         + "".join(f"{k} = {v}\n" for k, v in DELIVERY.items())
+        + extra
     )
 
 
@@ -1288,6 +1298,24 @@ def proxy_command(args: argparse.Namespace, conf: Path) -> list[str]:
     return [sys.executable, "-m", "proxy", "serve", "--config", str(conf)]
 
 
+def start_nats(tmpdir: Path, pin_server: list[str], procs: list[Managed]) -> tuple[Managed | None, int, str]:
+    """Row G's own nats-server (JetStream, file storage in tmpdir), on the measured core."""
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not Path(binary).exists():
+        return None, 0, "nats-server is not installed (apt-get install nats-server)"
+    port = free_ports(1)[0]
+    nats = Managed("nats", pin_server + [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmpdir / "nats")],
+                   tmpdir)
+    procs.append(nats)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return nats, port, ""
+        time.sleep(0.05)
+    return None, 0, "nats-server did not start"
+
+
 def start_proxy(key: str, name: str, port: int, up: Upstream, query: str, tmpdir: Path,
                 pin_server: list[str], args: argparse.Namespace, procs: list[Managed]) -> Target:
     mode = PROXY_MODES[key]
@@ -1295,13 +1323,22 @@ def start_proxy(key: str, name: str, port: int, up: Upstream, query: str, tmpdir
     data_dir.mkdir()
     conf = tmpdir / f"{name}.toml"
     ops_port = free_ports(1)[0]
-    write_proxy_conf(conf, port, ops_port, data_dir, up.port, mode)
+    nats = None
+    extra = ""
+    if key == "G":
+        nats, nats_port, why = start_nats(tmpdir, pin_server, procs)
+        if nats is None:
+            return Target(key, ROW_LABELS[key], "", None, False, why)
+        extra = f'queue = "jetstream"\nnats_url = "nats://127.0.0.1:{nats_port}"\n'
+    write_proxy_conf(conf, port, ops_port, data_dir, up.port, mode, extra)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     px = Managed(name, pin_server + proxy_command(args, conf), tmpdir, cwd=REPO_ROOT, env=env)
     procs.append(px)
     ok, why = wait_http_ok(f"http://127.0.0.1:{port}/healthz", px, 15)
     t = Target(key, ROW_LABELS[key], f"http://127.0.0.1:{port}/mp/track/{query}", px, ok, why)
     t.mode, t.port, t.upstream = mode, ops_port, up
+    if nats is not None:
+        t.extra = [nats]
     if not ok:
         tail = px.stderr_tail()
         t.reason = f"proxy ({mode}) did not become ready: {why}"
@@ -1561,7 +1598,7 @@ def main(argv: list[str]) -> int:
         write_lua(lua, body)
         lua_batch = tmpdir / "track_batch.lua"
         write_lua(lua_batch, body_batch)
-        p_up1, p_up0, p_ngx, p_c, p_d, p_e = free_ports(6)
+        p_up1, p_up0, p_ngx, p_c, p_d, p_e, p_g = free_ports(7)
 
         # Fake upstream for rows B, C and D, on the load-generator core.
         up1 = start_nginx("upstream_cpu1", UPSTREAM_SERVER.format(port=p_up1, resp=UPSTREAM_BODY),
@@ -1599,10 +1636,10 @@ def main(argv: list[str]) -> int:
                 harness_errors.append(f"row B nginx did not start: {why}")
             targets.append(t)
 
-        for key, port in (("C", p_c), ("D", p_d)):
+        for key, port in (("C", p_c), ("D", p_d), ("G", p_g)):
             if key in args.rows:
-                targets.append(start_proxy(key, f"proxy_{PROXY_MODES[key]}", port, fast_up, query, tmpdir,
-                                           pin_server, args, procs))
+                name = "proxy_jetstream" if key == "G" else f"proxy_{PROXY_MODES[key]}"
+                targets.append(start_proxy(key, name, port, fast_up, query, tmpdir, pin_server, args, procs))
 
         if "F" in args.rows:
             # The spool-mode proxy again (row D's process when it runs), loaded with a

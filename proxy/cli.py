@@ -453,12 +453,41 @@ def cmd_spool_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+async def _jetstream(args: argparse.Namespace, work: Any) -> Any:
+    """``work(queue)`` on the configured JetStream queue (``delivery.queue = "jetstream"``)."""
+    from .services.jetstream import JetStreamQueue
+    from .services.upstream import SEGMENT_PREFIX
+    from .settings import REGIONS, SEGMENT_REGIONS
+
+    settings = load_settings(args.config)
+    queue = JetStreamQueue(settings.delivery, [*REGIONS, *(SEGMENT_PREFIX + r for r in SEGMENT_REGIONS)])
+    await queue.open()
+    try:
+        return await work(queue)
+    finally:
+        await queue.close()
+
+
+def _jetstream_stats(args: argparse.Namespace) -> dict[str, Any]:
+    async def work(queue: Any) -> dict[str, Any]:
+        stats = await queue.stats()
+        stats["dead_by_reason"] = await queue.dead_by_reason()
+        stats["files"] = [f"stream {queue.stream} on {queue.settings.nats_url}"]
+        return stats
+
+    import asyncio
+
+    return asyncio.run(_jetstream(args, work))  # type: ignore[no-any-return]
+
+
 def cmd_spool_stats(args: argparse.Namespace) -> int:
     from .services.spool import connect, stats_of
 
     stats: dict[str, Any] = {"depth": 0, "oldest_age_seconds": 0.0, "depth_by_region": {}, "dead_letters": 0,
                              "dead_by_reason": {}, "files": []}
-    for path in _spool_files(args):
+    if load_settings(args.config).delivery.queue == "jetstream":
+        stats = _jetstream_stats(args)
+    for path in _spool_files(args) if not stats["files"] else []:
         with contextlib.closing(connect(path)) as conn:
             one = stats_of(conn)
         stats["files"].append(str(path))
@@ -519,7 +548,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .services.spool import connect, replay
 
     moved = 0
-    for path in _spool_files(args):
+    if load_settings(args.config).delivery.queue == "jetstream":
+        import asyncio
+
+        async def work(queue: Any) -> int:
+            return await queue.replay(args.reason)  # type: ignore[no-any-return]
+
+        moved = asyncio.run(_jetstream(args, work))
+    for path in _spool_files(args) if load_settings(args.config).delivery.queue != "jetstream" else []:
         with contextlib.closing(connect(path)) as conn:
             moved += replay(conn, args.reason)
     what = f" with reason {args.reason!r}" if args.reason else ""

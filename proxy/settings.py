@@ -44,6 +44,9 @@ class ServerSettings:
     # Bodies still arriving, all connections together: past this, a new slow
     # upload is answered 503 (Retry-After) instead of buffered.
     max_inflight_body_bytes: int = 256 * 1024 * 1024
+    # Event requests in progress per process; past it a new one is answered 503
+    # with Retry-After at once (load shedding), not queued.
+    max_inflight_requests: int = 512
     workers: int = 1
     # Longer than whatever pools connections in front (nginx keeps idle upstream
     # connections 60 s, AWS ALB 60 s by default), so it never reuses one we close.
@@ -212,6 +215,16 @@ class DeliverySettings:
     # (Retry-After): the room left is for deletes and dead letters, so the
     # queue can still drain. 0: only SQLite's own "disk full" stops it.
     min_free_bytes: int = 64 * 1024 * 1024
+    # The durable queue: "sqlite" (embedded, one file per process) or
+    # "jetstream" (NATS JetStream, one stream shared by a fleet; services/jetstream.py).
+    queue: str = "sqlite"
+    nats_url: str = "nats://127.0.0.1:4222"
+    stream: str = "FIRSTPARTY"
+    stream_replicas: int = 1
+    stream_max_bytes: int = 1 << 30
+    stream_max_age_days: float = 7.0  # above max_age_days: the sender records expiry, never the stream
+    # A message a dead or stuck instance held comes back to another after this long.
+    ack_wait_seconds: float = 30.0
 
     @property
     def batch_window_seconds(self) -> float:
@@ -323,6 +336,35 @@ def _url(key: str, value: Any) -> str:
         raise ConfigError(key, f"{value!r} is not an http(s) URL; write it like \"https://api.mixpanel.com\"")
     if parts.query or parts.fragment:
         raise ConfigError(key, f"{value!r} must not carry a query or fragment")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        value = _str(key, value)
+        if value not in allowed:
+            raise ConfigError(key, f"unknown value {value!r}; use one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+def _nats_url(key: str, value: Any) -> str:
+    value = _str(key, value)
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ConfigError(key, f"{url!r} is not a NATS URL; write it like \"nats://127.0.0.1:4222\"")
+    if not urls:
+        raise ConfigError(key, "empty; write it like \"nats://127.0.0.1:4222\"")
+    return ",".join(urls)
+
+
+def _stream_name(key: str, value: Any) -> str:
+    value = _str(key, value)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", value):
+        raise ConfigError(key, f"{value!r}: a stream name is 1-32 characters of A-Z a-z 0-9 _ -")
     return value
 
 
@@ -502,6 +544,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "data_dir": _str,
         "trusted_proxies": _networks,
         "max_inflight_body_bytes": _int(1024, 1 << 40),
+        "max_inflight_requests": _int(1, 1_000_000),
         "max_body_bytes": _int(1024, 1024 * 1024 * 1024),
         "workers": _int(1, 256),
         "keepalive_timeout_seconds": _float(1, 3600),
@@ -582,6 +625,13 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "drain_seconds": _float(0, 3600),
         "fsync": _bool,
         "min_free_bytes": _int(0, 1 << 50),
+        "queue": _choice("sqlite", "jetstream"),
+        "nats_url": _nats_url,
+        "stream": _stream_name,
+        "stream_replicas": _int(1, 5),
+        "stream_max_bytes": _int(1 << 20, 1 << 50),
+        "stream_max_age_days": _float(0.01, 3650),
+        "ack_wait_seconds": _float(1, 3600),
     },
 }
 

@@ -36,6 +36,24 @@ def test_shipped_config_validates(tmp_path):
     assert s.store.url.startswith("redis://") and s.cookie.domains == (".example.com",)
 
 
+def test_the_fleet_compose_file_configures_the_jetstream_queue(tmp_path):
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.jetstream.yaml").read_text())
+    env = dict(compose["services"]["firstparty"]["environment"])
+    assert compose["services"]["firstparty"]["deploy"]["replicas"] >= 2
+    assert "-js" in compose["services"]["nats"]["command"]
+    secret = tmp_path / "secret"
+    secret.write_text("a-production-secret-of-some-length\n")
+    keys = tmp_path / "keys"
+    keys.write_text("k1 " + "A" * 43 + "\n")
+    env.update(FIRSTPARTY_COOKIE_SECRET_FILE=str(secret), FIRSTPARTY_SERVER_DATA_DIR=str(tmp_path),
+               FIRSTPARTY_IDENTITY_KEYS_FILE=str(keys))
+    s = load_settings(ROOT / "deploy" / "config.toml", env)
+    assert (s.delivery.queue, s.delivery.nats_url) == ("jetstream", "nats://nats:4222")
+    assert s.identity.keys.key_ids == ("k1",)
+
+
 def render_nginx(tmp: Path, proxy_port: int, tls_port: int, cert: Path, key: Path) -> Path:
     """nginx.example.conf as shipped, with only ports and certificate paths changed."""
     site = (ROOT / "nginx.example.conf").read_text()

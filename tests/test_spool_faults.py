@@ -19,6 +19,9 @@ from proxy.services.spool import NewRow, Spool, open_or_salvage
 from proxy.web.http import BODY_BUDGET
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 
+TRACK = "/mp/track/?verbose=1&ip=1"
+BROWSER_FORM = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -282,3 +285,42 @@ async def test_bodies_arriving_at_once_are_bounded(proxy_client, upstream):
     head = await asyncio.wait_for(third[0].readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200")
     third[1].close()
+
+
+async def test_past_max_inflight_requests_new_ones_are_shed(proxy_client, upstream):
+    """A process with server.max_inflight_requests event requests in progress answers
+    the next one 503 with Retry-After and the vendor's error shape at once (its events
+    are not taken, so the SDK's resend is not a duplicate); once one finishes, the room
+    is back, and nothing accepted is lost."""
+    import asyncio
+
+    from proxy.web.app import PROXY
+    from tests.support import eventually, metric
+
+    release = asyncio.Event()
+
+    async def slow(rec):  # the vendor holds sync-mode requests until released
+        await release.wait()
+        return None
+
+    upstream.behave = slow
+    client = await proxy_client(server={"max_inflight_requests": 2}, delivery={"mode": "sync"})
+    held = [
+        asyncio.ensure_future(client.post(TRACK, data=b64_body([js_event(f"held {i}", device_id())]), headers=BROWSER_FORM))
+        for i in range(2)
+    ]
+    await eventually(lambda: client.app[PROXY].inflight == 2, 5, "two requests in progress")
+    shed = await client.post(TRACK, data=b64_body([js_event("shed", device_id())]), headers=BROWSER_FORM)
+    assert shed.status == 503 and shed.headers["Retry-After"] == "5"
+    assert await shed.json() == {"status": 0, "error": "overloaded; retry later"}
+    seg = await client.post("/seg/v1/t", json={"type": "track", "event": "x", "anonymousId": "a" * 12, "writeKey": "k"})
+    assert seg.status == 503 and (await seg.json())["code"] == "server_error"
+    release.set()
+    assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+    assert client.app[PROXY].inflight == 0
+    ok = await client.post(TRACK, data=b64_body([js_event("after", device_id())]), headers=BROWSER_FORM)
+    assert ok.status == 200
+    names = sorted(e["event"] for e in upstream.received("us", "/track"))
+    assert names == ["after", "held 0", "held 1"]  # the shed one was never taken
+    text = await (await client.ops_get("/metrics")).text()
+    assert metric(text, "firstparty_shed_requests_total") == 2

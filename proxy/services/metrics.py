@@ -115,6 +115,11 @@ class Metrics:
         )
         self.rewrites = Counter("firstparty_rewrites", "Identity fields rewritten to a canonical id", registry=r)
         self.bad_requests = Counter("firstparty_bad_requests", "Requests refused as bad input (400/413)", registry=r)
+        self.shed = Counter(
+            "firstparty_shed_requests",
+            "Event requests answered 503 at once because server.max_inflight_requests were in progress",
+            registry=r,
+        )
         self.memory_trims = Counter(
             "firstparty_memory_trims", "Freed memory handed back to the system after a drained backlog (malloc_trim)",
             registry=r,

@@ -197,9 +197,15 @@ async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
     if delivery.mode != "spool":
         yield
         return
-    spool = app[SPOOL] = Spool(
-        app[SETTINGS].spool_path, max_rows=delivery.max_rows, fsync=delivery.fsync, min_free_bytes=delivery.min_free_bytes
-    )
+    if delivery.queue == "jetstream":
+        from ..services.jetstream import JetStreamQueue
+
+        spool = app[SPOOL] = JetStreamQueue(delivery, app[PROXY].endpoints)  # type: ignore[assignment]
+    else:
+        spool = app[SPOOL] = Spool(
+            app[SETTINGS].spool_path, max_rows=delivery.max_rows, fsync=delivery.fsync,
+            min_free_bytes=delivery.min_free_bytes,
+        )
     await spool.open()
     yield
     await spool.close()
@@ -214,7 +220,12 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     settings = app[SETTINGS]
     spool = app[SPOOL]
-    sender = app[SENDER] = Sender(
+    kind: type[Sender] = Sender
+    if settings.delivery.queue == "jetstream":
+        from ..services.jetstream import JetStreamSender
+
+        kind = JetStreamSender
+    sender = app[SENDER] = kind(
         spool,
         app[UPSTREAM],
         dict(app[PROXY].endpoints),

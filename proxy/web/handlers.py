@@ -55,6 +55,7 @@ from .crossdomain import CrossDomain
 from .http import json_response, query_pairs, read_body, request_host
 from .http import raw_query as raw_query_of
 from ..settings import Settings
+from ..lograte import Throttled
 from ..services.spool import NewRow, Spool, SpoolFull
 from ..services.store import AliasStore
 from ..services.upstream import (
@@ -155,6 +156,10 @@ class Proxy:
         whole = privacy.ip_prefix_v4 == 32 and privacy.ip_prefix_v6 == 128
         self._ip_prefixes = None if whole else (privacy.ip_prefix_v4, privacy.ip_prefix_v6)
         self.aliases = dict(settings.server.route_aliases)
+        # Event requests in progress in this process, and how many it takes on (``_shed``).
+        self.inflight = 0
+        self.max_inflight = settings.server.max_inflight_requests
+        self._overload = Throttled(log)
         self._carry = carry.matcher(settings.identity.carry_properties)
         # First-touch repair: the site's own domains, and the first touches already known.
         own = dict.fromkeys([*settings.cookie.domains, *settings.identity.linked_domains])
@@ -528,9 +533,34 @@ class Proxy:
         async def handle(request: web.Request) -> web.Response:
             if request.method == "OPTIONS":
                 return self.preflight(request)
-            return await self.events(request, name, path, protocol)
+            if self.inflight >= self.max_inflight:
+                return self._shed(request, name, protocol)
+            self.inflight += 1
+            try:
+                return await self.events(request, name, path, protocol)
+            finally:
+                self.inflight -= 1
 
         return handle
+
+    def _shed(self, request: web.Request, route: str, protocol: WireProtocol) -> web.Response:
+        """Past ``server.max_inflight_requests``: 503 at once, body unread, so a
+        burst above what this process can handle costs neither memory nor a
+        queue of seconds for everyone; the SDKs keep their events and resend."""
+        self.s.metrics.shed.inc()
+        self._overload.warning(
+            "shed", "overloaded: %d requests in progress (server.max_inflight_requests); answering 503",
+            self.inflight,
+        )
+        verbose = request.query.get("verbose") == "1" or protocol is not MIXPANEL
+        response = answer(protocol.error(503, "overloaded; retry later", verbose))
+        response.headers["Retry-After"] = SPOOL_RETRY_AFTER
+        if not request.content.is_eof():
+            response.force_close()  # a body still arriving is not read: never linger draining it
+        self.s.metrics.request(route, 503)
+        if request.headers.get("origin"):
+            response.headers.update(self.s.origins.headers(request.headers["origin"]))
+        return response
 
     async def bridge(self, request: web.Request) -> web.Response:
         if request.method == "OPTIONS":

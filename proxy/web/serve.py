@@ -132,7 +132,11 @@ async def serve(
     In production nginx terminates TLS in front; ``ssl_context`` is for
     what needs https end to end without it (browser tests of CHIPS)."""
     runner = runner_for(app, server, shutdown_timeout)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        await runner.cleanup()  # what did open (the upstream session...) closes again
+        raise
     site: web.BaseSite
     if sock is not None:
         site = web.SockSite(runner, sock, backlog=1024, ssl_context=ssl_context)

@@ -352,35 +352,13 @@ def tls_context(directory: Path, domains: list[str]) -> Any:
     """A server TLS context with a fresh self-signed certificate for ``*.<domain>``
     of each domain (chromium runs with ``TLS_ARGS``): for what browsers only do
     over https, such as partitioned cookies (CHIPS)."""
-    import datetime
     import ssl
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from tests.support import self_signed
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "firstparty e2e")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"*.{d.lstrip('.')}") for d in domains]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "e2e-cert.pem", directory / "e2e-key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    cert, key = self_signed(directory / "e2e-tls", *(f"*.{d.lstrip('.')}" for d in domains))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_file, key_file)
+    context.load_cert_chain(cert, key)
     return context
 
 
