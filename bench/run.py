@@ -1554,6 +1554,10 @@ def main(argv: list[str]) -> int:
     body = encode_body(event)
     batch = [{**event, "properties": {**event["properties"], "$insert_id": f"batch{i:011d}"}} for i in range(BATCH_EVENTS)]
     body_batch = encode_body(batch)  # type: ignore[arg-type]
+    # Row G: the same event without $insert_id, so the proxy gives each its own. With the
+    # fixed body's one $insert_id JetStream would store the first copy only (Nats-Msg-Id:
+    # a resend is one event), where an SDK sends a new id with every event.
+    body_noid = encode_body({**event, "properties": {k: v for k, v in event["properties"].items() if k != "$insert_id"}})
     ms = event["properties"]["$mp_api_timestamp_ms"]
     query = f"?verbose=1&ip=1&_={ms}"
 
@@ -1598,6 +1602,8 @@ def main(argv: list[str]) -> int:
         write_lua(lua, body)
         lua_batch = tmpdir / "track_batch.lua"
         write_lua(lua_batch, body_batch)
+        lua_noid = tmpdir / "track_noid.lua"
+        write_lua(lua_noid, body_noid)
         p_up1, p_up0, p_ngx, p_c, p_d, p_e, p_g = free_ports(7)
 
         # Fake upstream for rows B, C and D, on the load-generator core.
@@ -1640,6 +1646,8 @@ def main(argv: list[str]) -> int:
             if key in args.rows:
                 name = "proxy_jetstream" if key == "G" else f"proxy_{PROXY_MODES[key]}"
                 targets.append(start_proxy(key, name, port, fast_up, query, tmpdir, pin_server, args, procs))
+                if key == "G":
+                    targets[-1].lua, targets[-1].body = lua_noid, body_noid
 
         if "F" in args.rows:
             # The spool-mode proxy again (row D's process when it runs), loaded with a

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
@@ -111,6 +112,11 @@ async def test_events_go_through_the_stream_and_a_resend_is_stored_once(serve_pr
     assert sorted(insert_ids(upstream)) == want
     stats = await client.app[SPOOL].stats()
     assert stats["depth"] == 0 and stats["depth_by_region"]["us"] == 0 and stats["dead_letters"] == 0
+    # The forwarded log records the same outcome as with the SQLite spool: each event forwarded once.
+    await client.close()
+    records = [orjson.loads(line) for line in (tmp_path / "data" / "forwarded.jsonl").read_bytes().splitlines()]
+    logged = sorted(i for r in records if r["outcome"] == "forwarded" for i in r["insert_ids"])
+    assert logged == want
 
 
 async def test_a_stream_that_disagrees_with_the_config_stops_the_start(tmp_path, upstream, nats_server):
@@ -322,8 +328,6 @@ async def test_dead_letters_go_to_their_stream_and_replay_sends_them_again(
     """A 401 (a bad project token) dead-letters the batch into <stream>_DEAD;
     `firstparty spool stats` counts it by reason; once fixed, `firstparty replay`
     puts it back and the events are delivered, as with the SQLite spool."""
-    import orjson
-
     from proxy.cli import main
 
     for name in [n for n in os.environ if n.startswith("FIRSTPARTY_")]:
@@ -358,3 +362,46 @@ async def test_dead_letters_go_to_their_stream_and_replay_sends_them_again(
     assert "moved 5 dead letters with reason 'http_401'" in await cli("replay", "--reason", "http_401")
     await eventually(lambda: sorted(insert_ids(upstream)) == sorted(want * 2), 10, "the replayed events sent again")
     assert (await stats())["dead_letters"] == 0
+
+
+async def test_a_full_stream_answers_503_and_takes_events_again_once_drained(
+    serve_proxy, tmp_path, upstream, nats_server, caplog
+):
+    """stream_max_bytes reached while the vendor is slow: new events are answered 503
+    with Retry-After (JetStream refused them: nothing half-stored is acknowledged);
+    once the vendor takes the backlog, events are accepted again; nothing acknowledged
+    is lost. The NATS connection itself is fine throughout: one log line at most."""
+    hold = asyncio.Event()
+
+    async def slow(rec: Recorded) -> web.Response | None:
+        await hold.wait()
+        return None
+
+    upstream.behave = slow
+    settings = make_settings(tmp_path, upstream, delivery=jetstream(nats_server, stream_max_bytes=1 << 20))
+    client = await serve_proxy(create_app(settings))
+    acked: list[str] = []
+    statuses: list[int] = []
+    for _ in range(40):  # 40 x 50 kB: twice what the stream may hold
+        event = js_event("Big", device_id(), pad="x" * 50_000)
+        resp = await client.post(TRACK, data=b64_body([event]), headers=FORM)
+        statuses.append(resp.status)
+        if resp.status == 200:
+            acked.append(event["properties"]["$insert_id"])
+        else:
+            assert resp.headers["Retry-After"] == "5"
+            assert "is full" in (await resp.json())["error"]
+    assert statuses[0] == 200 and 503 in statuses, statuses
+    assert 10 <= len(acked) <= 21, len(acked)
+    hold.set()
+    await eventually(lambda: set(insert_ids(upstream)) >= set(acked), 20, "the backlog delivered")
+
+    async def accepted_again() -> bool:
+        event = js_event("After", device_id())
+        resp = await client.post(TRACK, data=b64_body([event]), headers=FORM)
+        if resp.status == 200:
+            acked.append(event["properties"]["$insert_id"])
+        return resp.status == 200
+
+    await eventually_async(accepted_again, 10, "events accepted again")
+    await eventually(lambda: set(insert_ids(upstream)) >= set(acked), 10, "every acknowledged event delivered")
