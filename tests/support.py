@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 # What `firstparty serve` logs once its one worker is bound (with --port 0: the port it got).
 LISTENING = re.compile(rb"listening on http://[^\s]+?:(\d+)/")
 
@@ -196,3 +198,53 @@ class ProxyClient:
 
     def head(self, path: str, **kwargs: Any) -> Any:
         return self.request("HEAD", path, **kwargs)
+
+
+class OwnServer:
+    """A server of the test's own (redis-server, nats-server) on a free port of
+    127.0.0.1, that can be stopped (``kill``: SIGKILL, or SIGTERM) and started
+    again on the same port. Subclasses name the binary and its arguments."""
+
+    binary = ""  # the command's name on the PATH
+    fallback = ""  # its path where the PATH does not have it
+
+    def __init__(self, directory: Path, port: int = 0) -> None:
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = port
+        self.kill_on_stop = False
+
+    def argv(self, binary: str) -> list[str]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Start on a free port (chosen again should another process take it
+        first), or, once it has one, on that port again."""
+        import shutil
+        import socket
+
+        binary = shutil.which(self.binary) or self.fallback
+        keep = bool(self.port)
+        for _ in range(1 if keep else 5):
+            if not keep:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    self.port = probe.getsockname()[1]
+            self.proc = subprocess.Popen(self.argv(binary), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(200):
+                if self.proc.poll() is not None:
+                    break  # it could not bind: try another port
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
+                await asyncio.sleep(0.05)
+            self.stop()
+        pytest.fail(f"could not start a {self.binary} of the test's own (port {self.port})")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            if self.kill_on_stop:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            self.proc.wait(timeout=10)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,53 +31,30 @@ from proxy.errors import ConfigError
 from proxy.web.app import SPOOL, create_app
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 from tests.fakeupstream import FakeUpstream, Recorded
-from tests.support import eventually, eventually_async, wait_listening
+from tests.support import OwnServer, eventually, eventually_async, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 FORM = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
 TRACK = "/mp/track/?verbose=1&ip=1"
 
 
-class OwnNats:
-    """A nats-server with JetStream of this test's own: a free port, its own store
-    directory, stopped and started again on the same port and store."""
+class OwnNats(OwnServer):
+    """A nats-server with JetStream of this test's own: its own store directory,
+    stopped (SIGTERM) and started again on the same port and store; ``extra``
+    are cluster flags."""
+
+    binary, fallback = "nats-server", "/usr/sbin/nats-server"
 
     def __init__(self, directory: Path, extra: list[str] | None = None, port: int = 0) -> None:
-        self.directory = directory
-        self.extra = extra or []  # cluster flags
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = port
+        super().__init__(directory, port)
+        self.extra = extra or []
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    async def start(self) -> None:
-        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
-        keep = bool(self.port)
-        for _ in range(1 if keep else 5):
-            if not keep:
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", 0))
-                    self.port = probe.getsockname()[1]
-            self.proc = subprocess.Popen(
-                [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.directory), *self.extra],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            for _ in range(200):
-                if self.proc.poll() is not None:
-                    break
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                        return
-                await asyncio.sleep(0.05)
-            self.stop()
-        pytest.fail(f"could not start a nats-server of the test's own (port {self.port})")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+    def argv(self, binary: str) -> list[str]:
+        return [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.directory), *self.extra]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from proxy.web.app import create_app
 from proxy.settings import StoreSettings
 from proxy.services.store import AliasStore, BoundedMemoryCache
 from tests.conftest import BROWSER, b64_body, canonical_of, cookie_from, device_id, js_event, json_body, make_settings
-from tests.support import port_of, reserve_port
+from tests.support import OwnServer, port_of, reserve_port
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -111,49 +111,19 @@ async def test_two_instances_share_aliases_through_redis(serve_proxy, tmp_path, 
     assert sent["distinct_id"] == f"$device:{canonical_of(cookie)}"
 
 
-class OwnRedis:
-    """A redis-server of this test's own, on a free port, that can be killed and
-    started again on the same port (no persistence: a restart forgets)."""
+class OwnRedis(OwnServer):
+    """A redis-server of this test's own (no persistence: a restart forgets),
+    killed (SIGKILL) when stopped."""
+
+    binary, fallback = "redis-server", "/usr/bin/redis-server"
 
     def __init__(self, directory: Any) -> None:
-        self.directory = directory
-        self.proc: Any = None
-        self.port = 0
+        super().__init__(directory)
+        self.kill_on_stop = True
 
-    async def start(self) -> None:
-        """Start on a free port (chosen again should another process take it
-        first), or, once it has one, on that port again."""
-        import asyncio
-        import shutil
-        import socket
-        import subprocess
-
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        keep = bool(self.port)
-        for _ in range(1 if keep else 5):
-            if not keep:
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", 0))
-                    self.port = probe.getsockname()[1]
-            self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.directory)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            for _ in range(200):
-                if self.proc.poll() is not None:
-                    break  # it could not bind: try another port
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                        return
-                await asyncio.sleep(0.05)
-            self.stop()
-        pytest.fail(f"could not start a redis-server of the test's own (port {self.port})")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+    def argv(self, binary: str) -> list[str]:
+        return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.directory)]
 
 
 async def test_redis_lost_and_back_mid_load_loses_nothing(serve_proxy, tmp_path, upstream):

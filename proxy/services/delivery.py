@@ -189,7 +189,7 @@ class Sender:
         the rest stays spooled for the next start."""
         loop = asyncio.get_running_loop()
         self._draining = True
-        while loop.time() < deadline and (self.spool.depth > 0 or self._sends):
+        while loop.time() < deadline and self._unfinished():
             if all(s.paused_until > time.time() for s in self.regions.values() if s.held):
                 break  # every region with work is backing off: waiting would not help
             for s in self.regions.values():
@@ -201,6 +201,13 @@ class Sender:
         for task in [*self._tasks, *self._sends]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._stopped()
+
+    def _unfinished(self) -> bool:
+        """Work a drain may still finish: the spool is this process's own."""
+        return self.spool.depth > 0 or bool(self._sends)
+
+    async def _stopped(self) -> None:
         await self.spool.flush()
 
     # ------------------------------------------------------------ the loop

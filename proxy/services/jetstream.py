@@ -490,21 +490,11 @@ class JetStreamSender(Sender):
         state.held -= len(batch)
         self.queue.nak(ids, max(0.0, state.paused_until - time.time()))
 
-    async def stop(self, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._draining = True
-        while loop.time() < deadline and (self._sends or any(s.held for s in self.regions.values())):
-            if all(s.paused_until > time.time() for s in self.regions.values() if s.held):
-                break
-            for s in self.regions.values():
-                s.wake.set()
-            await asyncio.sleep(0.05)
-        self._stopping = True
-        for task in [*self._tasks, *self._sends]:
-            task.cancel()
-        for task in [*self._tasks, *self._sends]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    def _unfinished(self) -> bool:
+        # The stream is the fleet's: drain what this instance holds, not the stream.
+        return bool(self._sends) or any(s.held for s in self.regions.values())
+
+    async def _stopped(self) -> None:
         # Whatever this instance still held goes back to the stream now, not after ack_wait.
         for state in self.regions.values():
             state.groups.clear()

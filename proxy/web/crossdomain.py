@@ -66,6 +66,18 @@ LINK_JS = """/* firstparty link.js: links to linked domains leave through {go}, 
 }})();
 """
 
+# The ready() queue both landing scripts share: callbacks wait until settle().
+SETTLE_JS = """  function settle() {
+    if (settled) return;
+    settled = true;
+    var callbacks = waiting;
+    waiting = [];
+    for (var i = 0; i < callbacks.length; i++) {
+      try { callbacks[i](); } catch (e) { setTimeout(function () { throw e; }); }
+    }
+  }
+"""
+
 # hub.js and land.js: one script. land.js (HUB null) only redeems a landing
 # token and takes it out of the address bar; hub.js also asks the hub once.
 LANDING_JS = """/* firstparty {name}: a landing page's identity token is redeemed here (POST {id}) and then
@@ -76,16 +88,7 @@ LANDING_JS = """/* firstparty {name}: a landing page's identity token is redeeme
    that is leaving for the hub. */
 (function () {{
   var HUB = {hub}, PARAM = {param}, ID = {id}, DONE = "fp_hub_done", REF = "fp_hub_referrer", waiting = [], settled = false;
-  function settle() {{
-    if (settled) return;
-    settled = true;
-    var callbacks = waiting;
-    waiting = [];
-    for (var i = 0; i < callbacks.length; i++) {{
-      try {{ callbacks[i](); }} catch (e) {{ setTimeout(function () {{ throw e; }}); }}
-    }}
-  }}
-  window.firstpartyLanding = window.firstpartyHub = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
+{settle}  window.firstpartyLanding = window.firstpartyHub = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
   function tokenInUrl() {{
     var parts = location.search.slice(1).split("&");
     for (var i = 0; i < parts.length; i++) if (parts[i].indexOf(PARAM + "=") === 0) return parts[i].slice(PARAM.length + 1);
@@ -178,16 +181,7 @@ FRAME_JS = """/* firstparty frame.js: one identity for a widget in an iframe on 
       .then(function (a) {{ if (a && a.token) frame.postMessage({{ type: TOKEN, token: a.token }}, ev.origin); }})
       .catch(function () {{}});
   }});
-  function settle() {{
-    if (settled) return;
-    settled = true;
-    var callbacks = waiting;
-    waiting = [];
-    for (var i = 0; i < callbacks.length; i++) {{
-      try {{ callbacks[i](); }} catch (e) {{ setTimeout(function () {{ throw e; }}); }}
-    }}
-  }}
-  window.firstpartyFrame = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
+{settle}  window.firstpartyFrame = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
   if (window.parent === window) return settle();
   /* Frame: a token only from the page that embeds it, only from a linked origin. */
   var timer = setTimeout(settle, 1500), asked = 0, redeeming = false, me = String(Math.random()).slice(2);
@@ -500,7 +494,7 @@ class CrossDomain:
     def _landing_js(self, request: web.Request, name: str, hub: str | None, doc: str) -> web.Response:
         base = request.path.removesuffix(name)
         body = LANDING_JS.format(
-            name=name, hub_doc=doc, hub=orjson.dumps(hub).decode(),
+            name=name, hub_doc=doc, hub=orjson.dumps(hub).decode(), settle=SETTLE_JS,
             param=orjson.dumps(self._cfg.token_param).decode(), id=orjson.dumps(base + "id").decode(),
         )
         return _script(body)
@@ -508,6 +502,7 @@ class CrossDomain:
     async def frame_js(self, request: web.Request) -> web.Response:
         base = request.path.removesuffix("frame.js")
         body = FRAME_JS.format(
+            settle=SETTLE_JS,
             linked=orjson.dumps([d.lstrip(".") for d in self._cfg.linked_domains]).decode(),
             param=orjson.dumps(self._cfg.token_param).decode(),
             id=orjson.dumps(base + "id").decode(),
