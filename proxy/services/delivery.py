@@ -271,17 +271,22 @@ class Sender:
                 state.from_disk += len(rows)
                 if state.live:
                     self._drained(state)
-        now = time.time()
-        if state.paused_until > now:
+        if state.paused_until > time.time():
             return
+        self._launch_ready(state)
+
+    def _launch_ready(self, state: RegionState) -> None:
+        """Send every batch that is full, or whose first row has waited a batch
+        window (all of them while draining), up to ``max_in_flight``."""
+        cfg = self.settings
+        now = time.time()
         for key, rows in state.groups.items():
             while rows and state.in_flight < cfg.max_in_flight:
                 full = len(rows) >= cfg.batch_size
                 waited = now - rows[0].enqueued_at >= cfg.batch_window_seconds
                 if not (full or waited or self._draining):
                     break
-                batch = self._take(rows, cfg.batch_size, self.protocols[key[0]])
-                self._launch(state, key, batch)
+                self._launch(state, key, self._take(rows, cfg.batch_size, self.protocols[key[0]]))
 
     def _drained(self, state: RegionState) -> None:
         """Caught up after reading a backlog from disk: hand the memory it took

@@ -461,14 +461,7 @@ class JetStreamSender(Sender):
             rows = await self.queue.fetch(state.region, min(room, cfg.batch_size * cfg.max_in_flight),
                                           cfg.batch_window_seconds if forming else 1.0)
             self._hold(state, rows)
-        now = time.time()
-        for key, rows in state.groups.items():
-            while rows and state.in_flight < cfg.max_in_flight:
-                full = len(rows) >= cfg.batch_size
-                waited = now - rows[0].enqueued_at >= cfg.batch_window_seconds
-                if not (full or waited or self._draining):
-                    break
-                self._launch(state, key, self._take(rows, cfg.batch_size, self.protocols[key[0]]))
+        self._launch_ready(state)
 
     def _next_wakeup(self, state: RegionState, cfg: DeliverySettings) -> float:
         now = time.time()
