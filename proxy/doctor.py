@@ -152,6 +152,14 @@ def shared_state(ctx: Context) -> Iterator[Finding]:
             "is rewritten only when it reaches the process that saw the browser",
             "use a shared store: store.url = \"redis://host:6379/0\"",
         )
+    if ctx.instances > 1 and s.delivery.mode == "spool" and s.delivery.queue == "sqlite":
+        yield Finding(
+            WARNING, "delivery.queue",
+            f"\"sqlite\" with {ctx.instances} instances: each keeps its unsent events in its own file, and an "
+            "instance replaced during a vendor outage (a container, an autoscaling group) takes them with it",
+            "on disks that outlive the instance this is fine; otherwise share one queue: "
+            "delivery.queue = \"jetstream\" (README, Fleets)",
+        )
     if ctx.instances > 1:
         if not _raw(ctx, "cookie", "secret") and not _raw(ctx, "cookie", "secret_file"):
             yield Finding(

@@ -76,6 +76,7 @@ BROKEN = [
     ({"store": {"url": "redis://127.0.0.1:6379/15"}}, 3, "cookie.secret", "error", "3 instances", "secret_file"),
     ({"store": {"url": "redis://127.0.0.1:6379/15"}}, 3, "identity.keys_file", "error", "another", "keygen"),
     ({"delivery": {"fsync": False}}, 1, "delivery.fsync", "warning", "power cut", "fsync = true"),
+    ({"store": {"url": "redis://127.0.0.1:6379/15"}}, 3, "delivery.queue", "warning", "3 instances", "jetstream"),
     ({"ops": {"host": "0.0.0.0", "allowed_networks": ["0.0.0.0/0"]}}, 1, "ops.allowed_networks", "warning", "anyone", "monitoring"),
 ]
 
