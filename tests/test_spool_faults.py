@@ -324,3 +324,40 @@ async def test_past_max_inflight_requests_new_ones_are_shed(proxy_client, upstre
     assert names == ["after", "held 0", "held 1"]  # the shed one was never taken
     text = await (await client.ops_get("/metrics")).text()
     assert metric(text, "firstparty_shed_requests_total") == 2
+
+
+async def test_a_refusing_spool_takes_events_again_only_with_room_to_spare(tmp_path):
+    """Hysteresis: a spool refusing below min_free_bytes does not take events again
+    the moment a few pages come free (it would refuse at the next insert, flapping
+    and logging every second); it waits for a margin above the threshold."""
+    import os
+
+    from proxy.services.spool import Spool
+
+    with tiny_disk(tmp_path / "tiny", "4m") as disk:
+        spool = Spool(disk / "spool.sqlite3", max_rows=1000, min_free_bytes=1024 * 1024)
+        await spool.open()
+        try:
+            filler = disk / "filler"
+
+            def leave_free(n: int) -> None:
+                """Grow or shrink the filler file so that ``n`` bytes stay free."""
+                st = os.statvfs(disk)
+                size = filler.stat().st_size if filler.exists() else 0
+                target = max(0, size + st.f_bavail * st.f_frsize - n)
+                with open(filler, "ab") as fh:
+                    fh.truncate(target)
+                    if target:
+                        os.posix_fallocate(fh.fileno(), 0, target)  # tmpfs counts allocated pages
+
+            leave_free(900 * 1024)
+            await spool._check_space()
+            assert spool.refusing is not None
+            leave_free(1024 * 1024 + 100 * 1024)  # above the threshold, within the margin
+            await spool._check_space()
+            assert spool.refusing is not None, "took events again with only 100 KiB to spare"
+            leave_free(1024 * 1024 + 400 * 1024)  # past the margin (a quarter of min_free_bytes)
+            await spool._check_space()
+            assert spool.refusing is None
+        finally:
+            await spool.close()

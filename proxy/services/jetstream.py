@@ -80,6 +80,7 @@ class JetStreamQueue:
         self._subs: dict[str, Any] = {}
         self._held: dict[int, Any] = {}  # stream sequence -> the message, until acked or nak'd
         self._pending: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     # ----------------------------------------------------------- lifecycle
 
@@ -112,6 +113,7 @@ class JetStreamQueue:
         await self.stats()
 
     async def close(self) -> None:
+        self._closing = True  # the disconnect that follows is ours, not an outage
         await self.flush()
         if self._nc is not None and not self._nc.is_closed:
             # Not drain(): it waits up to 30 s on the pull subscriptions. The acks
@@ -202,7 +204,8 @@ class JetStreamQueue:
     # ---------------------------------------------------- connection state
 
     async def _disconnected(self) -> None:
-        self._refuse("the NATS server is unreachable")
+        if not self._closing:
+            self._refuse("the NATS server is unreachable")
 
     async def _reconnected(self) -> None:
         if self.refusing is not None:

@@ -519,6 +519,11 @@ class Spool:
         self._room -= need
         return True
 
+    @property
+    def _resume_margin(self) -> int:
+        """Room above ``min_free_bytes`` needed before a refusing spool takes events again."""
+        return max(self.min_free_bytes // 4, 64 * _PAGE)
+
     async def _check_space(self) -> None:
         """Refuse below ``min_free_bytes`` of usable space (the file system's
         free space plus the spool's own free pages), after giving back what
@@ -536,7 +541,9 @@ class Spool:
             self._refuse(
                 f"{usable // 1024} KiB usable under it, below delivery.min_free_bytes ({self.min_free_bytes // 1024} KiB)"
             )
-        elif self.refusing is not None and not self._disk_refused:
+        elif self.refusing is not None and not self._disk_refused and usable >= self.min_free_bytes + self._resume_margin:
+            # Hysteresis: taking events again the moment a few pages come free
+            # would refuse again at the next insert, flapping (and logging) each second.
             self._accept()
 
     async def _watch_space(self) -> None:
