@@ -396,3 +396,23 @@ async def test_a_full_stream_answers_503_and_takes_events_again_once_drained(
 
     await eventually_async(accepted_again, 10, "events accepted again")
     await eventually(lambda: set(insert_ids(upstream)) >= set(acked), 10, "every acknowledged event delivered")
+
+
+async def test_a_batch_on_a_slow_upstream_is_not_handed_out_twice(serve_proxy, tmp_path, upstream, nats_server):
+    """The vendor takes longer than ack_wait to answer: the instance holding the
+    batch reports it in progress, so JetStream does not redeliver it meanwhile,
+    and the vendor gets each event once."""
+
+    async def slow(rec: Recorded) -> web.Response | None:
+        await asyncio.sleep(2.5)  # ack_wait is 1.5 s
+        return None
+
+    upstream.behave = slow
+    settings = make_settings(tmp_path, upstream, delivery=jetstream(nats_server, ack_wait_seconds=1.5))
+    client = await serve_proxy(create_app(settings))
+    events = [js_event("Slow vendor", device_id()) for _ in range(5)]
+    assert (await client.post(TRACK, data=b64_body(events), headers=FORM)).status == 200
+    want = sorted(e["properties"]["$insert_id"] for e in events)
+    await eventually(lambda: sorted(insert_ids(upstream)) == want, 15, "the batch delivered")
+    await asyncio.sleep(3)  # a redelivery would have arrived by now
+    assert sorted(insert_ids(upstream)) == want, "a batch was sent twice"

@@ -79,6 +79,7 @@ class JetStreamQueue:
         self._js: Any = None
         self._subs: dict[str, Any] = {}
         self._held: dict[int, Any] = {}  # stream sequence -> the message, until acked or nak'd
+        self._touched = 0.0  # when held messages were last reported in progress
         self._pending: set[asyncio.Task[Any]] = set()
         self._closing = False
 
@@ -310,6 +311,16 @@ class JetStreamQueue:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    def keep_alive(self, now: float) -> None:
+        """Tell JetStream the messages held here are still being worked on
+        (``+WPI``), every half ``ack_wait``: a batch waiting on a slow upstream
+        is not handed to another instance meanwhile (sent twice)."""
+        if now - self._touched < self.settings.ack_wait_seconds / 2:
+            return
+        self._touched = now
+        for msg in self._held.values():
+            self._later(msg.in_progress())
+
     def ack(self, ids: Iterable[int]) -> None:
         for i in ids:
             msg = self._held.pop(i, None)
@@ -456,6 +467,7 @@ class JetStreamSender(Sender):
     async def _step(self, state: RegionState) -> None:
         cfg = self.settings
         now = time.time()
+        self.queue.keep_alive(now)  # paused or not: batches in flight stay this instance's
         if state.paused_until > now:
             return
         room = (self._limit(state) or (0 if state.held else cfg.batch_size)) - state.held
