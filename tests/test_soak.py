@@ -26,6 +26,7 @@ def test_a_short_soak_loses_no_acknowledged_event(tmp_path: Path) -> None:
     acked, delivered, lost = (int(g.replace(",", "")) for g in row.groups()[:3])
     assert acked > 1000 and lost == 0 and delivered == acked, report[-3000:]
     assert run.returncode == 0, report[-3000:]
+    # Every phase of the schedule ran (the restart's 2 s may pass with no answer at all: "-").
     for phase in ("normal", "vendor down", "redis killed", "redis back", "restart"):
-        assert re.search(rf"^\| {phase} \| [\d.]+ ms \| [\d,]+ \|$", run.stdout, re.M), (phase, report[-3000:])
+        assert re.search(rf"^\| {phase} \| (?:[\d.]+ ms|-) \| [\d,]+ \|$", run.stdout, re.M), (phase, report[-3000:])
     assert (tmp_path / "soak.svg").read_text().startswith("<svg")
