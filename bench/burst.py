@@ -34,7 +34,6 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import Processes, Vendor, form, mp_event, sample  # noqa: E402  (bench/ is no package)
-from aiohttp import web  # noqa: E402
 
 PHASES = (("normal", 1), ("burst", 10), ("after", 1))
 MAX_OUTSTANDING = 4000  # the load's own bound: past it a request counts as failed, not queued
@@ -42,13 +41,7 @@ MAX_OUTSTANDING = 4000  # the load's own bound: past it a request counts as fail
 
 async def run(args: argparse.Namespace) -> int:
     vendor = Vendor()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", vendor.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    vendor_port = runner.addresses[0][1]
+    runner, vendor_port = await vendor.serve()
     with tempfile.TemporaryDirectory(prefix="fp-burst-") as tmp:
         procs = Processes(Path(tmp), vendor_port, None)
         procs.start_redis()

@@ -80,6 +80,15 @@ class Vendor:
         for i in ids:
             self.seen[i] = self.seen.get(i, 0) + 1
 
+    async def serve(self) -> tuple[web.AppRunner, int]:
+        """Listen on a free port of 127.0.0.1: (runner to clean up, port)."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner, runner.addresses[0][1]
+
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         if self.down and request.method == "POST":
@@ -306,13 +315,7 @@ def svg_plot(samples: list[dict[str, Any]], phases: list[tuple[float, str]], pat
 async def soak(args: argparse.Namespace) -> int:
     duration = args.minutes * 60
     vendor = Vendor()
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_route("*", "/{tail:.*}", vendor.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    vendor_port = runner.addresses[0][1]
+    runner, vendor_port = await vendor.serve()
     tmp = Path(tempfile.mkdtemp(prefix="fp-soak-"))
     tiny: Path | None = tmp / "tiny"
     tiny.mkdir()

@@ -26,6 +26,8 @@ import hmac
 import re
 import secrets
 
+from .tokens import key_file_pairs
+
 KEY_PREFIX = "fpk_"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _KEY = re.compile(r"[A-Za-z0-9_-]{32,256}")
@@ -44,14 +46,7 @@ class ApiKeys:
         """Parse a keys file. Errors name the line and never quote a key."""
         digests: dict[str, bytes] = {}
         seen: set[bytes] = set()
-        for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
-            line = raw.partition("#")[0].strip()
-            if not line:
-                continue
-            fields = line.split()
-            if len(fields) != 2:
-                raise ValueError(f"line {number}: expected '<name> <key>', got {len(fields)} fields")
-            name, key = fields
+        for number, name, key in key_file_pairs(text, "line", "<name> <key>"):
             if not _NAME.fullmatch(name):
                 raise ValueError(f"line {number}: bad name (1-32 characters of A-Z a-z 0-9 _ . -)")
             if name in digests:

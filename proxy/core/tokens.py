@@ -53,7 +53,7 @@ import re
 import secrets
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -131,14 +131,7 @@ class KeyRing:
         line number and never quote the key material.
         """
         keys: dict[str, bytes] = {}
-        for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
-            line = raw.partition("#")[0].strip()
-            if not line:
-                continue
-            fields = line.split()
-            if len(fields) != 2:
-                raise ValueError(f"keys file line {number}: expected '<key id> <base64url key>', got {len(fields)} fields")
-            key_id, encoded = fields
+        for number, key_id, encoded in key_file_pairs(text, "keys file line", "<key id> <base64url key>"):
             if not _KEY_ID.fullmatch(key_id):
                 # Not quoted: a line with its fields swapped would put the key in the message.
                 raise ValueError(f"keys file line {number}: bad key id (must be 1-8 characters of A-Z a-z 0-9 _ -)")
@@ -241,6 +234,21 @@ class KeyRing:
         if expires_at > now + TTL_MAX + skew:
             raise TokenInvalid("expiry too far in the future")
         return TokenClaims(canonical_id, expires_at, consent, _b64encode(nonce))
+
+
+def key_file_pairs(text: str, where: str, shape: str) -> Iterator[tuple[int, str, str]]:
+    """(line number, first field, second field) of each line of a two-field keys
+    file: a BOM dropped, ``#`` comments and blank lines skipped, any other count
+    of fields a ValueError ("<where> N: expected '<shape>', ...") that never
+    quotes the line (it may hold a key)."""
+    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+        line = raw.partition("#")[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"{where} {number}: expected '{shape}', got {len(fields)} fields")
+        yield number, fields[0], fields[1]
 
 
 def generate_key_line(key_id: str | None = None) -> str:
