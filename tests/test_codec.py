@@ -430,3 +430,35 @@ def test_encode_body_in_each_format(is_array):
     b64 = codec.Decoded(list(events), is_array, codec.FORMAT_BASE64)
     value, raw_json = codec.encode_data_value(b64)
     assert raw_json == orjson.dumps(payload) and value == codec.b64_form_value(raw_json)
+
+
+def _outcome(fn):
+    try:
+        d = fn()
+    except BadRequest as exc:
+        return ("refused", str(exc))
+    return (d.events, d.is_array, d.fmt, d.params, d.from_query, d.text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from([b64_body(EVENT).encode(), b64_body(BATCH).encode(), json_body(BATCH).encode(), b"data=", b"data=%7B%7D"]),
+    st.lists(
+        st.tuples(st.integers(min_value=0, max_value=4000), st.sampled_from(b"+/=% &{[\n\tAa0%2BFD\xc3")), max_size=4
+    ),
+)
+def test_the_data_only_fast_path_reads_every_body_as_the_form_parser_does(body, flips):
+    """``data=<base64>`` bodies skip the form parser; whatever the bytes, the
+    result (or the refusal) is the one the general form path gives."""
+    data = bytearray(body)
+    for pos, byte in flips:
+        data[5 + pos % max(len(data) - 5, 1) if len(data) > 5 else len(data) - 1] = byte
+    raw = bytes(data)
+    assert _outcome(lambda: decode(raw)) == _outcome(lambda: codec.decode_form(raw, []))
+
+
+def test_mixpanel_js_bodies_take_the_fast_path():
+    body = b64_body(BATCH).encode()
+    assert codec._data_only(body[5:]) is not None  # and it agrees (above)
+    assert codec._data_only(b"eyJ+YSI6MX0=") is None  # a raw '+' is a space: the form parser's
+    assert codec._data_only(b"%7B%7D") is None  # %-escaped JSON

@@ -12,14 +12,14 @@ written; an event without a mapped id is left exactly as it was.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .identity import DEVICE_PREFIX
 
 
-@dataclass(frozen=True, slots=True)
-class Rewrite:
+class Rewrite(NamedTuple):
+    """One id replaced in an event (a NamedTuple: several per event)."""
+
     field: str
     original: str
     canonical: str
