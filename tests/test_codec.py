@@ -462,3 +462,16 @@ def test_mixpanel_js_bodies_take_the_fast_path():
     assert codec._data_only(body[5:]) is not None  # and it agrees (above)
     assert codec._data_only(b"eyJ+YSI6MX0=") is None  # a raw '+' is a space: the form parser's
     assert codec._data_only(b"%7B%7D") is None  # %-escaped JSON
+
+
+@pytest.mark.parametrize("text", ["ÿþ" * 2000, "?>~" * 2000, "plain"], ids=["latin", "ascii", "plain"])
+def test_base64_with_many_escapes_reads_as_with_few(text):
+    """Non-ASCII JSON base64-encodes to many ``+`` and ``/``: past the first
+    escapes the rest are undone in bulk, with the same result."""
+    raw = orjson.dumps({"event": "x", "properties": {"distinct_id": "d", "s": text}})
+    body = b"data=" + quote(base64.b64encode(raw).decode(), safe="").encode()
+    assert (body.count(b"%") > codec._FEW_ESCAPES) == (text != "plain")
+    assert _outcome(lambda: decode(body)) == _outcome(lambda: codec.decode_form(body, []))
+    assert decode(body).events[0]["properties"]["s"] == text
+    broken = body[:-20] + b"%41" + body[-17:]  # an escape base64 never needs: the form parser's
+    assert codec._data_only(broken[5:]) is None

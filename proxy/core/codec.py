@@ -229,10 +229,7 @@ def _data_only(value: bytes) -> Decoded | None:
     way: ``test_codec`` checks both paths against each other)."""
     if b"+" in value:  # a space in form encoding: the repairing path's case
         return None
-    if b"%" in value:
-        value = value.replace(b"%2B", b"+").replace(b"%2F", b"/").replace(b"%3D", b"=")
-        if b"%" in value:
-            return None
+    value = _unescape_base64(value)
     if not value or value[:1] in b"{[ \t\r\n":
         return None
     try:
@@ -241,6 +238,39 @@ def _data_only(value: bytes) -> Decoded | None:
         return None
     events, is_array = check_events(_loads(raw), _brackets(raw))
     return Decoded(events, is_array, FORMAT_BASE64, [], False, raw)
+
+
+_BASE64_ESCAPES = {b"2B": b"+", b"2F": b"/", b"3D": b"="}
+_FEW_ESCAPES = 16
+
+
+def _unescape_base64(value: bytes) -> bytes | None:
+    """``value`` with its ``%2B``/``%2F``/``%3D`` undone, or None when any
+    other ``%`` is in it. Base64 of ASCII JSON has few ``+`` and ``/`` (a
+    12 kB batch: four), so the escapes are found one by one (``find`` of one
+    byte is a memchr) rather than with three full ``replace`` passes, which
+    cost 10 µs per 12 kB each even when they find nothing; a value with many
+    escapes gets the passes for the rest."""
+    at = value.find(b"%")
+    if at < 0:
+        return value
+    parts: list[bytes] = []
+    start = 0
+    while at >= 0:
+        char = _BASE64_ESCAPES.get(value[at + 1 : at + 3])
+        if char is None:
+            return None
+        parts += (value[start:at], char)
+        start = at + 3
+        if len(parts) >= 2 * _FEW_ESCAPES:
+            rest = value[start:].replace(b"%2B", b"+").replace(b"%2F", b"/").replace(b"%3D", b"=")
+            if b"%" in rest:
+                return None
+            parts.append(rest)
+            return b"".join(parts)
+        at = value.find(b"%", start)
+    parts.append(value[start:])
+    return b"".join(parts)
 
 
 def decode_form(body: bytes, query: list[tuple[str, str]]) -> Decoded:
