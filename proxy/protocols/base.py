@@ -126,6 +126,9 @@ class WireProtocol(Protocol):
     # What one upstream request may carry (None: only delivery.batch_size bounds it).
     max_batch_calls: int | None
     max_batch_bytes: int | None
+    # Whether an event can carry its own consent (``refuses``): Segment's
+    # ``context.consent`` does, Mixpanel's events never do (its opt-out is a cookie).
+    event_consent: bool
 
     def decode(
         self,

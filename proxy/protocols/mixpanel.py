@@ -446,6 +446,7 @@ class Mixpanel:
     spooled_routes = SPOOLED_ROUTES
     max_batch_calls = None
     max_batch_bytes = None
+    event_consent = False
     decode = staticmethod(decode)
     encode = staticmethod(encode)
     anonymous_ids = staticmethod(anonymous_ids)

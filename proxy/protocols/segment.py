@@ -302,6 +302,7 @@ class Segment:
     spooled_routes = SPOOLED_ROUTES
     max_batch_calls = MAX_BATCH_CALLS
     max_batch_bytes = MAX_BATCH_BYTES
+    event_consent = True
     decode = staticmethod(decode)
     encode = staticmethod(encode)
     anonymous_ids = staticmethod(anonymous_ids)

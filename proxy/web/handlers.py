@@ -449,7 +449,9 @@ class Proxy:
         """The events whose own consent (Segment's ``context.consent``) does not
         refuse tracking; the others are dropped here, logged and counted."""
         settings = self.s.settings.consent
-        if not settings.honor_segment_consent or not payload.mentions("categoryPreferences"):
+        if not (protocol.event_consent and settings.honor_segment_consent):
+            return payload.events
+        if not payload.mentions("categoryPreferences"):
             return payload.events
         required = settings.segment_required_categories
         kept = [e for e in payload.events if not protocol.refuses(e, required)]
