@@ -475,3 +475,36 @@ def test_base64_with_many_escapes_reads_as_with_few(text):
     assert decode(body).events[0]["properties"]["s"] == text
     broken = body[:-20] + b"%41" + body[-17:]  # an escape base64 never needs: the form parser's
     assert codec._data_only(broken[5:]) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=64).map(lambda b: base64.b64encode(b)),
+    st.text(alphabet=string.ascii_letters + string.digits + "+/=\n -_.", max_size=40).map(str.encode),
+    st.tuples(st.binary(max_size=48), st.integers(0, 60), st.sampled_from(b"=+/\n A\x00")).map(
+        lambda t: (lambda e: e[: t[1]] + bytes([t[2]]) + e[t[1]:])(base64.b64encode(t[0]))
+    ),
+))
+def test_pybase64_validates_as_binascii_strict_mode(value):
+    """The fast path decodes with pybase64 (validate=True), the form parser's
+    path with binascii's strict mode. What pybase64 accepts, binascii accepts
+    too, with the same bytes; what it refuses (``AAAA=``, which binascii
+    takes) goes on to the form parser's path, so nothing is refused for it."""
+    import binascii
+
+    import pybase64
+
+    def run(fn):
+        try:
+            return fn(value)
+        except (binascii.Error, ValueError):
+            return "refused"
+
+    fast = run(lambda v: pybase64.b64decode(v, validate=True))
+    if fast != "refused":
+        assert fast == run(lambda v: binascii.a2b_base64(v, strict_mode=True))
+    else:
+        assert codec._data_only(value) is None  # left to the form parser
+    # whatever the fast path does, the result is the form parser's
+    body = b"data=" + value
+    assert _outcome(lambda: decode(body)) == _outcome(lambda: codec.decode_form(body, []))

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote_from_bytes
 
 import orjson
+import pybase64
 
 from ..errors import BadRequest, PayloadTooLarge
 from .forms import parse_pairs
@@ -233,7 +234,9 @@ def _data_only(value: bytes) -> Decoded | None:
     if not value or value[:1] in b"{[ \t\r\n":
         return None
     try:
-        raw = binascii.a2b_base64(value, strict_mode=True)
+        # pybase64's validate is binascii's strict mode (test_codec holds them
+        # to it), at a twentieth of the cost: every mixpanel-js request has it.
+        raw = pybase64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         return None
     events, is_array = check_events(_loads(raw), _brackets(raw))
@@ -311,7 +314,7 @@ def param(decoded: Decoded, query: list[tuple[str, str]], name: str, default: st
 # base64 output only ever needs these three escaped; replacing them directly
 # avoids urllib's per-byte quoting path (PERFORMANCE.md: 19 % of a naive proxy).
 def b64_form_value(raw: bytes) -> bytes:
-    return base64.b64encode(raw).replace(b"+", b"%2B").replace(b"/", b"%2F").replace(b"=", b"%3D")
+    return pybase64.b64encode(raw).replace(b"+", b"%2B").replace(b"/", b"%2F").replace(b"=", b"%3D")
 
 
 def form_quote(value: str | bytes) -> bytes:

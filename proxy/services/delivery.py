@@ -55,6 +55,7 @@ from ..protocols.base import ACCEPTED, RATE_LIMITED, REFUSED, RETRY, TOO_LARGE, 
 
 log = logging.getLogger(__name__)
 
+_MAX_LOGGED_REWRITES = 50  # per forwarded-log record of a batch
 GroupKey = tuple[str, str, str | None, bool]  # protocol, route, project, ip flag
 MAINTAIN_SECONDS = 5.0
 # A backlog at least this long, once drained, is worth a malloc_trim.
@@ -439,24 +440,50 @@ class Sender:
         reason: str | None = None,
         detail: str | None = None,
     ) -> None:
-        metas = [r.info if r.info is not None else orjson.loads(r.meta) for r in rows]
+        # One pass over the batch (it runs once per upstream request, over up to 50 rows).
+        names: list[str] = []
+        insert_ids: list[str] = []
+        canonical: set[str] = set()
+        sources: set[str] = set()
+        originals: set[str] = set()
+        rewrites: list[dict[str, str]] = []
+        attempts = 0
+        enqueued = rows[0].enqueued_at
+        for r in rows:
+            m = r.info if r.info is not None else orjson.loads(r.meta)
+            names.append(m.get("n", ""))
+            if m.get("i"):
+                insert_ids.append(m["i"])
+            if m.get("c"):
+                canonical.add(m["c"])
+            if m.get("s"):
+                sources.add(m["s"])
+            for rw in m.get("r", ()):
+                originals.add(rw[1])
+                if len(rewrites) < _MAX_LOGGED_REWRITES:
+                    rewrites.append({"field": rw[0], "from": rw[1], "to": rw[2]})
+            if r.attempts > attempts:
+                attempts = r.attempts
+            if r.enqueued_at < enqueued:
+                enqueued = r.enqueued_at
+        now = time.time()
         entry: dict[str, Any] = {
-            "time": time.time(),
+            "time": now,
             "outcome": outcome,
             "route": rows[0].route,
             "region": state.region,
             "project": rows[0].project,
-            "events": [m.get("n", "") for m in metas],
+            "events": names,
             "count": len(rows),
-            "insert_ids": [m["i"] for m in metas if m.get("i")],
-            "canonical_ids": sorted({m["c"] for m in metas if m.get("c")}),
-            "sources": sorted({m["s"] for m in metas if m.get("s")}),
-            "original_ids": sorted({rw[1] for m in metas for rw in m.get("r", ())}),
-            "rewrites": [{"field": rw[0], "from": rw[1], "to": rw[2]} for m in metas for rw in m.get("r", ())][:50],
+            "insert_ids": insert_ids,
+            "canonical_ids": sorted(canonical),
+            "sources": sorted(sources),
+            "original_ids": sorted(originals),
+            "rewrites": rewrites,
             "status": status,
-            "attempts": max(r.attempts for r in rows) + (1 if status is not None else 0),
+            "attempts": attempts + (1 if status is not None else 0),
             "latency_ms": round(latency * 1000, 3),
-            "queued_ms": round((time.time() - min(r.enqueued_at for r in rows)) * 1000, 1),
+            "queued_ms": round((now - enqueued) * 1000, 1),
         }
         if reason:
             entry["reason"] = reason

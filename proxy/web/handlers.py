@@ -96,6 +96,9 @@ class Services:
     live: LiveFeed = field(default_factory=LiveFeed)
 
 
+_UNSET = object()
+
+
 @dataclass(slots=True)
 class Visit:
     """What we know about the requester before looking at the payload."""
@@ -822,23 +825,25 @@ class Proxy:
         regions = set()
         name = protocol.name
         region_for = self.region_for[name]
+        prepare, dumps = protocol.prepare, orjson.dumps
+        canonical, source = resolution.canonical, resolution.source
+        project: object = _UNSET  # a batch's events share a project, mostly: its region is looked up once
+        region = ""
         for i, event in enumerate(payload.events):
-            facts = protocol.prepare(route, event, ip)
-            region = region_for(facts.project)
-            regions.add(region)
+            facts = prepare(route, event, ip)
+            if facts.project != project:
+                project = facts.project
+                region = region_for(facts.project)
+                regions.add(region)
             changes = per_event[i] if per_event else ()
             meta = {
-                "c": resolution.canonical,
-                "s": resolution.source,
+                "c": canonical,
+                "s": source,
                 "n": facts.name,
                 "i": facts.insert_id,
-                "r": [[r.field, r.original, r.canonical] for r in changes],
+                "r": [list(r) for r in changes],
             }
-            rows.append(
-                NewRow(
-                    route, region, facts.project, wants_ip, orjson.dumps(event), orjson.dumps(meta), facts.time, name, meta
-                )
-            )
+            rows.append(NewRow(route, region, facts.project, wants_ip, dumps(event), dumps(meta), facts.time, name, meta))
         try:
             await self.s.spool.enqueue(rows)
         except SpoolFull as exc:
