@@ -102,6 +102,21 @@ async def main(events: int) -> None:
 
     await timed("decode + rewrite + prepare + dumps", rewrite_prepare, N, events)
 
+    # The payload's base64 both ways, by the standard library and by pybase64
+    # (what the proxy uses): the decode of every request, the encode of a batch.
+    import binascii
+
+    import pybase64
+
+    from proxy.core.codec import _unescape_base64
+
+    value = _unescape_base64(payload[5:])
+    raw = pybase64.b64decode(value, validate=True)
+    await timed("base64 decode, binascii strict mode", lambda: binascii.a2b_base64(value, strict_mode=True), N, events)
+    await timed("base64 decode, pybase64 validate", lambda: pybase64.b64decode(value, validate=True), N, events)
+    await timed("base64 encode, binascii", lambda: binascii.b2a_base64(raw, newline=False), N, events)
+    await timed("base64 encode, pybase64", lambda: pybase64.b64encode(raw), N, events)
+
 
 
 if __name__ == "__main__":

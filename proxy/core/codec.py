@@ -234,8 +234,9 @@ def _data_only(value: bytes) -> Decoded | None:
     if not value or value[:1] in b"{[ \t\r\n":
         return None
     try:
-        # pybase64's validate is binascii's strict mode (test_codec holds them
-        # to it), at a twentieth of the cost: every mixpanel-js request has it.
+        # pybase64's validate accepts nothing binascii's strict mode refuses
+        # (test_codec holds it to that); what it refuses (``AAAA=``) the form
+        # parser's path reads. A twentieth of the cost, on every request.
         raw = pybase64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         return None

@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 
 from . import memory
-from .forwardlog import ForwardedLog
+from .forwardlog import MAX_LISTED, ForwardedLog
 from ..errors import UpstreamError
 from ..lograte import Throttled
 from .live import LiveFeed
@@ -55,7 +55,6 @@ from ..protocols.base import ACCEPTED, RATE_LIMITED, REFUSED, RETRY, TOO_LARGE, 
 
 log = logging.getLogger(__name__)
 
-_MAX_LOGGED_REWRITES = 50  # per forwarded-log record of a batch
 GroupKey = tuple[str, str, str | None, bool]  # protocol, route, project, ip flag
 MAINTAIN_SECONDS = 5.0
 # A backlog at least this long, once drained, is worth a malloc_trim.
@@ -460,7 +459,7 @@ class Sender:
                 sources.add(m["s"])
             for rw in m.get("r", ()):
                 originals.add(rw[1])
-                if len(rewrites) < _MAX_LOGGED_REWRITES:
+                if len(rewrites) < MAX_LISTED:
                     rewrites.append({"field": rw[0], "from": rw[1], "to": rw[2]})
             if r.attempts > attempts:
                 attempts = r.attempts

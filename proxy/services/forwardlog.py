@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.2
 FLUSH_BYTES = 256 * 1024
+# A record lists at most this many event names, ids and rewrites.
+MAX_LISTED = 50
 
 
 class ForwardedLog:

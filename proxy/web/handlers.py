@@ -38,7 +38,7 @@ from ..core.clientip import TrustedProxies, client_ip, truncate
 from ..core.cookie import CookieJar, cookie_values, valid_id
 from ..core.cors import OriginPolicy
 from ..errors import BadRequest, PayloadTooLarge, UpstreamError
-from ..services.forwardlog import ForwardedLog
+from ..services.forwardlog import MAX_LISTED, ForwardedLog
 from ..services.live import LiveFeed
 from ..services.metrics import CONTENT_TYPE, Metrics
 from ..services.resolver import Resolver
@@ -74,7 +74,6 @@ log = logging.getLogger(__name__)
 STREAM_BODY_BYTES = 64 * 1024
 SPOOL_RETRY_AFTER = "5"
 AJS_COOKIE = "ajs_anonymous_id"
-_MAX_LOGGED_REWRITES = 50
 
 
 @dataclass(slots=True)
@@ -94,9 +93,6 @@ class Services:
     spool: Spool | None = None
     sender: Sender | None = None
     live: LiveFeed = field(default_factory=LiveFeed)
-
-
-_UNSET = object()
 
 
 @dataclass(slots=True)
@@ -440,7 +436,7 @@ class Proxy:
                 "reason": f"consent: {why}",
                 "route": route,
                 "project": project,
-                "events": names[:_MAX_LOGGED_REWRITES],
+                "events": names[:MAX_LISTED],
                 "count": count,
                 "status": None,
             }
@@ -511,13 +507,13 @@ class Proxy:
             "route": route,
             "region": region,
             "project": project,
-            "events": names[:_MAX_LOGGED_REWRITES],
+            "events": names[:MAX_LISTED],
             "count": len(names),
             "canonical_ids": [resolution.canonical] if resolution and resolution.canonical else [],
             "sources": [resolution.source] if resolution else [],
-            "original_ids": sorted({r.original for r in rewrites})[:_MAX_LOGGED_REWRITES],
+            "original_ids": sorted({r.original for r in rewrites})[:MAX_LISTED],
             "rewrites": [
-                {"field": r.field, "from": r.original, "to": r.canonical} for r in rewrites[:_MAX_LOGGED_REWRITES]
+                {"field": r.field, "from": r.original, "to": r.canonical} for r in rewrites[:MAX_LISTED]
             ],
             "status": status,
             "attempts": 1,
@@ -825,25 +821,23 @@ class Proxy:
         regions = set()
         name = protocol.name
         region_for = self.region_for[name]
-        prepare, dumps = protocol.prepare, orjson.dumps
-        canonical, source = resolution.canonical, resolution.source
-        project: object = _UNSET  # a batch's events share a project, mostly: its region is looked up once
-        region = ""
         for i, event in enumerate(payload.events):
-            facts = prepare(route, event, ip)
-            if facts.project != project:
-                project = facts.project
-                region = region_for(facts.project)
-                regions.add(region)
+            facts = protocol.prepare(route, event, ip)
+            region = region_for(facts.project)
+            regions.add(region)
             changes = per_event[i] if per_event else ()
             meta = {
-                "c": canonical,
-                "s": source,
+                "c": resolution.canonical,
+                "s": resolution.source,
                 "n": facts.name,
                 "i": facts.insert_id,
                 "r": [list(r) for r in changes],
             }
-            rows.append(NewRow(route, region, facts.project, wants_ip, dumps(event), dumps(meta), facts.time, name, meta))
+            rows.append(
+                NewRow(
+                    route, region, facts.project, wants_ip, orjson.dumps(event), orjson.dumps(meta), facts.time, name, meta
+                )
+            )
         try:
             await self.s.spool.enqueue(rows)
         except SpoolFull as exc:
