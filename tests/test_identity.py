@@ -41,6 +41,19 @@ def test_anonymous_ids_engage_and_groups():
     assert mixpanel.anonymous_ids("groups", [{"$group_key": "company", "$group_id": "x"}]) == []
 
 
+def test_anonymous_ids_of_a_batch_see_every_event_whose_ids_differ():
+    """A batch of one visitor's events is read once per change of its id
+    fields: a second device id after a run of the first, a merge's old id
+    late in the batch, and the first device again, each counted once, in order."""
+    first = [js_event(f"a{i}", D) for i in range(3)]
+    other = js_event("b", C)
+    merged = js_event("$identify", C, user="user-42", **{"$anon_distinct_id": "$device:old-device-1"})
+    batch = [*first, other, merged, js_event("c", D)]
+    assert mixpanel.anonymous_ids("track", batch) == [D, C, "old-device-1"]
+    engage = [{"$token": "t", "$distinct_id": f"$device:{d}", "$device_id": d, "$set": {}} for d in (D, D, C)]
+    assert mixpanel.anonymous_ids("engage", engage) == [D, C]
+
+
 def test_resolve_browser_order():
     new = lambda: "fresh"  # noqa: E731
     r = identity.resolve_browser(C, [D], {}, new)
