@@ -265,6 +265,23 @@ async def test_decide_asks_about_the_canonical_id(client, upstream):
     assert query["distinct_id"] == f"$device:{canonical}" and query["token"] == TOKEN
 
 
+async def test_a_spooled_batch_of_two_projects_reaches_each_projects_region(proxy_client, upstream, delivery_mode):
+    """The spool routes each event by its own project token, also when a
+    batch changes project and changes back."""
+    if delivery_mode != "spool":
+        pytest.skip("sync mode forwards a request as it came, to its first event's region")
+    client = await proxy_client()
+    d = device_id()
+    events = [js_event(name, d, token=token) for name, token in (("a", EU_TOKEN), ("b", TOKEN), ("c", EU_TOKEN), ("d", IN_TOKEN))]
+    resp = await client.post(TRACK, data=b64_body(events), headers={**BROWSER, **FORM})
+    assert resp.status == 200
+    eu = await upstream.wait(2, "eu", "/track")
+    us = await upstream.wait(1, "us", "/track")
+    india = await upstream.wait(1, "in", "/track")
+    assert sorted(e["event"] for e in eu) == ["a", "c"]
+    assert [e["event"] for e in us] == ["b"] and [e["event"] for e in india] == ["d"]
+
+
 async def test_regions_and_decide(client, upstream):
     for token, region in ((EU_TOKEN, "eu"), (IN_TOKEN, "in"), (TOKEN, "us")):
         resp = await client.post(TRACK, data=b64_body([js_event("x", device_id(), token=token)]), headers={**BROWSER, **FORM})
