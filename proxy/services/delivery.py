@@ -159,9 +159,13 @@ class Sender:
     def accept(self, rows: list[Row]) -> None:
         """Freshly committed rows (``Spool.on_commit``): straight into memory
         while a region is live, else left for the next read from disk."""
-        by_region: dict[str, list[Row]] = {}
-        for row in rows:
-            by_region.setdefault(row.region, []).append(row)
+        first = rows[0].region if rows else ""
+        if all(row.region == first for row in rows):  # one region: nearly every commit
+            by_region = {first: rows} if rows else {}
+        else:
+            by_region = {}
+            for row in rows:
+                by_region.setdefault(row.region, []).append(row)
         for region, fresh in by_region.items():
             state = self.regions.get(region)
             if state is None:
@@ -177,12 +181,24 @@ class Sender:
     @staticmethod
     def _hold(state: RegionState, rows: list[Row]) -> None:
         # The cursor makes a row read from disk and also handed over by a commit
-        # count once.
+        # count once. Consecutive rows mostly share their group: it is looked
+        # up again only when the key changes.
+        groups, cursor, held = state.groups, state.cursor, 0
+        last: GroupKey | None = None
+        group: deque[Row] | None = None
         for row in rows:
-            if row.id > state.cursor:
-                state.groups.setdefault((row.protocol, row.route, row.project, row.ip), deque()).append(row)
-                state.cursor = row.id
-                state.held += 1
+            if row.id > cursor:
+                key = (row.protocol, row.route, row.project, row.ip)
+                if key != last or group is None:
+                    group = groups.get(key)
+                    if group is None:
+                        group = groups[key] = deque()
+                    last = key
+                group.append(row)
+                cursor = row.id
+                held += 1
+        state.cursor = cursor
+        state.held += held
 
     async def stop(self, deadline: float) -> None:
         """Send what can be sent before ``deadline`` (monotonic), then stop;
