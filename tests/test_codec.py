@@ -236,6 +236,14 @@ def test_a_batch_of_flat_events_skips_the_depth_walk_but_a_deep_one_is_still_ref
             codec.decode(**kwargs)
 
 
+@given(st.binary(max_size=300) | st.text(max_size=300))
+def test_the_bracket_count_is_the_number_of_opening_brackets(raw):
+    """The depth shortcut's bound: every ``{`` and ``[`` counted, nothing else
+    in bytes and in text alike."""
+    expected = sum(1 for c in (raw.decode("latin-1") if isinstance(raw, bytes) else raw) if c in "{[")
+    assert codec._brackets(raw) == expected
+
+
 # ----------------------------------------------- edges the mutants showed
 
 
