@@ -821,26 +821,23 @@ class Proxy:
         regions = set()
         name = protocol.name
         region_for = self.region_for[name]
-        prepare, dumps = protocol.prepare, orjson.dumps
-        canonical, source = resolution.canonical, resolution.source
-        # A batch is one project's events, nearly always: its region once.
-        project: str | None = None
-        region = region_for(None)
         for i, event in enumerate(payload.events):
-            facts = prepare(route, event, ip)
-            if facts.project != project:
-                project = facts.project
-                region = region_for(project)
+            facts = protocol.prepare(route, event, ip)
+            region = region_for(facts.project)
             regions.add(region)
-            changes = per_event[i] if per_event else None
+            changes = per_event[i] if per_event else ()
             meta = {
-                "c": canonical,
-                "s": source,
+                "c": resolution.canonical,
+                "s": resolution.source,
                 "n": facts.name,
                 "i": facts.insert_id,
-                "r": [list(r) for r in changes] if changes else [],
+                "r": [list(r) for r in changes],
             }
-            rows.append(NewRow(route, region, project, wants_ip, dumps(event), dumps(meta), facts.time, name, meta))
+            rows.append(
+                NewRow(
+                    route, region, facts.project, wants_ip, orjson.dumps(event), orjson.dumps(meta), facts.time, name, meta
+                )
+            )
         try:
             await self.s.spool.enqueue(rows)
         except SpoolFull as exc:
