@@ -154,24 +154,11 @@ def _event_anon_ids(route: str, event: Mapping[str, Any]) -> list[str]:
 
 
 def anonymous_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
-    """Anonymous ids in a batch, first seen first, without duplicates.
-
-    A browser's batch is one visitor's events: they share their id fields, so
-    an event whose fields are those of the event before adds nothing and is
-    not looked at again (one tuple compare instead of the string rules)."""
+    """Anonymous ids in a batch, first seen first, without duplicates."""
     if route == "groups":
         return []
     seen: dict[str, None] = {}
-    keys = _ENGAGE_FIELDS if route == "engage" else _TRACK_FIELDS
-    last: tuple[Any, ...] | None = None
     for event in events:
-        source = _person(route, event)
-        if not isinstance(source, dict):
-            continue
-        fields = tuple([source.get(k) for k in keys])
-        if fields == last:
-            continue
-        last = fields
         for value in _event_anon_ids(route, event):
             seen.setdefault(value)
     return list(seen)
