@@ -289,6 +289,79 @@ async def test_400_dead_letters_exactly_the_bad_events(serve_proxy, tmp_path, up
     await client.close()
 
 
+async def post_batch(client: Any, events: list[dict[str, Any]]) -> list[str]:
+    resp = await client.post(TRACK, data=b64_body(events), headers={**BROWSER, **FORM})
+    assert resp.status == 200, await resp.text()
+    return [e["properties"]["$insert_id"] for e in events]
+
+
+async def test_a_batch_is_one_spool_row_and_one_upstream_request(serve_proxy, tmp_path, upstream):
+    """mixpanel-js's 10-event request: one row holding 10 events (depth,
+    stats and the forwarded log count events), sent as one upstream batch."""
+    from proxy.web.app import SPOOL
+
+    # A partial batch waits out the window: time to look at the spool first.
+    client = await start_proxy(serve_proxy, tmp_path, upstream, delivery={"batch_window_ms": 3000})
+    d = device_id()
+    sent = await post_batch(client, [js_event(f"E{i}", d) for i in range(10)])
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        assert c.execute("SELECT COUNT(*), SUM(count) FROM queue").fetchone() == (1, 10)
+    assert client.app[SPOOL].depth == 10
+    assert (await client.app[SPOOL].stats())["depth"] == 10
+    await until(lambda: set(insert_ids(upstream)) == set(sent), 10, "delivery")
+    assert [len(r.events()) for r in upstream.requests] == [10]
+    assert [e["event"] for e in upstream.requests[0].events()] == [f"E{i}" for i in range(10)]
+    await until(lambda: client.app[SPOOL].depth == 0, 5, "the spool to empty")
+    await client.close()
+    records = [orjson.loads(line) for line in (tmp_path / "data" / "forwarded.jsonl").read_bytes().splitlines()]
+    forwarded = [r for r in records if r["outcome"] == "forwarded"]
+    assert [r["count"] for r in forwarded] == [10] and forwarded[0]["insert_ids"] == sent
+
+
+@pytest.mark.parametrize("names_failures", [True, False], ids=["failed_records", "bisect"])
+async def test_a_bad_event_inside_a_batch_is_dead_lettered_alone(serve_proxy, tmp_path, upstream, names_failures):
+    """One request's events share a row: the upstream refusing one of them
+    (by index, or only as a batch) buries that event alone, with its own body,
+    and the other nine reach the upstream."""
+
+    async def behave(rec: Recorded) -> web.Response | None:
+        events = rec.events()
+        bad = [i for i, e in enumerate(events) if e["properties"].get("bad")]
+        if not bad:
+            return None
+        if names_failures:
+            accepted.extend(e for i, e in enumerate(events) if i not in bad)
+            failed = [{"index": i, "field": "properties.bad", "message": "'bad' is not allowed"} for i in bad]
+            return web.json_response({"code": 400, "failed_records": failed}, status=400)
+        return web.json_response({"status": 0, "error": "invalid event"}, status=400)
+
+    accepted: list[dict[str, Any]] = []
+    upstream.behave = behave
+    client = await start_proxy(serve_proxy, tmp_path, upstream, delivery={"batch_window_ms": 50})
+    d = device_id()
+    events = [js_event(f"E{i}", d, **({"bad": True} if i == 4 else {})) for i in range(10)]
+    sent = await post_batch(client, events)
+
+    def arrived() -> set[str]:
+        return set(insert_ids(upstream)) | {e["properties"]["$insert_id"] for e in accepted}
+
+    good = set(sent) - {sent[4]}
+    await until(lambda: arrived() >= good, 10, "the nine good events")
+    await until(lambda: len(dead_letters(tmp_path)) == 1, 10, "one dead letter")
+    assert [i for i, _, _ in dead_letters(tmp_path)] == [sent[4]]
+    assert sent[4] not in arrived()
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        [(body,)] = c.execute("SELECT body FROM dead").fetchall()
+    assert orjson.loads(body)["event"] == "E4"  # one event, not the row it came in
+    await until(lambda: not queued(tmp_path), 5, "the queue to empty")
+    await client.close()
+
+
+def queued(tmp_path: Any) -> int:
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        return int(c.execute("SELECT COALESCE(SUM(count), 0) FROM queue").fetchone()[0])
+
+
 async def test_hanging_upstream_times_out_and_retries(serve_proxy, tmp_path, upstream):
     calls = {"n": 0}
     release = asyncio.Event()
@@ -374,6 +447,21 @@ async def test_expired_events_are_not_sent(serve_proxy, tmp_path, upstream):
     assert [r["insert_ids"] for r in records if r["outcome"] == "expired"] == [old]
 
 
+async def test_an_old_event_in_a_fresh_batch_expires_alone(serve_proxy, tmp_path, upstream):
+    """A row's time is its oldest event's: an expired event among fresh ones
+    is buried on its own, the fresh ones of its request are sent."""
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
+    d = device_id()
+    events = [js_event(f"E{i}", d, **({"time": time.time() - 6 * 86400} if i == 2 else {})) for i in range(5)]
+    sent = await post_batch(client, events)
+    await until(lambda: set(insert_ids(upstream)) >= set(sent) - {sent[2]}, 5, "the fresh events")
+    await until(lambda: len(dead_letters(tmp_path)) == 1, 5, "the expired event's dead letter")
+    assert [(i, r) for i, r, _ in dead_letters(tmp_path)] == [(sent[2], "expired")]
+    assert sent[2] not in insert_ids(upstream)
+    await until(lambda: not queued(tmp_path), 5, "the queue to empty")
+    await client.close()
+
+
 async def test_401_buries_the_batch_without_retrying(serve_proxy, tmp_path, upstream):
     async def behave(rec: Recorded) -> web.Response | None:
         return web.Response(status=401, text="Invalid credentials")
@@ -399,7 +487,7 @@ async def test_shutdown_keeps_unsent_events_for_the_next_start(serve_proxy, tmp_
     closed.close()
     assert time.monotonic() - started < 5  # the drain deadline holds
     with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
-        assert c.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 25
+        assert c.execute("SELECT SUM(count) FROM queue").fetchone()[0] == 25
     # Next start, upstream reachable: everything goes out.
     client = await start_proxy(serve_proxy, tmp_path, upstream)
     await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery after restart")
@@ -501,7 +589,7 @@ async def test_old_spool_with_region_index_is_migrated(tmp_path):
     await spool.open()
     await spool.enqueue([NewRow("track", "eu", None, False, b"{}", b"{}"), NewRow("track", "us", None, False, b"{}", b"{}")])
     assert [r.region for r in await spool.read("us", 0, 10)] == ["us"]
-    spool.ack([1, 2])
+    spool.ack([*await spool.read("us", 0, 10), *await spool.read("eu", 0, 10)])
     await spool.flush()
     await spool.close()
     with sqlite3.connect(path) as c:

@@ -361,3 +361,25 @@ async def test_a_refusing_spool_takes_events_again_only_with_room_to_spare(tmp_p
             assert spool.refusing is None
         finally:
             await spool.close()
+
+
+def test_salvage_carries_rows_of_a_spool_older_than_its_columns(tmp_path):
+    """A damaged spool written before ``protocol`` and ``count`` existed: its
+    rows are carried over, the fresh spool's defaults filling the new columns
+    (one Mixpanel event a row)."""
+    from proxy.services.spool import connect, salvage_into
+
+    old = tmp_path / "old.sqlite3"
+    with sqlite3.connect(old) as c:  # what 0.1.0 created
+        c.execute("CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT, route TEXT NOT NULL, region TEXT NOT NULL,"
+                  " project TEXT, ip INTEGER NOT NULL, body BLOB NOT NULL, meta BLOB NOT NULL,"
+                  " enqueued_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)")
+        c.executemany("INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      [("track", "us", None, 1, b'{"event":"e%d"}' % i, b"{}", 1.0) for i in range(3)])
+    fresh = connect(tmp_path / "fresh.sqlite3")
+    try:
+        assert salvage_into(old, fresh) == (3, 0)
+        rows = fresh.execute("SELECT id, body, protocol, count FROM queue ORDER BY id").fetchall()
+        assert rows == [(i + 1, b'{"event":"e%d"}' % i, "mixpanel", 1) for i in range(3)]
+    finally:
+        fresh.close()

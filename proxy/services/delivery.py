@@ -40,8 +40,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from . import memory
 from .forwardlog import MAX_LISTED, ForwardedLog
 from ..errors import UpstreamError
@@ -57,7 +55,7 @@ log = logging.getLogger(__name__)
 
 GroupKey = tuple[str, str, str | None, bool]  # protocol, route, project, ip flag
 MAINTAIN_SECONDS = 5.0
-# A backlog at least this long, once drained, is worth a malloc_trim.
+# A backlog of at least this many events, once drained, is worth a malloc_trim.
 TRIM_AFTER_ROWS = 1000
 
 
@@ -73,7 +71,7 @@ class RegionState:
     endpoint: Endpoint
     cursor: int = 0
     groups: dict[GroupKey, deque[Row]] = field(default_factory=dict)
-    held: int = 0  # rows in memory (grouped or in flight)
+    held: int = 0  # events in memory (grouped or in flight)
     in_flight: int = 0
     # live: caught up with the spool, fresh rows arrive from commits in memory;
     # otherwise (start-up, backlog, memory full) rows are read from disk.
@@ -84,7 +82,7 @@ class RegionState:
     reading: bool = False
     pending: list[Row] = field(default_factory=list)
     last_read: float = 0.0
-    from_disk: int = 0  # rows read from disk since the region was last live (a backlog)
+    from_disk: int = 0  # events read from disk since the region was last live (a backlog)
     failures: int = 0
     paused_until: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -172,7 +170,7 @@ class Sender:
                 continue
             if state.reading:
                 state.pending.extend(fresh)
-            elif state.live and state.held + len(fresh) <= self._limit(state):
+            elif state.live and state.held + sum([r.count for r in fresh]) <= self._limit(state):
                 self._hold(state, fresh)
             else:
                 state.live = False  # left on disk for the next read
@@ -196,7 +194,7 @@ class Sender:
                     last = key
                 group.append(row)
                 cursor = row.id
-                held += 1
+                held += row.count
         state.cursor = cursor
         state.held += held
 
@@ -275,16 +273,27 @@ class Sender:
                 state.reading = False
                 pending, state.pending = state.pending, []
             state.last_read = now
+            # ``want`` is in events and a row may hold several: what is past
+            # the budget stays on disk for the next read (the cursor stops at
+            # the last row held).
+            read = len(rows)
+            budget = want
+            for i, row in enumerate(rows):
+                if budget <= 0:
+                    rows = rows[:i]
+                    break
+                budget -= row.count
             self._hold(state, rows)
             was_live = state.live
             # A short read saw every commit made before it ran; commits made
             # since are in ``pending`` (a row in both counts once: the cursor).
             # Together they are the whole queue: live from here on.
-            state.live = len(rows) < want and state.held + len(pending) <= limit
+            pending_events = sum([r.count for r in pending])
+            state.live = read < want and len(rows) == read and state.held + pending_events <= limit
             if state.live:
                 self._hold(state, pending)
             if not was_live:
-                state.from_disk += len(rows)
+                state.from_disk += sum([r.count for r in rows])
                 if state.live:
                     self._drained(state)
         if state.paused_until > time.time():
@@ -315,19 +324,20 @@ class Sender:
 
     @staticmethod
     def _take(rows: deque[Row], size: int, protocol: WireProtocol) -> list[Row]:
-        """The next batch: at most ``size`` rows, and no more calls or bytes of
-        bodies than the protocol's upstream takes in one request (Segment: 100
-        calls, 500 KB); one row always goes, whatever its size (the upstream
-        then answers for it)."""
-        count = min(size, len(rows), protocol.max_batch_calls or size)
+        """The next batch: at most ``size`` events, and no more calls or bytes
+        of bodies than the protocol's upstream takes in one request (Segment:
+        100 calls, 500 KB); one row always goes, whatever it holds (the
+        upstream then answers for it)."""
+        most = min(size, protocol.max_batch_calls or size)
         limit = protocol.max_batch_bytes
-        if limit is None:
-            return [rows.popleft() for _ in range(count)]
         batch = [rows.popleft()]
+        events = batch[0].count
         total = len(batch[0].body)
-        while rows and len(batch) < count and total + len(rows[0].body) + 1 <= limit:
-            total += len(rows[0].body) + 1
-            batch.append(rows.popleft())
+        while rows and events + rows[0].count <= most and (limit is None or total + len(rows[0].body) + 1 <= limit):
+            row = rows.popleft()
+            events += row.count
+            total += len(row.body) + 1
+            batch.append(row)
         return batch
 
     def _launch(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
@@ -358,7 +368,12 @@ class Sender:
         cutoff = time.time() - max_age
         expired = [r for r in batch if r.event_time is not None and r.event_time < cutoff] if route == "track" else []
         if expired:
-            self._bury(state, expired, "expired", f"event older than {max_age / 86400:g} days", None, 0.0)
+            # A row's time is its oldest event's: a row of several goes back one a row,
+            # and each of its events is judged on its own when it comes round again.
+            self._requeue(state, [r for r in expired if r.count > 1])
+            alone = [r for r in expired if r.count == 1]
+            if alone:
+                self._bury(state, alone, "expired", f"event older than {max_age / 86400:g} days", None, 0.0)
             gone = {r.id for r in expired}
             batch = [r for r in batch if r.id not in gone]
             if not batch:
@@ -389,7 +404,9 @@ class Sender:
         elif verdict.kind == RATE_LIMITED:
             self._retry(state, key, batch, verdict.retry_after, verdict.detail or "rate limited")
         elif verdict.kind == TOO_LARGE:
-            if len(batch) == 1:
+            if len(batch) == 1 and batch[0].count > 1:
+                self._requeue(state, batch)  # its events one a row, split further if need be
+            elif len(batch) == 1:
                 self._bury(state, batch, "too_large", verdict.detail, 413, latency)
             else:
                 await self._split(state, key, batch)
@@ -399,13 +416,17 @@ class Sender:
         else:  # REJECTED
             state.failures = 0
             if verdict.failed:
-                # The upstream named the bad records; it ingested the others.
-                for i, r in enumerate(batch):
+                # The upstream named the bad records (by their place among the
+                # batch's events); it ingested the others.
+                events = [e for r in batch for e in r.split()] if any(r.count > 1 for r in batch) else batch
+                for i, r in enumerate(events):
                     if i in verdict.failed:
                         self._bury(state, [r], "rejected", verdict.failed[i], response.status, latency)
-                good = [r for i, r in enumerate(batch) if i not in verdict.failed]
+                good = [r for i, r in enumerate(events) if i not in verdict.failed]
                 if good:
                     self._done(state, good, "forwarded", response.status, latency)
+            elif len(batch) == 1 and batch[0].count > 1:
+                self._requeue(state, batch)  # bisected event by event when it comes round again
             elif len(batch) == 1:
                 self._bury(state, batch, "rejected", verdict.detail, response.status, latency)
             else:
@@ -427,23 +448,34 @@ class Sender:
         self.spool.count_attempt(batch)
         rows = state.groups.setdefault(key, deque())
         rows.extendleft(reversed(batch))  # back to the front, in order
-        self.metrics.outcome("retry", key[1], len(batch))
+        events = sum([r.count for r in batch])
+        self.metrics.outcome("retry", key[1], events)
         # At most a line a minute per region, however many sends fail meanwhile.
         self._warn.warning(
             ("retry", state.region),
-            "upstream %s: %s; %d events kept, next try in %.1f s", state.region, detail, len(batch), delay,
+            "upstream %s: %s; %d events kept, next try in %.1f s", state.region, detail, events, delay,
         )
 
     def _done(self, state: RegionState, rows: list[Row], outcome: str, status: int, latency: float) -> None:
-        self.spool.ack(r.id for r in rows)
-        state.held -= len(rows)
+        self.spool.ack(rows)
+        state.held -= sum([r.count for r in rows])
         self._log(state, rows, outcome, status, latency)
 
     def _bury(self, state: RegionState, rows: list[Row], reason: str, detail: str, status: int | None, latency: float) -> None:
+        # A dead letter is one event: a row of several is buried event by event.
+        rows = [e for r in rows for e in r.split()] if any(r.count > 1 for r in rows) else rows
         self.spool.bury(DeadLetter(r, reason, detail, status) for r in rows)
         state.held -= len(rows)
         self.metrics.dead_lettered(reason, len(rows))
         self._log(state, rows, "expired" if reason == "expired" else "dead_letter", status, latency, reason, detail)
+
+    def _requeue(self, state: RegionState, rows: list[Row]) -> None:
+        """Rows whose events need outcomes of their own: spooled again one a
+        row (``Spool.requeue``, in the transaction that deletes them), from
+        where they come back as fresh rows; nothing is sent or logged now."""
+        for row in rows:
+            self.spool.requeue(row)
+            state.held -= row.count
 
     def _log(
         self,
@@ -464,19 +496,21 @@ class Sender:
         rewrites: list[dict[str, str]] = []
         attempts = 0
         enqueued = rows[0].enqueued_at
+        count = 0
         for r in rows:
-            m = r.info if r.info is not None else orjson.loads(r.meta)
-            names.append(m.get("n", ""))
-            if m.get("i"):
-                insert_ids.append(m["i"])
-            if m.get("c"):
-                canonical.add(m["c"])
-            if m.get("s"):
-                sources.add(m["s"])
-            for rw in m.get("r", ()):
-                originals.add(rw[1])
-                if len(rewrites) < MAX_LISTED:
-                    rewrites.append({"field": rw[0], "from": rw[1], "to": rw[2]})
+            for m in r.metas():
+                count += 1
+                names.append(m.get("n", ""))
+                if m.get("i"):
+                    insert_ids.append(m["i"])
+                if m.get("c"):
+                    canonical.add(m["c"])
+                if m.get("s"):
+                    sources.add(m["s"])
+                for rw in m.get("r", ()):
+                    originals.add(rw[1])
+                    if len(rewrites) < MAX_LISTED:
+                        rewrites.append({"field": rw[0], "from": rw[1], "to": rw[2]})
             if r.attempts > attempts:
                 attempts = r.attempts
             if r.enqueued_at < enqueued:
@@ -489,7 +523,7 @@ class Sender:
             "region": state.region,
             "project": rows[0].project,
             "events": names,
-            "count": len(rows),
+            "count": count,
             "insert_ids": insert_ids,
             "canonical_ids": sorted(canonical),
             "sources": sorted(sources),
@@ -504,6 +538,6 @@ class Sender:
             entry["reason"] = reason
             entry["detail"] = (detail or "")[:500]
         self.forwarded.record(entry)
-        self.metrics.outcome(outcome, rows[0].route, len(rows))
+        self.metrics.outcome(outcome, rows[0].route, count)
         if self.live is not None and self.live.watching:
             self.live.delivery(entry["insert_ids"], outcome, status, reason)

@@ -64,6 +64,9 @@ def subject_of(stream: str, region: str) -> str:
 class JetStreamQueue:
     """What the handlers and the sender use of a queue (``Spool``'s surface), on JetStream."""
 
+    # One message per event: JetStream de-duplicates by each event's insert id.
+    rows_hold_requests = False
+
     def __init__(self, settings: DeliverySettings, regions: Iterable[str]) -> None:
         self.settings = settings
         self.stream = settings.stream
@@ -321,9 +324,9 @@ class JetStreamQueue:
         for msg in self._held.values():
             self._later(msg.in_progress())
 
-    def ack(self, ids: Iterable[int]) -> None:
-        for i in ids:
-            msg = self._held.pop(i, None)
+    def ack(self, rows: Iterable[Row]) -> None:
+        for row in rows:
+            msg = self._held.pop(row.id, None)
             if msg is not None:
                 self._later(msg.ack())
 

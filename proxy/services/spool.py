@@ -7,6 +7,10 @@ blocks on the disk). Invariants:
   holds it is committed and fsync'd (``synchronous=FULL``);
 - a row leaves ``queue`` only in the same transaction that records its
   outcome: deleted after an upstream 2xx, or moved to ``dead`` with a reason;
+- a row holds ``count`` events that arrived in one request (their JSON joined
+  by commas, their metas a JSON array; a single event is its own JSON and
+  meta): a batch of 10 events is one B-tree cell and one id, not ten. Depth,
+  ``max_rows`` and every figure count events, never rows;
 - ids come from ``AUTOINCREMENT`` and are never reused, so a reader that
   walks ``id > cursor`` sees every row exactly once per process lifetime
   (a restart walks from 0 again: whatever is still queued is sent again,
@@ -29,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -41,7 +47,8 @@ CREATE TABLE IF NOT EXISTS queue (
     enqueued_at REAL NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
     event_time  REAL,                  -- the event's own time (s), for the /track age limit
-    protocol    TEXT NOT NULL DEFAULT 'mixpanel'  -- whose wire the body speaks (protocols/)
+    protocol    TEXT NOT NULL DEFAULT 'mixpanel',  -- whose wire the body speaks (protocols/)
+    count       INTEGER NOT NULL DEFAULT 1  -- events in the row (one request's, of one project)
 );
 -- No index on region: it would be one more b-tree write per insert and per
 -- delete, for the sender's backlog reads, which walk ids in order anyway.
@@ -70,15 +77,18 @@ log = logging.getLogger(__name__)
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 _PAGE = 4096  # SQLite's default page size, which the spool keeps
 
-_COLUMNS = "id, route, region, project, ip, body, meta, enqueued_at, attempts, event_time, protocol"
-_INSERT_HEAD = "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, event_time, protocol) VALUES "
-_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_ROWS_PER_INSERT = 256  # 9 parameters each, far below SQLite's 32,766 limit
+_COLUMNS = "id, route, region, project, ip, body, meta, enqueued_at, attempts, event_time, protocol, count"
+_INSERT_HEAD = (
+    "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, event_time, protocol, count) VALUES "
+)
+_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ROWS_PER_INSERT = 256  # 10 parameters each, far below SQLite's 32,766 limit
 
 
 class NewRow(NamedTuple):
-    """An event to spool. A NamedTuple (immutable, built in C): one per
-    event on the request path, where a frozen dataclass's ``__init__``
+    """Events to spool: one, or ``count`` of one request (``body`` their JSON
+    joined by commas, ``meta`` a JSON array of their metas). A NamedTuple
+    (immutable, built in C), where a frozen dataclass's ``__init__``
     (``object.__setattr__`` per field) cost three times as much."""
 
     route: str
@@ -89,9 +99,11 @@ class NewRow(NamedTuple):
     meta: bytes
     event_time: float | None = None
     protocol: str = "mixpanel"
-    # ``meta`` as the handler built it, handed to the sender with the committed
-    # row so the forwarded log does not decode it again (never stored).
-    info: dict[str, Any] | None = None
+    # ``meta`` as the handler built it (a list when count > 1), handed to the
+    # sender with the committed row so the forwarded log does not decode it
+    # again (never stored).
+    info: dict[str, Any] | list[dict[str, Any]] | None = None
+    count: int = 1
 
 
 @dataclass(slots=True)
@@ -105,9 +117,29 @@ class Row:
     meta: bytes
     enqueued_at: float
     attempts: int
-    event_time: float | None = None
+    event_time: float | None = None  # the oldest of its events' times
     protocol: str = "mixpanel"
-    info: dict[str, Any] | None = None  # decoded ``meta``, for rows handed over in memory
+    info: dict[str, Any] | list[dict[str, Any]] | None = None  # decoded ``meta``, for rows handed over in memory
+    count: int = 1
+
+    def metas(self) -> list[dict[str, Any]]:
+        """Each event's meta (``n`` name, ``i`` insert id, ``c`` canonical id...), in order."""
+        m = self.info if self.info is not None else orjson.loads(self.meta)
+        return m if isinstance(m, list) else [m]
+
+    def split(self) -> list[Row]:
+        """One row per event, each still this row's id (a view: an outcome for
+        them is an outcome for this row). For the rare outcomes that differ
+        per event: a dead letter, an expired event."""
+        if self.count == 1:
+            return [self]
+        events = orjson.loads(b"[" + self.body + b"]")
+        metas = self.metas()
+        return [
+            Row(self.id, self.route, self.region, self.project, self.ip, orjson.dumps(e), orjson.dumps(m),
+                self.enqueued_at, self.attempts, m.get("t"), self.protocol, m)
+            for e, m in zip(events, metas)
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +205,9 @@ def connect(path: Path, fsync: bool = True) -> sqlite3.Connection:
     for table in ("queue", "dead"):
         if "protocol" not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN protocol TEXT NOT NULL DEFAULT 'mixpanel'")
+    # Spools written before rows held a request's events hold one event a row.
+    if "count" not in {row[1] for row in conn.execute("PRAGMA table_info(queue)")}:
+        conn.execute("ALTER TABLE queue ADD COLUMN count INTEGER NOT NULL DEFAULT 1")
     return conn
 
 
@@ -270,7 +305,13 @@ def salvage_into(old_path: Path, fresh: sqlite3.Connection) -> tuple[int, int]:
         old = sqlite3.connect(f"file:{old_path}?mode=ro", uri=True)
     except sqlite3.DatabaseError:
         return 0, 0
-    def copy(table: str, columns: str) -> int:
+    def copy(table: str, wanted: str) -> int:
+        # An older file lacks the newer columns: the fresh spool's defaults fill them.
+        try:
+            have = {row[1] for row in old.execute(f"PRAGMA table_info({table})")}
+        except sqlite3.DatabaseError:
+            have = set()
+        columns = ", ".join(c for c in wanted.split(", ") if not have or c in have)
         insert = f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * (columns.count(',') + 1))})"
         copied = 0
         for row in _readable_rows(old, table, columns):
@@ -296,10 +337,13 @@ def salvage_into(old_path: Path, fresh: sqlite3.Connection) -> tuple[int, int]:
 
 
 def _row(t: tuple[Any, ...]) -> Row:
-    return Row(t[0], t[1], t[2], t[3], bool(t[4]), t[5], t[6], t[7], t[8], t[9], t[10])
+    return Row(t[0], t[1], t[2], t[3], bool(t[4]), t[5], t[6], t[7], t[8], t[9], t[10], None, t[11])
 
 
 class Spool:
+    # The handler spools a request's events of one project as one row.
+    rows_hold_requests = True
+
     def __init__(self, path: Path, *, max_rows: int, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.path = path
         self.max_rows = max_rows
@@ -317,7 +361,7 @@ class Spool:
         # Pending work for the next transaction.
         self._inserts: list[tuple[NewRow, float]] = []
         self._insert_waiters: list[asyncio.Future[None]] = []
-        self._deletes: list[int] = []
+        self._deletes: list[tuple[int, int]] = []  # (row id, its events)
         self._dead: list[DeadLetter] = []
         self._attempts: list[tuple[int, int]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -342,7 +386,7 @@ class Spool:
                 "salvaged into a fresh spool, which is in use",
                 self.path, salvaged.error, salvaged.moved_to, salvaged.queued, salvaged.dead,
             )
-        self.depth = await self._call(lambda c: c.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+        self.depth = await self._call(lambda c: c.execute("SELECT COALESCE(SUM(count), 0) FROM queue").fetchone()[0])
         await self._check_space()
         self._watch = loop.create_task(self._watch_space())
 
@@ -373,7 +417,8 @@ class Spool:
         (SpoolUnwritable while the disk is full or refuses writes)."""
         if self.refusing is not None:
             raise SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
-        if self.depth + len(self._inserts) + len(rows) > self.max_rows:
+        pending = sum([r.count for r, _ in self._inserts])
+        if self.depth + pending + sum([r.count for r in rows]) > self.max_rows:
             raise SpoolFull(f"spool holds {self.depth} events, its limit is {self.max_rows}")
         now = time.time()
         self._inserts.extend((r, now) for r in rows)
@@ -383,9 +428,23 @@ class Spool:
         self._schedule()
         await waiter
 
-    def ack(self, ids: Iterable[int]) -> None:
-        """The upstream took these rows: delete them in the next transaction."""
-        self._deletes.extend(ids)
+    def ack(self, rows: Iterable[Row]) -> None:
+        """The upstream took these rows (or views of one, ``Row.split``):
+        delete them in the next transaction."""
+        self._deletes.extend([(row.id, row.count) for row in rows])
+        self._schedule()
+
+    def requeue(self, row: Row) -> None:
+        """Store a row's events one a row instead (new ids, after every row
+        so far), in the transaction that deletes it: for an outcome that
+        differs per event (an expired event, one the upstream refuses). The
+        new rows reach the sender as any committed rows do."""
+        now = time.time()
+        for one in row.split():
+            self._inserts.append(
+                (NewRow(one.route, one.region, one.project, one.ip, one.body, one.meta, one.event_time, one.protocol, one.info), now)
+            )
+        self._deletes.append((row.id, row.count))
         self._schedule()
 
     def bury(self, letters: Iterable[DeadLetter]) -> None:
@@ -435,7 +494,7 @@ class Spool:
                 if not (deletes or dead or attempts):
                     continue
             try:
-                last_id = await self._call(lambda c: _transaction(c, inserts, deletes, dead, attempts))
+                last_id = await self._call(lambda c: _transaction(c, inserts, [i for i, _ in deletes], dead, attempts))
             except BaseException as exc:
                 if is_write_error(exc):
                     # The disk refused: the clients are told 503 (they keep their
@@ -467,13 +526,15 @@ class Spool:
                 else:
                     self._accept()
             self.commits += 1
-            self.depth += len(inserts) - len(set(deletes)) - len(dead)
+            # Views of one row (Row.split) share its id: each counts its own event.
+            self.depth += sum([r.count for r, _ in inserts]) - sum([n for _, n in deletes]) - len(dead)
             if inserts and self.on_commit is not None:
                 # One writer, one transaction: the inserted ids are consecutive.
                 first = last_id - len(inserts) + 1
                 self.on_commit(
                     [
-                        Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time, r.protocol, r.info)
+                        Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time, r.protocol, r.info,
+                            r.count)
                         for i, (r, t) in enumerate(inserts)
                     ]
                 )
@@ -605,7 +666,7 @@ def _transaction(
             chunk = inserts[start : start + _ROWS_PER_INSERT]
             params: list[Any] = []
             for r, t in chunk:
-                params += (r.route, r.region, r.project, int(r.ip), r.body, r.meta, t, r.event_time, r.protocol)
+                params += (r.route, r.region, r.project, int(r.ip), r.body, r.meta, t, r.event_time, r.protocol, r.count)
             # The cursor's lastrowid is the last row this statement inserted:
             # no statement of its own (each one is two GIL hand-overs).
             last_id = c.execute(_INSERT_HEAD + ", ".join([_INSERT_ROW] * len(chunk)), params).lastrowid or 0
@@ -694,8 +755,8 @@ def id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
 
 def stats_of(c: sqlite3.Connection) -> dict[str, Any]:
     """Depth, oldest age and dead letters by reason (also used by the CLI)."""
-    depth, oldest = c.execute("SELECT COUNT(*), MIN(enqueued_at) FROM queue").fetchone()
-    by_region = dict(c.execute("SELECT region, COUNT(*) FROM queue GROUP BY region").fetchall())
+    depth, oldest = c.execute("SELECT COALESCE(SUM(count), 0), MIN(enqueued_at) FROM queue").fetchone()
+    by_region = dict(c.execute("SELECT region, SUM(count) FROM queue GROUP BY region").fetchall())
     dead = dict(c.execute("SELECT reason, COUNT(*) FROM dead GROUP BY reason").fetchall())
     return {
         "depth": depth,

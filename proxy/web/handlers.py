@@ -128,6 +128,43 @@ def is_browser(headers: Mapping[str, str]) -> bool:
     return headers.get("user-agent", "").startswith("Mozilla/")
 
 
+class _Group:
+    """A request's consecutive events of one region and project, becoming one
+    spool row: their JSON joined by commas (what a batch joins again), their
+    metas a list, each with its event's time (``t``) when there are several,
+    the row's time its oldest event's."""
+
+    __slots__ = ("region", "project", "bodies", "metas", "times", "size")
+
+    def __init__(self) -> None:
+        self.region = ""
+        self.project: str | None = None
+        self.bodies: list[bytes] = []
+        self.metas: list[dict[str, Any]] = []
+        self.times: list[float | None] = []
+        self.size = 0
+
+    def add(self, region: str, project: str | None, body: bytes, meta: dict[str, Any], time_: float | None) -> None:
+        self.region, self.project = region, project
+        self.bodies.append(body)
+        self.metas.append(meta)
+        self.times.append(time_)
+        self.size += len(body) + 1
+
+    def row(self, route: str, ip: bool, protocol: str) -> NewRow:
+        if len(self.bodies) == 1:
+            meta = self.metas[0]
+            return NewRow(route, self.region, self.project, ip, self.bodies[0], orjson.dumps(meta), self.times[0], protocol, meta)
+        known = [t for t in self.times if t is not None]
+        for meta, t in zip(self.metas, self.times):
+            if t is not None:
+                meta["t"] = t
+        return NewRow(
+            route, self.region, self.project, ip, b",".join(self.bodies), orjson.dumps(self.metas),
+            min(known) if known else None, protocol, self.metas, len(self.bodies),
+        )
+
+
 def answer(a: Answer) -> web.Response:
     """An SDK answer as the protocol shaped it."""
     return web.Response(status=a.status, body=a.body, content_type=a.content_type)
@@ -817,10 +854,17 @@ class Proxy:
         # geolocation when the client asked for it (ip=1).
         wants_ip = payload.wants_ip
         ip = self._client(request)[0] if wants_ip else None
-        rows = []
+        rows: list[NewRow] = []
         regions = set()
         name = protocol.name
         region_for = self.region_for[name]
+        # The SQLite spool keeps a request's consecutive events of one project
+        # in one row (one B-tree cell, one id), up to what one upstream batch
+        # holds; JetStream keeps one message per event.
+        grouped = self.s.spool.rows_hold_requests
+        most = min(self.s.settings.delivery.batch_size, protocol.max_batch_calls or 2**31)
+        limit = protocol.max_batch_bytes
+        group = _Group()
         for i, event in enumerate(payload.events):
             facts = protocol.prepare(route, event, ip)
             region = region_for(facts.project)
@@ -833,22 +877,32 @@ class Proxy:
                 "i": facts.insert_id,
                 "r": [list(r) for r in changes],
             }
-            rows.append(
-                NewRow(
-                    route, region, facts.project, wants_ip, orjson.dumps(event), orjson.dumps(meta), facts.time, name, meta
-                )
-            )
+            body = orjson.dumps(event)
+            if not grouped:
+                rows.append(NewRow(route, region, facts.project, wants_ip, body, orjson.dumps(meta), facts.time, name, meta))
+                continue
+            if group.bodies and (
+                group.region != region
+                or group.project != facts.project
+                or len(group.bodies) >= most
+                or (limit is not None and group.size + len(body) + 1 > limit)
+            ):
+                rows.append(group.row(route, wants_ip, name))
+                group = _Group()
+            group.add(region, facts.project, body, meta, facts.time)
+        if group.bodies:
+            rows.append(group.row(route, wants_ip, name))
         try:
             await self.s.spool.enqueue(rows)
         except SpoolFull as exc:
             response = answer(protocol.error(503, f"{exc}; retry later", payload.verbose))
             response.headers["Retry-After"] = SPOOL_RETRY_AFTER
             return self._finish(response, visit, None, route)
-        self.s.metrics.accepted(route, len(rows), protocol.name, resolution.source)
+        self.s.metrics.accepted(route, len(payload.events), protocol.name, resolution.source)
         for region in regions:
             self.s.sender.notify(region)
         if self.s.live.watching:
-            metas = [row.info or {} for row in rows]
+            metas = [m for row in rows for m in (row.info if isinstance(row.info, list) else [row.info or {}])]
             self._live(visit, protocol, route, resolution, [r for rs in per_event for r in rs],
                        [m.get("n", "") for m in metas], [m.get("i") for m in metas], "spooled")
         return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route, protocol)
