@@ -2,7 +2,7 @@
 # CPU per request at 64 connections, for taking the proxy's cost apart:
 #   bench/cpu.sh KIND [runs]
 #   KIND: sync | spool | spool-no-sqlite | spool-no-sender | spool-no-delivery-log |
-#         spool-no-upstream-call | spool-no-spool | spool-read-only | floor-app | floor-spool | floor-sync | floor-httptools
+#         spool-no-upstream-call | spool-no-spool | spool-read-only | floor-app | floor-spool | floor-spool-rows | floor-sync | floor-httptools
 #   EVENTS=10 bench/cpu.sh spool: the same POST carrying 10 events (CPU per request; per event = /10)
 #   PROFILE=out.txt bench/cpu.sh spool 1: also samples the server with py-spy during the
 #     runs and writes its collapsed stacks to out.txt (py-spy from pip)
@@ -47,9 +47,10 @@ case "$kind" in
   spool-read-only) cmd=("$py" bench/ablate.py read-only "${serve[@]}") ;;
   floor-app) cmd=("$py" bench/floor_app.py "$px" app) ;;
   floor-spool) cmd=("$py" bench/floor_spool.py "$px" "http://127.0.0.1:$up" "$tmp/floor") ;;
+  floor-spool-rows) cmd=("$py" bench/floor_spool.py "$px" "http://127.0.0.1:$up" "$tmp/floor" --row-per-request) ;;
   floor-sync) cmd=("$py" bench/floor_spool.py "$px" "http://127.0.0.1:$up" "$tmp/floor" --sync) ;;
   floor-httptools) cmd=("$py" bench/floor_app.py "$px" httptools) ;;
-  *) echo "usage: $0 sync|spool|spool-no-sqlite|spool-no-sender|spool-no-delivery-log|spool-no-upstream-call|spool-no-spool|spool-read-only|floor-app|floor-spool|floor-sync|floor-httptools [runs]" >&2; exit 2 ;;
+  *) echo "usage: $0 sync|spool|spool-no-sqlite|spool-no-sender|spool-no-delivery-log|spool-no-upstream-call|spool-no-spool|spool-read-only|floor-app|floor-spool|floor-spool-rows|floor-sync|floor-httptools [runs]" >&2; exit 2 ;;
 esac
 taskset -c 0 "${cmd[@]}" > "$tmp/server.log" 2>&1 & pp=$!; pids+=($pp)
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$px/healthz" && break; sleep 0.2; done

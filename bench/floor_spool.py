@@ -14,10 +14,13 @@ the decode, the durable write and the batched send, which any proxy that
 acknowledges only what is on disk pays. ``bench/cpu.sh floor-spool`` loads
 it exactly as it loads the proxy (``EVENTS=10`` for the 10-event POST):
 
-    python bench/floor_spool.py PORT UPSTREAM_URL DATA_DIR [--sync]
+    python bench/floor_spool.py PORT UPSTREAM_URL DATA_DIR [--sync | --row-per-request]
 
 ``--sync`` (``bench/cpu.sh floor-sync``) is the floor under sync mode
 instead: the same decode, the body forwarded as it came, the answer relayed.
+``--row-per-request`` (``floor-spool-rows``) spools one row per request, its
+events' JSON joined, instead of one per event: the floor of a spool that
+stores together what arrived together.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ ACCEPTED = b'{"status":1,"error":null}'
 
 
 class FloorSpool:
-    def __init__(self, data_dir: Path, upstream: str) -> None:
+    def __init__(self, data_dir: Path, upstream: str, per_request: bool = False) -> None:
+        # per_request: one row per request (its events' JSON joined), not per event:
+        # the floor of a spool redesigned to store what arrived together together.
+        self.per_request = per_request
         self.conn = connect(data_dir / "floor.db")
         self.thread = ThreadPoolExecutor(max_workers=1)
         self.upstream = upstream.rstrip("/") + "/track?verbose=1&ip=1"
@@ -59,6 +65,8 @@ class FloorSpool:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        # The bench sends one batch size per run: rows of 10 events go 5 to a batch.
+        self.rows_per_batch = BATCH
         self.session = ClientSession(connector=TCPConnector(limit_per_host=32), cookie_jar=DummyCookieJar())
         self.sender = self.loop.create_task(self.send_loop())
 
@@ -68,7 +76,13 @@ class FloorSpool:
         obj = orjson.loads(raw)
         events = obj if isinstance(obj, list) else [obj]
         now = time.time()
-        self.inserts += [(NewRow("track", "us", None, True, orjson.dumps(e), b"{}"), now) for e in events]
+        if self.per_request and len(events) > 1:
+            self.rows_per_batch = max(1, BATCH // len(events))
+        if self.per_request:
+            joined = b",".join([orjson.dumps(e) for e in events])
+            self.inserts.append((NewRow("track", "us", None, True, joined, b"{}"), now))
+        else:
+            self.inserts += [(NewRow("track", "us", None, True, orjson.dumps(e), b"{}"), now) for e in events]
         waiter = self.loop.create_future()
         self.waiters.append(waiter)
         self.schedule()
@@ -94,8 +108,8 @@ class FloorSpool:
     async def send_loop(self) -> None:
         while True:
             self.wake.clear()
-            while self.ready and (len(self.ready) >= BATCH or time.time() - self.ready[0][2] >= WINDOW):
-                batch = [self.ready.popleft() for _ in range(min(BATCH, len(self.ready)))]
+            while self.ready and (len(self.ready) >= self.rows_per_batch or time.time() - self.ready[0][2] >= WINDOW):
+                batch = [self.ready.popleft() for _ in range(min(self.rows_per_batch, len(self.ready)))]
                 task = self.loop.create_task(self.send(batch))
                 self.sends.add(task)
                 task.add_done_callback(self.sends.discard)
@@ -137,9 +151,11 @@ class FloorForward:
             return web.Response(status=response.status, body=answer, content_type="application/json")
 
 
-async def main(port: int, upstream: str, data_dir: Path, sync: bool) -> None:
+async def main(port: int, upstream: str, data_dir: Path, mode: str) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
-    floor: FloorSpool | FloorForward = FloorForward(upstream) if sync else FloorSpool(data_dir, upstream)
+    floor: FloorSpool | FloorForward = (
+        FloorForward(upstream) if mode == "--sync" else FloorSpool(data_dir, upstream, per_request=mode == "--row-per-request")
+    )
     await floor.start()
     app = web.Application()
     app.router.add_post("/mp/track/", floor.handle)
@@ -156,4 +172,4 @@ async def main(port: int, upstream: str, data_dir: Path, sync: bool) -> None:
 
 if __name__ == "__main__":
     uvloop.install()
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4:] == ["--sync"]))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else ""))

@@ -78,11 +78,14 @@ ROW_LABELS = {
     "E": "bare aiohttp (framework floor)",
     "F": "our proxy, spool, 10 events per request",
     "G": "our proxy, spool on NATS JetStream (+ its nats-server's CPU)",
+    "H": "durable floor: bare aiohttp + decode + SQLite spool + batched send",
+    "I": "durable floor, 10 events per request",
+    "J": "forwarding floor: bare aiohttp + decode + one ClientSession forward",
 }
 PROXY_MODES = {"C": "sync", "D": "spool", "G": "spool"}
 # Written into both proxies' TOML so the notes can reason about them (these are the proxy's defaults).
 DELIVERY = {"batch_size": 50, "batch_window_ms": 50, "max_in_flight": 32}
-ALL_ROWS = "ABCDEFG"
+ALL_ROWS = "ABCDEFGHIJ"
 BATCH_EVENTS = 10  # row F: mixpanel-js batches up to 50 events per request
 
 # Opener that never goes through an http_proxy from the environment.
@@ -1017,6 +1020,32 @@ def evaluate_targets(summ: dict[str, dict[str, Any]], slow: dict[str, dict[str, 
     return out
 
 
+def floor_lines(summ: dict[str, dict[str, Any]]) -> list[str]:
+    """Table rows: each CPU target's figure for the floor (H, I, J) and for the proxy."""
+    cpu = {k: summ.get(k, {}).get("cpu_us_per_req") for k in "CDEFHIJ"}
+    e = cpu["E"]
+    out: list[str] = []
+
+    def row(label: str, floor: float | None, ours: float | None, unit: str) -> None:
+        if floor is None:
+            return
+        ratio = f"{ours / floor:.2f}" if ours else "n/a"
+        ours_s = f"{ours:.2f}{unit}" if ours else "n/a"
+        out.append(f"| {label} | {floor:.2f}{unit} | {ours_s} | {ratio} |")
+
+    if e:
+        row("spool mode, CPU per request ÷ E (target for D: ≤ 2.0)", cpu["H"] / e if cpu["H"] else None,
+            cpu["D"] / e if cpu["D"] else None, " × E")
+        row("sync mode, CPU per request ÷ E (target for C: ≤ 3.0)", cpu["J"] / e if cpu["J"] else None,
+            cpu["C"] / e if cpu["C"] else None, " × E")
+    n = BATCH_EVENTS - 1
+    floor_marginal = (cpu["I"] - cpu["H"]) / n if (cpu["I"] and cpu["H"]) else None
+    ours_marginal = (cpu["F"] - cpu["D"]) / n if (cpu["F"] and cpu["D"]) else None
+    row(f"marginal CPU of one more event, µs (I - H) / {n} and (F - D) / {n} (target: ≤ 20)", floor_marginal,
+        ours_marginal, " µs")
+    return out
+
+
 def _delivery_cells(label: str, r: dict[str, Any]) -> str:
     d = r.get("delivery") or {}
     if not d:
@@ -1058,11 +1087,14 @@ def render(meta: dict[str, Any], targets: list[Target], summ: dict[str, dict[str
              "(answered once fsync'd to the SQLite spool, forwarded in batches of up to 50); **E** a bare "
              "aiohttp `web.Application` (uvloop, access log off) reading the same POST and answering `1`: "
              "the framework's floor; **F** row D's proxy loaded with the same event 10 times in one "
-             "batch (CPU µs/req is per 10-event request).")
+             "batch (CPU µs/req is per 10-event request); **G** row D on NATS JetStream; **H** the durable "
+             "floor (`bench/floor_spool.py`: row E plus the decode, the SQLite spool with the proxy's "
+             "pragmas and batched sending, nothing else); **I** row H with row F's batch; **J** the "
+             "forwarding floor (row E plus the decode and one `ClientSession` forward per request).")
     L.append("")
     floor = summ.get("E", {}).get("cpu_us_per_req")
     if floor:
-        parts = [f"{k}/E = {summ[k]['cpu_us_per_req'] / floor:.2f}" for k in "CD"
+        parts = [f"{k}/E = {summ[k]['cpu_us_per_req'] / floor:.2f}" for k in "CDHJ"
                  if summ.get(k, {}).get("cpu_us_per_req")]
         L.append(f"CPU per request against the framework floor (targets: D/E <= 2.0, C/E <= 3.0): {', '.join(parts)}.")
         L.append("")
@@ -1185,6 +1217,18 @@ def render(meta: dict[str, Any], targets: list[Target], summ: dict[str, dict[str
     L.append("Not checked here: RSS with 5,000 idle keep-alive connections. A missed target does not "
              "change the exit code.")
     L.append("")
+    floors = floor_lines(summ)
+    if floors:
+        L.append("### Against the stack's floors (rows H, I, J)")
+        L.append("")
+        L.append("What a proxy on aiohttp and SQLite pays before any work of its own (bench/floor_spool.py): "
+                 "the same POST decoded, then spooled durably and sent in batches (H, I), or forwarded (J). "
+                 "A target below its floor cannot be met by any pipeline on this stack.")
+        L.append("")
+        L.append("| | floor | our proxy | ours ÷ floor |")
+        L.append("|---|---:|---:|---:|")
+        L.extend(floors)
+        L.append("")
 
     L.append("### Where the CPU went")
     L.append("")
@@ -1604,7 +1648,7 @@ def main(argv: list[str]) -> int:
         write_lua(lua_batch, body_batch)
         lua_noid = tmpdir / "track_noid.lua"
         write_lua(lua_noid, body_noid)
-        p_up1, p_up0, p_ngx, p_c, p_d, p_e, p_g = free_ports(7)
+        p_up1, p_up0, p_ngx, p_c, p_d, p_e, p_g, p_h, p_j = free_ports(9)
 
         # Fake upstream for rows B, C and D, on the load-generator core.
         up1 = start_nginx("upstream_cpu1", UPSTREAM_SERVER.format(port=p_up1, resp=UPSTREAM_BODY),
@@ -1674,6 +1718,31 @@ def main(argv: list[str]) -> int:
 
         if "F" in args.rows:
             targets.append(f_row)
+        # The floors under D, F and C (bench/floor_spool.py): what any proxy on
+        # this stack pays that acknowledges only what is on disk (H, and I with
+        # the 10-event batch), or that forwards each request (J), with none of
+        # the proxy's own work. D/H, C/J and the marginal costs side by side say
+        # how much of a ratio to E is ours and how much the stack's.
+        floor_rows = [(key, port) for key, port in (("H", p_h), ("J", p_j)) if key in args.rows or (key == "H" and "I" in args.rows)]
+        h_row: Target | None = None
+        for key, port in floor_rows:
+            argv = [sys.executable, str(BENCH_DIR / "floor_spool.py"), str(port), f"http://127.0.0.1:{p_up1}",
+                    str(tmpdir / f"floor_{key}")] + (["--sync"] if key == "J" else [])
+            proc = Managed(f"floor_{key}", pin_server + argv, tmpdir, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            procs.append(proc)
+            ok, why = wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc, 15)
+            t = Target(key, ROW_LABELS[key], f"http://127.0.0.1:{port}/mp/track/{query}", proc, ok, why)
+            t.upstream = fast_up
+            if not ok:
+                harness_errors.append(f"row {key} ({ROW_LABELS[key]}) did not start: {why}")
+            if key == "H":
+                h_row = t
+            if key in args.rows:
+                targets.append(t)
+        if "I" in args.rows and h_row is not None:
+            t = Target("I", ROW_LABELS["I"], h_row.url, h_row.proc, h_row.available, h_row.reason)
+            t.upstream, t.lua, t.body = fast_up, lua_batch, body_batch
+            targets.append(t)
         live = [t for t in targets if t.available]
         for t in live:
             t.smoke = smoke_check(t, t.body or body)
