@@ -383,3 +383,31 @@ def test_salvage_carries_rows_of_a_spool_older_than_its_columns(tmp_path):
         assert rows == [(i + 1, b'{"event":"e%d"}' % i, "mixpanel", 1) for i in range(3)]
     finally:
         fresh.close()
+
+
+async def test_a_requeued_row_becomes_its_events_one_a_row_in_one_transaction(tmp_path):
+    """Spool.requeue: the row's events go back as rows of one event (new ids,
+    after every row so far, handed to the sender as committed rows), and the
+    row itself is gone in the same commit; the depth still counts 3 events."""
+    path = tmp_path / "spool.sqlite3"
+    spool = Spool(path, max_rows=100)
+    handed: list[list[tuple[int, bytes, int]]] = []
+    spool.on_commit = lambda rows: handed.append([(r.id, r.body, r.count) for r in rows])
+    await spool.open()
+    try:
+        metas = [{"n": f"e{i}", "i": f"id{i}", "t": 100.0 + i} for i in range(3)]
+        bodies = [orjson.dumps({"event": f"e{i}"}) for i in range(3)]
+        await spool.enqueue([NewRow("track", "us", None, False, b",".join(bodies), orjson.dumps(metas), 100.0, "mixpanel", metas, 3)])
+        [row] = await spool.read("us", 0, 10)
+        assert (row.count, row.metas()) == (3, metas)
+        commits = spool.commits
+        spool.requeue(row)
+        await spool.flush()
+        assert spool.commits == commits + 1 and spool.depth == 3
+        singles = await spool.read("us", 0, 10)
+        assert [(r.body, r.count, r.event_time) for r in singles] == [(b, 1, 100.0 + i) for i, b in enumerate(bodies)]
+        assert all(r.id > row.id for r in singles)
+        assert handed[-1] == [(r.id, r.body, 1) for r in singles]
+        assert (await spool.stats())["depth"] == 3
+    finally:
+        await spool.close()

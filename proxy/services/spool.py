@@ -360,6 +360,8 @@ class Spool:
         self.depth = 0  # rows in queue, kept in memory for the backpressure check
         # Pending work for the next transaction.
         self._inserts: list[tuple[NewRow, float]] = []
+        self._inserted = 0  # events in _inserts
+        self._requeued: list[tuple[Row, list[NewRow]]] = []  # rows to store one event a row (requeue)
         self._insert_waiters: list[asyncio.Future[None]] = []
         self._deletes: list[tuple[int, int]] = []  # (row id, its events)
         self._dead: list[DeadLetter] = []
@@ -417,9 +419,10 @@ class Spool:
         (SpoolUnwritable while the disk is full or refuses writes)."""
         if self.refusing is not None:
             raise SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
-        pending = sum([r.count for r, _ in self._inserts])
-        if self.depth + pending + sum([r.count for r in rows]) > self.max_rows:
+        events = sum([r.count for r in rows])
+        if self.depth + self._inserted + events > self.max_rows:
             raise SpoolFull(f"spool holds {self.depth} events, its limit is {self.max_rows}")
+        self._inserted += events
         now = time.time()
         self._inserts.extend((r, now) for r in rows)
         assert self._loop is not None, "spool is not open"
@@ -439,12 +442,14 @@ class Spool:
         so far), in the transaction that deletes it: for an outcome that
         differs per event (an expired event, one the upstream refuses). The
         new rows reach the sender as any committed rows do."""
-        now = time.time()
-        for one in row.split():
-            self._inserts.append(
-                (NewRow(one.route, one.region, one.project, one.ip, one.body, one.meta, one.event_time, one.protocol, one.info), now)
-            )
-        self._deletes.append((row.id, row.count))
+        singles = [
+            NewRow(one.route, one.region, one.project, one.ip, one.body, one.meta, one.event_time, one.protocol, one.info)
+            for one in row.split()
+        ]
+        # Kept apart from clients' inserts (which the free-space check may
+        # refuse) and from plain deletes (which a failed write puts back on
+        # their own): the row's delete goes only with its events' inserts.
+        self._requeued.append((row, singles))
         self._schedule()
 
     def bury(self, letters: Iterable[DeadLetter]) -> None:
@@ -465,12 +470,14 @@ class Spool:
 
     async def _flush_loop(self) -> None:
         # Runs while there is pending work; each pass is one transaction.
-        while self._inserts or self._deletes or self._dead or self._attempts:
+        while self._inserts or self._deletes or self._dead or self._attempts or self._requeued:
             inserts, self._inserts = self._inserts, []
+            inserted, self._inserted = self._inserted, 0
             waiters, self._insert_waiters = self._insert_waiters, []
             deletes, self._deletes = self._deletes, []
             dead, self._dead = self._dead, []
             attempts, self._attempts = self._attempts, []
+            requeued, self._requeued = self._requeued, []
             # Near the threshold every page counts: retry counts are only for the
             # log (an UPDATE rewrites each row's page), and the WAL is cut after
             # each transaction so that deletes, which touch a page per row, fit.
@@ -490,11 +497,18 @@ class Spool:
                 for w in waiters:
                     if not w.done():
                         w.set_exception(failure)
-                inserts, waiters = [], []
-                if not (deletes or dead or attempts):
+                inserts, waiters, inserted = [], [], 0
+                if not (deletes or dead or attempts or requeued):
                     continue
+            # A requeue replaces a row by as many bytes in single rows: it is
+            # never refused for space, and goes in whole or not at all.
+            now = time.time()
+            all_inserts = inserts + [(r, now) for _, singles in requeued for r in singles]
+            all_deletes = deletes + [(row.id, row.count) for row, _ in requeued]
             try:
-                last_id = await self._call(lambda c: _transaction(c, inserts, [i for i, _ in deletes], dead, attempts))
+                last_id = await self._call(
+                    lambda c: _transaction(c, all_inserts, [i for i, _ in all_deletes], dead, attempts)
+                )
             except BaseException as exc:
                 if is_write_error(exc):
                     # The disk refused: the clients are told 503 (they keep their
@@ -503,7 +517,9 @@ class Spool:
                     self._refuse(f"the disk refused a write: {exc}")
                     failure: Exception = SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
                     self._deletes[:0], self._dead[:0], self._attempts[:0] = deletes, dead, attempts
+                    self._requeued[:0] = requeued
                 else:
+                    # As with other outcomes: the row stays queued, whole, and is sent again.
                     failure = exc if isinstance(exc, Exception) else RuntimeError("spool write cancelled")
                 for w in waiters:
                     if not w.done():
@@ -518,7 +534,7 @@ class Spool:
                 self._room -= _PAGE * (len(deletes) + len(dead))
                 with contextlib.suppress(sqlite3.DatabaseError):
                     await self._call(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
-            if self._disk_refused and not (self._deletes or self._dead):
+            if self._disk_refused and not (self._deletes or self._dead or self._requeued):
                 # The disk took every outcome it had refused: the threshold decides now.
                 self._disk_refused = False
                 if self.min_free_bytes:
@@ -527,7 +543,8 @@ class Spool:
                     self._accept()
             self.commits += 1
             # Views of one row (Row.split) share its id: each counts its own event.
-            self.depth += sum([r.count for r, _ in inserts]) - sum([n for _, n in deletes]) - len(dead)
+            self.depth += inserted - sum([n for _, n in deletes]) - len(dead)
+            inserts = all_inserts
             if inserts and self.on_commit is not None:
                 # One writer, one transaction: the inserted ids are consecutive.
                 first = last_id - len(inserts) + 1
@@ -619,7 +636,7 @@ class Spool:
                 await self._check_space()
                 if self._disk_refused:
                     await self._call(_give_back_space(self.path))
-                    if self._deletes or self._dead:
+                    if self._deletes or self._dead or self._requeued:
                         self._schedule()  # the outcomes it refused, in small transactions
                     elif await self._call(_probe_write):
                         self._disk_refused = False
