@@ -1088,8 +1088,9 @@ def render(meta: dict[str, Any], targets: list[Target], summ: dict[str, dict[str
              "aiohttp `web.Application` (uvloop, access log off) reading the same POST and answering `1`: "
              "the framework's floor; **F** row D's proxy loaded with the same event 10 times in one "
              "batch (CPU µs/req is per 10-event request); **G** row D on NATS JetStream; **H** the durable "
-             "floor (`bench/floor_spool.py`: row E plus the decode, the SQLite spool with the proxy's "
-             "pragmas and batched sending, nothing else); **I** row H with row F's batch; **J** the "
+             "floor (`bench/floor_spool.py --row-per-request`: row E plus the decode, the SQLite spool with "
+             "the proxy's pragmas, a request's events in one row as the proxy keeps them, and batched "
+             "sending, nothing else); **I** row H with row F's batch; **J** the "
              "forwarding floor (row E plus the decode and one `ClientSession` forward per request).")
     L.append("")
     floor = summ.get("E", {}).get("cpu_us_per_req")
@@ -1727,7 +1728,7 @@ def main(argv: list[str]) -> int:
         h_row: Target | None = None
         for key, port in floor_rows:
             argv = [sys.executable, str(BENCH_DIR / "floor_spool.py"), str(port), f"http://127.0.0.1:{p_up1}",
-                    str(tmpdir / f"floor_{key}")] + (["--sync"] if key == "J" else [])
+                    str(tmpdir / f"floor_{key}"), "--sync" if key == "J" else "--row-per-request"]
             proc = Managed(f"floor_{key}", pin_server + argv, tmpdir, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             procs.append(proc)
             ok, why = wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc, 15)
