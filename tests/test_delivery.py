@@ -55,6 +55,17 @@ async def send_events(client: Any, n: int, per_request: int = 5, **props: Any) -
     return acked
 
 
+async def post_batch(client: Any, events: list[dict[str, Any]]) -> list[str]:
+    resp = await client.post(TRACK, data=b64_body(events), headers={**BROWSER, **FORM})
+    assert resp.status == 200, await resp.text()
+    return [e["properties"]["$insert_id"] for e in events]
+
+
+def queued(tmp_path: Any) -> int:
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        return int(c.execute("SELECT COALESCE(SUM(count), 0) FROM queue").fetchone()[0])
+
+
 def insert_ids(upstream: FakeUpstream) -> list[str]:
     return [e["properties"]["$insert_id"] for e in upstream.received("us", "/track")]
 
@@ -275,24 +286,27 @@ async def test_400_dead_letters_exactly_the_bad_events(serve_proxy, tmp_path, up
     good = await send_events(client, 20, per_request=10)
     bad = await send_events(client, 2, per_request=1, bad=True)
     more = await send_events(client, 20, per_request=10)
+    # A request's events share a spool row: one bad among them is buried alone.
+    d = device_id()
+    mixed = await post_batch(client, [js_event(f"E{i}", d, **({"bad": True} if i == 4 else {})) for i in range(10)])
+    good += mixed[:4] + mixed[5:]
+    bad.append(mixed[4])
 
     def arrived() -> set[str]:
         return set(insert_ids(upstream)) | {e["properties"]["$insert_id"] for e in accepted}
 
     await until(lambda: arrived() >= set(good + more), 10, "good events")
-    await until(lambda: len(dead_letters(tmp_path)) == 2, 10, "two dead letters")
+    await until(lambda: len(dead_letters(tmp_path)) == 3, 10, "three dead letters")
     letters = dead_letters(tmp_path)
     assert sorted(i for i, _, _ in letters) == sorted(bad)
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        bodies = [orjson.loads(b) for (b,) in c.execute("SELECT body FROM dead")]
+    assert all(isinstance(b, dict) for b in bodies)  # each one event, not the row it came in
+    await until(lambda: not queued(tmp_path), 5, "the queue to empty")
     assert {reason for _, reason, _ in letters} == {"rejected"}
     assert all(("not allowed" if names_failures else "invalid event") in detail for _, _, detail in letters)
     assert not (arrived() & set(bad))
     await client.close()
-
-
-async def post_batch(client: Any, events: list[dict[str, Any]]) -> list[str]:
-    resp = await client.post(TRACK, data=b64_body(events), headers={**BROWSER, **FORM})
-    assert resp.status == 200, await resp.text()
-    return [e["properties"]["$insert_id"] for e in events]
 
 
 async def test_a_batch_is_one_spool_row_and_one_upstream_request(serve_proxy, tmp_path, upstream):
@@ -316,50 +330,6 @@ async def test_a_batch_is_one_spool_row_and_one_upstream_request(serve_proxy, tm
     records = [orjson.loads(line) for line in (tmp_path / "data" / "forwarded.jsonl").read_bytes().splitlines()]
     forwarded = [r for r in records if r["outcome"] == "forwarded"]
     assert [r["count"] for r in forwarded] == [10] and forwarded[0]["insert_ids"] == sent
-
-
-@pytest.mark.parametrize("names_failures", [True, False], ids=["failed_records", "bisect"])
-async def test_a_bad_event_inside_a_batch_is_dead_lettered_alone(serve_proxy, tmp_path, upstream, names_failures):
-    """One request's events share a row: the upstream refusing one of them
-    (by index, or only as a batch) buries that event alone, with its own body,
-    and the other nine reach the upstream."""
-
-    async def behave(rec: Recorded) -> web.Response | None:
-        events = rec.events()
-        bad = [i for i, e in enumerate(events) if e["properties"].get("bad")]
-        if not bad:
-            return None
-        if names_failures:
-            accepted.extend(e for i, e in enumerate(events) if i not in bad)
-            failed = [{"index": i, "field": "properties.bad", "message": "'bad' is not allowed"} for i in bad]
-            return web.json_response({"code": 400, "failed_records": failed}, status=400)
-        return web.json_response({"status": 0, "error": "invalid event"}, status=400)
-
-    accepted: list[dict[str, Any]] = []
-    upstream.behave = behave
-    client = await start_proxy(serve_proxy, tmp_path, upstream, delivery={"batch_window_ms": 50})
-    d = device_id()
-    events = [js_event(f"E{i}", d, **({"bad": True} if i == 4 else {})) for i in range(10)]
-    sent = await post_batch(client, events)
-
-    def arrived() -> set[str]:
-        return set(insert_ids(upstream)) | {e["properties"]["$insert_id"] for e in accepted}
-
-    good = set(sent) - {sent[4]}
-    await until(lambda: arrived() >= good, 10, "the nine good events")
-    await until(lambda: len(dead_letters(tmp_path)) == 1, 10, "one dead letter")
-    assert [i for i, _, _ in dead_letters(tmp_path)] == [sent[4]]
-    assert sent[4] not in arrived()
-    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
-        [(body,)] = c.execute("SELECT body FROM dead").fetchall()
-    assert orjson.loads(body)["event"] == "E4"  # one event, not the row it came in
-    await until(lambda: not queued(tmp_path), 5, "the queue to empty")
-    await client.close()
-
-
-def queued(tmp_path: Any) -> int:
-    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
-        return int(c.execute("SELECT COALESCE(SUM(count), 0) FROM queue").fetchone()[0])
 
 
 async def test_hanging_upstream_times_out_and_retries(serve_proxy, tmp_path, upstream):

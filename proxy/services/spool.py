@@ -135,6 +135,7 @@ class Row:
             return [self]
         events = orjson.loads(b"[" + self.body + b"]")
         metas = self.metas()
+        metas = metas + [{}] * (len(events) - len(metas))  # never an event dropped for want of its meta
         return [
             Row(self.id, self.route, self.region, self.project, self.ip, orjson.dumps(e), orjson.dumps(m),
                 self.enqueued_at, self.attempts, m.get("t"), self.protocol, m)
