@@ -326,7 +326,9 @@ def salvage_into(old_path: Path, fresh: sqlite3.Connection) -> tuple[int, int]:
     queued = dead = 0
     try:
         fresh.execute("BEGIN")
-        queued = copy("queue", _COLUMNS)
+        copy("queue", _COLUMNS)
+        # Events, not rows: a row may hold a request's several.
+        queued = fresh.execute("SELECT COALESCE(SUM(count), 0) FROM queue").fetchone()[0]
         dead = copy("dead", _DEAD_COLUMNS)
         fresh.execute("COMMIT")
     except sqlite3.DatabaseError:
