@@ -395,6 +395,22 @@ async function main() {
             if (Date.now() > deadline) throw new Error(`waited ${timeout} ms for a document ${step.pattern}`);
             await new Promise((r) => setTimeout(r, 25));
           }
+          // The request is seen before its navigation commits, and until then the
+          // page still runs the document before it (whose 'load' has fired): wait
+          // until the page's own navigation entry is this document (its address
+          // as requested: the landing script's replaceState does not change it).
+          const target = found.entry.url;
+          const landed = async () => {
+            try {
+              return (await page.evaluate(() => (performance.getEntriesByType('navigation')[0] || {}).name || '')) === target;
+            } catch (e) {
+              return false; // the context went away: the navigation is under way
+            }
+          };
+          while (!(await landed())) {
+            if (Date.now() > deadline) throw new Error(`waited ${timeout} ms for the page to run ${target}`);
+            await new Promise((r) => setTimeout(r, 25));
+          }
           await page.waitForLoadState('load', { timeout });
           if (step.save) out.results[step.save] = found.entry.url;
           break;
