@@ -178,3 +178,9 @@ class WireProtocol(Protocol):
     def accepted(self, verbose: bool) -> Answer: ...
 
     def error(self, status: int, message: str, verbose: bool) -> Answer: ...
+
+
+def events_per_batch(protocol: WireProtocol, batch_size: int) -> int:
+    """The most events one upstream request of ``protocol`` carries:
+    ``delivery.batch_size``, or fewer when the vendor takes fewer calls."""
+    return min(batch_size, protocol.max_batch_calls or batch_size)

@@ -49,7 +49,7 @@ from .metrics import Metrics
 from ..settings import DeliverySettings
 from .spool import DeadLetter, Row, Spool
 from .upstream import Endpoint, UpstreamClient
-from ..protocols.base import ACCEPTED, RATE_LIMITED, REFUSED, RETRY, TOO_LARGE, WireProtocol
+from ..protocols.base import ACCEPTED, RATE_LIMITED, REFUSED, RETRY, TOO_LARGE, WireProtocol, events_per_batch
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ class Sender:
         of bodies than the protocol's upstream takes in one request (Segment:
         100 calls, 500 KB); one row always goes, whatever it holds (the
         upstream then answers for it)."""
-        most = min(size, protocol.max_batch_calls or size)
+        most = events_per_batch(protocol, size)
         limit = protocol.max_batch_bytes
         batch = [rows.popleft()]
         events = batch[0].count

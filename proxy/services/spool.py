@@ -105,6 +105,47 @@ class NewRow(NamedTuple):
     info: dict[str, Any] | list[dict[str, Any]] | None = None
     count: int = 1
 
+    def metas(self) -> list[dict[str, Any]]:
+        """Each event's meta, in order (from ``info``: never decoded here)."""
+        return self.info if isinstance(self.info, list) else [self.info or {}]
+
+
+class EventGroup:
+    """One request's consecutive events of one region and project, becoming
+    one row: their JSON joined by commas (what a batch joins again, what
+    ``Row.split`` takes apart), their metas a list, each with its event's
+    time (``t``) when there are several, the row's time its oldest event's."""
+
+    __slots__ = ("region", "project", "bodies", "metas", "times", "size")
+
+    def __init__(self) -> None:
+        self.region = ""
+        self.project: str | None = None
+        self.bodies: list[bytes] = []
+        self.metas: list[dict[str, Any]] = []
+        self.times: list[float | None] = []
+        self.size = 0  # bytes of the joined bodies
+
+    def add(self, region: str, project: str | None, body: bytes, meta: dict[str, Any], time_: float | None) -> None:
+        self.region, self.project = region, project
+        self.bodies.append(body)
+        self.metas.append(meta)
+        self.times.append(time_)
+        self.size += len(body) + 1
+
+    def row(self, route: str, ip: bool, protocol: str) -> NewRow:
+        if len(self.bodies) == 1:
+            meta = self.metas[0]
+            return NewRow(route, self.region, self.project, ip, self.bodies[0], orjson.dumps(meta), self.times[0], protocol, meta)
+        known = [t for t in self.times if t is not None]
+        for meta, t in zip(self.metas, self.times):
+            if t is not None:
+                meta["t"] = t
+        return NewRow(
+            route, self.region, self.project, ip, b",".join(self.bodies), orjson.dumps(self.metas),
+            min(known) if known else None, protocol, self.metas, len(self.bodies),
+        )
+
 
 @dataclass(slots=True)
 class Row:
@@ -360,7 +401,7 @@ class Spool:
         self.on_state: Callable[[bool], None] | None = None  # told when accepting flips
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._conn: sqlite3.Connection | None = None
-        self.depth = 0  # rows in queue, kept in memory for the backpressure check
+        self.depth = 0  # events in queue, kept in memory for the backpressure check
         # Pending work for the next transaction.
         self._inserts: list[tuple[NewRow, float]] = []
         self._inserted = 0  # events in _inserts

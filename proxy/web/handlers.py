@@ -47,7 +47,7 @@ from ..core.bridge import strip_param
 from ..services.delivery import Sender
 from ..core.rewrite import Rewrite, rewrite_query
 from ..protocols import mixpanel
-from ..protocols.base import Answer, Payload, WireProtocol
+from ..protocols.base import Answer, Payload, WireProtocol, events_per_batch
 from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ID_FIELDS, QUERY_ROUTES
 from ..protocols.segment import SEGMENT
 from .cdn import LIB_PATHS, FirstPartyCdn
@@ -56,7 +56,7 @@ from .http import json_response, query_pairs, read_body, request_host
 from .http import raw_query as raw_query_of
 from ..settings import Settings
 from ..lograte import Throttled
-from ..services.spool import NewRow, Spool, SpoolFull
+from ..services.spool import EventGroup, NewRow, Spool, SpoolFull
 from ..services.store import AliasStore
 from ..services.upstream import (
     Endpoint,
@@ -126,43 +126,6 @@ def is_browser(headers: Mapping[str, str]) -> bool:
     if "sec-fetch-site" in headers or "origin" in headers:
         return True
     return headers.get("user-agent", "").startswith("Mozilla/")
-
-
-class _Group:
-    """A request's consecutive events of one region and project, becoming one
-    spool row: their JSON joined by commas (what a batch joins again), their
-    metas a list, each with its event's time (``t``) when there are several,
-    the row's time its oldest event's."""
-
-    __slots__ = ("region", "project", "bodies", "metas", "times", "size")
-
-    def __init__(self) -> None:
-        self.region = ""
-        self.project: str | None = None
-        self.bodies: list[bytes] = []
-        self.metas: list[dict[str, Any]] = []
-        self.times: list[float | None] = []
-        self.size = 0
-
-    def add(self, region: str, project: str | None, body: bytes, meta: dict[str, Any], time_: float | None) -> None:
-        self.region, self.project = region, project
-        self.bodies.append(body)
-        self.metas.append(meta)
-        self.times.append(time_)
-        self.size += len(body) + 1
-
-    def row(self, route: str, ip: bool, protocol: str) -> NewRow:
-        if len(self.bodies) == 1:
-            meta = self.metas[0]
-            return NewRow(route, self.region, self.project, ip, self.bodies[0], orjson.dumps(meta), self.times[0], protocol, meta)
-        known = [t for t in self.times if t is not None]
-        for meta, t in zip(self.metas, self.times):
-            if t is not None:
-                meta["t"] = t
-        return NewRow(
-            route, self.region, self.project, ip, b",".join(self.bodies), orjson.dumps(self.metas),
-            min(known) if known else None, protocol, self.metas, len(self.bodies),
-        )
 
 
 def answer(a: Answer) -> web.Response:
@@ -862,9 +825,9 @@ class Proxy:
         # in one row (one B-tree cell, one id), up to what one upstream batch
         # holds; JetStream keeps one message per event.
         grouped = self.s.spool.rows_hold_requests
-        most = min(self.s.settings.delivery.batch_size, protocol.max_batch_calls or 2**31)
+        most = events_per_batch(protocol, self.s.settings.delivery.batch_size)
         limit = protocol.max_batch_bytes
-        group = _Group()
+        group = EventGroup()
         for i, event in enumerate(payload.events):
             facts = protocol.prepare(route, event, ip)
             region = region_for(facts.project)
@@ -888,7 +851,7 @@ class Proxy:
                 or (limit is not None and group.size + len(body) + 1 > limit)
             ):
                 rows.append(group.row(route, wants_ip, name))
-                group = _Group()
+                group = EventGroup()
             group.add(region, facts.project, body, meta, facts.time)
         if group.bodies:
             rows.append(group.row(route, wants_ip, name))
@@ -902,7 +865,7 @@ class Proxy:
         for region in regions:
             self.s.sender.notify(region)
         if self.s.live.watching:
-            metas = [m for row in rows for m in (row.info if isinstance(row.info, list) else [row.info or {}])]
+            metas = [m for row in rows for m in row.metas()]
             self._live(visit, protocol, route, resolution, [r for rs in per_event for r in rs],
                        [m.get("n", "") for m in metas], [m.get("i") for m in metas], "spooled")
         return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route, protocol)
