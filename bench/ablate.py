@@ -78,15 +78,17 @@ def without_sender() -> None:
     delivery.Sender.notify = lambda self, region: None  # type: ignore[method-assign]
 
 
+ABLATIONS = {
+    "no-sqlite": without_sqlite,
+    "no-sender": without_sender,
+    "no-delivery-log": without_delivery_log,
+    "no-upstream-call": without_upstream_call,
+    "no-spool": without_spool,
+    "read-only": read_only,
+}
+
 if __name__ == "__main__":
     what, args = sys.argv[1], sys.argv[2:]
-    {
-        "no-sqlite": without_sqlite,
-        "no-sender": without_sender,
-        "no-delivery-log": without_delivery_log,
-        "no-upstream-call": without_upstream_call,
-        "no-spool": without_spool,
-        "read-only": read_only,
-    }[what]()
+    ABLATIONS[what]()
     sys.argv = ["firstparty", *args]
     sys.exit(cli.main())

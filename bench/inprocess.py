@@ -6,6 +6,7 @@ the script starts (and stops) on 127.0.0.1.
 
     python bench/inprocess.py [--events 10] [--requests 3200] [--mode spool|sync]
     python bench/inprocess.py --instructions [--events 10]   # under callgrind
+    python bench/inprocess.py --instructions --ablate no-delivery-log   # a part taken away (bench/ablate.py)
 
 It prints CPU µs per request (the whole process, and per thread: the event
 loop, the spool's SQLite thread) once the spool has drained, so the sender's
@@ -39,6 +40,8 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+import ablate  # noqa: E402 - beside this script
 
 CONCURRENCY = 64
 WARM_UP = 320
@@ -89,7 +92,7 @@ def thread_ticks() -> dict[str, int]:
     return out
 
 
-async def run(events: int, requests: int, mode: str, upstream_port: int, data_dir: Path) -> None:
+async def run(events: int, requests: int, mode: str, upstream_port: int, data_dir: Path, ablation: str | None = None) -> None:
     from aiohttp import HttpVersion11, web
     from aiohttp.base_protocol import BaseProtocol
     from aiohttp.http_parser import RawRequestMessage
@@ -156,7 +159,8 @@ async def run(events: int, requests: int, mode: str, upstream_port: int, data_di
             return
         spool = app[SPOOL]
         deadline = loop.time() + 60
-        while (spool.depth or spool._inserts or spool._deletes) and loop.time() < deadline:
+        unsent = ablation in ("no-sender", "no-spool")  # nothing will take the rows away: wait for the writes only
+        while ((spool.depth and not unsent) or spool._inserts or spool._deletes) and loop.time() < deadline:
             await asyncio.sleep(0.01)
 
     await load(WARM_UP)
@@ -169,7 +173,8 @@ async def run(events: int, requests: int, mode: str, upstream_port: int, data_di
     per_tick = 1e6 / os.sysconf("SC_CLK_TCK") / done
     threads = sorted(((ticks1[t] - ticks0.get(t, 0)) * per_tick for t in ticks1), reverse=True)
     split = ", ".join(f"{t:.1f}" for t in threads if t > 0.05)
-    print(f"{mode}, {events} event(s) per request, {done} requests: {(cpu1 - cpu0) * 1e6 / done:.1f} CPU µs per request "
+    label = f"{mode} {ablation}" if ablation else mode
+    print(f"{label}, {events} event(s) per request, {done} requests: {(cpu1 - cpu0) * 1e6 / done:.1f} CPU µs per request "
           f"(by thread: {split})")
     await runner.cleanup()
 
@@ -183,7 +188,8 @@ def instructions(args: argparse.Namespace) -> None:
         for n in (args.requests, 2 * args.requests):
             out = Path(tmp) / f"cg.{n}"
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
-                   "--events", str(args.events), "--requests", str(n), "--mode", args.mode]
+                   "--events", str(args.events), "--requests", str(n), "--mode", args.mode,
+                   *(["--ablate", args.ablate] if args.ablate else [])]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             text = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True, check=True).stdout
             match = re.search(r"([\d,]+) \([^)]*\)\s+PROGRAM TOTALS", text)
@@ -191,7 +197,8 @@ def instructions(args: argparse.Namespace) -> None:
                 raise SystemExit("callgrind_annotate printed no total")
             totals.append(int(match.group(1).replace(",", "")))
     per = (totals[1] - totals[0]) / (args.requests // CONCURRENCY * CONCURRENCY)
-    print(f"{args.mode}, {args.events} event(s) per request: {per:,.0f} instructions per request (user space, callgrind)")
+    label = f"{args.mode} {args.ablate}" if args.ablate else args.mode
+    print(f"{label}, {args.events} event(s) per request: {per:,.0f} instructions per request (user space, callgrind)")
 
 
 def main() -> None:
@@ -200,6 +207,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=None, help="default 3200 (640 with --instructions)")
     parser.add_argument("--mode", choices=["spool", "sync"], default="spool")
     parser.add_argument("--instructions", action="store_true")
+    parser.add_argument("--ablate", choices=sorted(ablate.ABLATIONS), help="take one part away (bench/ablate.py)")
     args = parser.parse_args()
     if args.requests is None:
         args.requests = 640 if args.instructions else 3200
@@ -214,11 +222,13 @@ def main() -> None:
         pass
     from proxy.cli import tune_gc
 
+    if args.ablate:
+        ablate.ABLATIONS[args.ablate]()
     tune_gc()
     with tempfile.TemporaryDirectory() as tmp:
         upstream, port = start_upstream(Path(tmp))
         try:
-            asyncio.run(run(args.events, args.requests, args.mode, port, Path(tmp) / "data"))
+            asyncio.run(run(args.events, args.requests, args.mode, port, Path(tmp) / "data", args.ablate))
         finally:
             upstream.terminate()
             upstream.wait(timeout=10)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy.services.spool import NewRow, Spool, open_or_salvage
+from proxy.services.spool import EventGroup, NewRow, Spool, columns, event_metas, open_or_salvage
 from proxy.web.http import BODY_BUDGET
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 
@@ -395,19 +395,47 @@ async def test_a_requeued_row_becomes_its_events_one_a_row_in_one_transaction(tm
     spool.on_commit = lambda rows: handed.append([(r.id, r.body, r.count) for r in rows])
     await spool.open()
     try:
-        metas = [{"n": f"e{i}", "i": f"id{i}", "t": 100.0 + i} for i in range(3)]
+        group = EventGroup()
         bodies = [orjson.dumps({"event": f"e{i}"}) for i in range(3)]
-        await spool.enqueue([NewRow("track", "us", None, False, b",".join(bodies), orjson.dumps(metas), 100.0, "mixpanel", metas, 3)])
+        for i, body in enumerate(bodies):
+            group.add("us", None, body, f"e{i}", f"id{i}", 100.0 + i, [("distinct_id", "a", "b")] if i == 1 else ())
+        await spool.enqueue([group.row("track", False, "mixpanel", "canon", "cookie")])
         [row] = await spool.read("us", 0, 10)
-        assert (row.count, row.metas()) == (3, metas)
+        assert row.info is None  # read back from disk: the columns come from the stored meta
+        cols = row.columns()
+        assert (row.count, cols.names, cols.insert_ids, cols.times) == (3, ["e0", "e1", "e2"], ["id0", "id1", "id2"], [100.0, 101.0, 102.0])
+        assert (cols.canonical, cols.source, cols.rewrites) == ("canon", "cookie", [[1, "distinct_id", "a", "b"]])
         commits = spool.commits
         spool.requeue(row)
         await spool.flush()
         assert spool.commits == commits + 1 and spool.depth == 3
         singles = await spool.read("us", 0, 10)
         assert [(r.body, r.count, r.event_time) for r in singles] == [(b, 1, 100.0 + i) for i, b in enumerate(bodies)]
+        # each single row's meta is one event's own: its name, id, the request's identity, its rewrite only
+        assert [orjson.loads(r.meta) for r in singles] == [
+            {"c": "canon", "s": "cookie", "n": f"e{i}", "i": f"id{i}", "r": [["distinct_id", "a", "b"]] if i == 1 else []}
+            for i in range(3)
+        ]
         assert all(r.id > row.id for r in singles)
         assert handed[-1] == [(r.id, r.body, 1) for r in singles]
         assert (await spool.stats())["depth"] == 3
     finally:
         await spool.close()
+
+
+def test_a_meta_reads_as_columns_in_either_stored_form():
+    """One event's {c, s, n, i, r} (a dead letter, a JetStream message, a spool
+    of 0.x) and a row's columns read alike; columns shorter than the row's
+    count (a damaged meta) are padded, so no event goes without one, and an
+    event's own meta comes back whole from either form."""
+    one = {"c": "canon", "s": "alias", "n": "Signup", "i": "x1", "r": [["$device_id", "d", "canon"]]}
+    assert columns(one) == ("canon", "alias", ["Signup"], ["x1"], [None], [[0, "$device_id", "d", "canon"]])
+    assert event_metas(one) == [{"c": "canon", "s": "alias", "n": "Signup", "i": "x1", "t": None, "r": [["$device_id", "d", "canon"]]}]
+    assert columns({}) == (None, None, [""], [None], [None], [])
+    assert columns(None, 2).names == ["", ""]
+    row = {"c": "k", "s": "cookie", "n": ["a", "b"], "i": ["1", None], "t": [5.0, None], "r": [[1, "distinct_id", "o", "k"]]}
+    cols = columns(row, 3)
+    assert (cols.names, cols.insert_ids, cols.times) == (["a", "b", ""], ["1", None, None], [5.0, None, None])
+    metas = event_metas(row, 3)
+    assert [m["r"] for m in metas] == [[], [["distinct_id", "o", "k"]], []]
+    assert [(m["n"], m["i"], m["t"], m["c"]) for m in metas] == [("a", "1", 5.0, "k"), ("b", None, None, "k"), ("", None, None, "k")]

@@ -154,11 +154,26 @@ def _event_anon_ids(route: str, event: Mapping[str, Any]) -> list[str]:
 
 
 def anonymous_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
-    """Anonymous ids in a batch, first seen first, without duplicates."""
+    """Anonymous ids in a batch, first seen first, without duplicates.
+
+    The events of one SDK's batch mostly carry the same ids: an event whose
+    id fields equal its predecessor's adds nothing and is passed over."""
     if route == "groups":
         return []
     seen: dict[str, None] = {}
+    engage = route == "engage"
+    last: tuple[Any, ...] | None = None
     for event in events:
+        source = event if engage else event.get("properties")
+        if not isinstance(source, dict):
+            continue
+        if engage:
+            fields: tuple[Any, ...] = (source.get("$device_id"), source.get("$distinct_id"))
+        else:
+            fields = (source.get("$device_id"), source.get("distinct_id"), source.get("$anon_distinct_id"))
+        if fields == last:
+            continue
+        last = fields
         for value in _event_anon_ids(route, event):
             seen.setdefault(value)
     return list(seen)

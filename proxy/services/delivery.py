@@ -498,19 +498,18 @@ class Sender:
         enqueued = rows[0].enqueued_at
         count = 0
         for r in rows:
-            for m in r.metas():
-                count += 1
-                names.append(m.get("n", ""))
-                if m.get("i"):
-                    insert_ids.append(m["i"])
-                if m.get("c"):
-                    canonical.add(m["c"])
-                if m.get("s"):
-                    sources.add(m["s"])
-                for rw in m.get("r", ()):
-                    originals.add(rw[1])
-                    if len(rewrites) < MAX_LISTED:
-                        rewrites.append({"field": rw[0], "from": rw[1], "to": rw[2]})
+            cols = r.columns()  # a row's identity once, its events' facts as columns
+            count += len(cols.names)
+            names += cols.names
+            insert_ids += [i for i in cols.insert_ids if i]
+            if cols.canonical:
+                canonical.add(cols.canonical)
+            if cols.source:
+                sources.add(cols.source)
+            for rw in cols.rewrites:
+                originals.add(rw[2])
+                if len(rewrites) < MAX_LISTED:
+                    rewrites.append({"field": rw[1], "from": rw[2], "to": rw[3]})
             if r.attempts > attempts:
                 attempts = r.attempts
             if r.enqueued_at < enqueued:

@@ -8,8 +8,8 @@ blocks on the disk). Invariants:
 - a row leaves ``queue`` only in the same transaction that records its
   outcome: deleted after an upstream 2xx, or moved to ``dead`` with a reason;
 - a row holds ``count`` events that arrived in one request (their JSON joined
-  by commas, their metas a JSON array; a single event is its own JSON and
-  meta): a batch of 10 events is one B-tree cell and one id, not ten. Depth,
+  by commas, their facts in one meta, as columns; a single event is its own
+  JSON and meta): a batch of 10 events is one B-tree cell and one id, not ten. Depth,
   ``max_rows`` and every figure count events, never rows;
 - ids come from ``AUTOINCREMENT`` and are never reused, so a reader that
   walks ``id > cursor`` sees every row exactly once per process lifetime
@@ -85,11 +85,59 @@ _INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _ROWS_PER_INSERT = 256  # 10 parameters each, far below SQLite's 32,766 limit
 
 
+class Columns(NamedTuple):
+    """What a row's meta says of its events, whichever form it was stored in:
+    the request's identity once, then a column per fact, in event order."""
+
+    canonical: str | None
+    source: str | None
+    names: list[str]
+    insert_ids: list[str | None]
+    times: list[float | None]
+    rewrites: list[list[Any]]  # [event index, field, from, to]
+
+
+def columns(meta: Any, count: int = 1) -> Columns:
+    """A row's meta read as columns. Two forms are stored: one event's
+    ``{c, s, n, i, r}`` (``r``: [field, from, to] lists; also a dead
+    letter's and a JetStream message's), and a row of several's
+    ``{c, s, n: [...], i: [...], t: [...], r: [[index, field, from, to]...]}``.
+    Columns shorter than ``count`` are padded: an event never goes without
+    a meta."""
+    if not isinstance(meta, dict):
+        meta = {}
+    names = meta.get("n")
+    if isinstance(names, list):
+        cols = Columns(meta.get("c"), meta.get("s"), names, meta.get("i") or [], meta.get("t") or [], meta.get("r") or [])
+    else:
+        cols = Columns(
+            meta.get("c"), meta.get("s"), [names if isinstance(names, str) else ""], [meta.get("i")], [meta.get("t")],
+            [[0, *r] for r in meta.get("r") or ()],
+        )
+    if len(cols.names) < count or len(cols.insert_ids) < count or len(cols.times) < count:
+        pad = lambda col, fill: col + [fill] * (count - len(col))  # noqa: E731
+        cols = cols._replace(names=pad(cols.names, ""), insert_ids=pad(cols.insert_ids, None), times=pad(cols.times, None))
+    return cols
+
+
+def event_metas(meta: Any, count: int = 1) -> list[dict[str, Any]]:
+    """Each event's own ``{c, s, n, i, t, r}``, in order, from a row's meta."""
+    cols = columns(meta, count)
+    out = [
+        {"c": cols.canonical, "s": cols.source, "n": n, "i": i, "t": t, "r": []}
+        for n, i, t in zip(cols.names, cols.insert_ids, cols.times)
+    ]
+    for index, *change in cols.rewrites:
+        if isinstance(index, int) and 0 <= index < len(out):
+            out[index]["r"].append(change)
+    return out[:max(count, 1)]
+
+
 class NewRow(NamedTuple):
     """Events to spool: one, or ``count`` of one request (``body`` their JSON
-    joined by commas, ``meta`` a JSON array of their metas). A NamedTuple
-    (immutable, built in C), where a frozen dataclass's ``__init__``
-    (``object.__setattr__`` per field) cost three times as much."""
+    joined by commas, ``meta`` their facts as columns, ``columns``). A
+    NamedTuple (immutable, built in C), where a frozen dataclass's
+    ``__init__`` (``object.__setattr__`` per field) cost three times as much."""
 
     route: str
     region: str
@@ -99,51 +147,59 @@ class NewRow(NamedTuple):
     meta: bytes
     event_time: float | None = None
     protocol: str = "mixpanel"
-    # ``meta`` as the handler built it (a list when count > 1), handed to the
-    # sender with the committed row so the forwarded log does not decode it
-    # again (never stored).
-    info: dict[str, Any] | list[dict[str, Any]] | None = None
+    # ``meta`` as the handler built it, handed to the sender with the
+    # committed row so the forwarded log does not decode it again (never stored).
+    info: dict[str, Any] | None = None
     count: int = 1
 
-    def metas(self) -> list[dict[str, Any]]:
-        """Each event's meta, in order (from ``info``: never decoded here)."""
-        return self.info if isinstance(self.info, list) else [self.info or {}]
+    def columns(self) -> Columns:
+        return columns(self.info, self.count)
 
 
 class EventGroup:
     """One request's consecutive events of one region and project, becoming
     one row: their JSON joined by commas (what a batch joins again, what
-    ``Row.split`` takes apart), their metas a list, each with its event's
-    time (``t``) when there are several, the row's time its oldest event's."""
+    ``Row.split`` takes apart), their facts in columns (``columns``), the
+    row's time its oldest event's."""
 
-    __slots__ = ("region", "project", "bodies", "metas", "times", "size")
+    __slots__ = ("region", "project", "bodies", "names", "insert_ids", "times", "rewrites", "size")
 
     def __init__(self) -> None:
         self.region = ""
         self.project: str | None = None
         self.bodies: list[bytes] = []
-        self.metas: list[dict[str, Any]] = []
+        self.names: list[str] = []
+        self.insert_ids: list[str | None] = []
         self.times: list[float | None] = []
+        self.rewrites: list[list[Any]] = []
         self.size = 0  # bytes of the joined bodies
 
-    def add(self, region: str, project: str | None, body: bytes, meta: dict[str, Any], time_: float | None) -> None:
+    def add(
+        self, region: str, project: str | None, body: bytes, name: str, insert_id: str | None, time_: float | None,
+        changes: Sequence[Sequence[str]] = (),
+    ) -> None:
+        if changes:
+            index = len(self.bodies)
+            self.rewrites += [[index, *r] for r in changes]
         self.region, self.project = region, project
         self.bodies.append(body)
-        self.metas.append(meta)
+        self.names.append(name)
+        self.insert_ids.append(insert_id)
         self.times.append(time_)
         self.size += len(body) + 1
 
-    def row(self, route: str, ip: bool, protocol: str) -> NewRow:
+    def row(self, route: str, ip: bool, protocol: str, canonical: str | None, source: str | None) -> NewRow:
         if len(self.bodies) == 1:
-            meta = self.metas[0]
+            meta: dict[str, Any] = {
+                "c": canonical, "s": source, "n": self.names[0], "i": self.insert_ids[0],
+                "r": [r[1:] for r in self.rewrites],
+            }
             return NewRow(route, self.region, self.project, ip, self.bodies[0], orjson.dumps(meta), self.times[0], protocol, meta)
         known = [t for t in self.times if t is not None]
-        for meta, t in zip(self.metas, self.times):
-            if t is not None:
-                meta["t"] = t
+        meta = {"c": canonical, "s": source, "n": self.names, "i": self.insert_ids, "t": self.times, "r": self.rewrites}
         return NewRow(
-            route, self.region, self.project, ip, b",".join(self.bodies), orjson.dumps(self.metas),
-            min(known) if known else None, protocol, self.metas, len(self.bodies),
+            route, self.region, self.project, ip, b",".join(self.bodies), orjson.dumps(meta),
+            min(known) if known else None, protocol, meta, len(self.bodies),
         )
 
 
@@ -160,13 +216,20 @@ class Row:
     attempts: int
     event_time: float | None = None  # the oldest of its events' times
     protocol: str = "mixpanel"
-    info: dict[str, Any] | list[dict[str, Any]] | None = None  # decoded ``meta``, for rows handed over in memory
+    info: dict[str, Any] | None = None  # decoded ``meta``, for rows handed over in memory
     count: int = 1
 
-    def metas(self) -> list[dict[str, Any]]:
-        """Each event's meta (``n`` name, ``i`` insert id, ``c`` canonical id...), in order."""
-        m = self.info if self.info is not None else orjson.loads(self.meta)
-        return m if isinstance(m, list) else [m]
+    def decoded_meta(self) -> Any:
+        if self.info is None:
+            try:
+                self.info = orjson.loads(self.meta)
+            except orjson.JSONDecodeError:
+                self.info = {}
+        return self.info
+
+    def columns(self) -> Columns:
+        """Its events' facts (``n`` names, ``i`` insert ids, ``c`` canonical id...)."""
+        return columns(self.decoded_meta(), self.count)
 
     def split(self) -> list[Row]:
         """One row per event, each still this row's id (a view: an outcome for
@@ -175,13 +238,13 @@ class Row:
         if self.count == 1:
             return [self]
         events = orjson.loads(b"[" + self.body + b"]")
-        metas = self.metas()
-        metas = metas + [{}] * (len(events) - len(metas))  # never an event dropped for want of its meta
-        return [
-            Row(self.id, self.route, self.region, self.project, self.ip, orjson.dumps(e), orjson.dumps(m),
-                self.enqueued_at, self.attempts, m.get("t"), self.protocol, m)
-            for e, m in zip(events, metas)
-        ]
+        metas = event_metas(self.decoded_meta(), len(events))
+        out = []
+        for e, m in zip(events, metas):
+            t = m.pop("t")
+            out.append(Row(self.id, self.route, self.region, self.project, self.ip, orjson.dumps(e), orjson.dumps(m),
+                           self.enqueued_at, self.attempts, t, self.protocol, m))
+        return out
 
 
 @dataclass(frozen=True, slots=True)

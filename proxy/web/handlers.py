@@ -818,43 +818,30 @@ class Proxy:
         wants_ip = payload.wants_ip
         ip = self._client(request)[0] if wants_ip else None
         rows: list[NewRow] = []
-        regions = set()
         name = protocol.name
         region_for = self.region_for[name]
+        canonical, source = resolution.canonical, resolution.source
         # The SQLite spool keeps a request's consecutive events of one project
         # in one row (one B-tree cell, one id), up to what one upstream batch
         # holds; JetStream keeps one message per event.
-        grouped = self.s.spool.rows_hold_requests
-        most = events_per_batch(protocol, self.s.settings.delivery.batch_size)
+        most = events_per_batch(protocol, self.s.settings.delivery.batch_size) if self.s.spool.rows_hold_requests else 1
         limit = protocol.max_batch_bytes
         group = EventGroup()
         for i, event in enumerate(payload.events):
             facts = protocol.prepare(route, event, ip)
             region = region_for(facts.project)
-            regions.add(region)
-            changes = per_event[i] if per_event else ()
-            meta = {
-                "c": resolution.canonical,
-                "s": resolution.source,
-                "n": facts.name,
-                "i": facts.insert_id,
-                "r": [list(r) for r in changes],
-            }
             body = orjson.dumps(event)
-            if not grouped:
-                rows.append(NewRow(route, region, facts.project, wants_ip, body, orjson.dumps(meta), facts.time, name, meta))
-                continue
             if group.bodies and (
                 group.region != region
                 or group.project != facts.project
                 or len(group.bodies) >= most
                 or (limit is not None and group.size + len(body) + 1 > limit)
             ):
-                rows.append(group.row(route, wants_ip, name))
+                rows.append(group.row(route, wants_ip, name, canonical, source))
                 group = EventGroup()
-            group.add(region, facts.project, body, meta, facts.time)
+            group.add(region, facts.project, body, facts.name, facts.insert_id, facts.time, per_event[i] if per_event else ())
         if group.bodies:
-            rows.append(group.row(route, wants_ip, name))
+            rows.append(group.row(route, wants_ip, name, canonical, source))
         try:
             await self.s.spool.enqueue(rows)
         except SpoolFull as exc:
@@ -862,12 +849,12 @@ class Proxy:
             response.headers["Retry-After"] = SPOOL_RETRY_AFTER
             return self._finish(response, visit, None, route)
         self.s.metrics.accepted(route, len(payload.events), protocol.name, resolution.source)
-        for region in regions:
+        for region in {row.region for row in rows}:
             self.s.sender.notify(region)
         if self.s.live.watching:
-            metas = [m for row in rows for m in row.metas()]
+            cols = [row.columns() for row in rows]
             self._live(visit, protocol, route, resolution, [r for rs in per_event for r in rs],
-                       [m.get("n", "") for m in metas], [m.get("i") for m in metas], "spooled")
+                       [n for c in cols for n in c.names], [i for c in cols for i in c.insert_ids], "spooled")
         return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route, protocol)
 
     async def _forward_batch(
