@@ -461,6 +461,31 @@ async def test_forwarded_log_records_each_request(proxy_client, upstream, tmp_pa
     assert cookie not in text and "c2VjcmV0Og" not in text and "127.0.0.1" not in text
 
 
+async def test_forwarded_log_records_a_batch_event_by_event(proxy_client, upstream, tmp_path, delivery_mode):
+    """A request of three events is one spool row: its log record still names
+    each event and insert id in order, the request's identity once, and each
+    rewrite with the id it replaced (the row keeps them as columns)."""
+    client = await proxy_client()
+    cookie = await first_visit(client, device_id())
+    await upstream.wait(1)  # delivered on its own: the batch below is one record
+    d2, d3 = device_id(), device_id()
+    events = [js_event("A", d2), js_event("B", d3), js_event("C", d2)]
+    await client.post(TRACK, data=b64_body(events), headers=with_cookie(cookie))
+    await upstream.wait(4)
+    await client.close()
+    records = [orjson.loads(line) for line in (tmp_path / "data" / "forwarded.jsonl").read_bytes().splitlines()]
+    [batch] = [r for r in records if "B" in r["events"]]
+    ids = [e["properties"]["$insert_id"] for e in events]
+    assert batch["count"] == 3 and batch["events"] == ["A", "B", "C"]
+    if delivery_mode == "spool":  # the sender's records name each event's insert id too
+        assert batch["insert_ids"] == ids
+    canonical = canonical_of(cookie)
+    assert batch["canonical_ids"] == [canonical] and batch["sources"] == ["cookie"]
+    assert batch["original_ids"] == sorted({rw["from"] for rw in batch["rewrites"]}) and {d2, d3} <= set(batch["original_ids"])
+    assert [rw["from"] for rw in batch["rewrites"] if rw["field"] == "$device_id"] == [d2, d3, d2]
+    assert all(rw["to"] in (canonical, f"$device:{canonical}") for rw in batch["rewrites"])
+
+
 async def test_metrics_expose_identity_sources_and_outcomes(client, upstream, delivery_mode):
     cookie = await first_visit(client, device_id())
     await client.post(TRACK, data=b64_body([js_event("x", device_id())]), headers=with_cookie(cookie))

@@ -47,7 +47,7 @@ from ..lograte import Throttled
 from .live import LiveFeed
 from .metrics import Metrics
 from ..settings import DeliverySettings
-from .spool import DeadLetter, Row, Spool
+from .spool import DeadLetter, Row, Spool, facts_of
 from .upstream import Endpoint, UpstreamClient
 from ..protocols.base import ACCEPTED, RATE_LIMITED, REFUSED, RETRY, TOO_LARGE, WireProtocol, events_per_batch
 
@@ -487,33 +487,11 @@ class Sender:
         reason: str | None = None,
         detail: str | None = None,
     ) -> None:
-        # One pass over the batch (it runs once per upstream request, over up to 50 rows).
-        names: list[str] = []
-        insert_ids: list[str] = []
-        canonical: set[str] = set()
-        sources: set[str] = set()
-        originals: set[str] = set()
-        rewrites: list[dict[str, str]] = []
-        attempts = 0
-        enqueued = rows[0].enqueued_at
-        count = 0
-        for r in rows:
-            cols = r.columns()  # a row's identity once, its events' facts as columns
-            count += len(cols.names)
-            names += cols.names
-            insert_ids += [i for i in cols.insert_ids if i]
-            if cols.canonical:
-                canonical.add(cols.canonical)
-            if cols.source:
-                sources.add(cols.source)
-            for rw in cols.rewrites:
-                originals.add(rw[2])
-                if len(rewrites) < MAX_LISTED:
-                    rewrites.append({"field": rw[1], "from": rw[2], "to": rw[3]})
-            if r.attempts > attempts:
-                attempts = r.attempts
-            if r.enqueued_at < enqueued:
-                enqueued = r.enqueued_at
+        facts = facts_of(rows)  # one pass over the batch's rows (up to 50)
+        originals = {rw[1] for rw in facts.rewrites}
+        rewrites = [{"field": rw[0], "from": rw[1], "to": rw[2]} for rw in facts.rewrites[:MAX_LISTED]]
+        attempts = max(r.attempts for r in rows)
+        enqueued = min(r.enqueued_at for r in rows)
         now = time.time()
         entry: dict[str, Any] = {
             "time": now,
@@ -521,11 +499,11 @@ class Sender:
             "route": rows[0].route,
             "region": state.region,
             "project": rows[0].project,
-            "events": names,
-            "count": count,
-            "insert_ids": insert_ids,
-            "canonical_ids": sorted(canonical),
-            "sources": sorted(sources),
+            "events": facts.names,
+            "count": len(facts.names),
+            "insert_ids": facts.insert_ids,
+            "canonical_ids": sorted(facts.canonical),
+            "sources": sorted(facts.sources),
             "original_ids": sorted(originals),
             "rewrites": rewrites,
             "status": status,
@@ -537,6 +515,6 @@ class Sender:
             entry["reason"] = reason
             entry["detail"] = (detail or "")[:500]
         self.forwarded.record(entry)
-        self.metrics.outcome(outcome, rows[0].route, count)
+        self.metrics.outcome(outcome, rows[0].route, len(facts.names))
         if self.live is not None and self.live.watching:
             self.live.delivery(entry["insert_ids"], outcome, status, reason)

@@ -104,20 +104,65 @@ def columns(meta: Any, count: int = 1) -> Columns:
     ``{c, s, n: [...], i: [...], t: [...], r: [[index, field, from, to]...]}``.
     Columns shorter than ``count`` are padded: an event never goes without
     a meta."""
-    if not isinstance(meta, dict):
+    if type(meta) is not dict:
         meta = {}
     names = meta.get("n")
-    if isinstance(names, list):
+    if type(names) is list:
         cols = Columns(meta.get("c"), meta.get("s"), names, meta.get("i") or [], meta.get("t") or [], meta.get("r") or [])
     else:
+        changes = meta.get("r")
         cols = Columns(
-            meta.get("c"), meta.get("s"), [names if isinstance(names, str) else ""], [meta.get("i")], [meta.get("t")],
-            [[0, *r] for r in meta.get("r") or ()],
+            meta.get("c"), meta.get("s"), [names if type(names) is str else ""], [meta.get("i")], [meta.get("t")],
+            [[0, *r] for r in changes] if changes else [],
         )
+        if count <= 1:
+            return cols
     if len(cols.names) < count or len(cols.insert_ids) < count or len(cols.times) < count:
         pad = lambda col, fill: col + [fill] * (count - len(col))  # noqa: E731
         cols = cols._replace(names=pad(cols.names, ""), insert_ids=pad(cols.insert_ids, None), times=pad(cols.times, None))
     return cols
+
+
+class BatchFacts(NamedTuple):
+    """What the forwarded log records of a batch of rows, in one pass."""
+
+    names: list[str]
+    insert_ids: list[str]
+    canonical: set[str]
+    sources: set[str]
+    rewrites: list[Sequence[Any]]  # [field, from, to]
+
+
+def facts_of(rows: Iterable[Row]) -> BatchFacts:
+    """The facts of every event of ``rows``, in order: the log's one pass over
+    a batch (up to 50 rows; a row of one event read without building columns)."""
+    names: list[str] = []
+    insert_ids: list[str] = []
+    canonical: set[str] = set()
+    sources: set[str] = set()
+    rewrites: list[Sequence[Any]] = []
+    for row in rows:
+        meta = row.decoded_meta()
+        if row.count == 1 and type(meta) is dict and type(meta.get("n")) is not list:
+            names.append(meta.get("n") or "")
+            if meta.get("i"):
+                insert_ids.append(meta["i"])
+            if meta.get("c"):
+                canonical.add(meta["c"])
+            if meta.get("s"):
+                sources.add(meta["s"])
+            if meta.get("r"):
+                rewrites += meta["r"]
+            continue
+        cols = columns(meta, row.count)
+        names += cols.names
+        insert_ids += [i for i in cols.insert_ids if i]
+        if cols.canonical:
+            canonical.add(cols.canonical)
+        if cols.source:
+            sources.add(cols.source)
+        rewrites += [r[1:] for r in cols.rewrites]
+    return BatchFacts(names, insert_ids, canonical, sources, rewrites)
 
 
 def event_metas(meta: Any, count: int = 1) -> list[dict[str, Any]]:
