@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy.services.spool import EventGroup, NewRow, Spool, columns, event_metas, open_or_salvage
+from proxy.services.spool import EventGroup, NewRow, Spool, columns, event_metas, open_or_salvage, request_rows
 from proxy.web.http import BODY_BUDGET
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 
@@ -439,3 +439,34 @@ def test_a_meta_reads_as_columns_in_either_stored_form():
     metas = event_metas(row, 3)
     assert [m["r"] for m in metas] == [[], [["distinct_id", "o", "k"]], []]
     assert [(m["n"], m["i"], m["t"], m["c"]) for m in metas] == [("a", "1", 5.0, "k"), ("b", None, None, "k"), ("", None, None, "k")]
+
+
+def test_a_requests_events_become_rows_by_project_count_and_bytes():
+    """request_rows: consecutive events of one project are one row, at most
+    `most` events long; a run over `limit` bytes is cut event by event; each
+    row's body is its events' JSON joined by commas (what a batch joins
+    again), its columns name them in order, rewrites indexed within the row."""
+    from proxy.protocols.base import EventFacts
+
+    events = [{"event": f"e{i}", "properties": {"token": p, "pad": "x" * 40}} for i, p in enumerate("aabaaa")]
+    facts = [EventFacts(e["event"], f"id{i}", e["properties"]["token"], 10.0 - i) for i, e in enumerate(events)]
+    changes = [[], [("distinct_id", "old", "new")], [], [], [("$device_id", "d", "c")], []]
+    regions = {"a": "us", "b": "eu"}
+    rows = request_rows("track", True, "mixpanel", events, facts, changes, regions.get, 2, None, "c", "cookie")
+    assert [(r.region, r.project, r.count) for r in rows] == [("us", "a", 2), ("eu", "b", 1), ("us", "a", 2), ("us", "a", 1)]
+    assert [r.body for r in rows] == [
+        b",".join(orjson.dumps(e) for e in events[i:j]) for i, j in ((0, 2), (2, 3), (3, 5), (5, 6))
+    ]
+    assert [columns(r.info, r.count).names for r in rows] == [["e0", "e1"], ["e2"], ["e3", "e4"], ["e5"]]
+    assert columns(rows[0].info, 2).rewrites == [[1, "distinct_id", "old", "new"]]
+    assert columns(rows[2].info, 2).rewrites == [[1, "$device_id", "d", "c"]]
+    assert [r.event_time for r in rows] == [9.0, 8.0, 6.0, 5.0]  # a row's time: its oldest event's
+    assert orjson.loads(rows[1].meta) == {"c": "c", "s": "cookie", "n": "e2", "i": "id2", "r": []}
+    # A byte limit two events' JSON exceeds: the run of five a's is cut one event a row.
+    one = len(orjson.dumps(events[0]))
+    cut = request_rows("track", True, "mixpanel", events[3:], facts[3:], changes[3:], regions.get, 50, one + 1, None, "new")
+    assert [(r.count, r.body) for r in cut] == [(1, orjson.dumps(e)) for e in events[3:]]
+    assert orjson.loads(cut[1].meta)["r"] == [["$device_id", "d", "c"]]
+    # Under a limit that takes them all, one row; no rewrites at all: an empty changes list.
+    whole = request_rows("track", False, "mixpanel", events[3:], facts[3:], [], regions.get, 50, 10 * one, None, "new")
+    assert [(r.count, r.ip) for r in whole] == [(3, False)] and columns(whole[0].info, 3).rewrites == []

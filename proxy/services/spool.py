@@ -224,7 +224,7 @@ class EventGroup:
         changes: Sequence[Sequence[str]] = (),
     ) -> None:
         if changes:
-            index = len(self.bodies)
+            index = len(self.names)
             self.rewrites += [[index, *r] for r in changes]
         self.region, self.project = region, project
         self.bodies.append(body)
@@ -233,8 +233,24 @@ class EventGroup:
         self.times.append(time_)
         self.size += len(body) + 1
 
+    def add_run(
+        self, region: str, project: str | None, joined: bytes, facts: Sequence[Any],
+        changes: Sequence[Sequence[Sequence[str]]] = (),
+    ) -> None:
+        """Several events at once: ``joined`` their JSON joined by commas,
+        ``facts`` each one's ``name``, ``insert_id`` and ``time``."""
+        first = len(self.names)
+        for k, rs in enumerate(changes):
+            self.rewrites += [[first + k, *r] for r in rs]
+        self.region, self.project = region, project
+        self.bodies.append(joined)
+        self.names += [f.name for f in facts]
+        self.insert_ids += [f.insert_id for f in facts]
+        self.times += [f.time for f in facts]
+        self.size += len(joined) + 1
+
     def row(self, route: str, ip: bool, protocol: str, canonical: str | None, source: str | None) -> NewRow:
-        if len(self.bodies) == 1:
+        if len(self.names) == 1:
             meta: dict[str, Any] = {
                 "c": canonical, "s": source, "n": self.names[0], "i": self.insert_ids[0],
                 "r": [r[1:] for r in self.rewrites],
@@ -244,8 +260,53 @@ class EventGroup:
         meta = {"c": canonical, "s": source, "n": self.names, "i": self.insert_ids, "t": self.times, "r": self.rewrites}
         return NewRow(
             route, self.region, self.project, ip, b",".join(self.bodies), orjson.dumps(meta),
-            min(known) if known else None, protocol, meta, len(self.bodies),
+            min(known) if known else None, protocol, meta, len(self.names),
         )
+
+
+def request_rows(
+    route: str,
+    ip: bool,
+    protocol: str,
+    events: Sequence[dict[str, Any]],
+    facts: Sequence[Any],
+    changes: Sequence[Sequence[Sequence[str]]],
+    region_for: Callable[[str | None], str],
+    most: int,
+    limit: int | None,
+    canonical: str | None,
+    source: str | None,
+) -> list[NewRow]:
+    """One request's events as rows: each run of consecutive events of one
+    project (so of one region), at most ``most`` long, is one row, its JSON
+    dumped in one call; a run of more than ``limit`` bytes (what one upstream
+    batch may carry) is cut event by event. ``facts``: each event's
+    ``project``, ``name``, ``insert_id``, ``time``; ``changes``: each event's
+    rewrites (empty: none at all)."""
+    rows: list[NewRow] = []
+    count = len(events)
+    start = 0
+    while start < count:
+        project = facts[start].project
+        end = start + 1
+        while end < count and end - start < most and facts[end].project == project:
+            end += 1
+        region = region_for(project)
+        joined = orjson.dumps(events[start]) if end - start == 1 else orjson.dumps(events[start:end])[1:-1]
+        group = EventGroup()
+        if end - start == 1 or limit is None or len(joined) + 1 <= limit:
+            group.add_run(region, project, joined, facts[start:end], changes[start:end] if changes else ())
+        else:
+            for i in range(start, end):
+                body = orjson.dumps(events[i])
+                if group.names and group.size + len(body) + 1 > limit:
+                    rows.append(group.row(route, ip, protocol, canonical, source))
+                    group = EventGroup()
+                f = facts[i]
+                group.add(region, project, body, f.name, f.insert_id, f.time, changes[i] if changes else ())
+        rows.append(group.row(route, ip, protocol, canonical, source))
+        start = end
+    return rows
 
 
 @dataclass(slots=True)

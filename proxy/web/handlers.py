@@ -56,7 +56,7 @@ from .http import json_response, query_pairs, read_body, request_host
 from .http import raw_query as raw_query_of
 from ..settings import Settings
 from ..lograte import Throttled
-from ..services.spool import EventGroup, NewRow, Spool, SpoolFull
+from ..services.spool import Spool, SpoolFull, request_rows
 from ..services.store import AliasStore
 from ..services.upstream import (
     Endpoint,
@@ -817,31 +817,15 @@ class Proxy:
         # geolocation when the client asked for it (ip=1).
         wants_ip = payload.wants_ip
         ip = self._client(request)[0] if wants_ip else None
-        rows: list[NewRow] = []
-        name = protocol.name
-        region_for = self.region_for[name]
-        canonical, source = resolution.canonical, resolution.source
         # The SQLite spool keeps a request's consecutive events of one project
         # in one row (one B-tree cell, one id), up to what one upstream batch
         # holds; JetStream keeps one message per event.
         most = events_per_batch(protocol, self.s.settings.delivery.batch_size) if self.s.spool.rows_hold_requests else 1
-        limit = protocol.max_batch_bytes
-        group = EventGroup()
-        for i, event in enumerate(payload.events):
-            facts = protocol.prepare(route, event, ip)
-            region = region_for(facts.project)
-            body = orjson.dumps(event)
-            if group.bodies and (
-                group.region != region
-                or group.project != facts.project
-                or len(group.bodies) >= most
-                or (limit is not None and group.size + len(body) + 1 > limit)
-            ):
-                rows.append(group.row(route, wants_ip, name, canonical, source))
-                group = EventGroup()
-            group.add(region, facts.project, body, facts.name, facts.insert_id, facts.time, per_event[i] if per_event else ())
-        if group.bodies:
-            rows.append(group.row(route, wants_ip, name, canonical, source))
+        facts = [protocol.prepare(route, event, ip) for event in payload.events]
+        rows = request_rows(
+            route, wants_ip, protocol.name, payload.events, facts, per_event, self.region_for[protocol.name], most,
+            protocol.max_batch_bytes, resolution.canonical, resolution.source,
+        )
         try:
             await self.s.spool.enqueue(rows)
         except SpoolFull as exc:
