@@ -7,6 +7,7 @@ the script starts (and stops) on 127.0.0.1.
     python bench/inprocess.py [--events 10] [--requests 3200] [--mode spool|sync]
     python bench/inprocess.py --instructions [--events 10]   # under callgrind
     python bench/inprocess.py --instructions --ablate no-delivery-log   # a part taken away (bench/ablate.py)
+    python bench/inprocess.py --instructions --mode floor   # the durable floor (bench/floor_spool.py), alike
 
 It prints CPU µs per request (the whole process, and per thread: the event
 loop, the spool's SQLite thread) once the spool has drained, so the sender's
@@ -109,7 +110,16 @@ async def run(events: int, requests: int, mode: str, upstream_port: int, data_di
         f'[server]\ndata_dir = "{data_dir}"\n[upstream]\nus = "http://127.0.0.1:{upstream_port}"\n'
         f'[cookie]\nsecure = false\nsecret = "inprocess-bench-secret-inprocess"\n[delivery]\nmode = "{mode}"\n'
     )
-    app = create_app(load_settings(config))
+    floor = None
+    if mode == "floor":  # bench/floor_spool.py's durable floor (row I of bench/run.py), one row per request
+        import floor_spool
+
+        floor = floor_spool.FloorSpool(data_dir, f"http://127.0.0.1:{upstream_port}", per_request=True)
+        await floor.start()
+        app = web.Application()
+        app.router.add_post("/mp/track/", floor.handle)
+    else:
+        app = create_app(load_settings(config))
     runner = web.AppRunner(app)
     await runner.setup()  # runs the clean-up contexts' start: spool, sender, client
     loop = asyncio.get_running_loop()
@@ -155,6 +165,11 @@ async def run(events: int, requests: int, mode: str, upstream_port: int, data_di
         await asyncio.gather(*[worker() for _ in range(CONCURRENCY)])
 
     async def drained() -> None:
+        if floor is not None:
+            deadline = loop.time() + 60
+            while (floor.inserts or floor.deletes or floor.ready or floor.sends) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            return
         if mode != "spool":
             return
         spool = app[SPOOL]
@@ -177,6 +192,9 @@ async def run(events: int, requests: int, mode: str, upstream_port: int, data_di
     print(f"{label}, {events} event(s) per request, {done} requests: {(cpu1 - cpu0) * 1e6 / done:.1f} CPU µs per request "
           f"(by thread: {split})")
     await runner.cleanup()
+    if floor is not None:
+        await floor.session.close()
+        floor.thread.shutdown()
 
 
 def instructions(args: argparse.Namespace) -> None:
@@ -205,7 +223,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1)
     parser.add_argument("--requests", type=int, default=None, help="default 3200 (640 with --instructions)")
-    parser.add_argument("--mode", choices=["spool", "sync"], default="spool")
+    parser.add_argument("--mode", choices=["spool", "sync", "floor"], default="spool",
+                        help="floor: bench/floor_spool.py's durable floor instead of the proxy")
     parser.add_argument("--instructions", action="store_true")
     parser.add_argument("--ablate", choices=sorted(ablate.ABLATIONS), help="take one part away (bench/ablate.py)")
     args = parser.parse_args()
