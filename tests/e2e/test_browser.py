@@ -68,7 +68,18 @@ def goto(site: Site, host: str, path: str) -> dict[str, Any]:
     return {"op": "goto", "url": site.url(host, path)}
 
 
+# Until mixpanel.init has run (a hub page calls it in firstpartyHub.ready, which may
+# come after the load event), wait for it in the page: at most 10 s, then go on.
+MIXPANEL_READY = (
+    "for (let i = 0; i < 400 && !(window.mixpanel && window.mixpanel.__loaded); i++)"
+    " await new Promise((r) => setTimeout(r, 25));\n"
+)
+
+
 def js(code: str, save: str | None = None) -> dict[str, Any]:
+    """A step that runs ``code`` in the page; code that uses mixpanel runs once it is initialised."""
+    if "mixpanel." in code:
+        code = MIXPANEL_READY + code
     step: dict[str, Any] = {"op": "eval", "js": code}
     if save:
         step["save"] = save
