@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 
+from proxy.protocols.base import EventFacts
 from proxy.services.spool import EventGroup, NewRow, Spool, columns, event_metas, open_or_salvage, request_rows
 from proxy.web.http import BODY_BUDGET
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
@@ -397,8 +398,8 @@ async def test_a_requeued_row_becomes_its_events_one_a_row_in_one_transaction(tm
     try:
         group = EventGroup()
         bodies = [orjson.dumps({"event": f"e{i}"}) for i in range(3)]
-        for i, body in enumerate(bodies):
-            group.add("us", None, body, f"e{i}", f"id{i}", 100.0 + i, [("distinct_id", "a", "b")] if i == 1 else ())
+        facts = [EventFacts(f"e{i}", f"id{i}", None, 100.0 + i) for i in range(3)]
+        group.add_run("us", None, b",".join(bodies), facts, [[], [("distinct_id", "a", "b")], []])
         await spool.enqueue([group.row("track", False, "mixpanel", "canon", "cookie")])
         [row] = await spool.read("us", 0, 10)
         assert row.info is None  # read back from disk: the columns come from the stored meta
@@ -446,8 +447,6 @@ def test_a_requests_events_become_rows_by_project_count_and_bytes():
     `most` events long; a run over `limit` bytes is cut event by event; each
     row's body is its events' JSON joined by commas (what a batch joins
     again), its columns name them in order, rewrites indexed within the row."""
-    from proxy.protocols.base import EventFacts
-
     events = [{"event": f"e{i}", "properties": {"token": p, "pad": "x" * 40}} for i, p in enumerate("aabaaa")]
     facts = [EventFacts(e["event"], f"id{i}", e["properties"]["token"], 10.0 - i) for i, e in enumerate(events)]
     changes = [[], [("distinct_id", "old", "new")], [], [], [("$device_id", "d", "c")], []]

@@ -346,13 +346,6 @@ def strip_tokens(route: str, event: dict[str, Any], param: str) -> int:
 # ------------------------------------------------------------------ delivery
 
 
-def event_seconds(value: Any) -> float | None:
-    """An event's ``time`` property in seconds (mixpanel-js sends ms, others s)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value / 1000 if value > 1e11 else float(value)
-
-
 _facts = tuple.__new__  # EventFacts built in C, not through its generated __new__
 
 
@@ -372,7 +365,8 @@ def prepare(route: str, event: dict[str, Any], ip: str | None) -> EventFacts:
         token = props.get("token")
         name = event.get("event", "")
         when = props.get("time")
-        # event_seconds, inlined: this runs once per event of every request
+        # The event's time in seconds, for age limits: mixpanel-js sends ms, other SDKs s
+        # (a bool or a string is no time).
         if type(when) is int or type(when) is float:
             when = when / 1000 if when > 1e11 else float(when)
         else:

@@ -219,26 +219,13 @@ class EventGroup:
         self.rewrites: list[list[Any]] = []
         self.size = 0  # bytes of the joined bodies
 
-    def add(
-        self, region: str, project: str | None, body: bytes, name: str, insert_id: str | None, time_: float | None,
-        changes: Sequence[Sequence[str]] = (),
-    ) -> None:
-        if changes:
-            index = len(self.names)
-            self.rewrites += [[index, *r] for r in changes]
-        self.region, self.project = region, project
-        self.bodies.append(body)
-        self.names.append(name)
-        self.insert_ids.append(insert_id)
-        self.times.append(time_)
-        self.size += len(body) + 1
-
     def add_run(
         self, region: str, project: str | None, joined: bytes, facts: Sequence[Any],
         changes: Sequence[Sequence[Sequence[str]]] = (),
     ) -> None:
-        """Several events at once: ``joined`` their JSON joined by commas,
-        ``facts`` each one's ``name``, ``insert_id`` and ``time``."""
+        """Events of one region and project: ``joined`` their JSON joined by
+        commas, ``facts`` each one's ``name``, ``insert_id`` and ``time``,
+        ``changes`` each one's rewrites (empty: none)."""
         first = len(self.names)
         for k, rs in enumerate(changes):
             self.rewrites += [[first + k, *r] for r in rs]
@@ -302,8 +289,7 @@ def request_rows(
                 if group.names and group.size + len(body) + 1 > limit:
                     rows.append(group.row(route, ip, protocol, canonical, source))
                     group = EventGroup()
-                f = facts[i]
-                group.add(region, project, body, f.name, f.insert_id, f.time, changes[i] if changes else ())
+                group.add_run(region, project, body, facts[i:i + 1], changes[i:i + 1] if changes else ())
         rows.append(group.row(route, ip, protocol, canonical, source))
         start = end
     return rows
