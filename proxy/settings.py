@@ -106,7 +106,12 @@ class CorsSettings:
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     url: str = "memory://"
-    max_entries: int = 500_000
+    # The in-memory store's bound, in MiB of keys and values (the oldest go first).
+    max_memory_mb: int = 128
+
+    @property
+    def max_bytes(self) -> int:
+        return self.max_memory_mb * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,7 +588,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "secret_file": _str,
     },
     "cors": {"allowed_origins": _origins},
-    "store": {"url": _store_url, "max_entries": _int(1000, 1_000_000_000)},
+    "store": {"url": _store_url, "max_memory_mb": _int(1, 1_000_000)},
     "log": {
         "forwarded": _str,
         "max_bytes": _int(1024, 1 << 40),

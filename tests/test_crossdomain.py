@@ -417,9 +417,8 @@ async def test_reset_on_the_same_host_starts_a_new_person(xclient, upstream):
 
     # Eight days later Safari has deleted mixpanel-js's storage (d3): the same person.
     store = xclient.services.store
-    key = f"host:{d2}:{A}:test-token-us"
-    assert (await store.get_value(key)).startswith(d2 + "|")
-    await store.set_value(key, f"{d2}|{time.time() - 8 * 86400:.0f}")
+    assert (await store.device_record(d2, A, "test-token-us")).startswith(d2 + "|")
+    await store.set_device_record(d2, A, "test-token-us", d2, int(time.time() - 8 * 86400))
     d3 = device_id()
     later = await xclient.post(TRACK, data=b64_body([js_event("Back", d3)]), headers=browser(A, new_cookie))
     assert cookie_from(later) == new_cookie

@@ -17,17 +17,23 @@ from tests.support import OwnServer, port_of, reserve_port
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
-async def test_memory_store_is_bounded():
-    cache = BoundedMemoryCache(1000, timeout=None)
+def _dev(i: int) -> str:
+    return f"device-{i:06d}"
+
+
+async def test_memory_store_is_bounded_in_bytes():
+    cache = BoundedMemoryCache(100_000, timeout=None)
     store = AliasStore(cache)
     for i in range(1500):
-        await store.put_many({f"d{i}": f"c{i}"})
-    assert len(cache._cache) == 1000  # noqa: SLF001
-    assert await store.get_many(["d0", "d1499"]) == {"d1499": "c1499"}
-    # The aiocache API and the request path's direct calls see the same entries.
-    assert await cache.get("d1499") == "c1499"
-    await cache.set("via-api", "c")
-    assert await store.get_many(["via-api"]) == {"via-api": "c"}
+        await store.add_aliases({_dev(i): f"canon-{i:06d}"})
+    assert cache.bytes <= 100_000
+    assert 100 < len(cache._cache) < 1500  # noqa: SLF001 - the oldest went first
+    assert await store.aliases([_dev(0), _dev(1499)]) == {_dev(1499): "canon-001499"}
+    # A few large records cost what they weigh, not one entry each.
+    before = len(cache._cache)  # noqa: SLF001
+    for i in range(10):
+        await store.set_carried(f"canon-{i:06d}", {"blob": "x" * 9000})
+    assert cache.bytes <= 100_000 and len(cache._cache) < before  # noqa: SLF001
 
 
 async def test_writes_are_not_repeated():
@@ -40,15 +46,15 @@ async def test_writes_are_not_repeated():
 
     store = AliasStore(Counting(timeout=None))
     for _ in range(5):
-        await store.put_many({"d": "c"})
-    await store.put_many({"d": "c2"})  # a new pair for the same id is written
-    assert calls == [[("d", "c")], [("d", "c2")]]
+        await store.add_aliases({"device-1": "canon-01"}, repoint=True)
+    await store.add_aliases({"device-1": "canon-02"}, repoint=True)  # a new pair for the same id is written
+    assert calls == [[("alias/device-1", "canon-01")], [("alias/device-1", "canon-02")]]
 
 
 async def test_unreachable_redis_degrades_without_failing():
     store = AliasStore.from_settings(StoreSettings(url="redis://127.0.0.1:1/0"))
-    assert await store.get_many(["x"]) == {}
-    await store.put_many({"x": "y"})
+    assert await store.aliases(["device-x"]) == {}
+    await store.add_aliases({"device-x": "canon-yy"}, repoint=True)
     assert store.errors == 2
     assert await store.ping() is False
     await store.close()

@@ -17,23 +17,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 from collections.abc import Iterator
 
 from ..settings import CookieSettings
+from .ids import valid_id
 
 _TAG_CONTEXT = b"fp1:"
 _TAG_LEN = 22  # base64url characters of 16 bytes
-# Ids we adopt as canonical or accept back from a cookie: what mixpanel-js
-# device ids (UUIDs, or its older hex-and-dash ids) look like; never ';', ',',
-# spaces or quotes, so they are always safe inside a cookie and a log line.
-_ID = re.compile(r"^[A-Za-z0-9_\-:]{8,128}$")
-
-
-def valid_id(value: str) -> bool:
-    return bool(_ID.match(value))
-
-
 def host_matches(host: str, domain: str) -> bool:
     """RFC 6265 domain-match: ``host`` equals ``domain`` or is a subdomain of it."""
     bare = domain.lstrip(".")

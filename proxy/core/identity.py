@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cookie import valid_id
+from .ids import valid_id
 
 DEVICE_PREFIX = "$device:"
 
@@ -34,6 +34,12 @@ SOURCE_ALIAS = "alias"
 SOURCE_NEW = "new"
 SOURCE_NONE = "none"
 SOURCE_RESET = "reset"
+SOURCE_BRIDGE = "bridge"
+SOURCE_HUB = "hub"
+SOURCE_APP = "app"
+# Sources that prove the canonical id (a cookie we signed, a token we sealed):
+# only their requests may repoint an alias another request wrote.
+PROVEN_SOURCES = frozenset({SOURCE_COOKIE, SOURCE_BRIDGE, SOURCE_HUB, SOURCE_APP})
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ import logging
 import time
 
 from ..core.identity import (
+    PROVEN_SOURCES,
     DEVICE_RESET,
     DEVICE_SAME,
     SOURCE_COOKIE,
@@ -59,7 +60,7 @@ class Resolver:
         ``carried`` is what a valid bridge/hub token in the request names;
         ``hint`` another SDK's id from a cookie (``identity.resolve_browser``)."""
         if not browser:
-            resolution = resolve_server(await self.store.get_many(server_ids))
+            resolution = resolve_server(await self.store.aliases(server_ids))
         else:
             # Which device id a host shows matters only for events (flags and
             # replays follow whatever the events decided).
@@ -72,7 +73,7 @@ class Resolver:
             lookup = [] if carried or cookie_id or reset or not incoming else incoming[:1]
             if lookup and hint and hint != lookup[0]:
                 lookup.append(hint)
-            known = await self.store.get_many(lookup)
+            known = await self.store.aliases(lookup)
             resolution = resolve_browser(cookie_id, incoming, known, carried=carried, hint=hint)
             if reset:
                 resolution.source = SOURCE_RESET
@@ -81,32 +82,30 @@ class Resolver:
             if resolution.new_aliases:
                 await self._cap_devices(resolution)
         if resolution.new_aliases:
-            await self.store.put_many(resolution.new_aliases)
+            # Only a request that proved its canonical id (its own cookie, a
+            # redeemed token) moves an alias another request wrote; ids a request
+            # merely names are remembered only where nothing was (first write wins).
+            await self.store.add_aliases(resolution.new_aliases, repoint=resolution.source in PROVEN_SOURCES)
         self.metrics.source(resolution.source)
         return resolution
 
-    @staticmethod
-    def _record_key(canonical: str, host: str, project: str | None) -> str:
-        # Per project: two Mixpanel projects on one page have two device ids.
-        return f"host:{canonical}:{host}:{project or ''}"
-
+    # Device records are per project: two Mixpanel projects on one page have two device ids.
     async def _remember_device(self, canonical: str, host: str, project: str | None, device: str) -> None:
-        await self.store.set_value(self._record_key(canonical, host, project), f"{device}|{int(time.time())}")
+        await self.store.set_device_record(canonical, host, project, device, int(time.time()))
 
     async def _device_seen(self, canonical: str, host: str, project: str | None, device: str, anonymous: bool) -> bool:
         """Note the device id ``host`` shows for ``canonical``; True when the
         change means a new person (``reset()``), see ``identity.device_change``."""
-        key = self._record_key(canonical, host, project)
-        record = await self.store.get_value(key)
+        record = await self.store.device_record(canonical, host, project)
         now = time.time()
         window = self.settings.reset_window_days * 86400
         change = device_change(record, device, now, window, anonymous)
         if change == DEVICE_SAME:
             if now - float(record.rpartition("|")[2]) > SIGHTING_REFRESH_SECONDS:  # type: ignore[union-attr]
-                await self.store.set_value(key, f"{device}|{int(now)}")
+                await self.store.set_device_record(canonical, host, project, device, int(now))
             return False
         if change != DEVICE_RESET:
-            await self.store.set_value(key, f"{device}|{int(now)}")
+            await self.store.set_device_record(canonical, host, project, device, int(now))
             return False
         self.metrics.identity_resets.inc()
         log.info("device id changed on %s soon after the last one (reset()): new canonical id", host)

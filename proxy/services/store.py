@@ -1,9 +1,17 @@
-"""The alias store: original device id -> canonical id, on aiocache.
+"""The identity store: what the proxy remembers about visitors, on aiocache.
 
-``memory://`` (default) is a size-bounded in-process cache; ``redis://...``
-shares aliases between workers and instances.
+One record kind per method pair (aliases original -> canonical, device
+records per host, the device count per canonical id, carried properties,
+first touches, token claims); ``AliasStore._key`` alone builds keys.
+``memory://`` (default) is an in-process cache bounded in bytes;
+``redis://...`` shares the records between workers and instances.
 
 Invariants:
+- a client's id never names a record of another kind or another visitor:
+  keys are ``<kind>/<part>...`` and no part may hold ``/`` (ids pass
+  ``core.ids`` at the edge, and ``_key`` refuses any part that is not safe);
+- an alias is written once (first write wins, ``SET NX``); only a request
+  that proved its canonical id repoints one (``add_aliases(repoint=True)``);
 - a store failure never fails a request: lookups degrade to "unknown" and
   writes are skipped, each counted in ``errors`` and logged once a minute at most;
 - a pair already written by this process is not written again (a bounded
@@ -13,63 +21,97 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
+
+import orjson
 
 from aiocache import Cache, SimpleMemoryCache
 from aiocache.base import BaseCache
 from aiocache.serializers import StringSerializer
 
+from ..core.ids import valid_id
 from ..lograte import Throttled
 from ..settings import StoreSettings
 
 log = logging.getLogger(__name__)
 
-ALIAS_NAMESPACE = "fp:alias"
-# Redis aliases live as long as the longest cookie could (400 days).
+# Redis: every key is "fp:<kind>/<part>[/<part>...]" (``AliasStore._key``).
+NAMESPACE = "fp:"
+# Redis records live as long as the longest cookie could (400 days).
 ALIAS_TTL_SECONDS = 400 * 86400
+
+# The kinds of record; each key starts with its kind and a "/", which no part may hold.
+ALIAS = "alias"  # original id -> canonical id
+DEVICES = "devices"  # canonical id -> how many device ids it joins
+HOST = "host"  # canonical id, host, project -> the device id last shown there, and when
+CARRY = "carry"  # canonical id -> carried properties (JSON)
+TOUCH = "touch"  # canonical id -> first external touch (JSON)
+CLAIM = "claim"  # token id -> the first presenter
+# A key part: an id (``core.ids``), a host name or a project token; never "/".
+_PART = re.compile(r"[A-Za-z0-9_\-:.\[\]]{1,253}")
+# A JSON record read back or written (carried properties, a first touch).
+MAX_RECORD_CHARS = 64 * 1024
 
 
 class BoundedMemoryCache(SimpleMemoryCache):
-    """aiocache's memory backend with a ceiling: the oldest-written key goes first.
+    """aiocache's memory backend with a ceiling in bytes: the oldest-written
+    key goes first.
 
     The stock backend grows without bound; a proxy that sees every visitor's
-    device id must not."""
+    device id must not, and counting entries would let a few large values
+    fill memory. Each entry costs its key's and value's characters plus
+    ``ENTRY_OVERHEAD`` (the dict slot and the two string objects)."""
 
-    def __init__(self, max_entries: int, **kwargs: object) -> None:
+    ENTRY_OVERHEAD = 160
+
+    def __init__(self, max_bytes: int, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self.bytes = 0
+
+    def _cost(self, key: str, value: object) -> int:
+        return len(key) + (len(value) if isinstance(value, str) else 16) + self.ENTRY_OVERHEAD
+
+    def _drop(self, key: str) -> None:
+        if key in self._cache:
+            self.bytes -= self._cost(key, self._cache.pop(key))
+
+    def _store(self, key: str, value: object) -> None:
+        self._drop(key)  # re-setting moves the key to the young end
+        self._cache[key] = value
+        self.bytes += self._cost(key, value)
+        self._evict()
 
     async def _set(self, key, value, ttl=None, _cas_token=None, _conn=None):  # type: ignore[override]
-        self._cache.pop(key, None)  # re-setting moves the key to the young end
-        result = await super()._set(key, value, ttl=ttl, _cas_token=_cas_token, _conn=_conn)
-        self._evict()
-        return result
+        # No timers: memory entries live until the byte bound evicts them
+        # (claims keep their own expiry in the value, ``AliasStore.claim_token``).
+        self._store(key, value)
+        return True
 
     def _evict(self) -> None:
-        while len(self._cache) > self._max_entries:
-            oldest = next(iter(self._cache))
-            handle = self._handlers.pop(oldest, None)
-            if handle:
-                handle.cancel()
-            del self._cache[oldest]
+        while self.bytes > self._max_bytes and self._cache:
+            self._drop(next(iter(self._cache)))
 
-    # Synchronous twins of multi_get/multi_set for the request path. aiocache's
-    # public calls wrap each operation in four decorators (timeout, plugins,
-    # an os.getenv check, key building): ~10 % of a request's CPU for what is
-    # a dict lookup here.
+    # Synchronous twins for the request path. aiocache's public calls wrap
+    # each operation in four decorators (timeout, plugins, an os.getenv check,
+    # key building): ~10 % of a request's CPU for what is a dict lookup here.
     def get_now(self, keys: list[str]) -> list[str | None]:
-        if self.namespace is not None:
-            keys = [self.build_key(k) for k in keys]
         return [self._cache.get(k) for k in keys]
 
-    def put_now(self, pairs: list[tuple[str, str]]) -> None:
+    def put_now(self, pairs: list[tuple[str, str]], *, only_new: bool = False) -> None:
         for key, value in pairs:
-            if self.namespace is not None:
-                key = self.build_key(key)
-            self._cache.pop(key, None)
-            self._cache[key] = value
-        self._evict()
+            if only_new and key in self._cache:
+                continue
+            self._store(key, value)
+
+    def incr_now(self, key: str) -> int:
+        value = int(self._cache.get(key) or 0) + 1
+        self._store(key, str(value))
+        return value
 
 
 def open_cache(settings: StoreSettings, namespace: str) -> BaseCache:
@@ -81,7 +123,7 @@ def open_cache(settings: StoreSettings, namespace: str) -> BaseCache:
         return cache
     # In-process: no timeout (no wait_for task per call) and no namespace
     # (nothing else shares this dict), so keys are used as they are.
-    return BoundedMemoryCache(settings.max_entries, timeout=None)
+    return BoundedMemoryCache(settings.max_bytes, timeout=None)
 
 
 class _Recent:
@@ -103,67 +145,200 @@ class _Recent:
 
 
 class AliasStore:
+    """The proxy's records about visitors, one method pair per kind.
+
+    Nothing outside this class builds a key: ``_key`` joins a fixed kind and
+    parts that each passed ``_PART`` (no ``/``), so a client's id can never
+    name another kind's record or another visitor's. Values are checked as
+    they are read back (an alias must be a valid id, a JSON record a bounded
+    object); anything else reads as absent."""
+
     def __init__(self, cache: BaseCache, *, ttl: int | None = None) -> None:
         self._cache = cache
-        # Memory entries are bounded by count instead: a TTL there would cost
+        # Memory entries are bounded by bytes instead: a TTL there would cost
         # one timer handle per key.
         self._ttl = ttl
         self._memory = cache if isinstance(cache, BoundedMemoryCache) else None
         self._written = _Recent(100_000)
         self.errors = 0
+        self.refused_keys = 0
         self._warn = Throttled(log)
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> "AliasStore":
         ttl = ALIAS_TTL_SECONDS if settings.url.startswith("redis://") else None
-        return cls(open_cache(settings, ALIAS_NAMESPACE), ttl=ttl)
+        return cls(open_cache(settings, NAMESPACE), ttl=ttl)
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.errors += 1
-        self._warn.warning("store", "alias store %s failed (%s: %s); continuing without it", what, type(exc).__name__, exc)
+        self._warn.warning("store", "alias store %s failed (%s); continuing without it", what, type(exc).__name__)
 
-    async def get_many(self, keys: list[str]) -> dict[str, str]:
-        if not keys:
-            return {}
+    def _key(self, kind: str, *parts: str) -> str | None:
+        """The key of one record, or None (counted) when a part is not safe."""
+        for part in parts:
+            if not isinstance(part, str) or _PART.fullmatch(part) is None:
+                self.refused_keys += 1
+                return None
+        return kind + "/" + "/".join(parts)
+
+    # ---------------------------------------------------------- raw access
+
+    async def _get_many(self, keys: list[str]) -> list[str | None]:
         if self._memory is not None:
-            return {k: v for k, v in zip(keys, self._memory.get_now(keys)) if v}
+            return self._memory.get_now(keys)
         try:
-            values = await self._cache.multi_get(keys)
+            return list(await self._cache.multi_get(keys))
         except Exception as exc:  # noqa: BLE001 - any backend failure degrades
             self._failed("lookup", exc)
-            return {}
-        return {k: v for k, v in zip(keys, values) if v}
+            return [None] * len(keys)
 
-    async def put_many(self, pairs: Mapping[str, str]) -> None:
-        fresh = [(k, v) for k, v in pairs.items() if f"{k}\0{v}" not in self._written]
+    async def _get(self, key: str) -> str | None:
+        return (await self._get_many([key]))[0]
+
+    async def _set(self, key: str, value: str, ttl: int | None = None) -> None:
+        if self._memory is not None:
+            self._memory.put_now([(key, value)])
+            return
+        try:
+            await self._cache.set(key, value, ttl=ttl or self._ttl)
+        except Exception as exc:  # noqa: BLE001
+            self._failed("write", exc)
+
+    async def _get_json(self, key: str | None) -> dict[str, Any]:
+        raw = await self._get(key) if key else None
+        if not raw or len(raw) > MAX_RECORD_CHARS:
+            return {}
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    async def _set_json(self, key: str | None, value: Mapping[str, Any]) -> bool:
+        text = orjson.dumps(value).decode()
+        if key is None or len(text) > MAX_RECORD_CHARS:
+            return False
+        await self._set(key, text)
+        return True
+
+    # ------------------------------------------------------------- aliases
+
+    async def aliases(self, ids: list[str]) -> dict[str, str]:
+        """original id -> canonical id, for the ids the store knows."""
+        keyed = [(i, self._key(ALIAS, i)) for i in ids]
+        keyed = [(i, k) for i, k in keyed if k is not None]
+        if not keyed:
+            return {}
+        values = await self._get_many([k for _, k in keyed])
+        return {i: v for (i, _), v in zip(keyed, values) if v and valid_id(v)}
+
+    async def add_aliases(self, pairs: Mapping[str, str], *, repoint: bool = False) -> None:
+        """Remember original -> canonical. An existing alias keeps its canonical
+        id (first write wins) unless ``repoint``: only a request that proved its
+        canonical id (its own cookie, a redeemed token) may move one."""
+        fresh = []
+        for original, canonical in pairs.items():
+            key = self._key(ALIAS, original)
+            if key is None or not valid_id(canonical) or f"{original}\0{canonical}" in self._written:
+                continue
+            fresh.append((original, key, canonical))
         if not fresh:
             return
         if self._memory is not None:
-            self._memory.put_now(fresh)
-            for k, v in fresh:
-                self._written.add(f"{k}\0{v}")
-            return
-        try:
-            await self._cache.multi_set(fresh, ttl=self._ttl)
-        except Exception as exc:  # noqa: BLE001 - any backend failure degrades
-            self._failed("write", exc)
-            return
-        for k, v in fresh:
-            self._written.add(f"{k}\0{v}")
+            self._memory.put_now([(k, c) for _, k, c in fresh], only_new=not repoint)
+        else:
+            try:
+                if repoint:
+                    await self._cache.multi_set([(k, c) for _, k, c in fresh], ttl=self._ttl)
+                else:
+                    for _, key, canonical in fresh:
+                        try:
+                            await self._cache.add(key, canonical, ttl=self._ttl)  # SET NX
+                        except ValueError:  # aiocache: the key exists
+                            pass
+            except Exception as exc:  # noqa: BLE001 - any backend failure degrades
+                self._failed("write", exc)
+                return
+        for original, _, canonical in fresh:
+            self._written.add(f"{original}\0{canonical}")
 
     def recently_written(self, original: str, canonical: str) -> bool:
         """Whether this process already stored this pair (no store call)."""
         return f"{original}\0{canonical}" in self._written
 
-    async def claim_once(self, key: str, owner: str, ttl: int) -> str | None:
-        """Atomically record ``owner`` for ``key`` if nobody has (for ``ttl``
-        seconds). Returns None when this call claimed it, else the first owner.
-        A store failure counts as claimed by someone else: single use is a
-        security property, so without the store a token is refused."""
-        key = "claim:" + key
+    async def count_device(self, canonical: str) -> int:
+        """Count one more device id joined to ``canonical``; returns the total."""
+        key = self._key(DEVICES, canonical)
+        if key is None:
+            return 0
+        if self._memory is not None:
+            return self._memory.incr_now(key)
+        try:
+            count = int(await self._cache.increment(key, 1))
+            if count == 1 and self._ttl:
+                await self._cache.expire(key, self._ttl)
+            return count
+        except Exception as exc:  # noqa: BLE001
+            self._failed("count", exc)
+            return 0
+
+    # ----------------------------------------------------- device records
+
+    async def device_record(self, canonical: str, host: str, project: str | None) -> str | None:
+        """The device id ``host`` last showed for ``canonical`` and when:
+        ``"<device>|<unix seconds>"`` (``identity.device_change``)."""
+        key = self._key(HOST, canonical, host, project or "-")
+        raw = await self._get(key) if key else None
+        if raw is None:
+            return None
+        device, sep, seen = raw.rpartition("|")
+        return raw if sep and valid_id(device) and seen.isdigit() else None
+
+    async def set_device_record(self, canonical: str, host: str, project: str | None, device: str, seen: int) -> None:
+        key = self._key(HOST, canonical, host, project or "-")
+        if key is not None and valid_id(device):
+            await self._set(key, f"{device}|{seen}")
+
+    # ------------------------------------------- carried properties, first touch
+
+    async def carried(self, canonical: str) -> dict[str, Any]:
+        """The properties kept for ``canonical`` (``core.carry``), {} if none."""
+        return await self._get_json(self._key(CARRY, canonical))
+
+    async def set_carried(self, canonical: str, values: Mapping[str, Any]) -> None:
+        await self._set_json(self._key(CARRY, canonical), values)
+
+    async def first_touch(self, canonical: str) -> dict[str, Any]:
+        """The first external touch kept for ``canonical`` (``core.firsttouch``), {} if none."""
+        return await self._get_json(self._key(TOUCH, canonical))
+
+    async def set_first_touch(self, canonical: str, touch: Mapping[str, Any]) -> bool:
+        return await self._set_json(self._key(TOUCH, canonical), touch)
+
+    # --------------------------------------------------------------- claims
+
+    async def claim_token(self, token_id: str, owner: str, ttl: int) -> str | None:
+        """Atomically record ``owner`` as the first presenter of a token (for
+        ``ttl`` seconds). Returns None when this call claimed it, else the first
+        owner. A store failure or an unusable id counts as claimed by someone
+        else: single use is a security property, so without the store a token
+        is refused."""
+        key = self._key(CLAIM, token_id)
+        if key is None:
+            return "?"
+        if self._memory is not None:
+            # No timers in memory: the claim keeps its expiry beside the owner.
+            now = int(time.time())
+            current = self._memory.get_now([key])[0]
+            if current:
+                first, _, until = current.rpartition("|")
+                if until.isdigit() and int(until) >= now:
+                    return first
+            self._memory.put_now([(key, f"{owner}|{now + ttl}")])
+            return None
         try:
             try:
-                await self._cache.add(key, owner, ttl=ttl)
+                await self._cache.add(key, owner, ttl=ttl)  # SET NX EX
                 return None
             except ValueError:  # aiocache: the key exists
                 existing = await self._cache.get(key)
@@ -172,31 +347,7 @@ class AliasStore:
             self._failed("claim", exc)
             return "?"
 
-    async def count_device(self, canonical: str) -> int:
-        """Count one more device id joined to ``canonical``; returns the total."""
-        try:
-            return int(await self._cache.increment("devices:" + canonical, 1))
-        except Exception as exc:  # noqa: BLE001
-            self._failed("count", exc)
-            return 0
-
-    async def get_value(self, key: str) -> str | None:
-        if self._memory is not None:
-            return self._memory.get_now([key])[0]
-        try:
-            return await self._cache.get(key)
-        except Exception as exc:  # noqa: BLE001
-            self._failed("lookup", exc)
-            return None
-
-    async def set_value(self, key: str, value: str) -> None:
-        if self._memory is not None:
-            self._memory.put_now([(key, value)])
-            return
-        try:
-            await self._cache.set(key, value, ttl=self._ttl)
-        except Exception as exc:  # noqa: BLE001
-            self._failed("write", exc)
+    # ------------------------------------------------------------ health
 
     async def ping(self) -> bool:
         try:

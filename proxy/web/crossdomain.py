@@ -29,7 +29,8 @@ from aiohttp import web
 from ..core import consent
 from ..core.bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
 from ..core.apikeys import bearer
-from ..core.cookie import CookieJar, cookie_values, valid_id
+from ..core.cookie import CookieJar, cookie_values
+from ..core.ids import valid_id
 from ..errors import BadRequest
 from ..lograte import Throttled
 from .http import json_response, query_get, read_body, request_host
@@ -271,7 +272,7 @@ class CrossDomain:
         # claim is this request's own: the same browser shows it again only
         # with the cookie this answer sets.
         owner = hint or (incoming[0] if incoming else f"landing:{uuid.uuid4().hex}")
-        first = await self.p.s.store.claim_once("token:" + claims.token_id, owner, cfg.token_ttl_seconds + 60)
+        first = await self.p.s.store.claim_token(claims.token_id, owner, cfg.token_ttl_seconds + 60)
         if first is not None and first != owner:
             if cookie_id == claims.canonical_id:
                 return claims.canonical_id, outcome

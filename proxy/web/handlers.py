@@ -33,9 +33,10 @@ import orjson
 from aiocache.base import BaseCache
 from aiohttp import StreamReader, web
 
-from ..core import carry, consent, firsttouch
+from ..core import carry, consent, firsttouch, ids
 from ..core.clientip import TrustedProxies, client_ip, truncate
-from ..core.cookie import CookieJar, cookie_values, valid_id
+from ..core.cookie import CookieJar, cookie_values
+from ..core.ids import valid_id
 from ..core.cors import OriginPolicy
 from ..errors import BadRequest, PayloadTooLarge, UpstreamError
 from ..services.forwardlog import MAX_LISTED, ForwardedLog
@@ -360,8 +361,7 @@ class Proxy:
                 if touch is not None:
                     if canonical not in self._touches:  # kept once per id (set once, like the SDK)
                         kept = await self._kept_touch(canonical)
-                        if not kept:
-                            await self.s.store.set_value("touch:" + canonical, orjson.dumps(touch).decode())
+                        if not kept and await self.s.store.set_first_touch(canonical, touch):
                             self._remember_touch(canonical, touch)
                     continue
                 if firsttouch.own(props.get("$initial_referring_domain"), own_domains):
@@ -382,13 +382,7 @@ class Proxy:
         kept = self._touches.get(canonical)
         if kept is not None:
             return kept
-        raw = await self.s.store.get_value("touch:" + canonical)
-        try:
-            kept = orjson.loads(raw) if raw else {}
-        except orjson.JSONDecodeError:
-            return {}
-        if not isinstance(kept, dict):
-            return {}
+        kept = await self.s.store.first_touch(canonical)
         if kept:  # nothing kept yet may change (another instance): not memoised
             self._remember_touch(canonical, kept)
         return kept
@@ -405,13 +399,8 @@ class Proxy:
         set before, on any domain, added where missing; what these set, kept.
         True when an event gained one."""
         assert self._carry is not None
-        key = "carry:" + canonical
-        raw = await self.s.store.get_value(key)
-        try:
-            kept = orjson.loads(raw) if raw else {}
-        except orjson.JSONDecodeError:
-            kept = {}
-        running = dict(kept) if isinstance(kept, dict) else {}
+        kept = await self.s.store.carried(canonical)
+        running = dict(kept)
         seen: dict[str, Any] = {}
         changed = False
         for event in events:
@@ -423,7 +412,7 @@ class Proxy:
             seen.update(fresh)
             running.update(fresh)
         if seen and any(kept.get(k) != v for k, v in seen.items()):
-            await self.s.store.set_value(key, orjson.dumps(carry.merge(kept, seen)).decode())
+            await self.s.store.set_carried(canonical, carry.merge(kept, seen))
         return changed
 
     def _record_drop(self, route: str, names: list[str], count: int, project: str | None, why: str) -> None:
@@ -680,11 +669,18 @@ class Proxy:
         if mentioned:
             stripped = self._strip_tokens(protocol, route, events)
 
+        try:
+            # Every id the request names passes the one rule (``core.ids``) before
+            # it is looked up, stored, put in a cookie or logged.
+            incoming = ids.accept(protocol.anonymous_ids(route, events), refuse_long=visit.browser)
+        except BadRequest as exc:
+            return self._error(exc, visit, verbose, route, protocol)
+        server_ids = [] if visit.browser and route != "import" else ids.accept(protocol.lookup_ids(route, events), refuse_long=False)
         resolution = await self._resolve(
             visit,
             route,
-            protocol.anonymous_ids(route, events),
-            [] if visit.browser and route != "import" else protocol.lookup_ids(route, events),
+            incoming,
+            server_ids,
             token,
             protocol.is_anonymous(route, events),
             project,
@@ -915,6 +911,11 @@ class Proxy:
         tokens_removed = clean != query
         query = clean
         incoming, server_ids, context = mixpanel.query_identity(route, query)
+        try:
+            incoming = ids.accept(incoming, refuse_long=visit.browser)
+        except BadRequest as exc:
+            return self._error(exc, visit, verbose, route)
+        server_ids = ids.accept(server_ids, refuse_long=False)
         resolution = await self._resolve(visit, route, incoming, server_ids, token)
         rewrites: list[Rewrite] = []
         new_query = query
