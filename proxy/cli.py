@@ -28,6 +28,7 @@ import orjson
 
 from . import __version__
 from .errors import ConfigError, ProxyError
+from .lograte import EscapingFormatter, escape_control
 from .settings import Settings, env_help, load_settings
 
 # How long in-flight requests may take to finish at shutdown.
@@ -311,29 +312,36 @@ def matches(record: dict[str, Any], args: argparse.Namespace) -> bool:
 
 
 def format_record(record: dict[str, Any]) -> str:
+    """A record as readable lines; every value from the log is escaped
+    (``escape_control``): event names and ids are client text."""
     ts = datetime.fromtimestamp(record.get("time", 0), timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    names = record.get("events") or []
+    names = [str(n) for n in record.get("events") or []]
     shown = ", ".join(dict.fromkeys(names)) if names else "-"
     status = record.get("status")
-    line = (
+    head = (
         f"{ts} {record.get('outcome', '?'):<11} {record.get('route', '?'):<7} {record.get('region', '?'):<2} "
         f"{status if status is not None else '-':>3} {record.get('latency_ms', 0):>8.1f}ms "
         f"{record.get('count', 0)}x {shown}"
     )
-    ids = ", ".join(record.get("canonical_ids") or []) or "-"
-    sources = ", ".join(record.get("sources") or []) or "-"
-    line += f"\n    id {ids} ({sources})"
+    ids = ", ".join(map(str, record.get("canonical_ids") or [])) or "-"
+    sources = ", ".join(map(str, record.get("sources") or [])) or "-"
+    second = f"id {ids} ({sources})"
     if record.get("project"):
-        line += f"  project {record['project']}"
+        second += f"  project {record['project']}"
     if (record.get("attempts") or 1) > 1:
-        line += f"  attempts {record['attempts']}"
+        second += f"  attempts {record['attempts']}"
+    if record.get("host"):
+        second += f"  host {record['host']}"
+    lines = [head, second]
+    if record.get("replaced"):
+        lines.append(f"replaced {record['replaced']} ({record.get('source', '?')})")
     for r in record.get("rewrites") or []:
-        line += f"\n    rewrote {r.get('field')}: {r.get('from')} -> {r.get('to')}"
+        lines.append(f"rewrote {r.get('field')}: {r.get('from')} -> {r.get('to')}")
     if record.get("detail"):
-        line += f"\n    {record.get('reason') or 'error'}: {record['detail']}"
+        lines.append(f"{record.get('reason') or 'error'}: {record['detail']}")
     elif record.get("reason"):
-        line += f"\n    {record['reason']}"
-    return line
+        lines.append(str(record["reason"]))
+    return "\n    ".join(escape_control(line) for line in lines)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -570,7 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     level = os.environ.get("FIRSTPARTY_LOG_LEVEL", "info").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
     try:
         if args.command == "serve":
             return cmd_serve(args)

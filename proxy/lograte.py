@@ -1,7 +1,14 @@
-"""Warnings that an outage repeats (upstream down, store down, a token
-replayed...), written at most once per condition per interval, each line
-saying how many like it were held back since the last one: a vendor outage
-at full traffic writes a handful of lines a minute, not one per retry."""
+"""Log hygiene: lines a flood or a client can trigger.
+
+``Throttled``: warnings that an outage repeats (upstream down, store down, a
+token replayed...), written at most once per condition per interval, each
+line saying how many like it were held back since the last one: a vendor
+outage at full traffic writes a handful of lines a minute, not one per retry.
+
+``escape_control`` and ``EscapingFormatter``: client text never makes a line
+of its own nor moves a terminal's cursor: control characters (newlines
+included), DEL, C1 controls and bidirectional overrides are written as
+``\\xNN`` / ``\\uNNNN`` escapes, in the process log and in ``firstparty logs``."""
 
 from __future__ import annotations
 
@@ -11,6 +18,23 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 EVERY_SECONDS = 60.0
+
+_CONTROLS = [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), 0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F),
+             *range(0x2066, 0x206A)]
+_ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS}
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control or bidi-override character escaped."""
+    return text.translate(_ESCAPES)
+
+
+class EscapingFormatter(logging.Formatter):
+    """The process log's formatter: the message (with the client text its
+    arguments bring) escaped; a traceback, which is ours, left as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return escape_control(super().formatMessage(record))
 
 
 class Throttled:
@@ -40,3 +64,6 @@ class Throttled:
 
     def warning(self, condition: Hashable, msg: str, *args: Any) -> bool:
         return self.log(logging.WARNING, condition, msg, *args)
+
+    def info(self, condition: Hashable, msg: str, *args: Any) -> bool:
+        return self.log(logging.INFO, condition, msg, *args)

@@ -97,10 +97,12 @@ async def test_first_touch_survives_the_hop_to_another_domain(proxy_client, upst
     # On B, mixpanel-js's own first touch is site A (the hop), and its first campaign A's link.
     d_b = device_id()
     hop = {"$initial_referrer": f"http://{A}/", "$initial_referring_domain": A}
-    await client.post(TRACK, data=b64_body([landing_event(location, d_b, **hop)]), headers=browser(B))
+    landed = await client.post(TRACK, data=b64_body([landing_event(location, d_b, **hop)]), headers=browser(B))
     update = {"$token": "test-token-us", "$distinct_id": f"$device:{d_b}", "$device_id": d_b,
               "$set_once": {"initial_utm_source": "mail", "initial_utm_medium": "email", "plan_at_signup": "free"}}
-    await client.post(f"/mp/engage/?verbose=1&fpb={token_of(location)}", data=b64_body([update]), headers=browser(B))
+    # The landing page's profile update: the token in its URL, the cookie the landing set.
+    await client.post(f"/mp/engage/?verbose=1&fpb={token_of(location)}", data=b64_body([update]),
+                      headers=browser(B, cookie_from(landed)))
     # Another visitor whose first seen referrer is an own domain, with nothing kept: left alone.
     await client.post(TRACK, data=b64_body([js_event("Stranger", device_id(), **hop)]), headers=browser(B))
     await upstream.wait(3, "us", "/track")

@@ -115,7 +115,9 @@ async def test_token_as_query_parameter_of_a_proxied_request(xclient, upstream, 
     token = token_of(await go_to_b(xclient, cookie_a))
     d_b = device_id()
     resp = await xclient.post(
-        f"/mp/track/?fpb={token}&verbose=1&ip=1", data=b64_body([js_event("B", d_b)]), headers=browser(B)
+        f"/mp/track/?fpb={token}&verbose=1&ip=1",
+        data=b64_body([js_event("B", d_b, **{"$referrer": f"http://{A}/"})]),  # the page came from A
+        headers=browser(B),
     )
     assert canonical_of(cookie_from(resp)) == canonical_of(cookie_a)
     [_, event] = await upstream.wait(2, "us", "/track")
@@ -215,7 +217,8 @@ async def test_both_sdks_landing_at_once_redeem_the_token_as_one_browser(xclient
     canonical = canonical_of(cookie_a)
     anon = device_id()
     jar = {**browser(B), "Cookie": f"ajs_anonymous_id={anon}"}
-    call = {"type": "page", "anonymousId": anon, "writeKey": SEG_KEY, "context": {"page": {"url": location}}}
+    page = {"url": location, "referrer": f"http://{A}/"}  # analytics.js: the landing came from A
+    call = {"type": "page", "anonymousId": anon, "writeKey": SEG_KEY, "context": {"page": page}}
     mp, seg = await asyncio.gather(
         xclient.post(TRACK, data=b64_body([landing_event(location, device_id())]), headers=jar),
         xclient.post("/seg/v1/p", data=orjson.dumps(call), headers={**jar, "Content-Type": "text/plain"}),
@@ -248,7 +251,8 @@ async def test_a_segment_only_site_crosses_domains_under_its_own_mount(xclient, 
     target = f"http://{B}/cart"
     go = await xclient.get(f"/seg/go?to={quote(target, safe='')}", headers=browser(A, cookie_a), allow_redirects=False)
     assert go.status == 302 and go.headers["Location"].startswith(f"{target}?fpb=")
-    landing = {**call, "anonymousId": device_id(), "context": {"page": {"url": go.headers["Location"]}}}
+    page_b = {"url": go.headers["Location"], "referrer": f"http://{A}/"}
+    landing = {**call, "anonymousId": device_id(), "context": {"page": page_b}}
     on_b = await xclient.post("/seg/v1/p", data=orjson.dumps(landing), headers={**browser(B), "Content-Type": "text/plain"})
     assert canonical_of(cookie_from(on_b)) == anon_a
     calls = await upstream.wait(2, "seg-us", "/v1/batch")
@@ -339,9 +343,13 @@ async def test_hub_recognises_the_browser_across_domains(xclient, upstream):
     )
     token_b = token_of(second.headers["Location"])
     assert keys_of(xclient).open(token_b, purpose="hub", audience="site-b.test", now=time.time()).canonical_id == hub_id
-    # Both sites redeem their hub token: one canonical id upstream.
+    # Both sites' hub.js redeem their hub token (the answer to their own trip): one canonical id upstream.
     for host, url in ((A, first.headers["Location"]), (B, second.headers["Location"])):
-        resp = await xclient.post(TRACK, data=b64_body([landing_event(url, device_id())]), headers=browser(host))
+        redeemed = await xclient.post("/mp/id", data=f"fpb={token_of(url)}&via=hub", headers=browser(host))
+        assert (await redeemed.json())["token"] == "accepted"
+        cookie = cookie_from(redeemed)
+        assert canonical_of(cookie) == hub_id
+        resp = await xclient.post(TRACK, data=b64_body([js_event("Page", device_id())]), headers=browser(host, cookie))
         assert canonical_of(cookie_from(resp)) == hub_id
     events = await upstream.wait(2, "us", "/track")
     assert {e["properties"]["$device_id"] for e in events} == {hub_id}

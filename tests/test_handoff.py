@@ -40,7 +40,10 @@ async def keyed(proxy_client: Any, tmp_path: Path) -> tuple[Any, dict[str, str]]
 
 
 async def land(client: Any, host: str, token: str, cookie: str | None = None, **extra: str) -> Any:
-    body = "&".join([f"fpb={quote(token)}", *(f"{k}={v}" for k, v in extra.items())])
+    """land.js's POST: the page's token and its document.referrer (by default, site A's page)."""
+    if "frame" not in extra:
+        extra.setdefault("ref", quote(f"http://{A}/pricing", safe=""))
+    body = "&".join([f"fpb={quote(token)}", *(f"{k}={v}" for k, v in extra.items() if v is not None)])
     return await client.post("/mp/id", data=body, headers=browser(host, cookie))
 
 
@@ -105,7 +108,13 @@ async def test_a_refusal_carried_by_the_token_is_kept(xclient):
 
 async def test_a_widget_keeps_its_id_in_a_partitioned_cookie(xclient):
     cookie_a = await visit_a(xclient)
-    token = token_of(await go_to_b(xclient, cookie_a, f"http://{B}/"))
+    # frame.js on A's page asks for its iframe's token, and the frame redeems it.
+    bridge = await xclient.post("/mp/bridge", json={"to": f"http://{B}/", "frame": "1"},
+                                headers={**browser(A, cookie_a), "Content-Type": "application/json"})
+    token = (await bridge.json())["token"]
+    assert keys_of(xclient).open(token, purpose="frame", audience="site-b.test", now=time.time())
+    # As a landing URL's token (land.js, an SDK's event) it links nothing, whatever the referrer.
+    assert (await (await land(xclient, B, token)).json())["token"] == "refused"
     resp = await land(xclient, B, token, frame="1")
     (header,) = resp.headers.getall("Set-Cookie")
     attributes = [a.strip() for a in header.split(";")]
@@ -148,7 +157,7 @@ async def test_an_app_backend_hands_its_device_id_to_the_web(keyed, upstream):
     assert set(answer) == {"url", "token", "expires_in", "param"} and answer["expires_in"] == 60
     assert answer["url"] == f"http://{B}/welcome?fpb={answer['token']}"
     assert "Set-Cookie" not in resp.headers  # a server call: no browser state
-    claims = keys_of(client).open(answer["token"], purpose="bridge", audience="site-b.test", now=time.time())
+    claims = keys_of(client).open(answer["token"], purpose="app", audience="site-b.test", now=time.time())
     assert claims.canonical_id == app_device
 
     # The browser opens the link: its SDK's own device id joins the app's.
@@ -160,7 +169,7 @@ async def test_an_app_backend_hands_its_device_id_to_the_web(keyed, upstream):
     assert event["properties"]["$device_id"] == app_device and event["properties"]["distinct_id"] == f"$device:{app_device}"
     text = await (await client.ops_get("/metrics")).text()
     assert metric(text, 'firstparty_identity_tokens_total{result="issued_app"}') == 1
-    assert metric(text, 'firstparty_identity_tokens_total{result="redeemed_bridge"}') == 1
+    assert metric(text, 'firstparty_identity_tokens_total{result="redeemed_app"}') == 1
 
 
 async def test_no_key_no_device_id(keyed, tmp_path):

@@ -141,3 +141,178 @@ async def test_ids_over_the_limit_are_refused_and_memory_stays_flat(proxy_client
     assert cache.bytes == before
     received = await upstream.wait(2, "us", "/track")
     assert [e["event"] for e in received] == ["Warm", "Server"]
+
+
+# ------------------------------------------------------------ fixation by a link
+
+
+async def _attackers_link(client: Any) -> tuple[str, str]:
+    """An attacker's own identity on A and a /go link carrying it to B."""
+    from urllib.parse import quote
+
+    from tests.test_crossdomain import token_of
+
+    cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("Attacker", device_id())]), headers=browser(A)))
+    go = await client.get(f"/mp/go?to={quote(f'http://{B}/offer', safe='')}", headers=browser(A, cookie),
+                          allow_redirects=False)
+    return canonical_of(cookie), token_of(go.headers["Location"])
+
+
+async def _victim_on_b(client: Any) -> tuple[str, str]:
+    device = device_id()
+    cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("Victim", device)]), headers=browser(B)))
+    return cookie, device
+
+
+async def test_a_link_token_without_a_linked_referrer_does_not_replace_an_identity(proxy_client, upstream, tmp_path):
+    from tests.test_consent import log_records
+    from tests.test_handoff import land
+
+    client = await proxy_client(**IDENTITY)
+    attacker, token = await _attackers_link(client)
+    victim_cookie, device = await _victim_on_b(client)
+    victim = canonical_of(victim_cookie)
+    url = f"http://{B}/offer?fpb={token}"
+    # land.js on the landing page: no referrer (a mail, a chat), or another site's.
+    for ref in (None, "https://evil.test/page", "not a url"):
+        answer = await land(client, B, token, victim_cookie, ref=None if ref is None else ref.replace(" ", "%20"))
+        body = await answer.json()
+        assert body["token"] == "refused" and body["id"] == victim, ref
+        assert canonical_of(cookie_from(answer)) == victim
+    # The SDK's first event on the landing page, with its own referrer (or none).
+    for referrer in ({}, {"$referrer": "https://evil.test/"}):
+        event = js_event("Landing", device, **{"$current_url": url, **referrer})
+        resp = await client.post(TRACK, data=b64_body([event]), headers=browser(B, victim_cookie))
+        assert canonical_of(cookie_from(resp)) == victim
+    # Segment's analytics.js alike.
+    call = {"type": "page", "anonymousId": device_id(), "writeKey": SEG_KEY, "context": {"page": {"url": url}}}
+    resp = await client.post("/seg/v1/p", data=orjson.dumps(call),
+                             headers={**browser(B, victim_cookie), "Content-Type": "text/plain"})
+    assert canonical_of(cookie_from(resp)) == victim
+    # A hub token outside hub.js's own round trip (no via=hub) neither.
+    hub = client.services.settings.identity.keys.seal(attacker, purpose="hub", audience="site-b.test",
+                                                       now=__import__("time").time(), ttl=60)
+    event = js_event("Hub landing", device, **{"$current_url": f"http://{B}/?fpb={hub}", "$referrer": f"http://{A}/"})
+    resp = await client.post(TRACK, data=b64_body([event]), headers=browser(B, victim_cookie))
+    assert canonical_of(cookie_from(resp)) == victim
+    events = await upstream.wait(4, "us", "/track")
+    assert all(e["properties"]["$device_id"] != attacker for e in events if e["event"] != "Attacker")
+    records = await log_records(client, tmp_path)
+    refused = [r for r in records if r["outcome"] == "token_refused"]
+    assert len(refused) == 7 and all(r["host"] == B for r in refused)
+    assert {r["reason"] for r in refused} == {
+        "no referrer: the landing navigation did not come from a linked domain",
+        "the referrer is not on a linked domain",
+        "a hub token outside hub.js's round trip",
+    }
+    assert not [r for r in records if r["outcome"] == "identity_replaced"]
+    assert token not in str(records) and hub not in str(records)
+
+
+async def test_a_link_from_a_linked_domain_still_replaces_it_and_says_so(proxy_client, upstream, tmp_path):
+    from tests.test_consent import log_records
+    from tests.test_handoff import land
+
+    client = await proxy_client(**IDENTITY)
+    visitor, token = await _attackers_link(client)  # the same browser's id on A, this time
+    cookie_b, _ = await _victim_on_b(client)
+    answer = await land(client, B, token, cookie_b)  # came from A's page
+    assert (await answer.json())["token"] == "accepted" and canonical_of(cookie_from(answer)) == visitor
+    records = await log_records(client, tmp_path)
+    [replaced] = [r for r in records if r["outcome"] == "identity_replaced"]
+    assert replaced["source"] == "bridge" and replaced["canonical_ids"] == [visitor]
+    assert replaced["replaced"] == canonical_of(cookie_b) and replaced["host"] == B
+
+
+async def test_go_mints_only_for_the_presenting_browsers_own_identity(proxy_client):
+    import time
+    from urllib.parse import quote
+
+    from tests.test_crossdomain import token_of
+
+    client = await proxy_client(**IDENTITY)
+    victim = device_id()
+    keys = client.services.settings.identity.keys
+    target = quote(f"http://{B}/", safe="")
+    for jar in (f"ajs_anonymous_id={victim}", f"fp_id={victim}.forgedforgedforgedforge", f"ajs_anonymous_id=%22{victim}%22"):
+        go = await client.get(f"/mp/go?to={target}", headers={**browser(A), "Cookie": jar}, allow_redirects=False)
+        claims = keys.open(token_of(go.headers["Location"]), purpose="bridge", audience="site-b.test", now=time.time())
+        assert claims.canonical_id != victim and valid_id(claims.canonical_id)
+        bridge = await client.post("/mp/bridge", json={"to": f"http://{B}/"},
+                                   headers={**browser(A), "Cookie": jar, "Content-Type": "application/json"})
+        claims = keys.open((await bridge.json())["token"], purpose="bridge", audience="site-b.test", now=time.time())
+        assert claims.canonical_id != victim
+
+
+async def test_links_to_http_targets_need_cookie_secure_off(proxy_client):
+    linked = {"identity": {"linked_domains": [".site-a.test", ".site-b.test"]}}
+    client = await proxy_client(**linked)  # cookie.secure on, the default
+    go = await client.get(f"/mp/go?to=http%3A%2F%2F{B}%2F", headers=browser(A), allow_redirects=False)
+    assert go.status == 400 and "https" in await go.text()
+    go = await client.get(f"/mp/go?to=https%3A%2F%2F{B}%2F", headers=browser(A), allow_redirects=False)
+    assert go.status == 302 and go.headers["Location"].startswith(f"https://{B}/?fpb=")
+
+
+async def test_a_refusal_token_opts_out_only_the_first_browser(proxy_client, upstream):
+    import time
+
+    from tests.test_handoff import land
+
+    client = await proxy_client(**IDENTITY)
+    token = client.services.settings.identity.keys.seal(
+        str(uuid.uuid4()), purpose="bridge", audience="site-b.test", now=time.time(), ttl=60, consent="denied")
+    first = await land(client, B, token)
+    assert (await first.json())["reason"] == "token"
+    assert any(h.startswith("fp_optout=") for h in first.headers.getall("Set-Cookie", []))
+    # The same token in a second browser's landing URL refuses nothing for it.
+    event = js_event("Second browser", device_id(), **{"$current_url": f"http://{B}/?fpb={token}"})
+    resp = await client.post(TRACK, data=b64_body([event]), headers=browser(B))
+    assert resp.status == 200 and cookie_from(resp) is not None
+    [sent] = await upstream.wait(1, "us", "/track")
+    assert sent["event"] == "Second browser" and "fpb=" not in sent["properties"]["$current_url"]
+
+
+# ---------------------------------------------------------------- quiet, escaped logs
+
+
+async def test_a_flood_of_client_triggered_warnings_writes_one_line(proxy_client, caplog):
+    import logging
+
+    limits = {**IDENTITY["identity"], "max_devices_per_id": 1}
+    client = await proxy_client(**{**IDENTITY, "identity": limits})
+    cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("First", device_id())]), headers=browser(A)))
+    caplog.set_level(logging.INFO, logger="proxy")
+    for i in range(300):  # 300 device ids for one canonical id, each on its own subdomain
+        event = js_event("Probe", f"forged-{i:04d}-CRITICAL")
+        resp = await client.post(TRACK, data=b64_body([event]), headers=browser(f"s{i}.site-a.test", cookie))
+        assert resp.status == 200
+    lines = [r for r in caplog.records if r.name.startswith("proxy.services.resolver")]
+    assert len(lines) == 1 and "max_devices_per_id" in lines[0].getMessage()
+
+
+def test_the_process_log_escapes_what_a_client_sent():
+    import logging
+
+    from proxy.lograte import EscapingFormatter
+
+    formatter = EscapingFormatter("%(levelname)s %(message)s")
+    forged = "evil.test\n2026-12-07 10:00:00 CRITICAL proxy: admin logged in\x1b[2J\u202egnp.exe"
+    record = logging.LogRecord("proxy", logging.INFO, __file__, 1, "token refused on %s", (forged,), None)
+    text = formatter.format(record)
+    assert "\n" not in text and "\x1b" not in text and "\u202e" not in text
+    assert "\\x0a2026-12-07" in text and "\\x1b[2J" in text and "\\u202e" in text
+
+
+def test_firstparty_logs_escapes_event_names_and_ids(tmp_path, capsys):
+    from proxy.cli import main
+
+    record = {"time": 1.0, "outcome": "forwarded", "route": "track", "region": "us", "status": 200, "count": 1,
+              "events": ["Buy\x1b]0;pwned\x07\nFAKE forwarded", "ok"], "canonical_ids": ["c\u202e1"],
+              "rewrites": [{"field": "$device_id", "from": "a\rb", "to": "c"}], "reason": "r\x9bx"}
+    path = tmp_path / "forwarded.jsonl"
+    path.write_bytes(orjson.dumps(record) + b"\n")
+    assert main(["logs", "--file", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert not any(ch in out for ch in "\x1b\x07\r\u202e\x9b")
+    assert "\\x1b]0;pwned\\x07\\x0aFAKE" in out
+    assert [line for line in out.splitlines() if not line.startswith("    ")] == [out.splitlines()[0]]  # one record, one head line

@@ -15,8 +15,55 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from .cookie import host_matches
 from ..errors import BadRequest
 
-PURPOSE_BRIDGE = "bridge"
-PURPOSE_HUB = "hub"
+# What a token was sealed for (bound in its AAD, so one purpose never opens as another).
+PURPOSE_BRIDGE = "bridge"  # /go, /bridge from a page, link.js: a browser's own id, for a link
+PURPOSE_HUB = "hub"  # the identity hub's answer to hub.js's round trip
+PURPOSE_APP = "app"  # an app backend's hand-off, minted with a server key
+PURPOSE_FRAME = "frame"  # frame.js: a parent page's id for its widget's iframe
+PURPOSES = (PURPOSE_BRIDGE, PURPOSE_HUB, PURPOSE_APP, PURPOSE_FRAME)
+
+# How a token reached the proxy on the landing side.
+VIA_PAGE = "page"  # a landing URL: in an event's URL, a request's query, or land.js's POST
+VIA_HUB = "hub"  # hub.js's POST after the round trip it started in this tab
+VIA_FRAME = "frame"  # frame.js's POST of the token its parent posted (origin-checked)
+
+
+def refusal(purpose: str, via: str, referrer: str | None, linked: tuple[str, ...]) -> str | None:
+    """Why a valid token must not change this browser's identity, or None.
+
+    Anyone can mint a link token for their own id and send it to a victim: a
+    token that travelled in a URL proves nothing about who opened it. So a
+    bridge token links only when the landing navigation came from a linked
+    domain (its referrer: a visitor following a link on site A), never from
+    no referrer (a link in a mail, a chat, a typed URL) or another site. The
+    other purposes carry their own proof: an app token its server key, a hub
+    token hub.js's round trip in this very tab, a frame token frame.js's
+    origin-checked ``postMessage``; each is honoured only on its own way in."""
+    if purpose == PURPOSE_APP:
+        return None
+    if purpose == PURPOSE_HUB:
+        return None if via == VIA_HUB else "a hub token outside hub.js's round trip"
+    if purpose == PURPOSE_FRAME:
+        return None if via == VIA_FRAME else "a frame token outside frame.js"
+    host = referrer_host(referrer)
+    if host is None:
+        return "no referrer: the landing navigation did not come from a linked domain"
+    if linked_domain(host, linked) is None:
+        return "the referrer is not on a linked domain"
+    return None
+
+
+def referrer_host(referrer: Any) -> str | None:
+    """The host of a referrer URL (``https://www.a.test/p`` -> ``www.a.test``), or None."""
+    if not isinstance(referrer, str) or not referrer or len(referrer) > 4096:
+        return None
+    try:
+        parts = urlsplit(referrer.strip())
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https"):
+        return None
+    return parts.hostname or None
 
 
 def linked_domain(host: str, linked: tuple[str, ...]) -> str | None:
@@ -28,8 +75,11 @@ def linked_domain(host: str, linked: tuple[str, ...]) -> str | None:
     return None
 
 
-def redirect_target(to: str | None, linked: tuple[str, ...], what: str = "to") -> tuple[str, str]:
-    """Validate a redirect target: an absolute http(s) URL on a linked domain.
+def redirect_target(
+    to: str | None, linked: tuple[str, ...], what: str = "to", *, allow_http: bool = True
+) -> tuple[str, str]:
+    """Validate a redirect target: an absolute https URL (or http with
+    ``allow_http``, a local set-up without TLS) on a linked domain.
 
     Returns (url, audience). Anything else is a ``BadRequest``: scheme-relative
     URLs, userinfo tricks (``https://good.com@evil.com``), backslashes,
@@ -45,6 +95,8 @@ def redirect_target(to: str | None, linked: tuple[str, ...], what: str = "to") -
         raise BadRequest(f"'{what}' is not a valid URL") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         raise BadRequest(f"'{what}' must be an absolute http(s) URL without credentials")
+    if parts.scheme == "http" and not allow_http:
+        raise BadRequest(f"'{what}' must be an https URL (http links need cookie.secure = false)")
     del port
     audience = linked_domain(parts.hostname, linked)
     if audience is None:

@@ -321,6 +321,18 @@ def find_token(query: list[tuple[str, str]], events: list[dict[str, Any]], param
     return None
 
 
+def referrer(route: str, events: list[dict[str, Any]]) -> str | None:
+    """Where the page's visitor came from: mixpanel-js's ``$referrer`` (the
+    page's ``document.referrer``, sent with every event of the page) of the
+    first event that has one."""
+    for event in events:
+        props = event.get("properties")
+        value = props.get("$referrer") if isinstance(props, dict) else None
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def strip_tokens(route: str, event: dict[str, Any], param: str) -> int:
     """Remove ``param`` from every URL-valued string of an event; returns how many.
 
@@ -474,6 +486,7 @@ class Mixpanel:
     project = staticmethod(project)
     names = staticmethod(names)
     find_token = staticmethod(find_token)
+    referrer = staticmethod(referrer)
     strip_tokens = staticmethod(strip_tokens)
     refuses = staticmethod(refuses)
     anonymise = staticmethod(anonymise)

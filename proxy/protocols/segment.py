@@ -190,6 +190,19 @@ def _url_values(call: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
     return out
 
 
+def referrer(route: str, events: list[dict[str, Any]]) -> str | None:
+    """Where the page's visitor came from: analytics.js's ``context.page.referrer``
+    (``document.referrer``), else ``properties.referrer`` of a page call."""
+    for call in events:
+        for path in (("context", "page", "referrer"), ("properties", "referrer")):
+            node: Any = call
+            for step in path:
+                node = node.get(step) if isinstance(node, dict) else None
+            if isinstance(node, str) and node:
+                return node
+    return None
+
+
 def find_token(query: list[tuple[str, str]], events: list[dict[str, Any]], param: str) -> str | None:
     for call in events:
         for node, leaf in _url_values(call):
@@ -311,6 +324,7 @@ class Segment:
     project = staticmethod(project)
     names = staticmethod(names)
     find_token = staticmethod(find_token)
+    referrer = staticmethod(referrer)
     strip_tokens = staticmethod(strip_tokens)
     refuses = staticmethod(refuses)
     anonymise = staticmethod(anonymise)

@@ -28,6 +28,7 @@ from ..core.identity import (
 from .metrics import Metrics
 from ..settings import IdentitySettings
 from .store import AliasStore
+from ..lograte import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class Resolver:
         self.store = store
         self.metrics = metrics
         self.settings = settings
+        # Lines a client's requests trigger: at most one a minute each, however many come.
+        self._quiet = Throttled(log)
 
     async def resolve(
         self,
@@ -108,7 +111,7 @@ class Resolver:
             await self.store.set_device_record(canonical, host, project, device, int(now))
             return False
         self.metrics.identity_resets.inc()
-        log.info("device id changed on %s soon after the last one (reset()): new canonical id", host)
+        self._quiet.info("reset", "device id changed on %r soon after the last one (reset()): new canonical id", host)
         return True
 
     async def _cap_devices(self, resolution: Resolution) -> None:
@@ -124,8 +127,9 @@ class Resolver:
                 del resolution.new_aliases[original]
                 del resolution.mapping[original]
                 self.metrics.device_cap.inc()
-                log.warning(
-                    "canonical id %s already joins %d device ids (identity.max_devices_per_id); %s kept apart",
+                self._quiet.warning(
+                    "device-cap",
+                    "canonical id %r already joins %d device ids (identity.max_devices_per_id); %r kept apart",
                     canonical,
                     cap,
                     original,

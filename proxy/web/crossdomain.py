@@ -27,10 +27,23 @@ import orjson
 from aiohttp import web
 
 from ..core import consent
-from ..core.bridge import PURPOSE_BRIDGE, PURPOSE_HUB, decorate, linked_domain, redirect_target
+from ..core.bridge import (
+    PURPOSE_APP,
+    PURPOSE_BRIDGE,
+    PURPOSE_FRAME,
+    PURPOSE_HUB,
+    PURPOSES,
+    VIA_FRAME,
+    VIA_HUB,
+    VIA_PAGE,
+    decorate,
+    linked_domain,
+    redirect_target,
+    refusal,
+)
 from ..core.apikeys import bearer
 from ..core.cookie import CookieJar, cookie_values
-from ..core.ids import valid_id
+from ..core.ids import ID_CHARS, MAX_ID_CHARS, MIN_ID_CHARS, valid_id
 from ..errors import BadRequest
 from ..lograte import Throttled
 from .http import json_response, query_get, read_body, request_host
@@ -88,7 +101,8 @@ LANDING_JS = """/* firstparty {name}: a landing page's identity token is redeeme
    it runs once the token is redeemed, at once when there is none, and never on a page
    that is leaving for the hub. */
 (function () {{
-  var HUB = {hub}, PARAM = {param}, ID = {id}, DONE = "fp_hub_done", REF = "fp_hub_referrer", waiting = [], settled = false;
+  var HUB = {hub}, PARAM = {param}, ID = {id}, DONE = "fp_hub_done", REF = "fp_hub_referrer", TRIP = "fp_hub_trip";
+  var waiting = [], settled = false, trip = false;
 {settle}  window.firstpartyLanding = window.firstpartyHub = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
   function tokenInUrl() {{
     var parts = location.search.slice(1).split("&");
@@ -119,7 +133,7 @@ LANDING_JS = """/* firstparty {name}: a landing page's identity token is redeeme
         clearTimeout(timer);
         if (!r.ok || settled) return settle();
         localStorage.setItem(DONE, "1");  /* before leaving: never a second trip, whatever comes back */
-        try {{ sessionStorage.setItem(REF, document.referrer); }} catch (e) {{}}
+        try {{ sessionStorage.setItem(REF, document.referrer); sessionStorage.setItem(TRIP, "1"); }} catch (e) {{}}
         location.replace(HUB + "/hub/resolve?return=" + encodeURIComponent(location.href));
       }})
       .catch(function () {{ clearTimeout(timer); settle(); }});  /* hub unreachable: keep the per-domain id */
@@ -135,10 +149,15 @@ LANDING_JS = """/* firstparty {name}: a landing page's identity token is redeeme
     toHub();
   }}
   var token = tokenInUrl();
+  /* A hub token counts only as the answer to the trip this tab started (a link someone
+     else made, opened in any tab, is not); a link token only with where the landing came
+     from (document.referrer: the proxy honours it from a linked domain only). */
+  try {{ trip = sessionStorage.getItem(TRIP) === "1"; sessionStorage.removeItem(TRIP); }} catch (e) {{}}
+  var referrer = document.referrer;
   try {{ if (token !== null && sessionStorage.getItem(REF) !== null) restoreReferrer(); }} catch (e) {{}}
   if (token === null) return then(false);
   fetch(ID, {{ method: "POST", credentials: "same-origin", headers: {{ "Content-Type": "application/x-www-form-urlencoded" }},
-              body: PARAM + "=" + encodeURIComponent(token) }})
+              body: PARAM + "=" + encodeURIComponent(token) + "&ref=" + encodeURIComponent(referrer) + (trip ? "&via=hub" : "") }})
     .then(function (r) {{ return r.ok ? r.json() : null; }})
     .then(function (answer) {{ clean(); then(!!answer && answer.token === "accepted"); }},
           function () {{ settle(); }});  /* proxy unreachable: the token stays for the SDK's requests */
@@ -177,7 +196,7 @@ FRAME_JS = """/* firstparty frame.js: one identity for a widget in an iframe on 
     if (!d || d.type !== HELLO || typeof d.id !== "string" || answered[d.id] || !frame || !ourFrame(frame) || !linked(ev.origin)) return;
     answered[d.id] = true;
     fetch(BRIDGE, {{ method: "POST", credentials: "same-origin", headers: {{ "Content-Type": "application/json" }},
-                    body: JSON.stringify({{ to: ev.origin + "/" }}) }})
+                    body: JSON.stringify({{ to: ev.origin + "/", frame: "1" }}) }})
       .then(function (r) {{ return r.ok ? r.json() : null; }})
       .then(function (a) {{ if (a && a.token) frame.postMessage({{ type: TOKEN, token: a.token }}, ev.origin); }})
       .catch(function () {{}});
@@ -226,47 +245,91 @@ class CrossDomain:
         return consent.state(request.headers, self.p.s.settings.consent)
 
     def _open(self, token: str, audience: str) -> tuple[TokenClaims | None, str]:
-        """(claims, purpose) of a valid bridge or hub token for ``audience``,
-        else (None, why it was refused)."""
+        """(claims, purpose) of a valid token for ``audience``, else (None, why
+        it was refused). A token naming an id outside ``core.ids`` is invalid."""
         result = "invalid"
-        for purpose in (PURPOSE_BRIDGE, PURPOSE_HUB):
+        for purpose in PURPOSES:
             try:
-                return self._cfg.keys.open(token, purpose=purpose, audience=audience, now=time.time()), purpose
+                claims = self._cfg.keys.open(token, purpose=purpose, audience=audience, now=time.time())
             except TokenExpired:
                 return None, "expired"
             except TokenInvalid as exc:
                 result = f"invalid ({exc})"
+                continue
+            if not valid_id(claims.canonical_id):
+                return None, "invalid (id)"
+            return claims, purpose
         return None, result
 
-    def token_consent(self, token: str, host: str) -> str | None:
-        """The consent a valid token for this host carries, without redeeming it."""
+    def _target(self, to: str | None, what: str = "to") -> tuple[str, str]:
+        """A link or return target: a linked domain, https unless the cookie
+        may travel over http (``cookie.secure = false``, a local set-up)."""
+        allow_http = not self.p.s.settings.cookie.secure
+        return redirect_target(to, self._cfg.linked_domains, what, allow_http=allow_http)
+
+    async def refusal_follows(self, token: str, host: str, owner: str) -> bool:
+        """Whether a token carries another domain's refusal of tracking that
+        this browser (``owner``) may apply: single use like every token, so one
+        token shown by many browsers opts out only the first."""
         audience = linked_domain(host, self._cfg.linked_domains)
         claims = self._open(token, audience)[0] if audience is not None else None
-        return claims.consent if claims is not None else None
+        if claims is None or claims.consent != consent.DENIED:
+            return False
+        first = await self.p.s.store.claim_token(claims.token_id, owner, self._cfg.token_ttl_seconds + 60)
+        if first is None or first == owner:
+            return True
+        self._count("replayed")
+        return False
 
     def _count(self, result: str) -> None:
         self.p.s.metrics.tokens.labels(result).inc()
 
+    def _record(self, outcome: str, host: str, reason: str, **facts: Any) -> None:
+        """A token's effect on identity, in the forwarded log (no token, no id
+        beyond the canonical ids it names)."""
+        entry = {"time": time.time(), "outcome": outcome, "route": "identity", "host": host[:253], "reason": reason}
+        entry.update(facts)
+        self.p.s.forwarded.record(entry)
+
     async def redeem(
-        self, token: str, host: str, incoming: list[str], cookie_id: str | None = None, hint: str | None = None
+        self,
+        token: str,
+        host: str,
+        incoming: list[str],
+        cookie_id: str | None = None,
+        hint: str | None = None,
+        *,
+        via: str = VIA_PAGE,
+        referrer: str | None = None,
     ) -> tuple[str, str] | None:
         """(canonical id, source) carried by a valid token for this host, else None.
 
-        The first browser to present a token claims it, known by analytics.js's
+        A token changes this browser's identity only when it proves it was
+        meant for it (``bridge.refusal``: a bridge token's landing came from a
+        linked domain; hub, frame and app tokens on their own way in). The
+        first browser to present a token claims it, known by analytics.js's
         cookie id (``hint``) where there is one, else by its first device id.
         Another id presenting it from a browser whose identity cookie already
         holds the token's canonical id is the same browser (a second SDK on the
-        landing page, analytics.js beside mixpanel-js): not a replay."""
+        landing page, analytics.js beside mixpanel-js): not a replay. Every
+        replacement of an established identity is in the forwarded log."""
         cfg = self._cfg
         audience = linked_domain(host, cfg.linked_domains)
         if audience is None:
             self._count("unlinked_host")
-            self._warn.warning("unlinked", "identity token presented on %s, which is not in identity.linked_domains; ignored", host)
+            self._warn.warning("unlinked", "identity token presented on %r, which is not in identity.linked_domains; ignored", host)
             return None
         claims, outcome = self._open(token, audience)
         if claims is None:
             self._count(outcome.split(" ")[0])
-            log.info("identity token refused on %s: %s", host, outcome)
+            self._warn.info("refused", "identity token refused on %r: %s", host, outcome)
+            return None
+        if cookie_id == claims.canonical_id:
+            return claims.canonical_id, outcome  # this browser already holds it: nothing changes
+        why = refusal(outcome, via, referrer, cfg.linked_domains)
+        if why is not None:
+            self._count("unproven")
+            self._record("token_refused", host, why, purpose=outcome)
             return None
         # With no id at all (a landing script redeeming before any SDK ran) the
         # claim is this request's own: the same browser shows it again only
@@ -274,22 +337,23 @@ class CrossDomain:
         owner = hint or (incoming[0] if incoming else f"landing:{uuid.uuid4().hex}")
         first = await self.p.s.store.claim_token(claims.token_id, owner, cfg.token_ttl_seconds + 60)
         if first is not None and first != owner:
-            if cookie_id == claims.canonical_id:
-                return claims.canonical_id, outcome
             self._count("replayed")
-            self._warn.warning("replayed", "identity token replayed on %s by another browser; ignored", host)
+            self._warn.warning("replayed", "identity token replayed on %r by another browser; ignored", host)
+            self._record("token_refused", host, "replayed by another browser", purpose=outcome)
             return None
-        source = outcome  # the token's purpose: bridge or hub
+        source = outcome  # the token's purpose: bridge, hub, app or frame
         if first is None:
             self._count(f"redeemed_{source}")
+        if cookie_id:
+            self._record("identity_replaced", host, f"a {source} token", source=source,
+                         canonical_ids=[claims.canonical_id], replaced=cookie_id)
         return claims.canonical_id, source
 
     def _canonical_for(self, visit: Visit) -> tuple[str, str]:
-        """This browser's canonical id, minting one when it has none yet."""
+        """This browser's own canonical id (its cookie), or a fresh one; never
+        an id the client names (analytics.js's cookie included)."""
         if visit.cookie_id:
             return visit.cookie_id, "cookie"
-        if visit.hint:  # analytics.js's id: its next call adopts it anyway
-            return visit.hint, "new"
         return str(uuid.uuid4()), "new"
 
     # ----------------------------------------------------------- handlers
@@ -300,7 +364,7 @@ class CrossDomain:
 
         visit = self.p._visit(request)
         try:
-            to, audience = redirect_target(query_get(request, "to"), self._cfg.linked_domains)
+            to, audience = self._target(query_get(request, "to"))
         except BadRequest as exc:
             self._count("bad_redirect")
             return self.p._finish(web.Response(status=400, text=f"{exc}\n"), visit, None, "go")
@@ -335,19 +399,21 @@ class CrossDomain:
         if app is not None or "device_id" in fields:
             return self.p._finish(self._app_bridge(request, app, fields), visit, None, "bridge")
         try:
-            to, audience = redirect_target(fields.get("to"), self._cfg.linked_domains)
+            to, audience = self._target(fields.get("to"))
         except BadRequest as exc:
             self._count("bad_redirect")
             return self.p._finish(_json_error(400, str(exc)), visit, None, "bridge")
         state = self._consent(request)
         canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
-        self._count("issued_bridge")
-        response = self._bridge_answer(canonical, to, audience, state)
+        # frame.js asks for its iframe (``frame=1``): a token that opens only on frame.js's way in.
+        purpose = PURPOSE_FRAME if fields.get("frame") == "1" else PURPOSE_BRIDGE
+        self._count(f"issued_{purpose}")
+        response = self._bridge_answer(canonical, to, audience, state, purpose)
         resolution = Resolution(canonical, source) if state != consent.DENIED else None
         return self.p._finish(response, visit, resolution, "bridge")
 
-    def _bridge_answer(self, canonical: str, to: str, audience: str, state: str) -> web.Response:
-        token = self._seal(canonical, PURPOSE_BRIDGE, audience, state)
+    def _bridge_answer(self, canonical: str, to: str, audience: str, state: str, purpose: str) -> web.Response:
+        token = self._seal(canonical, purpose, audience, state)
         body = orjson.dumps(
             {
                 "token": token,
@@ -383,15 +449,15 @@ class CrossDomain:
             return _json_error(403, "server keys are for servers: this request came from a browser")
         device = fields.get("device_id")
         if not device or not valid_id(device):
-            return _json_error(400, "'device_id' must be 8-128 characters of A-Z a-z 0-9 _ - :")
+            return _json_error(400, f"'device_id' must be {MIN_ID_CHARS}-{MAX_ID_CHARS} characters of {ID_CHARS}")
         try:
-            to, audience = redirect_target(fields.get("to"), self._cfg.linked_domains)
+            to, audience = self._target(fields.get("to"))
         except BadRequest as exc:
             self._count("bad_redirect")
             return _json_error(400, str(exc))
         self._count("issued_app")
         log.info("bridge token issued to server key %r for %s", name, audience)
-        return self._bridge_answer(device, to, audience, consent.UNKNOWN)
+        return self._bridge_answer(device, to, audience, consent.UNKNOWN, PURPOSE_APP)
 
     async def _fields(self, request: web.Request, name: str) -> dict[str, str]:
         """``name`` from the query, else every field of the form or JSON body."""
@@ -435,8 +501,13 @@ class CrossDomain:
                 return self.p._finish(_json_error(exc.status, str(exc)), visit, None, "id")
             token = fields.get(self._cfg.token_param) or None
             frame = fields.get("frame") == "1"
+            # land.js sends its page's document.referrer (where the landing came
+            # from); hub.js says when the token is the answer to its own round trip.
+            via = VIA_FRAME if frame else VIA_HUB if fields.get("via") == "hub" else VIA_PAGE
+            referrer = fields.get("ref")
         refused = consent.refusal(request.headers, self.p.s.settings.consent)
-        if not refused and token and self.token_consent(token, visit.host) == consent.DENIED:
+        owner = visit.hint or visit.cookie_id or f"landing:{uuid.uuid4().hex}"
+        if not refused and token and await self.refusal_follows(token, visit.host, owner):
             refused = "token"  # refused on another domain; the refusal follows the visitor
         if refused:
             # No id for a browser that refused tracking, and no cookie minted for it.
@@ -448,7 +519,11 @@ class CrossDomain:
             if request.method == "POST":
                 response = self.p._forget(response, visit, refused)
         else:
-            carried = await self.redeem(token, visit.host, [], visit.cookie_id, visit.hint) if token else None
+            carried = (
+                await self.redeem(token, visit.host, [], visit.cookie_id, visit.hint, via=via, referrer=referrer)
+                if token
+                else None
+            )
             canonical, source = carried or self._canonical_for(visit)
             body = {"id": canonical, "source": source}
             if token:
@@ -530,7 +605,7 @@ class CrossDomain:
         cookie recognises the browser; back to ``return`` with a hub token."""
         jar = self._hub_jar()
         try:
-            to, audience = redirect_target(query_get(request, "return"), self._cfg.linked_domains, "return")
+            to, audience = self._target(query_get(request, "return"), "return")
         except BadRequest as exc:
             self._count("bad_redirect")
             return web.Response(status=400, text=f"{exc}\n")

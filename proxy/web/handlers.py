@@ -256,10 +256,11 @@ class Proxy:
         token: str | None = None,
         anonymous: bool = False,
         project: str | None = None,
+        referrer: str | None = None,
     ) -> Resolution:
         browser = visit.browser and route != "import"
         carried = (
-            await self.cross.redeem(token, visit.host, incoming, visit.cookie_id, visit.hint)
+            await self.cross.redeem(token, visit.host, incoming, visit.cookie_id, visit.hint, referrer=referrer)
             if browser and token
             else None
         )
@@ -276,11 +277,14 @@ class Proxy:
             hint=visit.hint,
         )
 
-    def _refused(self, request: web.Request, visit: Visit, token: str | None) -> str | None:
+    async def _refused(self, request: web.Request, visit: Visit, token: str | None, ids_named: list[str]) -> str | None:
         """Why a browser's events must not be tracked (``consent``), or None."""
         why = consent.refusal(request.headers, self.s.settings.consent)
-        if why is None and token and self.cross.token_consent(token, visit.host) == consent.DENIED:
-            why = "token"  # refused on another domain; the refusal follows the visitor
+        if why is None and token:
+            valid = [i for i in ids_named if valid_id(i)]
+            owner = visit.hint or visit.cookie_id or (valid[0] if valid else f"landing:{uuid.uuid4().hex}")
+            if await self.cross.refusal_follows(token, visit.host, owner):
+                why = "token"  # refused on another domain; the refusal follows the visitor
         return why
 
     def _drop(
@@ -652,7 +656,8 @@ class Proxy:
             token = protocol.find_token(query, events if mentioned else [], param)
         project = protocol.project(route, events)
         if visit.browser and route in protocol.spooled_routes:
-            refused = self._refused(request, visit, token)
+            named = protocol.anonymous_ids(route, events) if token else []
+            refused = await self._refused(request, visit, token, named)
             if not refused:
                 kept = self._consented(protocol, route, payload, project)
                 if not kept:
@@ -684,6 +689,8 @@ class Proxy:
             token,
             protocol.is_anonymous(route, events),
             project,
+            # Where the landing navigation came from: a link token's proof.
+            protocol.referrer(route, events) if token else None,
         )
         if self._carry is not None and resolution.canonical and visit.browser and route in protocol.spooled_routes:
             if await self._carry_properties(protocol, route, events, resolution.canonical):
@@ -901,7 +908,7 @@ class Proxy:
         param = self.s.settings.identity.token_param
         token = next((v for k, v in query if k == param), None) if visit.browser else None
         if visit.browser and route == "record":
-            refused = self._refused(request, visit, token)
+            refused = await self._refused(request, visit, token, [])
             if refused:  # a session replay is the most personal record of all
                 project = next((v for k, v in query if k == "token"), None)
                 answer = json_response({"code": 200, "status": "OK"})
