@@ -136,6 +136,10 @@ class OpsSettings:
     )
     # /live: identities forming, event by event (records nothing while nobody watches).
     live: bool = True
+    # Names operators reach the ops listener by, besides an IP address and
+    # "localhost" (which are always accepted): any other Host is refused, so a
+    # page in an operator's browser cannot read /live or /metrics by DNS rebinding.
+    hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +546,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "port": _int(0, 65535),
         "allowed_networks": _networks,
         "live": _bool,
+        "hosts": _str_list,
     },
     "server": {
         "host": _str,

@@ -396,6 +396,9 @@ async def test_full_spool_answers_503_and_loses_nothing(serve_proxy, tmp_path, u
     server, _ = await upstream.serve("us", sock=down)
     try:
         await until(lambda: set(insert_ids(upstream)) >= set(acked), 10, "delivery")
+        # Ready again once the spool's acknowledging transaction has committed: a
+        # state reached after the upstream answered, so waited for, not assumed.
+        await until(lambda: client.services.spool.depth < 10, 10, "the delivered rows leave the spool")
         ready = await client.ops_get("/readyz")
         assert ready.status == 200 and await ready.json() == {"store": True, "spool": True}
         assert "Overflow" not in [e["event"] for e in upstream.received()]

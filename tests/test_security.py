@@ -316,3 +316,31 @@ def test_firstparty_logs_escapes_event_names_and_ids(tmp_path, capsys):
     assert not any(ch in out for ch in "\x1b\x07\r\u202e\x9b")
     assert "\\x1b]0;pwned\\x07\\x0aFAKE" in out
     assert [line for line in out.splitlines() if not line.startswith("    ")] == [out.splitlines()[0]]  # one record, one head line
+
+
+# ---------------------------------------------------------------- the ops listener
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/live", "/live/events", "/readyz"])
+async def test_the_ops_listener_refuses_a_foreign_host_or_site(proxy_client, path):
+    client = await proxy_client(ops={"hosts": ["ops.internal"]})
+    base = f"http://127.0.0.1:{client.ops.port}"
+
+    async def status(**headers: str) -> int:
+        async with client.session.get(base + path, headers=headers, timeout=5) as resp:
+            if resp.status == 200 and path == "/live/events":
+                return 200  # a stream: its head is enough
+            await resp.read()
+            return resp.status
+
+    # A DNS-rebinding page names its own domain, which resolves to 127.0.0.1.
+    assert await status(Host="rebind.attacker.test") == 403
+    assert await status(Host="rebind.attacker.test:8001") == 403
+    # Another site's page reaching it by IP: its browser says so.
+    assert await status(Host="127.0.0.1", **{"Sec-Fetch-Site": "cross-site"}) == 403
+    assert await status(Host="127.0.0.1", Origin="http://rebind.attacker.test") == 403
+    # Operators: by address, localhost or a configured name; the page's own script.
+    for host in ("127.0.0.1", f"127.0.0.1:{client.ops.port}", "localhost", "[::1]", "ops.internal"):
+        assert await status(Host=host) == 200, host
+    assert await status(Host="localhost", Origin=f"http://localhost:{client.ops.port}",
+                        **{"Sec-Fetch-Site": "same-origin"}) == 200
