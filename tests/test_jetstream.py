@@ -420,3 +420,30 @@ async def test_a_batch_on_a_slow_upstream_is_not_handed_out_twice(serve_proxy, t
     await eventually(lambda: sorted(insert_ids(upstream)) == want, 15, "the batch delivered")
     await asyncio.sleep(3)  # a redelivery would have arrived by now
     assert sorted(insert_ids(upstream)) == want, "a batch was sent twice"
+
+
+async def test_an_oversized_event_is_refused_up_front_and_the_queue_keeps_taking_events(
+    serve_proxy, tmp_path, upstream, nats_server
+):
+    """One event bigger than the server's max_payload (1 MB by default), here by a
+    huge project token that would ride in a header, is answered 413 before it
+    reaches NATS; and were the connection closed anyway, the client is made
+    again: the queue never stays refusing for good."""
+    settings = make_settings(tmp_path, upstream, delivery=jetstream(nats_server), server={"max_body_bytes": 4 << 20})
+    client = await serve_proxy(create_app(settings))
+    huge = js_event("Huge", device_id(), token="t" * 1_200_000)
+    resp = await client.post(TRACK, data=b64_body([huge]), headers=FORM)
+    assert resp.status == 413 and "max_payload" in (await resp.json())["error"]
+    ok = js_event("After", device_id())
+    assert (await client.post(TRACK, data=b64_body([ok]), headers=FORM)).status == 200
+    # The connection closed for good (what the server's -ERR did): it comes back.
+    queue = client.app[SPOOL]
+    await queue._nc.close()  # noqa: SLF001
+    await eventually_async(lambda: _status(client), 20, "the queue to accept events again")
+    await eventually(lambda: len(upstream.received("us", "/track")) >= 2, 20, "both events upstream")
+    assert "Huge" not in [e["event"] for e in upstream.received("us", "/track")]
+
+
+async def _status(client: Any) -> bool:
+    resp = await client.post(TRACK, data=b64_body([js_event("Again", device_id())]), headers=FORM)
+    return resp.status == 200

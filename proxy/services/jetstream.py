@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import ConfigError, ProxyError
+from ..errors import ConfigError, PayloadTooLarge, ProxyError
 from ..settings import DeliverySettings
 from .spool import DeadLetter, NewRow, Row, SpoolFull, SpoolUnwritable
 
@@ -85,6 +85,7 @@ class JetStreamQueue:
         self._touched = 0.0  # when held messages were last reported in progress
         self._pending: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._reopening: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------- lifecycle
 
@@ -103,6 +104,7 @@ class JetStreamQueue:
                 connect_timeout=5,
                 disconnected_cb=self._disconnected,
                 reconnected_cb=self._reconnected,
+                closed_cb=self._closed,
                 error_cb=self._error,
             )
         except (NoServersError, OSError, asyncio.TimeoutError) as exc:
@@ -118,6 +120,10 @@ class JetStreamQueue:
 
     async def close(self) -> None:
         self._closing = True  # the disconnect that follows is ours, not an outage
+        if self._reopening is not None:
+            self._reopening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reopening
         await self.flush()
         if self._nc is not None and not self._nc.is_closed:
             # Not drain(): it waits up to 30 s on the pull subscriptions. The acks
@@ -221,6 +227,31 @@ class JetStreamQueue:
     async def _error(self, exc: Exception) -> None:
         log.debug("NATS client: %s", exc)
 
+    async def _closed(self) -> None:
+        """The client gave the connection up for good (the server refused a
+        message, or reconnecting ran out): make a new one, so a single bad
+        moment never leaves every later request answered 503 until a restart."""
+        if self._closing or self._reopening is not None:
+            return
+        self._refuse("the NATS connection was closed")
+        self._reopening = asyncio.create_task(self._reopen())
+
+    async def _reopen(self) -> None:
+        delay = 0.2
+        try:
+            while not self._closing:
+                try:
+                    await self.open()
+                except (ProxyError, OSError, asyncio.TimeoutError) as exc:
+                    self._refuse(f"the NATS connection was closed ({exc.__class__.__name__})")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                await self._reconnected()
+                return
+        finally:
+            self._reopening = None
+
     def _refuse(self, why: str) -> None:
         if self.refusing is None:
             log.error("JetStream queue: %s; new events are answered 503 until it is back", why)
@@ -240,13 +271,25 @@ class JetStreamQueue:
         if not self.accepting:
             raise SpoolUnwritable(f"the queue cannot take events now ({self.refusing or 'not connected'})")
         now = time.time()
-        results = await asyncio.gather(*(self._publish(r, now) for r in rows), return_exceptions=True)
+        messages = [(row, self._headers(row, now)) for row in rows]
+        # The server closes a connection that sends a message over its max_payload
+        # (headers included): such an event is refused here, before any is published.
+        limit = self._nc.max_payload
+        for row, headers in messages:
+            size = len(row.body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 16
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"an event is {size} bytes with its headers; the NATS server takes at most {limit} "
+                    "per message (its max_payload)"
+                )
+        results = await asyncio.gather(*(self._publish(r, h) for r, h in messages), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise self._refusal(failed[0])
         self.commits += 1
 
-    async def _publish(self, row: NewRow, now: float) -> Any:
+    @staticmethod
+    def _headers(row: NewRow, now: float) -> dict[str, str]:
         meta = row.info or {}
         headers = {
             "Fp-Route": row.route,
@@ -261,6 +304,9 @@ class JetStreamQueue:
             headers["Fp-Time"] = repr(row.event_time)
         if meta.get("i"):
             headers["Nats-Msg-Id"] = str(meta["i"])
+        return headers
+
+    async def _publish(self, row: NewRow, headers: dict[str, str]) -> Any:
         return await self._js.publish(subject_of(self.stream, row.region), row.body, headers=headers)
 
     def _refusal(self, exc: BaseException) -> SpoolFull:

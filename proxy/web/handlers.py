@@ -831,6 +831,8 @@ class Proxy:
         )
         try:
             await self.s.spool.enqueue(rows)
+        except PayloadTooLarge as exc:  # more than the queue takes in one message (JetStream's max_payload)
+            return self._error(exc, visit, payload.verbose, route, protocol)
         except SpoolFull as exc:
             response = answer(protocol.error(503, f"{exc}; retry later", payload.verbose))
             response.headers["Retry-After"] = SPOOL_RETRY_AFTER
