@@ -208,6 +208,10 @@ class DeliverySettings:
     mode: str = "spool"  # "spool": durable, batched; "sync": the client waits for the upstream
     spool_path: str = ""  # default <data_dir>/spool.sqlite3
     max_rows: int = 1_000_000
+    # Dead letters kept (the oldest go first) and for how long: a flood of events
+    # the vendor refuses (or that expired) cannot fill the disk.
+    max_dead_letters: int = 100_000
+    dead_letter_days: float = 30.0
     batch_size: int = 50
     batch_window_ms: int = 50
     # Upstream requests in flight per region: with Mixpanel ~100 ms away, 32 x 50
@@ -626,6 +630,8 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "mode": _mode,
         "spool_path": _str,
         "max_rows": _int(1, 1_000_000_000),
+        "max_dead_letters": _int(1, 1_000_000_000),
+        "dead_letter_days": _float(0.001, 3650),
         "batch_size": _int(1, 2000),
         "batch_window_ms": _int(0, 60_000),
         "max_in_flight": _int(1, 1000),

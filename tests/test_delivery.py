@@ -585,3 +585,20 @@ async def test_a_large_group_commit_hands_the_sender_the_ids_on_disk(tmp_path):
     await spool.close()
     assert handed == on_disk and len(on_disk) == 601
     assert [b for _, b in on_disk[:3]] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+
+
+async def test_dead_letters_are_bounded_by_count_and_age(serve_proxy, tmp_path, upstream):
+    """A flood of events that can only be dead letters (``time: 1``, long expired)
+    keeps the newest ``max_dead_letters``; letters older than ``dead_letter_days``
+    go as new ones are written."""
+    client = await start_proxy(serve_proxy, tmp_path, upstream, delivery={"max_dead_letters": 5})
+    first = await send_events(client, 30, per_request=10, time=1)
+    await until(lambda: client.services.spool.depth == 0, 10, "the expired events dead-lettered")
+    letters = dead_letters(tmp_path)
+    assert len(letters) == 5 and {r for _, r, _ in letters} == {"expired"}
+    assert [i for i, _, _ in letters] == first[-5:]  # the newest kept
+    # Age: letters written "40 days ago" are pruned by the next letter's transaction.
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        c.execute("UPDATE dead SET failed_at = failed_at - 40 * 86400")
+    last = await send_events(client, 1, time=1)
+    await until(lambda: [i for i, _, _ in dead_letters(tmp_path)] == last, 10, "only the new letter left")

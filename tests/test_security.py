@@ -344,3 +344,44 @@ async def test_the_ops_listener_refuses_a_foreign_host_or_site(proxy_client, pat
         assert await status(Host=host) == 200, host
     assert await status(Host="localhost", Origin=f"http://localhost:{client.ops.port}",
                         **{"Sec-Fetch-Site": "same-origin"}) == 200
+
+
+# ---------------------------------------------------------------- bounded input
+
+
+async def test_a_gzip_bomb_is_refused_before_it_is_parsed(proxy_client, upstream):
+    import base64
+    import gzip
+
+    from proxy.core import codec
+    from proxy.errors import PayloadTooLarge
+
+    client = await proxy_client(**IDENTITY)
+    bomb = gzip.compress(b"[" + b"{}," * 3_000_000 + b"{}]")  # ~9 KB that inflate to 9 MB
+    assert len(bomb) < 20_000
+    # The inflater stops at 100 times the compressed size: no 9 MB string, no parse.
+    with pytest.raises(PayloadTooLarge):
+        codec.decompress(bomb, "gzip", 10 << 20)
+    headers = {**SERVER, "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    seg = {**headers, "Authorization": "Basic " + base64.b64encode(f"{SEG_KEY}:".encode()).decode()}
+    for _ in range(5):
+        resp = await client.post("/mp/import?verbose=1", data=bomb, headers=headers)
+        assert resp.status == 413 and "larger than" in (await resp.json())["error"]
+        resp = await client.post("/seg/v1/batch", data=bomb, headers=seg)
+        assert resp.status == 413 and (await resp.json())["success"] is False
+    # A gzip of real events still goes through.
+    events = [js_event("Zipped", device_id()) for _ in range(50)]
+    resp = await client.post("/mp/track", data=gzip.compress(orjson.dumps(events)),
+                             headers={**SERVER, "Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert resp.status == 200
+    assert len(await upstream.wait(50, "us", "/track")) == 50
+
+
+async def test_a_deep_segment_body_is_a_400(proxy_client):
+    client = await proxy_client()
+    deep: Any = "x"
+    for _ in range(300):
+        deep = {"n": deep}
+    call = {"type": "track", "event": "Deep", "anonymousId": device_id(), "writeKey": SEG_KEY, "properties": deep}
+    resp = await client.post("/seg/v1/t", data=__import__("json").dumps(call), headers={**browser(A), "Content-Type": "text/plain"})
+    assert resp.status == 400 and "nested deeper" in (await resp.json())["message"]

@@ -32,6 +32,12 @@ from ..errors import BadRequest, PayloadTooLarge
 from .forms import parse_pairs
 
 MAX_EVENTS = 2000
+# A compressed body inflates to at most this many times its size (``decompress``).
+INFLATE_RATIO = 100
+INFLATE_FLOOR = 1024 * 1024
+# Segment's calls nest deeper than Mixpanel accepts (context, traits, nested
+# properties), but never this deep: the bound every walk over a call relies on.
+MAX_CALL_DEPTH = 32
 # Containers from the top of the payload: array -> event -> properties ->
 # three levels of nested objects Mixpanel accepts -> a list inside those.
 MAX_DEPTH = 7
@@ -71,10 +77,15 @@ def gunzip(body: bytes, limit: int) -> bytes:
 
 
 def decompress(body: bytes, content_encoding: str, limit: int) -> bytes:
-    """The body as sent before its ``Content-Encoding`` (gzip, deflate or none)."""
+    """The body as sent before its ``Content-Encoding`` (gzip, deflate or none).
+
+    A compressed body inflates to at most ``INFLATE_RATIO`` times its size
+    (never less than ``INFLATE_FLOOR``, never more than ``limit``): analytics
+    JSON compresses 5 to 30 times; a 10 KB gzip that inflates to 10 MB of
+    ``[{},{},...]`` is a bomb, refused before it costs a full parse."""
     encoding = content_encoding.strip().lower()
     if encoding in ("gzip", "x-gzip", "deflate"):
-        return gunzip(body, limit)
+        return gunzip(body, min(limit, max(INFLATE_FLOOR, INFLATE_RATIO * len(body))))
     if encoding not in ("", "identity"):
         raise BadRequest(f"unsupported Content-Encoding {content_encoding!r}; send gzip or none")
     return body
@@ -161,6 +172,13 @@ def _depth(value: Any, limit: int) -> None:
             stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+
+
+def check_depth(obj: Any, raw: str | bytes, limit: int) -> None:
+    """``BadRequest`` when ``obj`` (parsed from ``raw``) nests deeper than ``limit``:
+    the bracket count decides for nearly every payload, the walk only past it."""
+    if _brackets(raw) > limit:
+        _depth(obj, limit)
 
 
 def check_events(obj: Any, brackets: int | None = None) -> tuple[list[dict[str, Any]], bool]:

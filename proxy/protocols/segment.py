@@ -106,6 +106,7 @@ def decode(
         raise BadRequest(f"body is not valid JSON: {exc.args[0] if exc.args else exc}") from exc
     if not isinstance(obj, dict):
         raise BadRequest("body must be a JSON object")
+    codec.check_depth(obj, body, codec.MAX_CALL_DEPTH)
     key = obj.get("writeKey") if isinstance(obj.get("writeKey"), str) else None
     key = key or write_key_from_auth(authorization)
     if route in BATCH_ROUTES:

@@ -13,7 +13,9 @@ with the config stops the start with one line naming the setting):
   instance: each message goes to one of them, is acknowledged only after the
   upstream's 2xx, and comes back (to any instance) after ``ack_wait`` if the
   one holding it dies;
-- stream ``<stream>_DEAD`` (limits retention): rejected events with the reason.
+- stream ``<stream>_DEAD`` (limits retention, at most ``max_dead_letters``
+  messages of at most ``dead_letter_days``, the oldest discarded): rejected
+  events with the reason.
 
 A message is one event: its JSON as the payload; headers ``Nats-Msg-Id`` (the
 event's ``$insert_id`` or Segment ``messageId``: a client's resend inside the
@@ -164,9 +166,12 @@ class JetStreamQueue:
         try:
             await self._js.stream_info(dead)
         except NotFoundError:
+            # Bounded like the SQLite spool's dead letters: the oldest go first.
             await self._js.add_stream(api.StreamConfig(
                 name=dead, subjects=[f"{dead}.*"], retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE, num_replicas=cfg.stream_replicas,
+                max_msgs=cfg.max_dead_letters, max_age=cfg.dead_letter_days * 86400,
+                discard=api.DiscardPolicy.OLD,
             ))
 
     def _compare(self, have: Any, want: Any) -> None:

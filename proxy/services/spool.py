@@ -543,9 +543,21 @@ class Spool:
     # The handler spools a request's events of one project as one row.
     rows_hold_requests = True
 
-    def __init__(self, path: Path, *, max_rows: int, fsync: bool = True, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_rows: int,
+        fsync: bool = True,
+        min_free_bytes: int = 0,
+        max_dead: int = 100_000,
+        dead_seconds: float = 30 * 86400,
+    ) -> None:
         self.path = path
         self.max_rows = max_rows
+        # Dead letters: at most this many, none older (pruned as new ones are written).
+        self.max_dead = max_dead
+        self.dead_seconds = dead_seconds
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         # Why new events are refused (low space, a write the disk refused), or None.
@@ -706,7 +718,9 @@ class Spool:
             all_deletes = deletes + [(row.id, row.count) for row, _ in requeued]
             try:
                 last_id = await self._call(
-                    lambda c: _transaction(c, all_inserts, [i for i, _ in all_deletes], dead, attempts)
+                    lambda c: _transaction(
+                        c, all_inserts, [i for i, _ in all_deletes], dead, attempts, self.max_dead, self.dead_seconds
+                    )
                 )
             except BaseException as exc:
                 if is_write_error(exc):
@@ -869,8 +883,12 @@ def _transaction(
     deletes: list[int],
     dead: list[DeadLetter],
     attempts: list[tuple[int, int]],
+    max_dead: int = 1 << 62,
+    dead_seconds: float = float("inf"),
 ) -> int:
-    """One transaction; returns the id of the last row inserted (0 if none)."""
+    """One transaction; returns the id of the last row inserted (0 if none).
+    Writing dead letters prunes the table to ``max_dead`` letters, none older
+    than ``dead_seconds``."""
     now = time.time()
     last_id = 0
     c.execute("BEGIN IMMEDIATE")
@@ -901,6 +919,10 @@ def _transaction(
                 ],
             )
             c.executemany("DELETE FROM queue WHERE id = ?", [(d.row.id,) for d in dead])
+            # Ids only grow (AUTOINCREMENT): the newest max_dead are the highest ids.
+            c.execute("DELETE FROM dead WHERE id <= (SELECT MAX(id) FROM dead) - ?", (max_dead,))
+            if dead_seconds != float("inf"):
+                c.execute("DELETE FROM dead WHERE failed_at < ?", (now - dead_seconds,))
         if attempts:
             c.executemany("UPDATE queue SET attempts = ? WHERE id = ?", attempts)
         c.execute("COMMIT")

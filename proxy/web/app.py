@@ -204,7 +204,8 @@ async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
     else:
         spool = app[SPOOL] = Spool(
             app[SETTINGS].spool_path, max_rows=delivery.max_rows, fsync=delivery.fsync,
-            min_free_bytes=delivery.min_free_bytes,
+            min_free_bytes=delivery.min_free_bytes, max_dead=delivery.max_dead_letters,
+            dead_seconds=delivery.dead_letter_days * 86400,
         )
     await spool.open()
     yield
