@@ -28,6 +28,7 @@ import orjson
 
 from . import __version__
 from .errors import ConfigError, ProxyError
+from .files import write_private
 from .lograte import EscapingFormatter, escape_control
 from .settings import Settings, env_help, load_settings
 
@@ -386,7 +387,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         KeyRing.from_file(text)
     except ValueError as exc:
         raise ConfigError(str(path), str(exc)) from exc
-    _write_private(path, text)
+    write_private(path, text)
     key_id = line.split()[0]
     print(f"added key {key_id} to {path}; it signs after the proxy restarts, {len(keys)} older key(s) still verify")
     return 0
@@ -412,20 +413,10 @@ def cmd_apikey(args: argparse.Namespace) -> int:
         ApiKeys.from_file(text)
     except ValueError as exc:
         raise ConfigError(str(path), str(exc)) from exc
-    _write_private(path, text)
+    write_private(path, text)
     print(f"added server key {args.name!r} to {path} (read at the next start); give it to that backend only:")
     print(line.split()[1])
     return 0
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically, readable by its owner only."""
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ spool

@@ -196,6 +196,24 @@ def file_modes(ctx: Context) -> Iterator[Finding]:
                 "identity cookies or tokens",
                 f"chmod 600 {path}",
             )
+    # Visitors' ids and IP addresses: the data directory, the spool, the forwarded log.
+    private = {
+        "server.data_dir": s.data_dir,
+        "delivery.spool_path": s.spool_path,
+        "log.forwarded": s.forwarded_log_path,
+    }
+    for key, path in private.items():
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            fix = "700" if stat.S_ISDIR(mode) else "600"
+            yield Finding(
+                WARNING, key,
+                f"{path} is readable by other users (mode {stat.filemode(mode)}): it holds visitors' ids and IPs",
+                f"chmod {fix} {path}",
+            )
 
 
 def delivery(ctx: Context) -> Iterator[Finding]:

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .files import private_dir
 
 ENV_PREFIX = "FIRSTPARTY_"
 REGIONS = ("us", "eu", "in")
@@ -721,9 +722,9 @@ def _load_secret(cookie: dict[str, Any], data_dir: Path) -> bytes:
         key = "cookie.secret"
         path = data_dir / "cookie_secret"
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(data_dir)
             if not path.exists():
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 with os.fdopen(fd, "w") as fh:
                     fh.write(secrets.token_urlsafe(32))
             secret = path.read_bytes().strip()
@@ -805,9 +806,9 @@ def _identity(values: dict[str, Any], data_dir: Path) -> IdentitySettings:
         if not values.get("keys_file") and not path.exists():
             # Generated once, like the cookie secret. Deployments serving several
             # domains from several instances must share this file.
-            data_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(data_dir)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             except FileExistsError:
                 pass
             else:

@@ -385,3 +385,47 @@ async def test_a_deep_segment_body_is_a_400(proxy_client):
     call = {"type": "track", "event": "Deep", "anonymousId": device_id(), "writeKey": SEG_KEY, "properties": deep}
     resp = await client.post("/seg/v1/t", data=__import__("json").dumps(call), headers={**browser(A), "Content-Type": "text/plain"})
     assert resp.status == 400 and "nested deeper" in (await resp.json())["message"]
+
+
+# ---------------------------------------------------------------- private files
+
+
+async def test_the_data_directory_and_its_files_are_private(proxy_client, upstream, tmp_path):
+    import os
+    import stat
+
+    from proxy import doctor
+    from proxy.files import write_private
+
+    client = await proxy_client(delivery={"mode": "spool"})
+    await client.post(TRACK, data=b64_body([js_event("Private", device_id())]), headers=browser(A))
+    await upstream.wait(1, "us", "/track")
+    await client.close()  # the forwarded log written
+    data = tmp_path / "data"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data.iterdir() if p.is_file()}
+    assert {"identity_keys", "spool.sqlite3", "forwarded.jsonl"} <= set(files)
+    assert set(files.values()) == {0o600}, files
+    # A temporary left lying (or planted as a link) is never reused.
+    target = tmp_path / "elsewhere"
+    target.write_text("not yours")
+    os.symlink(target, data / "api_keys.tmp")
+    write_private(data / "api_keys", "k v\n")
+    assert target.read_text() == "not yours" and stat.S_IMODE((data / "api_keys").stat().st_mode) == 0o600
+    # firstparty check names a loose mode.
+    os.chmod(data, 0o755)
+    found = doctor.findings(doctor.Context(client.services.settings))
+    assert any(f.where == "server.data_dir" and "chmod 700" in f.fix for f in found)
+
+
+def test_a_forwarded_log_record_is_bounded(tmp_path):
+    from proxy.services.forwardlog import MAX_FIELD_CHARS, MAX_RECORD_BYTES, ForwardedLog
+
+    log = ForwardedLog(tmp_path / "f.jsonl", max_bytes=1 << 20, backups=1)
+    log.open()
+    log.record({"outcome": "forwarded", "events": ["e" * 1_000_000] * 50, "project": "p" * 100_000})
+    log.record({"outcome": "forwarded", "events": ["Small"], "project": "token"})
+    log.flush()
+    big, small = (tmp_path / "f.jsonl").read_bytes().splitlines()
+    assert len(big) < MAX_RECORD_BYTES and orjson.loads(big)["project"] == "p" * MAX_FIELD_CHARS + "\u2026"
+    assert orjson.loads(small) == {"outcome": "forwarded", "events": ["Small"], "project": "token"}

@@ -5,8 +5,11 @@ Records are buffered in memory and written by a background flusher (every
 waits on the disk. The file rotates by size: ``forwarded.jsonl`` ->
 ``forwarded.jsonl.1`` -> ... -> ``.<backups>``.
 
-Invariant: records hold ids, event names, routes, statuses and timings;
-never cookies, authorization headers, secrets or the client IP.
+Invariants: records hold ids, event names, routes, statuses and timings;
+never cookies, authorization headers, secrets or the client IP. A record is
+bounded (``MAX_LISTED`` items per list; past ``MAX_RECORD_BYTES``, every
+string cut to ``MAX_FIELD_CHARS``), so no request can rotate the history
+away. The file is private (``files``: ``0600``, its directory ``0700``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,28 @@ from typing import Any
 
 import orjson
 
+from ..files import open_private, private_dir
+
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.2
 FLUSH_BYTES = 256 * 1024
 # A record lists at most this many event names, ids and rewrites.
 MAX_LISTED = 50
+# A record longer than this has each of its strings cut to MAX_FIELD_CHARS:
+# an event name or a project token is client text of any length.
+MAX_RECORD_BYTES = 16 * 1024
+MAX_FIELD_CHARS = 256
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= MAX_FIELD_CHARS else value[:MAX_FIELD_CHARS] + "\u2026"
+    if isinstance(value, list):
+        return [_clip(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clip(v) for k, v in value.items()}
+    return value
 
 
 class ForwardedLog:
@@ -41,12 +60,14 @@ class ForwardedLog:
         self._wake = asyncio.Event()
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "ab")
-        self._size = self._fh.tell()
+        private_dir(self.path.parent)
+        self._fh = os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab")
+        self._size = self._fh.seek(0, os.SEEK_END)
 
     def record(self, entry: dict[str, Any]) -> None:
         line = orjson.dumps(entry) + b"\n"
+        if len(line) > MAX_RECORD_BYTES:  # rare: only then is every string looked at
+            line = orjson.dumps(_clip(entry)) + b"\n"
         self._buffer.append(line)
         self._buffered += len(line)
         if self._buffered >= FLUSH_BYTES:
@@ -78,7 +99,7 @@ class ForwardedLog:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink(missing_ok=True)
-        self._fh = open(self.path, "ab")
+        self._fh = os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab")
         self._size = 0
 
     async def _run(self) -> None:

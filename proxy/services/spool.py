@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ..files import touch_private
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -370,7 +372,7 @@ def is_write_error(exc: BaseException) -> bool:
 
 def connect(path: Path, fsync: bool = True) -> sqlite3.Connection:
     """Open (and create) the spool database with the pragmas it relies on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    touch_private(path)  # 0600, and so its -wal and -shm
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per group.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
     # A new spool gives the pages of deleted rows back to the file system on
