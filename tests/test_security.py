@@ -429,3 +429,69 @@ def test_a_forwarded_log_record_is_bounded(tmp_path):
     big, small = (tmp_path / "f.jsonl").read_bytes().splitlines()
     assert len(big) < MAX_RECORD_BYTES and orjson.loads(big)["project"] == "p" * MAX_FIELD_CHARS + "\u2026"
     assert orjson.loads(small) == {"outcome": "forwarded", "events": ["Small"], "project": "token"}
+
+
+# ---------------------------------------------------------------- odd targets
+
+
+@pytest.mark.parametrize("to", ["http://checkout.site-b.test/\u202egnp.exe", "http://checkout.site-b.test/%7F",
+                                "http://checkout.site-b.test/\x7f", "http://checkout.site-b.test:99999/",
+                                "http://[::1/", "http://checkout.site-b.test/\ud800"])
+async def test_odd_link_targets_answer_4xx_never_5xx(proxy_client, to):
+    from urllib.parse import quote
+
+    client = await proxy_client(**IDENTITY)
+    resp = await client.get("/mp/go?to=" + quote(to, safe="", errors="surrogatepass"), headers=browser(A),
+                            allow_redirects=False)
+    assert resp.status in (302, 400), (to, resp.status, await resp.text())
+    if resp.status == 302:
+        location = resp.headers["Location"]
+        assert location.isascii() and all(ord(c) > 32 and ord(c) != 127 for c in location), location
+
+
+async def test_the_flags_path_goes_upstream_as_one_segment(proxy_client, upstream):
+    client = await proxy_client(**IDENTITY)
+    query = "?context=%7B%7D&token=test-token-us"
+    for raw in ("abc%3Fdistinct_id%3Devil", "a%20b"):
+        resp = await client.get(f"/mp/flags/{raw}/first-time-events{query}", headers=browser(A))
+        assert resp.status == 200, raw
+    got = [r for r in upstream.requests if "first-time-events" in r.path]
+    assert [r.path for r in got] == ["/flags/abc?distinct_id=evil/first-time-events", "/flags/a b/first-time-events"]
+    assert all(dict(r.query) == {"context": "{}", "token": "test-token-us"} for r in got)  # nothing injected
+    for walk in ("%2e%2e", "..", "x%2Fy"):
+        resp = await client.get(f"/mp/flags/{walk}/first-time-events{query}", headers=browser(A))
+        assert resp.status in (400, 404)
+    assert len([r for r in upstream.requests if "first-time-events" in r.path]) == 2
+
+
+async def test_the_server_header_names_no_versions(proxy_client):
+    client = await proxy_client()
+    for resp in (await client.get("/healthz"), await client.get("/nowhere"), await client.ops_get("/metrics"),
+                 await client.post(TRACK, data="data=%%%", headers=browser(A))):
+        assert resp.headers["Server"] == "firstparty", resp.headers.get("Server")
+
+
+async def test_no_token_in_any_field_upstream(proxy_client, upstream):
+    from tests.test_crossdomain import go_to_b, token_of
+
+    client = await proxy_client(**IDENTITY)
+    cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("A", device_id())]), headers=browser(A)))
+    token = token_of(await go_to_b(client, cookie))
+    url = f"http://{B}/offer?fpb={token}&x=1"
+    nested = {"page": {"copies": [url, {"deep": f"fpb={token}"}]}, "search": f"?fpb={token}"}
+    event = js_event("Landing", device_id(), **{"$current_url": url, "$referrer": f"http://{A}/", "site": nested})
+    await client.post(TRACK, data=b64_body([event]), headers=browser(B))
+    profile = {"$token": "test-token-us", "$distinct_id": device_id(), "$set": {"landing": url, "list": [url]}}
+    await client.post("/mp/engage/?verbose=1", data=b64_body([profile]), headers=browser(B))
+    call = {"type": "page", "anonymousId": device_id(), "writeKey": SEG_KEY, "properties": {"referrer": url, "x": [url]},
+            "context": {"page": {"url": url, "referrer": url, "search": f"?fpb={token}"}, "campaign": {"content": url}}}
+    await client.post("/seg/v1/p", data=orjson.dumps(call), headers={**browser(B), "Content-Type": "text/plain"})
+    await upstream.wait(2, "us", "/track")
+    await upstream.wait(1, "us", "/engage")
+    from tests.support import eventually
+
+    await eventually(lambda: upstream.by("seg-us"), 10, "the Segment call")
+    for request in upstream.requests:
+        assert token not in request.body.decode("latin-1") and "fpb=" not in str(request.events()), request.path
+    [seg] = [c for r in upstream.by("seg-us") for c in r.events()]
+    assert seg["context"]["page"]["referrer"] == f"http://{B}/offer?x=1" and seg["properties"]["x"] == [f"http://{B}/offer?x=1"]

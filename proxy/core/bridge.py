@@ -86,7 +86,7 @@ def redirect_target(
     control characters, hosts outside the linked domains."""
     if not to:
         raise BadRequest(f"missing '{what}': the URL to send the visitor to")
-    if any(c in to for c in "\\\r\n\t") or any(ord(c) < 32 for c in to):
+    if any(c in to for c in "\\\r\n\t") or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in to):
         raise BadRequest(f"'{what}' contains characters a URL may not")
     try:
         parts = urlsplit(to)
@@ -146,6 +146,40 @@ def strip_param(url: str, param: str) -> str | None:
         return None
     out = path + ("?" + "&".join(kept) if kept else "")
     return out + (hash_sep + fragment if hash_sep else "")
+
+
+def strip_in_text(value: str, param: str) -> str | None:
+    """``value`` without ``param=...``: a URL's query, or a bare query string
+    (``a=1&fpb=T``, a ``search`` without its ``?``). None when it had none."""
+    if param + "=" not in value:
+        return None
+    if "?" in value:
+        return strip_param(value, param)
+    out = strip_param("?" + value, param)
+    return out[1:] if out is not None else None
+
+
+def strip_everywhere(root: Any, param: str) -> int:
+    """Take ``param=...`` out of every string inside ``root`` (an event, a
+    call: nested properties, referrers, searches, a site's own copies of the
+    landing URL), in place; returns how many strings changed. Iterative: the
+    payload's depth was bounded at decoding, the walk needs no stack of its own."""
+    marker = param + "="
+    count = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        pairs = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in list(pairs):
+            if isinstance(value, str):
+                if marker in value:
+                    clean = strip_in_text(value, param)
+                    if clean is not None:
+                        node[key] = clean
+                        count += 1
+            elif isinstance(value, (dict, list)):
+                stack.append(value)
+    return count
 
 
 def token_in_url(url: Any, param: str) -> str | None:

@@ -32,7 +32,7 @@ from urllib.parse import urlencode
 import orjson
 
 from ..core import codec
-from ..core.bridge import strip_param, token_in_url
+from ..core.bridge import strip_everywhere, token_in_url
 from ..core.identity import anon_id, strip_device
 from ..core.rewrite import Rewrite, map_id, rewrite_fields
 from .base import (
@@ -334,25 +334,10 @@ def referrer(route: str, events: list[dict[str, Any]]) -> str | None:
 
 
 def strip_tokens(route: str, event: dict[str, Any], param: str) -> int:
-    """Remove ``param`` from every URL-valued string of an event; returns how many.
-
-    All string properties are checked, not only ``$current_url``/``$referrer``/
-    ``$initial_referrer``: a site may copy the landing URL into its own."""
-    if route == "engage":
-        targets = [event, *(v for k, v in event.items() if k.startswith("$") and isinstance(v, dict))]
-    else:
-        props = event.get("properties")
-        targets = [props] if isinstance(props, dict) else []
-    marker = param + "="
-    count = 0
-    for target in targets:
-        for key, value in target.items():
-            if isinstance(value, str) and marker in value:
-                stripped = strip_param(value, param)
-                if stripped is not None:
-                    target[key] = stripped
-                    count += 1
-    return count
+    """Remove ``param`` from every string of an event, nested ones included;
+    returns how many. Not only ``$current_url``/``$referrer``/``$initial_referrer``:
+    a site may copy the landing URL into properties of its own, at any depth."""
+    return strip_everywhere(event, param)
 
 
 # ------------------------------------------------------------------ delivery

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from ..core import codec
-from ..core.bridge import strip_param, token_in_url
+from ..core.bridge import strip_everywhere, token_in_url
 from ..core.rewrite import Rewrite, rewrite_fields
 from ..errors import BadRequest
 from .base import Answer, EventFacts, Outbound, Payload, classify_status
@@ -215,15 +215,9 @@ def find_token(query: list[tuple[str, str]], events: list[dict[str, Any]], param
 
 
 def strip_tokens(route: str, event: dict[str, Any], param: str) -> int:
-    stripped = 0
-    for node, leaf in _url_values(event):
-        value = node[leaf]
-        # A ``search`` is a query on its own ("?a=1"): strip it as one.
-        clean = strip_param("?" + value.lstrip("?") if leaf == "search" else value, param)
-        if clean is not None:
-            node[leaf] = clean
-            stripped += 1
-    return stripped
+    """Remove ``param`` from every string of a call: ``context.page`` (url,
+    search, referrer), properties at any depth, traits."""
+    return strip_everywhere(event, param)
 
 
 def refuses(event: dict[str, Any], required: tuple[str, ...]) -> bool:

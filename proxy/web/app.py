@@ -87,10 +87,16 @@ def add_crossdomain(app: web.Application, mount: str, proxy: Proxy) -> None:
     add("*", f"{mount}frame.js", only(GET, cross.frame_js))
 
 
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``Server`` names the product, not the versions of Python and aiohttp under it."""
+    response.headers["Server"] = "firstparty"
+
+
 def create_app(settings: Settings) -> web.Application:
     upstreams = Upstreams.from_settings(settings.upstream)  # validates URLs before anything opens
     segment = SegmentUpstreams.from_settings(settings.segment)
     app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app.on_response_prepare.append(server_header)
     app[SETTINGS] = settings
     app[BODY_BUDGET] = BodyBudget(settings.server.max_inflight_body_bytes)
     app[LIVE] = LiveFeed()  # the live view's feed: idle (and free) until someone watches

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import orjson
 from aiocache.base import BaseCache
@@ -586,7 +586,13 @@ class Proxy:
             if name in LIB_PATHS:
                 return await self.cdn.mixpanel_lib(request, name)
         if len(parts) == 3 and parts[0] == "flags" and parts[2] == "first-time-events":
-            return await self.query_route(request, "flags-first-time", "/" + "/".join(parts) + trailing, None)
+            # The flag's id came decoded from the path: it goes upstream as one quoted
+            # segment (no "?", "/" or space of its own), and never as "." or "..".
+            flag = parts[1]
+            if flag in (".", "..") or len(flag) > 256:
+                return error_response(400, "not a valid flag id", mixpanel.wants_verbose(query_pairs(request)))
+            path = f"/flags/{quote(flag, safe='')}/first-time-events{trailing}"
+            return await self.query_route(request, "flags-first-time", path, None)
         return self._not_found(request)
 
     def decide_mount(self, prefix: str) -> Callable[[web.Request], Awaitable[web.Response]]:

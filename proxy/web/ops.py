@@ -21,7 +21,7 @@ import ipaddress
 from aiohttp import web
 
 from ..core.clientip import TrustedProxies
-from .app import GET, LIVE, PROXY, SETTINGS, Handler, only
+from .app import GET, LIVE, PROXY, SETTINGS, Handler, only, server_header
 from .live import add_live_routes
 from .http import request_host, text_response
 
@@ -59,6 +59,7 @@ def create_ops_app(main: web.Application) -> web.Application:
         return await handler(request)
 
     app = web.Application(middlewares=[only_allowed])
+    app.on_response_prepare.append(server_header)
     app[SETTINGS] = settings
     app[PROXY] = proxy
     add = app.router.add_route
