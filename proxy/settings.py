@@ -78,6 +78,9 @@ class UpstreamSettings:
     cdn: str = "https://cdn.mxpnl.com"
     default_region: str = "us"
     projects: Mapping[str, str] = field(default_factory=dict)
+    # true: only the project tokens in ``projects`` are relayed (list US ones as
+    # "us" too); any other is answered 400, so nobody uses the proxy as a relay.
+    only_listed: bool = False
     timeout_seconds: float = 10.0
     max_connections: int = 100
     # A PEM bundle trusted beside the system store (a private CA, a TLS-inspecting egress proxy).
@@ -262,6 +265,8 @@ class SegmentSettings:
     default_region: str = "us"
     # write key -> region; an EU workspace's events sent to the US host are lost.
     write_keys: Mapping[str, str] = field(default_factory=dict)
+    # true: only the write keys in ``write_keys`` are relayed; any other is answered 400.
+    only_listed: bool = False
     mounts: tuple[str, ...] = ("/seg/",)
     # Set analytics.js's own ajs_anonymous_id to the canonical id, server-set
     # (not HttpOnly: the SDK reads it), so the next page starts with it.
@@ -576,6 +581,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "cdn": _url,
         "default_region": _region,
         "projects": _projects,
+        "only_listed": _bool,
         "timeout_seconds": _float(0.1, 600),
         "max_connections": _int(1, 10_000),
         "ca_file": _str,
@@ -586,6 +592,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "cdn": _url,
         "default_region": _segment_region,
         "write_keys": _write_keys,
+        "only_listed": _bool,
         "mounts": _mounts,
         "set_ajs_cookie": _bool,
     },
@@ -764,6 +771,8 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
     cookie = CookieSettings(
         secret=secret, **{k: v for k, v in cookie_raw.items() if k not in ("secret", "secret_file")}
     )
+    if upstream.only_listed and not upstream.projects:
+        raise ConfigError("upstream.only_listed", 'list the project tokens served: upstream.projects = { "<token>" = "us" }')
     ops = OpsSettings(**clean.get("ops", {}))
     if ops.port and ops.port == server.port and ops.host == server.host:
         raise ConfigError("ops.port", f"{ops.port} is server.port too: give the ops listener a port of its own (or 0: none)")
@@ -785,6 +794,8 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
 
 def _segment(values: dict[str, Any], server: ServerSettings) -> SegmentSettings:
     segment = SegmentSettings(**values)
+    if segment.only_listed and not segment.write_keys:
+        raise ConfigError("segment.only_listed", 'list the write keys served: segment.write_keys = { "<key>" = "us" }')
     taken = [*server.mounts, *server.decide_mounts]
     for mount in segment.mounts:
         for other in taken:

@@ -495,3 +495,37 @@ async def test_no_token_in_any_field_upstream(proxy_client, upstream):
         assert token not in request.body.decode("latin-1") and "fpb=" not in str(request.events()), request.path
     [seg] = [c for r in upstream.by("seg-us") for c in r.events()]
     assert seg["context"]["page"]["referrer"] == f"http://{B}/offer?x=1" and seg["properties"]["x"] == [f"http://{B}/offer?x=1"]
+
+
+async def test_only_listed_projects_and_write_keys_are_relayed(proxy_client, upstream):
+    import base64
+
+    listed = {"upstream": {"projects": {"test-token-us": "us"}, "only_listed": True},
+              "segment": {"write_keys": {SEG_KEY: "us"}, "only_listed": True}}
+    client = await proxy_client(**listed)
+    ok = js_event("Ours", device_id())
+    foreign = js_event("Relay", device_id(), token="someone-elses-token")
+    assert (await client.post(TRACK, data=b64_body([ok]), headers=browser(A))).status == 200
+    for batch in ([foreign], [ok, foreign]):
+        resp = await client.post(TRACK, data=b64_body(batch), headers=browser(A))
+        assert resp.status == 400 and "only_listed" in (await resp.json())["error"]
+    call = {"type": "track", "event": "Relay", "anonymousId": device_id(), "writeKey": "foreign-key"}
+    resp = await client.post("/seg/v1/t", data=orjson.dumps(call), headers={**browser(A), "Content-Type": "text/plain"})
+    assert resp.status == 400 and (await resp.json())["success"] is False
+    auth = {"Authorization": "Basic " + base64.b64encode(b"someone-elses-token:").decode()}
+    resp = await client.get("/mp/flags/?context=%7B%7D", headers={**browser(A), **auth})
+    assert resp.status == 400
+    resp = await client.get("/mp/flags/?context=%7B%7D&token=test-token-us", headers=browser(A))
+    assert resp.status == 200
+    [sent] = await upstream.wait(1, "us", "/track")
+    assert sent["event"] == "Ours" and not upstream.by("seg-us")
+
+
+def test_only_listed_needs_a_list(tmp_path):
+    from proxy.errors import ConfigError
+    from proxy.settings import build_settings
+
+    for section, key in (("upstream", "upstream.only_listed"), ("segment", "segment.only_listed")):
+        with pytest.raises(ConfigError) as err:
+            build_settings({"server": {"data_dir": str(tmp_path)}, section: {"only_listed": True}}, {})
+        assert err.value.key == key

@@ -184,9 +184,11 @@ async def test_bridge_tokens_in_segment_urls_are_stripped(client, upstream):
 
 
 def test_write_key_from_basic_auth():
-    assert segment.write_key_from_auth("Basic " + base64.b64encode(b"wk123:").decode()) == "wk123"
-    assert segment.write_key_from_auth("Basic " + base64.b64encode(b":").decode()) is None
-    assert segment.write_key_from_auth("Bearer x") is None and segment.write_key_from_auth("Basic %%%") is None
+    from proxy.protocols.base import basic_user
+
+    assert basic_user("Basic " + base64.b64encode(b"wk123:").decode()) == "wk123"
+    assert basic_user("Basic " + base64.b64encode(b":").decode()) is None
+    assert basic_user("Bearer x") is None and basic_user("Basic %%%") is None
     payload = segment.decode("batch", gzip.compress(json.dumps({"batch": [{"type": "identify", "userId": "u"}]}).encode()),
                              [], "application/json", "gzip", 10**6, "Basic " + base64.b64encode(b"wk123:").decode())
     assert payload.events[0]["writeKey"] == "wk123" and payload.route == "batch"

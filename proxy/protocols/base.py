@@ -12,6 +12,8 @@ Pure: nothing here does I/O or knows aiohttp.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import time
 from collections.abc import Mapping
@@ -84,6 +86,19 @@ class Outbound:
     target: str  # path and query, already encoded
     body: bytes
     content_type: str
+
+
+def basic_user(authorization: str) -> str | None:
+    """The user of ``Authorization: Basic base64(user:)``: the project token
+    (mixpanel-js's /record, /flags, /settings) or the write key (Segment)."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        user = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user or None
 
 
 def parse_retry_after(value: str | None) -> float | None:

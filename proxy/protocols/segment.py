@@ -24,8 +24,6 @@ none (a server SDK's own value wins).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 import uuid
 from collections.abc import Mapping
@@ -38,7 +36,7 @@ from ..core import codec
 from ..core.bridge import strip_everywhere, token_in_url
 from ..core.rewrite import Rewrite, rewrite_fields
 from ..errors import BadRequest
-from .base import Answer, EventFacts, Outbound, Payload, classify_status
+from .base import Answer, EventFacts, Outbound, Payload, basic_user, classify_status
 
 NAME = "segment"
 # analytics.js's short paths and the HTTP API's names, to the call type.
@@ -74,18 +72,6 @@ def error(status: int, message: str, verbose: bool = True) -> Answer:
     return Answer(status, orjson.dumps({"success": False, "message": message, "code": code}), "application/json")
 
 
-def write_key_from_auth(authorization: str) -> str | None:
-    """The write key in ``Authorization: Basic base64(writeKey:)``."""
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() != "basic" or not value:
-        return None
-    try:
-        user = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[0]
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return user or None
-
-
 def decode(
     route: str,
     body: bytes,
@@ -108,7 +94,7 @@ def decode(
         raise BadRequest("body must be a JSON object")
     codec.check_depth(obj, body, codec.MAX_CALL_DEPTH)
     key = obj.get("writeKey") if isinstance(obj.get("writeKey"), str) else None
-    key = key or write_key_from_auth(authorization)
+    key = key or basic_user(authorization)
     if route in BATCH_ROUTES:
         calls = obj.get("batch")
         if not isinstance(calls, list) or not calls:

@@ -48,7 +48,7 @@ from ..core.bridge import strip_param
 from ..services.delivery import Sender
 from ..core.rewrite import Rewrite, rewrite_query
 from ..protocols import mixpanel
-from ..protocols.base import Answer, Payload, WireProtocol, events_per_batch
+from ..protocols.base import Answer, Payload, WireProtocol, basic_user, events_per_batch
 from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ID_FIELDS, QUERY_ROUTES
 from ..protocols.segment import SEGMENT
 from .cdn import LIB_PATHS, FirstPartyCdn
@@ -151,6 +151,11 @@ class Proxy:
             SEGMENT.name: segment.region_for,
         }
         self.endpoints: dict[str, Endpoint] = {**upstreams.regions, **segment.regions}
+        # ``only_listed``: the project tokens / write keys relayed, per protocol (None: any).
+        self.served: dict[str, frozenset[str] | None] = {
+            MIXPANEL.name: frozenset(settings.upstream.projects) if settings.upstream.only_listed else None,
+            SEGMENT.name: frozenset(settings.segment.write_keys) if settings.segment.only_listed else None,
+        }
         self._trusted = TrustedProxies(settings.server.trusted_proxies)
         privacy = settings.privacy
         whole = privacy.ip_prefix_v4 == 32 and privacy.ip_prefix_v6 == 128
@@ -652,6 +657,10 @@ class Proxy:
         route = payload.route
         verbose = payload.verbose
         events = payload.events
+        served = self.served[protocol.name]
+        if served is not None and any(protocol.project(route, [e]) not in served for e in events):
+            refusal = BadRequest("a project token or write key this proxy does not serve (only_listed)")
+            return self._error(refusal, visit, verbose, route, protocol)
         param = self.s.settings.identity.token_param
         token = None
         stripped = 0
@@ -921,6 +930,14 @@ class Proxy:
                 project = next((v for k, v in query if k == "token"), None)
                 answer = json_response({"code": 200, "status": "OK"})
                 return self._drop(visit, route, ["$session_replay"], 1, project, refused, answer)
+        served = self.served[MIXPANEL.name]
+        if served is not None:
+            project = next((v for k, v in query if k == "token"), None) or basic_user(
+                request.headers.get("authorization", "")
+            )
+            if project not in served:
+                refusal = BadRequest("a project token this proxy does not serve (upstream.only_listed)")
+                return self._error(refusal, visit, verbose, route)
         clean = [(k, v) for k, v in query if k != param]
         clean = [(k, strip_param(v, param) or v) if param + "=" in v else (k, v) for k, v in clean]
         tokens_removed = clean != query
