@@ -513,6 +513,12 @@ def _projects(key: str, value: Any) -> dict[str, str]:
     return {str(token): _region(f"{key}.{token}", region) for token, region in value.items()}
 
 
+# Keys earlier versions read, and what to write instead.
+_REPLACED = {
+    "store.max_entries": "replaced by store.max_memory_mb: the in-memory store is bounded in MiB (default 128)",
+}
+
+
 def _mounts(key: str, value: Any) -> tuple[str, ...]:
     out = []
     for item in _str_list(key, value):
@@ -703,6 +709,8 @@ def _validate(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             raise ConfigError(section, f"expected a [{section}] table")
         for key, value in values.items():
             check = _SCHEMA[section].get(key)
+            if check is None and f"{section}.{key}" in _REPLACED:
+                raise ConfigError(f"{section}.{key}", _REPLACED[f"{section}.{key}"])
             if check is None:
                 raise ConfigError(
                     f"{section}.{key}", f"unknown key; known keys in [{section}]: {', '.join(_SCHEMA[section])}"

@@ -529,3 +529,13 @@ def test_only_listed_needs_a_list(tmp_path):
         with pytest.raises(ConfigError) as err:
             build_settings({"server": {"data_dir": str(tmp_path)}, section: {"only_listed": True}}, {})
         assert err.value.key == key
+
+
+def test_the_old_entry_bound_names_its_replacement(tmp_path):
+    from proxy.errors import ConfigError
+    from proxy.settings import build_settings
+
+    with pytest.raises(ConfigError) as err:
+        build_settings({"server": {"data_dir": str(tmp_path)}, "store": {"max_entries": 1000}}, {})
+    assert err.value.key == "store.max_entries" and "store.max_memory_mb" in str(err.value)
+    assert build_settings({"server": {"data_dir": str(tmp_path)}, "store": {"max_memory_mb": 4}}, {}).store.max_bytes == 4 << 20
