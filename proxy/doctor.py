@@ -178,31 +178,18 @@ def shared_state(ctx: Context) -> Iterator[Finding]:
 
 def file_modes(ctx: Context) -> Iterator[Finding]:
     s = ctx.settings
+    forge = (ERROR, "whoever reads it can forge identity cookies or tokens")
+    ids = (WARNING, "it holds visitors' ids and IPs")
     files = {
-        "cookie.secret_file": Path(_raw(ctx, "cookie", "secret_file") or s.data_dir / "cookie_secret"),
-        "identity.keys_file": Path(s.identity.keys_file) if s.identity.keys_file else s.data_dir / "identity_keys",
+        "cookie.secret_file": (Path(_raw(ctx, "cookie", "secret_file") or s.data_dir / "cookie_secret"), forge),
+        "identity.keys_file": (Path(s.identity.keys_file) if s.identity.keys_file else s.data_dir / "identity_keys", forge),
+        "server.data_dir": (s.data_dir, ids),
+        "delivery.spool_path": (s.spool_path, ids),
+        "log.forwarded": (s.forwarded_log_path, ids),
     }
     if s.identity.api_keys_file:
-        files["identity.api_keys_file"] = Path(s.identity.api_keys_file)
-    for key, path in files.items():
-        try:
-            mode = path.stat().st_mode
-        except OSError:
-            continue
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            yield Finding(
-                ERROR, key,
-                f"{path} is readable by others (mode {stat.filemode(mode)}): whoever reads it can forge "
-                "identity cookies or tokens",
-                f"chmod 600 {path}",
-            )
-    # Visitors' ids and IP addresses: the data directory, the spool, the forwarded log.
-    private = {
-        "server.data_dir": s.data_dir,
-        "delivery.spool_path": s.spool_path,
-        "log.forwarded": s.forwarded_log_path,
-    }
-    for key, path in private.items():
+        files["identity.api_keys_file"] = (Path(s.identity.api_keys_file), forge)
+    for key, (path, (level, why)) in files.items():
         try:
             mode = path.stat().st_mode
         except OSError:
@@ -210,9 +197,7 @@ def file_modes(ctx: Context) -> Iterator[Finding]:
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             fix = "700" if stat.S_ISDIR(mode) else "600"
             yield Finding(
-                WARNING, key,
-                f"{path} is readable by other users (mode {stat.filemode(mode)}): it holds visitors' ids and IPs",
-                f"chmod {fix} {path}",
+                level, key, f"{path} is readable by other users (mode {stat.filemode(mode)}): {why}", f"chmod {fix} {path}"
             )
 
 

@@ -744,3 +744,51 @@ async def test_landing_url_in_another_browser_does_not_hijack(xsite: Site, case:
         assert not [r for r in run.browser_requests("/mp/track/") if r["page"] == 0 and B_HOST in r["url"]]
         assert counts == {"issued_bridge": 1.0, "expired": 1.0}, counts
     assert_no_token_upstream(site, [token], None)
+
+
+# ------------------------------------------------------- fixation by a mailed link
+
+
+@modes()
+async def test_a_mailed_link_does_not_fix_an_established_identity(xsite: Site) -> None:
+    """6. Identity fixation: an attacker gets a genuine token for their own id (anyone can,
+    from A's /mp/bridge) and mails the victim a decorated link to B. The victim already
+    has an id on B; opening the link (no referrer: not a navigation from a linked domain)
+    changes nothing: the victim's events, before and after, keep the victim's own id,
+    the proxy counts the token as unproven and redeems nothing."""
+    site = xsite
+    b = site.page("b", FAST)
+    async with aiohttp.ClientSession() as session:  # the attacker's own browser, on A
+        headers = {"Host": A_HOST, "User-Agent": "Mozilla/5.0", "Sec-Fetch-Site": "same-origin"}
+        async with session.post(site.url("127.0.0.1", "/mp/bridge"), json={"to": b_target(site)}, headers=headers) as r:
+            assert r.status == 200
+            answer = await r.json()
+    attacker = site.services.settings.identity.keys.open(
+        answer["token"], purpose="bridge", audience="site-b.test", now=time.time()
+    ).canonical_id
+    run = await drive(
+        [
+            goto(site, B_HOST, b),
+            js(f"mixpanel.track('Victim on B'); return {IDS};", "before"),
+            wait("/mp/track/", event("Victim on B")),
+            {"op": "cookies", "save": "cookies_before"},
+            {"op": "goto", "url": answer["url"]},  # typed or opened from a mail: no referrer
+            js(f"mixpanel.track('After the link'); return Object.assign({IDS}, {{href: location.href, "
+               f"referrer: document.referrer}});", "after"),
+            wait("/mp/track/", event("After the link")),
+            {"op": "cookies", "save": "cookies_after"},
+        ]
+    )
+    observe(run, f"mailed link ({site.mode})")
+    browser_clean(run)
+    assert run["after"]["referrer"] == "" and f"{TOKEN_PARAM}=" in run["after"]["href"]  # the token was presented
+    victim = run["before"]["device"]
+    assert victim != attacker
+    before = one_cookie(run, "cookies_before", "fp_id", ".site-b.test")["value"]
+    after = one_cookie(run, "cookies_after", "fp_id", ".site-b.test")["value"]
+    assert canonical_of(before) == canonical_of(after) == victim
+    events = await settled(site, ["Victim on B", "After the link"])
+    assert_one_identity(events, victim)
+    counts = await token_metrics(site)
+    assert counts.get("unproven", 0) >= 1 and not counts.get("redeemed_bridge"), counts
+    assert_no_token_upstream(site, [answer["token"]], None)
