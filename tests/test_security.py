@@ -539,3 +539,17 @@ def test_the_old_entry_bound_names_its_replacement(tmp_path):
         build_settings({"server": {"data_dir": str(tmp_path)}, "store": {"max_entries": 1000}}, {})
     assert err.value.key == "store.max_entries" and "store.max_memory_mb" in str(err.value)
     assert build_settings({"server": {"data_dir": str(tmp_path)}, "store": {"max_memory_mb": 4}}, {}).store.max_bytes == 4 << 20
+
+
+async def test_a_cookie_tossed_with_a_longer_path_does_not_win(proxy_client, upstream):
+    """A sibling subdomain sets fp_id (its owner's own valid value) for the parent
+    domain with Path=/mp: browsers send it before ours. Ours (Path=/) still wins."""
+    client = await proxy_client(**IDENTITY)
+    victim_cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("V", device_id())]), headers=browser(A)))
+    attacker_cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("X", device_id())]), headers=browser(A)))
+    device = device_id()
+    headers = {**browser("shop.site-a.test"), "Cookie": f"fp_id={attacker_cookie}; fp_id={victim_cookie}"}
+    resp = await client.post(TRACK, data=b64_body([js_event("Shop", device)]), headers=headers)
+    assert canonical_of(cookie_from(resp)) == canonical_of(victim_cookie)
+    events = await upstream.wait(3, "us", "/track")
+    assert next(e for e in events if e["event"] == "Shop")["properties"]["$device_id"] == canonical_of(victim_cookie)

@@ -45,6 +45,15 @@ def cookie_values(header: str | None, name: str) -> list[str]:
     return [value for key, value in cookie_pairs(header) if key == name]
 
 
+def own_cookie_values(header: str | None, name: str) -> list[str]:
+    """The values of one of our ``Path=/`` cookies, most likely ours first.
+
+    Browsers send same-name cookies longer ``Path`` first: a sibling subdomain
+    that tosses ``fp_id`` with ``Domain=.example.com; Path=/mp`` would come
+    before ours. Read from the end, ours (the shortest path) wins."""
+    return cookie_values(header, name)[::-1]
+
+
 class CookieJar:
     """Signs, verifies and formats the identity cookie for one configuration."""
 

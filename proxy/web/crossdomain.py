@@ -42,7 +42,7 @@ from ..core.bridge import (
     refusal,
 )
 from ..core.apikeys import bearer
-from ..core.cookie import CookieJar, cookie_values
+from ..core.cookie import CookieJar, own_cookie_values
 from ..core.ids import ID_CHARS, MAX_ID_CHARS, MIN_ID_CHARS, valid_id
 from ..errors import BadRequest
 from ..lograte import Throttled
@@ -617,7 +617,7 @@ class CrossDomain:
             canonical = str(uuid.uuid4())
         else:
             canonical = None
-            for raw in cookie_values(request.headers.get("cookie"), jar.name):
+            for raw in own_cookie_values(request.headers.get("cookie"), jar.name):
                 canonical = jar.open(raw)
                 if canonical:
                     break

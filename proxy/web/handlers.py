@@ -35,7 +35,7 @@ from aiohttp import StreamReader, web
 
 from ..core import carry, consent, firsttouch, ids
 from ..core.clientip import TrustedProxies, client_ip, truncate
-from ..core.cookie import CookieJar, cookie_values
+from ..core.cookie import CookieJar, cookie_values, own_cookie_values
 from ..core.ids import valid_id
 from ..core.cors import OriginPolicy
 from ..errors import BadRequest, PayloadTooLarge, UpstreamError
@@ -186,7 +186,7 @@ class Proxy:
         browser = is_browser(headers)
         cookie_id = cookie_raw = None
         if browser:
-            for raw in cookie_values(headers.get("cookie"), self.s.jar.name):
+            for raw in own_cookie_values(headers.get("cookie"), self.s.jar.name):
                 cookie_id = self.s.jar.open(raw)
                 if cookie_id:
                     cookie_raw = raw
