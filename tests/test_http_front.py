@@ -86,7 +86,7 @@ async def test_chunked_body_is_assembled_and_its_trailer_never_sets_the_client_i
     half = len(body) // 2
     raw = (
         f"POST {TRACK} HTTP/1.1\r\nHost: www.example.com\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-        "Transfer-Encoding: chunked\r\n\r\n"
+        "User-Agent: Mozilla/5.0 (a browser: its IP is the visitor's)\r\nTransfer-Encoding: chunked\r\n\r\n"
     ).encode()
     raw += b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\r\n" % (
         half, body[:half], len(body) - half, body[half:]

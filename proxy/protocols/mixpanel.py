@@ -25,6 +25,7 @@ its visitor's IP.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
@@ -344,6 +345,7 @@ def strip_tokens(route: str, event: dict[str, Any], param: str) -> int:
 
 
 _facts = tuple.__new__  # EventFacts built in C, not through its generated __new__
+_now = time.time
 
 
 def prepare(route: str, event: dict[str, Any], ip: str | None) -> EventFacts:
@@ -366,13 +368,20 @@ def prepare(route: str, event: dict[str, Any], ip: str | None) -> EventFacts:
         # (a bool or a string is no time).
         if type(when) is int or type(when) is float:
             when = when / 1000 if when > 1e11 else float(when)
+        elif when is None:
+            # mixpanel-node sends no time: the event happened when the proxy took it,
+            # not when the sender gets it to Mixpanel (which would stamp its arrival).
+            when = props["time"] = round(_now(), 3)
         else:
             when = None
         return _facts(
             EventFacts, (name if type(name) is str else str(name), insert_id, token if type(token) is str else None, when)
         )
-    if route == "engage" and ip and "$ip" not in event:
-        event["$ip"] = ip
+    if route == "engage":
+        if ip and "$ip" not in event:
+            event["$ip"] = ip
+        if "$time" not in event:  # profile updates are ordered by it (milliseconds)
+            event["$time"] = int(_now() * 1000)
     token = event.get("$token")
     return EventFacts(_name(route, event), None, token if isinstance(token, str) else None, None)
 

@@ -728,6 +728,14 @@ class Proxy:
             return await self._forward_batch(request, visit, protocol, payload, resolution, rewrites, started)
 
         raw_query = raw_query_of(request)
+        if payload.wants_ip and not visit.browser:
+            # ip=1 from a server SDK would have Mixpanel geolocate the proxy: ip=0
+            # (an event's own "ip" property still counts), wherever the flag came.
+            query = [(k, "0" if k == "ip" else v) for k, v in query]
+            raw_query = urlencode(query)
+            if any(k == "ip" for k, _ in payload.form.params):
+                payload.form.params = [(k, "0" if k == "ip" else v) for k, v in payload.form.params]
+                filtered = True  # the body's own ip=1: re-encoded
         if param + "=" in raw_query:
             raw_query = urlencode([(k, v) for k, v in query if k != param])
         content_type = request.headers.get("content-type")
@@ -745,7 +753,8 @@ class Proxy:
         names = protocol.names(route, events)
         try:
             upstream = await self._forward(
-                request, route, self.s.upstreams.regions[region], target, body, content_type, content_encoding
+                request, route, self.s.upstreams.regions[region], target, body, content_type, content_encoding,
+                anonymous=not (visit.browser and payload.wants_ip),  # a server's IP is not its visitors'
             )
         except UpstreamError as exc:
             self._log(route, region, project, names, resolution, rewrites, 502, started, str(exc))
@@ -832,8 +841,9 @@ class Proxy:
         assert self.s.spool is not None and self.s.sender is not None
         route = payload.route
         # Batches mix visitors, so each event carries its visitor's IP for
-        # geolocation when the client asked for it (ip=1).
-        wants_ip = payload.wants_ip
+        # geolocation when the client asked for it (ip=1). A server SDK's
+        # events belong to many people: the peer is the backend, never theirs.
+        wants_ip = payload.wants_ip and visit.browser
         ip = self._client(request)[0] if wants_ip else None
         # The SQLite spool keeps a request's consecutive events of one project
         # in one row (one B-tree cell, one id), up to what one upstream batch
@@ -874,11 +884,12 @@ class Proxy:
         """Sync mode for a batching protocol (Segment): the request's calls,
         made ready as the sender would, go upstream as one batch now."""
         route = payload.route
-        ip = self._client(request)[0] if payload.wants_ip else None
+        wants_ip = payload.wants_ip and visit.browser  # a server's IP is not its visitors'
+        ip = self._client(request)[0] if wants_ip else None
         facts = [protocol.prepare(route, e, ip) for e in payload.events]
         project = facts[0].project if facts else None
         region = self.region_for[protocol.name](project)
-        outbound = protocol.batch(route, payload.wants_ip, [orjson.dumps(e) for e in payload.events], project)
+        outbound = protocol.batch(route, wants_ip, [orjson.dumps(e) for e in payload.events], project)
         names = [f.name for f in facts]
         headers = [("content-type", outbound.content_type), ("user-agent", "firstparty-proxy")]
         try:
@@ -972,6 +983,7 @@ class Proxy:
                 request.headers.get("content-type") if body else None,
                 request.headers.get("content-encoding") if body else None,
                 length=length if isinstance(body, StreamReader) else None,
+                anonymous=not visit.browser,
             )
         except UpstreamError as exc:
             self._log(route, region, token, [], resolution, rewrites, 502, started, str(exc))

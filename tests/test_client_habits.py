@@ -1,0 +1,68 @@
+"""Real clients' habits the proxy must absorb (issue 22), through the real app:
+server SDKs' events without a time, server calls that are not the visitor's,
+a server-side $merge, mixpanel-browser's reset() inside one batch."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import orjson
+
+from tests.conftest import BROWSER, SEG_KEY, b64_body, device_id, js_event, json_body
+
+SERVER = {"User-Agent": "mixpanel-node/0.24", "Content-Type": "application/x-www-form-urlencoded"}
+SEG_SERVER = {"User-Agent": "analytics-node-next/latest", "Content-Type": "application/json",
+              "Authorization": "Basic " + base64.b64encode(f"{SEG_KEY}:".encode()).decode()}
+
+
+async def test_events_without_a_time_carry_the_time_the_proxy_took_them(proxy_client, upstream, delivery_mode):
+    """mixpanel-node sends track without ``time`` and engage without ``$time``:
+    spooled and sent later, they must not take Mixpanel's arrival time."""
+    client = await proxy_client()
+    event = js_event("Node track", device_id())
+    del event["properties"]["time"]
+    profile = {"$token": "test-token-us", "$distinct_id": "user-7", "$set": {"plan": "pro"}}
+    before = time.time()
+    assert (await client.post("/mp/track?ip=0", data=json_body([event]), headers=SERVER)).status == 200
+    assert (await client.post("/mp/engage?ip=0", data=json_body([profile]), headers=SERVER)).status == 200
+    after = time.time()
+    [sent] = await upstream.wait(1, "us", "/track")
+    [update] = await upstream.wait(1, "us", "/engage")
+    if delivery_mode == "spool":
+        assert before - 0.01 <= sent["properties"]["time"] <= after + 0.01
+        assert before * 1000 - 10 <= update["$time"] <= after * 1000 + 10
+    else:  # forwarded at once: Mixpanel's own arrival time is the acceptance time
+        assert "time" not in sent["properties"] or before - 0.01 <= sent["properties"]["time"] <= after + 0.01
+    # An SDK's own time is never touched.
+    hour_ago = round(time.time() - 3600, 3)
+    own = js_event("Own time", device_id(), time=hour_ago)
+    assert (await client.post("/mp/track?ip=0", data=json_body([own]), headers=SERVER)).status == 200
+    sent = (await upstream.wait(2, "us", "/track"))[-1]
+    assert sent["properties"]["time"] == hour_ago
+
+
+async def test_server_calls_never_get_the_backends_ip(proxy_client, upstream):
+    """Segment sets context.ip for client libraries only; a server call without one
+    reaches Segment without one (not the backend's 127.0.0.1). Mixpanel with ip=0 gets
+    no forwarding headers; a browser's calls still carry the visitor's IP."""
+    client = await proxy_client()
+    call = {"type": "track", "event": "Server", "userId": "user-1", "context": {"library": {"name": "analytics-node"}}}
+    assert (await client.post("/seg/v1/batch", data=orjson.dumps({"batch": [call]}), headers=SEG_SERVER)).status == 200
+    browser_call = {"type": "track", "event": "Browser", "anonymousId": device_id(), "writeKey": SEG_KEY}
+    resp = await client.post("/seg/v1/t", data=orjson.dumps(browser_call), headers={**BROWSER, "Content-Type": "text/plain"})
+    assert resp.status == 200
+    mp = js_event("Server MP", device_id())
+    assert (await client.post("/mp/track?ip=1", data=json_body([mp]), headers=SERVER)).status == 200
+    from tests.support import eventually
+
+    await eventually(lambda: len([c for r in upstream.by("seg-us") for c in r.events()]) == 2, 10, "both calls")
+    calls = {c["event"]: c for r in upstream.by("seg-us") for c in r.events()}
+    assert "ip" not in calls["Server"].get("context", {})
+    assert calls["Browser"]["context"]["ip"] == "127.0.0.1"  # the browser's own (here: loopback)
+    [sent] = await upstream.wait(1, "us", "/track")
+    assert "ip" not in sent["properties"]
+    for request in upstream.by("us"):
+        assert "x-real-ip" not in request.headers and "x-forwarded-for" not in request.headers
+        assert dict(request.query).get("ip") in ("0", None)
