@@ -66,3 +66,27 @@ async def test_server_calls_never_get_the_backends_ip(proxy_client, upstream):
     for request in upstream.by("us"):
         assert "x-real-ip" not in request.headers and "x-forwarded-for" not in request.headers
         assert dict(request.query).get("ip") in ("0", None)
+
+
+async def test_a_server_side_merge_names_the_canonical_id(proxy_client, upstream):
+    """mixpanel-python's merge() posts $merge to /import with $distinct_ids
+    [user, "$device:<original device>"]: the device is rewritten as every other
+    event of that device is, so the merge names an id events carry."""
+    import asyncio
+
+    from mixpanel import Consumer, Mixpanel
+
+    from tests.conftest import canonical_of, cookie_from
+    from tests.test_crossdomain import A, IDENTITY, TRACK, browser
+
+    client = await proxy_client(**IDENTITY)
+    cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("A", device_id())]), headers=browser(A)))
+    original = device_id()  # the browser's device id on another subdomain
+    await client.post(TRACK, data=b64_body([js_event("Shop", original)]), headers=browser("shop.site-a.test", cookie))
+    base = str(client.make_url("/mp"))
+    mp = Mixpanel("test-token-us", consumer=Consumer(events_url=f"{base}/track", import_url=f"{base}/import",
+                                                     request_timeout=5))
+    await asyncio.to_thread(mp.merge, "api-key", "user-42", f"$device:{original}", api_secret="secret-xyz")
+    [merge] = [e for r in upstream.by("us", "/import") for e in r.events()]
+    assert merge["event"] == "$merge"
+    assert merge["properties"]["$distinct_ids"] == ["user-42", f"$device:{canonical_of(cookie)}"]

@@ -197,6 +197,13 @@ def lookup_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
             value = source.get(key)
             if isinstance(value, str) and value:
                 seen.setdefault(strip_device(value) or value)
+        # A server's $merge (mixpanel-python's merge(), mixpanel-node's) names the
+        # ids to merge in a list, an original device id among them.
+        merged = source.get("$distinct_ids") if route != "engage" else None
+        if isinstance(merged, list):
+            for value in merged[:16]:
+                if isinstance(value, str) and value:
+                    seen.setdefault(strip_device(value) or value)
     return list(seen)
 
 
