@@ -90,3 +90,38 @@ async def test_a_server_side_merge_names_the_canonical_id(proxy_client, upstream
     [merge] = [e for r in upstream.by("us", "/import") for e in r.events()]
     assert merge["event"] == "$merge"
     assert merge["properties"]["$distinct_ids"] == ["user-42", f"$device:{canonical_of(cookie)}"]
+
+
+async def test_reset_inside_one_batch_starts_the_next_person(proxy_client, upstream, delivery_mode):
+    """mixpanel-browser batches for 5 s: identify('user-1'), a track, reset() and the
+    next person's track share one request. The events before the reset keep the
+    browser's identity; 'After logout' and what follows belong to the new device id,
+    and the browser's cookie follows it."""
+    from tests.conftest import canonical_of, cookie_from
+    from tests.support import metric
+    from tests.test_crossdomain import A, IDENTITY, TRACK, browser
+
+    client = await proxy_client(**IDENTITY)
+    d1 = device_id()
+    cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("Landing", d1)]), headers=browser(A)))
+    assert canonical_of(cookie) == d1
+    d2 = device_id()  # minted by reset()
+    batch = [
+        js_event("$identify", d1, user="user-1", **{"$anon_distinct_id": f"$device:{d1}"}),
+        js_event("Purchase", d1, user="user-1"),
+        js_event("After logout", d2),
+        js_event("Browse", d2),
+    ]
+    resp = await client.post(TRACK, data=b64_body(batch), headers=browser(A, cookie))
+    assert resp.status == 200 and canonical_of(cookie_from(resp)) == d2
+    events = {e["event"]: e["properties"] for e in await upstream.wait(5, "us", "/track")}
+    assert events["$identify"]["$anon_distinct_id"] == f"$device:{d1}" and events["Purchase"]["distinct_id"] == "user-1"
+    for name in ("After logout", "Browse"):
+        assert events[name]["$device_id"] == d2 and events[name]["distinct_id"] == f"$device:{d2}", name
+        assert "$user_id" not in events[name]
+    text = await (await client.ops_get("/metrics")).text()
+    assert metric(text, "firstparty_identity_resets_total") == 1
+    # The next request of the new person: the cookie alone, no second reset.
+    later = await client.post(TRACK, data=b64_body([js_event("Later", d2)]), headers=browser(A, cookie_from(resp)))
+    assert canonical_of(cookie_from(later)) == d2
+    assert (await upstream.wait(6, "us", "/track"))[-1]["properties"]["$device_id"] == d2

@@ -48,7 +48,8 @@ async def send_events(client: Any, n: int, per_request: int = 5, **props: Any) -
     """Send n events; returns the $insert_ids the proxy acknowledged."""
     acked = []
     for start in range(0, n, per_request):
-        batch = [js_event("Load", device_id(), **props) for _ in range(min(per_request, n - start))]
+        device = device_id()  # one browser's request: one device id (a change is a reset())
+        batch = [js_event("Load", device, **props) for _ in range(min(per_request, n - start))]
         resp = await client.post(TRACK, data=b64_body(batch), headers={**BROWSER, **FORM})
         assert resp.status == 200, await resp.text()
         acked += [e["properties"]["$insert_id"] for e in batch]

@@ -86,7 +86,8 @@ async def test_metrics_count_events_by_protocol_and_identity_source_and_dead_let
     upstream.behave = refuse_poison
     client = await proxy_client(delivery={"mode": "spool"})
     form = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
-    first = await client.post("/mp/track/?verbose=1", data=b64_body([js_event("a", device_id()), js_event("b", device_id())]), headers=form)
+    d = device_id()  # one browser's batch: one device id
+    first = await client.post("/mp/track/?verbose=1", data=b64_body([js_event("a", d), js_event("b", d)]), headers=form)
     jar = {"Cookie": f"fp_id={cookie_from(first)}"}
     await client.post("/seg/v1/t", data=orjson.dumps(ajs_call("track", device_id(), event="c")), headers={**BROWSER, **PLAIN, **jar})
     await client.post("/mp/track/?verbose=1", data=b64_body([js_event("poison", device_id())]), headers={**form, **jar})

@@ -468,8 +468,8 @@ async def test_forwarded_log_records_a_batch_event_by_event(proxy_client, upstre
     client = await proxy_client()
     cookie = await first_visit(client, device_id())
     await upstream.wait(1)  # delivered on its own: the batch below is one record
-    d2, d3 = device_id(), device_id()
-    events = [js_event("A", d2), js_event("B", d3), js_event("C", d2)]
+    d2 = device_id()  # this host's own device id (one SDK's batch has one)
+    events = [js_event("A", d2), js_event("B", d2, user="user-1", **{"$anon_distinct_id": f"$device:{d2}"}), js_event("C", d2)]
     await client.post(TRACK, data=b64_body(events), headers=with_cookie(cookie))
     await upstream.wait(4)
     await client.close()
@@ -481,8 +481,12 @@ async def test_forwarded_log_records_a_batch_event_by_event(proxy_client, upstre
         assert batch["insert_ids"] == ids
     canonical = canonical_of(cookie)
     assert batch["canonical_ids"] == [canonical] and batch["sources"] == ["cookie"]
-    assert batch["original_ids"] == sorted({rw["from"] for rw in batch["rewrites"]}) and {d2, d3} <= set(batch["original_ids"])
-    assert [rw["from"] for rw in batch["rewrites"] if rw["field"] == "$device_id"] == [d2, d3, d2]
+    assert batch["original_ids"] == sorted({rw["from"] for rw in batch["rewrites"]}) and d2 in batch["original_ids"]
+    # Event by event, field by field: A's two ids, B's device and anonymous id (its user
+    # id untouched), C's two ids.
+    assert [rw["field"] for rw in batch["rewrites"]] == [
+        "distinct_id", "$device_id", "$device_id", "$anon_distinct_id", "distinct_id", "$device_id"
+    ]
     assert all(rw["to"] in (canonical, f"$device:{canonical}") for rw in batch["rewrites"])
 
 

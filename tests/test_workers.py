@@ -67,7 +67,8 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
             async def one() -> None:
                 # A new connection per request, so SO_REUSEPORT spreads them over the workers.
                 async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-                    events = [js_event("Worker Load", device_id()) for _ in range(3)]
+                    device = device_id()  # one browser's batch: one device id
+                    events = [js_event("Worker Load", device) for _ in range(3)]
                     async with s.post(
                         f"http://127.0.0.1:{port}/mp/track/?verbose=1&ip=1",
                         data=b64_body(events),

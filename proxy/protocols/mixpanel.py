@@ -180,6 +180,25 @@ def anonymous_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
+def device_changes(route: str, events: list[dict[str, Any]]) -> list[int]:
+    """Where a batch's device id changes (the indices of the events that start a
+    new one): mixpanel-js mints a new ``$device_id`` only on ``reset()``, so one
+    request can hold a logout and the next person's first events."""
+    if route not in ("track", "engage"):
+        return []
+    engage = route == "engage"
+    out: list[int] = []
+    last = None
+    for i, event in enumerate(events):
+        source = event if engage else event.get("properties")
+        device = source.get("$device_id") if isinstance(source, dict) else None
+        if isinstance(device, str) and device:
+            if last is not None and device != last:
+                out.append(i)
+            last = device
+    return out
+
+
 def lookup_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
     """Ids of a server request that may be an original device id in the alias store.
 
@@ -483,6 +502,7 @@ class Mixpanel:
     encode = staticmethod(encode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)
+    device_changes = staticmethod(device_changes)
     is_anonymous = staticmethod(is_anonymous)
     project = staticmethod(project)
     names = staticmethod(names)

@@ -138,6 +138,20 @@ def anonymous_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
+def device_changes(route: str, events: list[dict[str, Any]]) -> list[int]:
+    """Where a batch's ``anonymousId`` changes (analytics.js's ``reset()``
+    mints a new one; its batching strategy can send both in one request)."""
+    out: list[int] = []
+    last = None
+    for i, call in enumerate(events):
+        anon = _anon(call)
+        if anon:
+            if last is not None and anon != last:
+                out.append(i)
+            last = anon
+    return out
+
+
 def lookup_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
     for call in events:
@@ -301,6 +315,7 @@ class Segment:
     encode = staticmethod(encode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)
+    device_changes = staticmethod(device_changes)
     is_anonymous = staticmethod(is_anonymous)
     project = staticmethod(project)
     names = staticmethod(names)

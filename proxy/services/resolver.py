@@ -92,6 +92,22 @@ class Resolver:
         self.metrics.source(resolution.source)
         return resolution
 
+    async def restart(self, host: str, route: str, incoming: list[str], project: str | None) -> Resolution:
+        """A new person on this browser inside one request (``reset()`` between two
+        events of a batch): their own device id is their canonical id from here on,
+        remembered as this host's device; nothing of the previous identity is used."""
+        resolution = resolve_browser(None, incoming, {})
+        if resolution.canonical is None:
+            return resolution
+        resolution.source = SOURCE_RESET
+        self.metrics.identity_resets.inc()
+        if incoming and route in ("track", "engage"):
+            await self._remember_device(resolution.canonical, host, project, incoming[0])
+        if resolution.new_aliases:
+            await self.store.add_aliases(resolution.new_aliases)
+        self.metrics.source(resolution.source)
+        return resolution
+
     # Device records are per project: two Mixpanel projects on one page have two device ids.
     async def _remember_device(self, canonical: str, host: str, project: str | None, device: str) -> None:
         await self.store.set_device_record(canonical, host, project, device, int(time.time()))

@@ -129,6 +129,16 @@ def is_browser(headers: Mapping[str, str]) -> bool:
     return headers.get("user-agent", "").startswith("Mozilla/")
 
 
+# A batch splits into at most this many identities (a real one holds a reset() or two).
+MAX_RUNS = 8
+
+
+def _runs(changes: list[int], count: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of events between device changes, at most MAX_RUNS."""
+    starts = [0, *changes[: MAX_RUNS - 1]]
+    return list(zip(starts, [*starts[1:], count]))
+
+
 def answer(a: Answer) -> web.Response:
     """An SDK answer as the protocol shaped it."""
     return web.Response(status=a.status, body=a.body, content_type=a.content_type)
@@ -424,6 +434,27 @@ class Proxy:
             await self.s.store.set_carried(canonical, carry.merge(kept, seen))
         return changed
 
+    async def _rewrite(
+        self, visit: Visit, protocol: WireProtocol, route: str, events: list[dict[str, Any]], resolution: Resolution
+    ) -> tuple[list[list[Rewrite]], bool]:
+        """One identity's events made its own: carried properties added, ids
+        rewritten, the first touch repaired. (Per event rewrites or [], and
+        whether the events changed beyond their ids.)"""
+        changed = False
+        canonical = resolution.canonical
+        if self._carry is not None and canonical and visit.browser and route in protocol.spooled_routes:
+            changed = await self._carry_properties(protocol, route, events, canonical)
+        mapping = resolution.mapping
+        per_event = [protocol.rewrite(route, e, mapping) for e in events] if mapping else []
+        if self._own_domains and canonical and visit.browser and protocol is MIXPANEL:
+            touched = await self._first_touch(route, events, resolution)
+            if touched:
+                per_event = per_event or [[] for _ in events]
+                for i, changes in touched.items():
+                    per_event[i] = per_event[i] + changes
+                changed = True
+        return per_event, changed
+
     def _record_drop(self, route: str, names: list[str], count: int, project: str | None, why: str) -> None:
         self.s.metrics.consent_dropped.labels(why).inc(count)
         self.s.metrics.outcome("dropped", route, count)
@@ -689,41 +720,48 @@ class Proxy:
         if mentioned:
             stripped = self._strip_tokens(protocol, route, events)
 
+        # mixpanel-browser batches for 5 s: identify, track, reset() and the next
+        # person's track can share one request. Each event's own device id says who
+        # it is: a change inside a browser's batch starts a new identity from there.
+        runs = _runs(protocol.device_changes(route, events), len(events)) if visit.browser else [(0, len(events))]
         try:
             # Every id the request names passes the one rule (``core.ids``) before
             # it is looked up, stored, put in a cookie or logged.
-            incoming = ids.accept(protocol.anonymous_ids(route, events), refuse_long=visit.browser)
+            incoming = [ids.accept(protocol.anonymous_ids(route, events[a:b]), refuse_long=visit.browser) for a, b in runs]
         except BadRequest as exc:
             return self._error(exc, visit, verbose, route, protocol)
         server_ids = [] if visit.browser and route != "import" else ids.accept(protocol.lookup_ids(route, events), refuse_long=False)
-        resolution = await self._resolve(
-            visit,
-            route,
-            incoming,
-            server_ids,
-            token,
-            protocol.is_anonymous(route, events),
-            project,
-            # Where the landing navigation came from: a link token's proof.
-            protocol.referrer(route, events) if token else None,
-        )
-        if self._carry is not None and resolution.canonical and visit.browser and route in protocol.spooled_routes:
-            if await self._carry_properties(protocol, route, events, resolution.canonical):
-                filtered = True  # the body changed: re-encoded if forwarded as is
-        mapping = resolution.mapping
-        per_event = [protocol.rewrite(route, e, mapping) for e in events] if mapping else []
-        if self._own_domains and resolution.canonical and visit.browser and protocol is MIXPANEL:
-            touched = await self._first_touch(route, events, resolution)
-            if touched:
-                per_event = per_event or [[] for _ in events]
-                for i, changes in touched.items():
-                    per_event[i] = per_event[i] + changes
-                filtered = True  # the body changed: re-encoded if forwarded as is
+        parts: list[tuple[int, int, Resolution]] = []
+        per_event: list[list[Rewrite]] = []
+        for n, (a, b) in enumerate(runs):
+            part = events if len(runs) == 1 else events[a:b]
+            if n == 0:
+                resolution = await self._resolve(
+                    visit,
+                    route,
+                    incoming[0],
+                    server_ids,
+                    token,
+                    protocol.is_anonymous(route, part),
+                    project,
+                    # Where the landing navigation came from: a link token's proof.
+                    protocol.referrer(route, part) if token else None,
+                )
+            else:  # reset() inside the batch: a new person on this browser
+                resolution = await self.resolver.restart(visit.host, route, incoming[n], project)
+            parts.append((a, b, resolution))
+            changes, changed = await self._rewrite(visit, protocol, route, part, resolution)
+            filtered |= changed
+            if changes or per_event:
+                per_event = per_event or [[] for _ in range(a)]
+                per_event.extend(changes or [[] for _ in part])
+        if per_event and len(per_event) < len(events):
+            per_event.extend([] for _ in range(len(events) - len(per_event)))
         rewrites = [r for rs in per_event for r in rs]
         if rewrites:
             self.s.metrics.rewrites.inc(len(rewrites))
         if self.s.spool is not None and route in protocol.spooled_routes:
-            return await self._spool(request, visit, protocol, payload, resolution, per_event)
+            return await self._spool(request, visit, protocol, payload, parts, per_event)
         if protocol is not MIXPANEL:
             return await self._forward_batch(request, visit, protocol, payload, resolution, rewrites, started)
 
@@ -804,7 +842,7 @@ class Proxy:
         self.s.metrics.consent_anonymised.labels(why).inc(len(kept))
         resolution = Resolution(None, "anonymous")
         if self.s.spool is not None and route in protocol.spooled_routes:
-            response = await self._spool(request, visit, protocol, payload, resolution, [])
+            response = await self._spool(request, visit, protocol, payload, [(0, len(kept), resolution)], [])
         elif protocol is not MIXPANEL:
             response = await self._forward_batch(request, visit, protocol, payload, resolution, [], started)
         else:
@@ -833,11 +871,12 @@ class Proxy:
         visit: Visit,
         protocol: WireProtocol,
         payload: Payload,
-        resolution: Resolution,
+        parts: list[tuple[int, int, Resolution]],
         per_event: list[list[Rewrite]],
     ) -> web.Response:
         """Spool mode: answer once the events are durably written; the sender
-        forwards them in batches."""
+        forwards them in batches. ``parts``: the events' runs (start, end) and
+        each one's identity (one run, unless a batch held a reset())."""
         assert self.s.spool is not None and self.s.sender is not None
         route = payload.route
         # Batches mix visitors, so each event carries its visitor's IP for
@@ -849,11 +888,16 @@ class Proxy:
         # in one row (one B-tree cell, one id), up to what one upstream batch
         # holds; JetStream keeps one message per event.
         most = events_per_batch(protocol, self.s.settings.delivery.batch_size) if self.s.spool.rows_hold_requests else 1
-        facts = [protocol.prepare(route, event, ip) for event in payload.events]
-        rows = request_rows(
-            route, wants_ip, protocol.name, payload.events, facts, per_event, self.region_for[protocol.name], most,
-            protocol.max_batch_bytes, resolution.canonical, resolution.source,
-        )
+        events = payload.events
+        facts = [protocol.prepare(route, event, ip) for event in events]
+        rows = []
+        for a, b, resolution in parts:
+            whole = len(parts) == 1
+            rows += request_rows(
+                route, wants_ip, protocol.name, events if whole else events[a:b], facts if whole else facts[a:b],
+                per_event if whole else per_event[a:b], self.region_for[protocol.name], most,
+                protocol.max_batch_bytes, resolution.canonical, resolution.source,
+            )
         try:
             await self.s.spool.enqueue(rows)
         except PayloadTooLarge as exc:  # more than the queue takes in one message (JetStream's max_payload)
@@ -862,7 +906,8 @@ class Proxy:
             response = answer(protocol.error(503, f"{exc}; retry later", payload.verbose))
             response.headers["Retry-After"] = SPOOL_RETRY_AFTER
             return self._finish(response, visit, None, route)
-        self.s.metrics.accepted(route, len(payload.events), protocol.name, resolution.source)
+        for a, b, part in parts:
+            self.s.metrics.accepted(route, b - a, protocol.name, part.source)
         for region in {row.region for row in rows}:
             self.s.sender.notify(region)
         if self.s.live.watching:
