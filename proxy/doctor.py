@@ -449,6 +449,12 @@ def _location_findings(
     if "x-forwarded-for" not in headers and "x-real-ip" not in headers:
         out.append(Finding(ERROR, where, f"{mount}: neither X-Forwarded-For nor X-Real-IP is set: every visitor has nginx's IP",
                            "proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"))
+    host_header = headers.get("host", "")
+    if mount in s.segment.mounts and "$http_host" not in host_header and "x-forwarded-host" not in headers:
+        out.append(Finding(WARNING, where, f"{mount}: `Host {host_header or '$host'}` drops a non-default port and no "
+                           "X-Forwarded-Host names it: on a site served on :8080, analytics.js's settings send its calls "
+                           "to port 80/443 and every one fails",
+                           "proxy_set_header X-Forwarded-Host $http_host;"))
     if mount in s.segment.mounts and "x-forwarded-proto" not in headers:
         out.append(Finding(WARNING, where, f"{mount}: no X-Forwarded-Proto: analytics.js's settings say http to a site served over https",
                            "proxy_set_header X-Forwarded-Proto $scheme;"))

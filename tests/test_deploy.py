@@ -159,6 +159,11 @@ async def test_behind_real_nginx(serve_proxy, tmp_path, upstream, nginx_bin):
             assert got.status == 200, await got.text()
             segment_io = (await got.json())["integrations"]["Segment.io"]
             assert (segment_io["protocol"], segment_io["apiHost"]) == ("https", "www.example.com/seg/v1")
+            # A site on a non-default port (staging, local): nginx's `Host $host` drops
+            # the port, its X-Forwarded-Host keeps it, and analytics.js comes back to it.
+            on_port = {**browser, "Host": "www.example.com:8443"}
+            got = await session.get(settings_url, headers=on_port, server_hostname="www.example.com")
+            assert (await got.json())["integrations"]["Segment.io"]["apiHost"] == "www.example.com:8443/seg/v1"
             call = {"type": "track", "event": "Segment through nginx", "anonymousId": device_id(), "writeKey": SEG_KEY}
             seg = await session.post(
                 f"https://127.0.0.1:{tls_port}/seg/v1/t", data=orjson.dumps(call),

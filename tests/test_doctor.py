@@ -30,6 +30,7 @@ server {
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-Host $http_host;
         proxy_set_header X-Real-IP $remote_addr;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $scheme;
@@ -137,6 +138,8 @@ BROKEN_NGINX = [
     (GOOD_NGINX.replace("proxy_set_header X-Real-IP $remote_addr;", "").replace(
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;", ""), "site.conf:", "error", "nginx's IP", "X-Real-IP"),
     (GOOD_NGINX.replace("proxy_set_header X-Forwarded-Proto $scheme;", ""), "site.conf:", "warning", "X-Forwarded-Proto", "$scheme"),
+    (GOOD_NGINX.replace("proxy_set_header X-Forwarded-Host $http_host;", ""), "site.conf:", "warning", "non-default port",
+     "X-Forwarded-Host $http_host"),
     (GOOD_NGINX.replace("client_max_body_size 10m;", ""), "site.conf:", "warning", "1m (the default)", "client_max_body_size 10m;"),
     (GOOD_NGINX.replace("proxy_http_version 1.1;", ""), "site.conf:", "warning", "keep-alive", "proxy_http_version 1.1"),
     (GOOD_NGINX.replace(" keepalive 64;", ""), "site.conf:2", "warning", "idle connections", "keepalive 32;"),

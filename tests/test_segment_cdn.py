@@ -41,7 +41,7 @@ async def test_settings_point_analytics_js_at_this_proxy(proxy_client, upstream)
     resp = await client.get(SETTINGS, headers={**BROWSER, "Host": "www.example.com", "X-Forwarded-Proto": "https"})
     assert resp.status == 200
     assert resp.headers["Cache-Control"] == "private, max-age=300"
-    assert resp.headers["Vary"] == "Host"
+    assert resp.headers["Vary"] == "Host, X-Forwarded-Host"
     settings = await resp.json()
     segment_io = settings["integrations"]["Segment.io"]
     assert segment_io["apiHost"] == "www.example.com/seg/v1"
@@ -158,3 +158,17 @@ def test_asset_paths():
     integration = segment_cdn.asset("next-integrations/integrations/vendor/2.0.1/vendor.dynamic.js.gz")
     assert integration is not None and integration.ttl == segment_cdn.SCRIPT_TTL_SECONDS
     assert segment_cdn.asset("next-integrations/a/..x/b.js") is None
+
+
+async def test_settings_keep_the_port_the_browser_used_behind_nginx(proxy_client, upstream):
+    """nginx's ``proxy_set_header Host $host`` drops a non-default port; the README's
+    config also sends ``X-Forwarded-Host $http_host``: analytics.js is pointed back at
+    the port it came on. From a peer that is not a trusted proxy the header is ignored."""
+    client = await proxy_client()
+    headers = {**BROWSER, "Host": "www.site-a.test", "X-Forwarded-Host": "www.site-a.test:8080"}
+    settings = await (await client.get(SETTINGS, headers=headers)).json()
+    assert settings["integrations"]["Segment.io"]["apiHost"] == "www.site-a.test:8080/seg/v1"
+    assert settings["remotePlugins"][0]["url"].startswith("http://www.site-a.test:8080/seg/cdn/")
+    untrusted = await proxy_client(server={"trusted_proxies": ["10.0.0.0/8"]})
+    settings = await (await untrusted.get(SETTINGS, headers={**headers, "X-Forwarded-Host": "evil.test"})).json()
+    assert settings["integrations"]["Segment.io"]["apiHost"] == "www.site-a.test/seg/v1"

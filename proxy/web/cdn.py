@@ -127,7 +127,7 @@ class FirstPartyCdn:
         return handle
 
     def _settings(self, request: web.Request, mount: str, asset: segment_cdn.Asset, body: bytes) -> web.Response:
-        host = request.headers.get("host", "")
+        host = self.p.public_host(request)
         if not _HOST.match(host):
             return web.Response(status=400, text="a Host header naming this site is needed to point the settings here\n")
         scheme = self.p.public_scheme(request)
@@ -146,7 +146,7 @@ class FirstPartyCdn:
             body=settings.body,
             content_type="application/json",
             # Rewritten for the host asked for: never shared between hosts by a cache.
-            headers={"Cache-Control": f"private, max-age={asset.ttl}", "Vary": "Host"},
+            headers={"Cache-Control": f"private, max-age={asset.ttl}", "Vary": "Host, X-Forwarded-Host"},
         )
 
     def _check_region(self, write_key: str | None, workspace_region: str | None) -> None:

@@ -226,6 +226,16 @@ class Proxy:
                 return proto
         return request.scheme
 
+    def public_host(self, request: web.Request) -> str:
+        """The host and port the visitor used: ``X-Forwarded-Host`` from a trusted
+        proxy (nginx's ``$http_host``: its ``Host $host`` drops a non-default
+        port), else the ``Host`` header."""
+        if request.remote in self._trusted:
+            forwarded = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
+            if forwarded:
+                return forwarded
+        return request.headers.get("host", "")
+
     def _finish(
         self,
         response: web.Response,
