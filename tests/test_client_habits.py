@@ -125,3 +125,14 @@ async def test_reset_inside_one_batch_starts_the_next_person(proxy_client, upstr
     later = await client.post(TRACK, data=b64_body([js_event("Later", d2)]), headers=browser(A, cookie_from(resp)))
     assert canonical_of(cookie_from(later)) == d2
     assert (await upstream.wait(6, "us", "/track"))[-1]["properties"]["$device_id"] == d2
+
+
+async def test_a_flags_alias_reaches_first_time_events(proxy_client, upstream):
+    """mixpanel-js with ``api_routes: {flags: "f/"}`` (a name no filter list knows)
+    asks ``/<mount>/f/<id>/first-time-events`` as well as ``/<mount>/f/``."""
+    client = await proxy_client(server={"route_aliases": {"f": "flags"}})
+    query = "?context=%7B%22distinct_id%22%3A%22u%22%7D&token=test-token-us"
+    assert (await client.get(f"/mp/f/{query}", headers=BROWSER)).status == 200
+    resp = await client.get(f"/mp/f/flag-1/first-time-events{query}", headers=BROWSER)
+    assert resp.status == 200
+    assert [r.path for r in upstream.by("us")] == ["/flags/", "/flags/flag-1/first-time-events"]

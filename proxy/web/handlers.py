@@ -631,7 +631,7 @@ class Proxy:
                 return await self.query_route(request, name, f"/{name}{trailing}", endpoint)
             if name in LIB_PATHS:
                 return await self.cdn.mixpanel_lib(request, name)
-        if len(parts) == 3 and parts[0] == "flags" and parts[2] == "first-time-events":
+        if len(parts) == 3 and self.aliases.get(parts[0], parts[0]) == "flags" and parts[2] == "first-time-events":
             # The flag's id came decoded from the path: it goes upstream as one quoted
             # segment (no "?", "/" or space of its own), and never as "." or "..".
             flag = parts[1]
