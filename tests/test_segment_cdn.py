@@ -172,3 +172,16 @@ async def test_settings_keep_the_port_the_browser_used_behind_nginx(proxy_client
     untrusted = await proxy_client(server={"trusted_proxies": ["10.0.0.0/8"]})
     settings = await (await untrusted.get(SETTINGS, headers={**headers, "X-Forwarded-Host": "evil.test"})).json()
     assert settings["integrations"]["Segment.io"]["apiHost"] == "www.site-a.test/seg/v1"
+
+
+async def test_analytics_js_under_a_name_no_filter_list_blocks(client, upstream):
+    """Any URL holding ``/analytics.js/v1/`` is blocked on every domain; the same
+    script is served at ``/seg/cdn/lib/<write key>/a.js`` (one CDN fetch for both names)."""
+    neutral = await client.get(f"/seg/cdn/lib/{SEG_KEY}/a.js", headers=BROWSER)
+    assert neutral.status == 200 and "fake analytics.js" in await neutral.text()
+    assert "/analytics.js/v1/" not in str(neutral.url)
+    classic = await client.get(SCRIPT, headers=BROWSER)
+    assert await classic.text() == await neutral.text()
+    assert [r.path for r in cdn_requests(upstream)] == [SCRIPT.removeprefix("/seg/cdn")]
+    for bad in (f"/seg/cdn/lib/{SEG_KEY}/b.js", "/seg/cdn/lib/../a.js", f"/seg/cdn/lib/{SEG_KEY}/x/a.js"):
+        assert (await client.get(bad, headers=BROWSER)).status == 404, bad

@@ -10,6 +10,11 @@ one of them is first-party, and the settings' ``integrations["Segment.io"]
 .apiHost`` (and ``metrics.host``) are rewritten to this proxy's ``/seg/v1``,
 so the snippet needs no other change to send its calls here.
 
+``lib/<writeKey>/a.js`` is the same script under a neutral name: ad blockers
+block any URL holding ``/analytics.js/v1/``. Loaded from there, analytics.js
+cannot find its CDN in its own ``src``: the snippet sets
+``analytics._cdn = "https://<site>/seg/cdn"`` before loading it.
+
 Pure: which CDN paths are served (an allow-list, so ``/seg/cdn/`` is not a
 general fetcher), and the settings rewrite. No I/O.
 """
@@ -32,6 +37,9 @@ REGION_OF_API_HOST = {"api.segment.io/v1": "us", "events.eu1.segmentapis.com/v1"
 _KEY = r"[A-Za-z0-9_\-]{1,100}"
 _SETTINGS = re.compile(rf"^v1/projects/({_KEY})/settings$")
 _SCRIPT = re.compile(rf"^analytics\.js/v1/({_KEY})/(?:platform/)?analytics(?:\.min|\.classic)?\.js$")
+# The same script under a name no filter list knows: any path holding
+# "/analytics.js/v1/" is blocked on every domain (EasyPrivacy), whatever the mount.
+_NEUTRAL_SCRIPT = re.compile(rf"^lib/({_KEY})/a\.js$")
 _BUNDLE = re.compile(r"^analytics-next/bundles/[A-Za-z0-9_.\-]{1,200}\.js$")
 # Destinations: next-integrations/integrations/<name>/<version>/<name>.dynamic.js.gz,
 # next-integrations/actions/<name>/<hash>.js; never "..".
@@ -60,6 +68,8 @@ def asset(tail: str) -> Asset | None:
         return Asset("/" + tail, True, m.group(1), SETTINGS_TTL_SECONDS)
     if m := _SCRIPT.match(tail):
         return Asset("/" + tail, False, m.group(1), SCRIPT_TTL_SECONDS)
+    if m := _NEUTRAL_SCRIPT.match(tail):
+        return Asset(f"/analytics.js/v1/{m.group(1)}/analytics.min.js", False, m.group(1), SCRIPT_TTL_SECONDS)
     if _BUNDLE.match(tail) or _INTEGRATION.match(tail):
         return Asset("/" + tail, False, None, SCRIPT_TTL_SECONDS)
     return None
