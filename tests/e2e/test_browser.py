@@ -738,6 +738,46 @@ async def test_reset_starts_a_new_canonical_id(site: Site) -> None:
     assert_no_cookie_leak(site.upstream, cookie_values(run))
 
 
+@pytest.mark.parametrize("site", [{"identity": {}}], indirect=True, ids=["reset-window-7d"])
+async def test_reset_inside_one_default_batch_starts_a_new_person(site: Site) -> None:
+    """The same logout with mixpanel-browser's default batching (a flush every 5 s, as
+    sites run it): identify, a purchase, reset() and the next person's first event
+    leave in one request. The events before reset() stay the user's; 'After logout'
+    is the new device's, and the browser's fp_id follows it."""
+    path = site.page("reset-batched")  # no batch_flush_interval_ms: the SDK's default
+    run = await drive(
+        [
+            goto(site, "www.site-a.test", path),
+            js(f"mixpanel.track('Before login'); return {IDS};", "first"),
+            wait("/mp/track/", event("Before login"), timeout_ms=15000),
+            js("mixpanel.identify('user-1'); mixpanel.track('Purchase'); mixpanel.reset();"
+               f" mixpanel.track('After logout'); return {IDS};", "after"),
+            wait("/mp/track/", event("After logout"), timeout_ms=15000),
+            js("mixpanel.track('Browse'); return 1;"),
+            wait("/mp/track/", event("Browse"), timeout_ms=15000),
+            {"op": "cookies", "save": "cookies"},
+        ]
+    )
+    check_browser(run)
+    first, after = run["first"]["device"], run["after"]["device"]
+    assert after != first
+    # One request carried both sides of the logout (what the proxy must untangle).
+    names = [e.get("event") for e in sent_events_of(request_carrying(run, "After logout"))]
+    assert {"Purchase", "After logout"} <= set(names), names
+    purchase = (await event_named(site.upstream, "Purchase"))["properties"]
+    assert purchase["distinct_id"] == "user-1" and purchase["$device_id"] == first
+    logout = (await event_named(site.upstream, "After logout"))["properties"]
+    assert logout["$device_id"] == after and logout["distinct_id"] == f"$device:{after}"
+    # The next page view is the new person's too, and so is the browser's fp_id. (The
+    # identify's profile update left in parallel with the batch and may answer last
+    # with the old cookie; the next request mends it: its device id is not the one
+    # the old identity showed on this host.)
+    browse = (await event_named(site.upstream, "Browse"))["properties"]
+    assert browse["$device_id"] == after and browse["distinct_id"] == f"$device:{after}"
+    assert canonical_of(fp_cookie(run, ".site-a.test")["value"]) == after
+    assert_no_cookie_leak(site.upstream, cookie_values(run))
+
+
 @BOTH_MODES
 async def test_global_privacy_control_drops_events_without_retries(site: Site) -> None:
     """A browser with Global Privacy Control on (every request carries Sec-GPC: 1) runs
