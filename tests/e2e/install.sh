@@ -2,7 +2,8 @@
 # Install what the browser end-to-end tests (tests/e2e) need, idempotently:
 #   - Debian's chromium (/usr/bin/chromium) and, if absent, node + npm;
 #   - this directory's npm packages (playwright-core, mixpanel-browser,
-#     @segment/analytics-next) from
+#     @segment/analytics-next; the server SDKs mixpanel, @segment/analytics-node,
+#     analytics-node 6) from
 #     the committed package-lock.json (npm ci), re-installed only when
 #     node_modules is missing or was installed from other manifests.
 # Never downloads a browser build of its own (no `playwright install`).
@@ -44,7 +45,8 @@ want=$(manifests_hash)
 stamp=node_modules/.firstparty-e2e-stamp
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
    || [ ! -f node_modules/playwright-core/package.json ] || [ ! -f node_modules/mixpanel-browser/package.json ] \
-   || [ ! -f node_modules/@segment/analytics-next/package.json ]; then
+   || [ ! -f node_modules/@segment/analytics-next/package.json ] || [ ! -f node_modules/mixpanel/package.json ] \
+   || [ ! -f node_modules/@segment/analytics-node/package.json ] || [ ! -f node_modules/analytics-node/package.json ]; then
   if [ -f package-lock.json ]; then
     echo "tests/e2e/install.sh: npm ci" >&2
     npm ci --no-audit --no-fund --loglevel=error </dev/null
