@@ -44,6 +44,12 @@ CHROMIUM = "/usr/bin/chromium"
 # The UMD build defines window.mixpanel when loaded by a plain <script> and
 # bundles the session recorder (no extra download from a CDN).
 MIXPANEL_JS = NODE_MODULES / "mixpanel-browser" / "dist" / "mixpanel.umd.js"
+
+
+def sdk_build(version: str) -> Path:
+    """mixpanel-browser's UMD build of an older ``version`` the suite installs beside
+    the latest (npm aliases ``mixpanel-browser-<version>`` in package.json)."""
+    return NODE_MODULES / f"mixpanel-browser-{version}" / "dist" / "mixpanel.umd.js"
 # analytics.js as Segment's CDN serves it (the standalone build and its
 # code-split bundles); the fake Segment CDN serves these files.
 AJS_DIST = NODE_MODULES / "@segment" / "analytics-next" / "dist" / "umd"
@@ -230,6 +236,8 @@ class Site:
     serving: Serving | None = None
     ops: Serving | None = None
     scheme: str = "http"  # "https" once started with an ssl context (``tls_context``)
+    # The mixpanel-browser build the pages load (``sdk_build``: another version).
+    sdk: Path = MIXPANEL_JS
 
     @web.middleware
     async def handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -364,7 +372,7 @@ def tls_context(directory: Path, domains: list[str]) -> Any:
 
 def add_site_routes(site: Site) -> None:
     """Pages, the SDK build and a blank page, beside the proxy (same origin as /mp/)."""
-    sdk: list[bytes] = []  # read on first use: a missing install is reported by drive()
+    sdk: dict[Path, bytes] = {}  # read on first use: a missing install is reported by drive()
 
     async def page(request: web.Request) -> web.Response:
         html = site.pages.get(request.path[len("/e2e/"):])
@@ -373,9 +381,9 @@ def add_site_routes(site: Site) -> None:
         return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     async def script(request: web.Request) -> web.Response:
-        if not sdk:
-            sdk.append(MIXPANEL_JS.read_bytes())
-        return web.Response(body=sdk[0], content_type="application/javascript", charset="utf-8")
+        if site.sdk not in sdk:
+            sdk[site.sdk] = site.sdk.read_bytes()
+        return web.Response(body=sdk[site.sdk], content_type="application/javascript", charset="utf-8")
 
     async def blank(request: web.Request) -> web.Response:
         return web.Response(text=BLANK, content_type="text/html")

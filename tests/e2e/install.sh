@@ -46,7 +46,8 @@ stamp=node_modules/.firstparty-e2e-stamp
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
    || [ ! -f node_modules/playwright-core/package.json ] || [ ! -f node_modules/mixpanel-browser/package.json ] \
    || [ ! -f node_modules/@segment/analytics-next/package.json ] || [ ! -f node_modules/mixpanel/package.json ] \
-   || [ ! -f node_modules/@segment/analytics-node/package.json ] || [ ! -f node_modules/analytics-node/package.json ]; then
+   || [ ! -f node_modules/@segment/analytics-node/package.json ] || [ ! -f node_modules/analytics-node/package.json ] \
+   || [ ! -f node_modules/mixpanel-browser-2.45/package.json ] || [ ! -f node_modules/mixpanel-browser-2.55/package.json ]; then
   if [ -f package-lock.json ]; then
     echo "tests/e2e/install.sh: npm ci" >&2
     npm ci --no-audit --no-fund --loglevel=error </dev/null
