@@ -41,6 +41,12 @@ E2E_DIR = Path(__file__).resolve().parent
 NODE_MODULES = E2E_DIR / "node_modules"
 DRIVER = E2E_DIR / "drive.mjs"
 CHROMIUM = "/usr/bin/chromium"
+# Firefox: Debian's firefox-esr over WebDriver BiDi (puppeteer-core), the subset of
+# ops the cross-domain journeys use (drive_firefox.mjs says which).
+FIREFOX_DRIVER = E2E_DIR / "drive_firefox.mjs"
+FIREFOX = "/usr/bin/firefox-esr"
+# Names the test pages use; Firefox resolves each to 127.0.0.1 (network.dns.localDomains).
+TEST_HOSTS = ["www.site-a.test", "checkout.site-b.test", "shop.site-a.test", "hub.id-hub.test", "www.search.test"]
 # The UMD build defines window.mixpanel when loaded by a plain <script> and
 # bundles the session recorder (no extra download from a CDN).
 MIXPANEL_JS = NODE_MODULES / "mixpanel-browser" / "dist" / "mixpanel.umd.js"
@@ -460,6 +466,7 @@ async def drive(
     timeout_s: float = SCENARIO_TIMEOUT_S,
     headers: dict[str, str] | None = None,
     args: list[str] | None = None,
+    engine: str = "chromium",
 ) -> Run:
     """Run a scenario in a fresh headless chromium; fails the test if the driver does.
 
@@ -477,9 +484,14 @@ async def drive(
         "steps": steps,
         "headers": headers or {},
     }
+    if engine == "firefox":
+        if not os.access(FIREFOX, os.X_OK):
+            pytest.fail(f"browser e2e prerequisites missing: {FIREFOX}; {INSTALL_HINT}", pytrace=False)
+        hosts = {urlsplit(step["url"]).hostname for step in steps if step.get("url")}
+        scenario.update(firefox=FIREFOX, hosts=sorted({*TEST_HOSTS, *(h for h in hosts if h and h.endswith(".test"))}))
     proc = await asyncio.create_subprocess_exec(
         shutil.which("node") or "node",
-        str(DRIVER),
+        str(FIREFOX_DRIVER if engine == "firefox" else DRIVER),
         cwd=str(E2E_DIR),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,

@@ -1,0 +1,130 @@
+"""The cross-domain journeys in another engine: Debian's firefox-esr over WebDriver
+BiDi (puppeteer-core, ``drive_firefox.mjs``), beside chromium's detailed journeys in
+``test_crossdomain_browser.py``. What each asserts is what the proxy and the fake
+upstream saw and the browser's own cookies: Firefox's BiDi gives no request bodies.
+
+1. a decorated link (``/mp/go``, no JavaScript);
+2. an ordinary link decorated by ``/mp/link.js`` at click time;
+3. a mailed link carrying a genuine token for someone else's id, opened by a
+   visitor who already has an id on B: nothing changes (identity fixation)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import canonical_of
+from tests.e2e.harness import Site, drive
+from tests.e2e.test_browser import event, goto, js, wait
+from tests.e2e.test_crossdomain_browser import (
+    A_HOST,
+    B_HOST,
+    FAST,
+    IDS,
+    LANDING,
+    TOKEN_PARAM,
+    assert_no_token_upstream,
+    assert_one_identity,
+    b_target,
+    cookies_named,
+    go_href,
+    one_cookie,
+    settled,
+    token_metrics,
+    dead_port,  # noqa: F401 - fixtures
+    xsite,  # noqa: F401
+)
+
+pytestmark = pytest.mark.browser
+ENGINES = pytest.mark.parametrize("engine", ["firefox"])
+
+
+async def _journey(site: Site, link_page: str, selector: str, engine: str) -> None:
+    b = site.page("b", FAST)
+    run = await drive(
+        [
+            goto(site, A_HOST, link_page),
+            js(f"mixpanel.track('Page A'); return {IDS};", "a"),
+            wait("/mp/track/", event("Page A")),
+            {"op": "click", "selector": selector},
+            {"op": "wait_url", "pattern": LANDING, "save": "landing"},
+            js(f"mixpanel.track('Page B'); return Object.assign({IDS}, {{referrer: document.referrer}});", "b"),
+            wait("/mp/track/", event("Page B")),
+            js("mixpanel.identify('user-1'); mixpanel.track('Purchase'); return 1;"),
+            wait("/mp/track/", event("Purchase")),
+            {"op": "cookies", "save": "cookies"},
+        ],
+        engine=engine,
+    )
+    assert b == "/e2e/b"
+    canonical = run["a"]["device"]
+    (token,) = re.match(LANDING, run["landing"]).groups()
+    assert run["b"]["device"] != canonical  # B's own storage: another registrable domain
+    assert run["b"]["referrer"] == site.url(A_HOST, "/")  # /go's Referrer-Policy: A's origin
+    events = await settled(site, ["Page A", "Page B", "$identify", "Purchase"])
+    assert_one_identity(events, canonical)
+    purchase = next(e for e in events if e["event"] == "Purchase")["properties"]
+    assert purchase["distinct_id"] == "user-1"
+    for name in ("Page B", "Purchase"):
+        props = next(e for e in events if e["event"] == name)["properties"]
+        assert props["$current_url"] == b_target(site), props["$current_url"]
+    assert_no_token_upstream(site, [token], canonical)
+    for domain in (".site-a.test", ".site-b.test"):
+        cookie = one_cookie(run, "cookies", "fp_id", domain)
+        assert canonical_of(cookie["value"]) == canonical and cookie["httpOnly"]
+    counts = await token_metrics(site)
+    assert counts.get("issued_bridge") == 1 and counts.get("redeemed_bridge") == 1, counts
+
+
+@ENGINES
+async def test_decorated_link_carries_the_id(xsite: Site, engine: str) -> None:  # noqa: F811
+    site = xsite
+    a = site.page("a", FAST, body=f'<a id="go" href="{go_href(site)}">Checkout</a>')
+    await _journey(site, a, "#go", engine)
+
+
+@ENGINES
+async def test_link_js_decorates_ordinary_links(xsite: Site, engine: str) -> None:  # noqa: F811
+    site = xsite
+    a = site.page("a", FAST, head='<script src="/mp/link.js" defer></script>',
+                  body=f'<a id="plain" href="{b_target(site)}">Checkout</a>')
+    await _journey(site, a, "#plain", engine)
+
+
+@ENGINES
+async def test_a_mailed_link_does_not_fix_an_established_identity(xsite: Site, engine: str) -> None:  # noqa: F811
+    site = xsite
+    b = site.page("b", FAST)
+    async with aiohttp.ClientSession() as session:  # the attacker's own browser, on A
+        headers = {"Host": A_HOST, "User-Agent": "Mozilla/5.0", "Sec-Fetch-Site": "same-origin"}
+        async with session.post(site.url("127.0.0.1", "/mp/bridge"), json={"to": b_target(site)}, headers=headers) as r:
+            answer = await r.json()
+    attacker = site.services.settings.identity.keys.open(
+        answer["token"], purpose="bridge", audience="site-b.test", now=time.time()
+    ).canonical_id
+    run = await drive(
+        [
+            goto(site, B_HOST, b),
+            js(f"mixpanel.track('Victim on B'); return {IDS};", "before"),
+            wait("/mp/track/", event("Victim on B")),
+            {"op": "goto", "url": answer["url"]},  # from a mail: no referrer
+            js(f"mixpanel.track('After the link'); return Object.assign({IDS}, {{referrer: document.referrer, "
+               f"href: location.href}});", "after"),
+            wait("/mp/track/", event("After the link")),
+            {"op": "cookies", "save": "cookies"},
+        ],
+        engine=engine,
+    )
+    assert run["after"]["referrer"] == "" and f"{TOKEN_PARAM}=" in run["after"]["href"]
+    victim = run["before"]["device"]
+    assert victim != attacker
+    assert [canonical_of(c["value"]) for c in cookies_named(run, "cookies", "fp_id")] == [victim]
+    events = await settled(site, ["Victim on B", "After the link"])
+    assert_one_identity(events, victim)
+    counts = await token_metrics(site)
+    assert counts.get("unproven", 0) >= 1 and not counts.get("redeemed_bridge"), counts
+    assert_no_token_upstream(site, [answer["token"]], None)
