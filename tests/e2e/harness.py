@@ -45,6 +45,10 @@ CHROMIUM = "/usr/bin/chromium"
 # ops the cross-domain journeys use (drive_firefox.mjs says which).
 FIREFOX_DRIVER = E2E_DIR / "drive_firefox.mjs"
 FIREFOX = "/usr/bin/firefox-esr"
+# WebKit: WebKitGTK's MiniBrowser under Xvfb through WebKitWebDriver (selenium-webdriver).
+WEBKIT_DRIVER = E2E_DIR / "drive_webkit.mjs"
+MINIBROWSER = "/usr/lib/x86_64-linux-gnu/webkit2gtk-4.1/MiniBrowser"
+ENGINE_BINARIES = {"firefox": [FIREFOX], "webkit": [MINIBROWSER, "/usr/bin/WebKitWebDriver", "/usr/bin/Xvfb"]}
 # Names the test pages use; Firefox resolves each to 127.0.0.1 (network.dns.localDomains).
 TEST_HOSTS = ["www.site-a.test", "checkout.site-b.test", "shop.site-a.test", "hub.id-hub.test", "www.search.test"]
 # The UMD build defines window.mixpanel when loaded by a plain <script> and
@@ -484,14 +488,20 @@ async def drive(
         "steps": steps,
         "headers": headers or {},
     }
+    absent = [b for b in ENGINE_BINARIES.get(engine, []) if not os.access(b, os.X_OK)]
+    if absent:
+        pytest.fail(f"browser e2e prerequisites missing: {', '.join(absent)}; {INSTALL_HINT}", pytrace=False)
     if engine == "firefox":
-        if not os.access(FIREFOX, os.X_OK):
-            pytest.fail(f"browser e2e prerequisites missing: {FIREFOX}; {INSTALL_HINT}", pytrace=False)
         hosts = {urlsplit(step["url"]).hostname for step in steps if step.get("url")}
         scenario.update(firefox=FIREFOX, hosts=sorted({*TEST_HOSTS, *(h for h in hosts if h and h.endswith(".test"))}))
+    if engine == "webkit":
+        # The site (one app serves every test host) is the browser's HTTP proxy.
+        port = next(urlsplit(step["url"]).port for step in steps if step.get("url"))
+        scenario.update(webkit=MINIBROWSER, site=f"127.0.0.1:{port}")
+    driver = {"firefox": FIREFOX_DRIVER, "webkit": WEBKIT_DRIVER}.get(engine, DRIVER)
     proc = await asyncio.create_subprocess_exec(
         shutil.which("node") or "node",
-        str(FIREFOX_DRIVER if engine == "firefox" else DRIVER),
+        str(driver),
         cwd=str(E2E_DIR),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,

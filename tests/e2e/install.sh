@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
-export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 PUPPETEER_SKIP_DOWNLOAD=1
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 PUPPETEER_SKIP_DOWNLOAD=1 SE_SKIP_DRIVER_IN_PATH=1
 export npm_config_fund=false npm_config_audit=false npm_config_update_notifier=false
 
 apt_updated=0
@@ -27,6 +27,9 @@ missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # Firefox ESR: the cross-domain journeys in a second engine (WebDriver BiDi, no geckodriver).
 [ -x /usr/bin/firefox-esr ] || missing+=(firefox-esr)
+# WebKitGTK: MiniBrowser and WebKitWebDriver (webkit2gtk-driver), on a virtual display (Xvfb).
+[ -x /usr/bin/WebKitWebDriver ] || missing+=(webkit2gtk-driver)
+[ -x /usr/bin/Xvfb ] || missing+=(xvfb)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -50,7 +53,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
    || [ ! -f node_modules/@segment/analytics-next/package.json ] || [ ! -f node_modules/mixpanel/package.json ] \
    || [ ! -f node_modules/@segment/analytics-node/package.json ] || [ ! -f node_modules/analytics-node/package.json ] \
    || [ ! -f node_modules/mixpanel-browser-2.45/package.json ] || [ ! -f node_modules/mixpanel-browser-2.55/package.json ] \
-   || [ ! -f node_modules/puppeteer-core/package.json ]; then
+   || [ ! -f node_modules/puppeteer-core/package.json ] || [ ! -f node_modules/selenium-webdriver/package.json ]; then
   if [ -f package-lock.json ]; then
     echo "tests/e2e/install.sh: npm ci" >&2
     npm ci --no-audit --no-fund --loglevel=error </dev/null
@@ -65,4 +68,5 @@ fi
 # (Debian's launcher script may print a harmless shell warning on stderr.)
 echo "tests/e2e/install.sh: $(/usr/bin/chromium --version 2>/dev/null || echo 'chromium does not start')" >&2
 echo "tests/e2e/install.sh: $(/usr/bin/firefox-esr --version 2>/dev/null || echo 'firefox-esr does not start')" >&2
+echo "tests/e2e/install.sh: WebKitGTK $(dpkg-query -W -f='${Version}' libwebkit2gtk-4.1-0 2>/dev/null || echo 'not installed')" >&2
 node -e 'console.error("tests/e2e/install.sh: playwright-core " + require("playwright-core/package.json").version + ", mixpanel-browser " + require("mixpanel-browser/package.json").version + ", @segment/analytics-next " + require("@segment/analytics-next/package.json").version)'

@@ -1,0 +1,185 @@
+// The browser driver of tests/e2e for WebKit: WebKitGTK's MiniBrowser (Debian's
+// libwebkit2gtk-4.1) under Xvfb, driven through WebKitWebDriver (webkit2gtk-driver)
+// by selenium-webdriver. It reads the same scenario as drive.mjs (stdin JSON) and
+// prints the same report for the ops the cross-domain journeys use:
+//   goto {url | url_from}, eval {js, save?}, mark {}, click {selector},
+//   wait_url {pattern, save?}, url {save}, cookies {save}, sleep {ms},
+//   wait_requests {path, count?, contains?, timeout_ms?}
+// Classic WebDriver sees no network: `requests` stay empty, waits for a payload
+// wait until it reached the fake upstream (the site's /__e2e/upstream), and
+// `cookies` are those of the current page's site (HttpOnly included), as
+// WebDriver's Get All Cookies gives them. Host names: the scenario's `site`
+// (127.0.0.1:<port>) is the browser's HTTP proxy, so every *.test name reaches it.
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+import { Builder, By } from 'selenium-webdriver';
+
+function readStdin() {
+  return new Promise((resolve, reject) => {
+    let data = '';
+    process.stdin.setEncoding('utf8');
+    process.stdin.on('data', (chunk) => { data += chunk; });
+    process.stdin.on('end', () => resolve(data));
+    process.stdin.on('error', reject);
+  });
+}
+
+const scenario = JSON.parse(await readStdin());
+const out = {
+  ok: false, error: null, failed_step: null, results: {}, console: [], page_errors: [], requests: [],
+  navigations: [], documents: [],
+};
+const children = [];
+let driver = null;
+let done = false;
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.listen(0, '127.0.0.1', () => { const { port } = server.address(); server.close(() => resolve(port)); });
+    server.on('error', reject);
+  });
+}
+
+async function listening(port, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const ok = await new Promise((resolve) => {
+      const socket = net.connect(port, '127.0.0.1', () => { socket.destroy(); resolve(true); });
+      socket.on('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`nothing listened on ${port} within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function stopChildren() {
+  for (const child of children.reverse()) {
+    try { child.kill('SIGTERM'); } catch { /* gone */ }
+  }
+}
+
+function finish(code) {
+  if (done) return;
+  done = true;
+  stopChildren();
+  process.stdout.write(JSON.stringify(out) + '\n', () => process.exit(code));
+}
+
+const watchdog = setTimeout(() => {
+  out.error = out.error || `scenario timed out after ${scenario.timeout_ms} ms`;
+  const quitting = driver ? driver.quit().catch(() => {}) : Promise.resolve();
+  Promise.race([quitting, new Promise((r) => setTimeout(r, 3000))]).then(() => finish(3));
+}, scenario.timeout_ms || 45000);
+
+async function upstreamSeen(path, contains, count, timeoutMs) {
+  const upstreamPath = path.replace(/^\/(mp|seg|a1)\//, '/').replace(/\/$/, '');
+  const query = new URLSearchParams({ path: upstreamPath, contains, count: String(count) });
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const res = await fetch(`http://${scenario.site}/__e2e/upstream?${query}`, { signal: AbortSignal.timeout(2000) });
+      if (res.status === 200) return;
+    } catch { /* not yet */ }
+    if (Date.now() > deadline) throw new Error(`waited ${timeoutMs} ms for ${count} upstream request(s) to ${path} carrying ${contains}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+async function main() {
+  // A display of our own (Xvfb), then WebKitWebDriver on a free port.
+  const display = 90 + Math.floor(Math.random() * 800);
+  children.push(spawn(scenario.xvfb || '/usr/bin/Xvfb', [`:${display}`, '-screen', '0', '1280x900x24', '-nolisten', 'tcp'],
+    { stdio: 'ignore' }));
+  const port = await freePort();
+  children.push(spawn(scenario.webdriver || '/usr/bin/WebKitWebDriver', [`--port=${port}`, '--host=127.0.0.1'],
+    { stdio: 'ignore', env: { ...process.env, DISPLAY: `:${display}` } }));
+  await listening(port, 10000);
+  driver = await new Builder()
+    .usingServer(`http://127.0.0.1:${port}`)
+    .withCapabilities({
+      browserName: 'MiniBrowser',
+      'webkitgtk:browserOptions': {
+        binary: scenario.webkit,
+        args: ['--automation', `--proxy=http://${scenario.site}`],
+      },
+    })
+    .build();
+  await driver.manage().setTimeouts({ script: 15000, pageLoad: 20000 });
+  for (let i = 0; i < scenario.steps.length; i++) {
+    const step = scenario.steps[i];
+    const timeout = step.timeout_ms || 10000;
+    try {
+      switch (step.op) {
+        case 'goto': {
+          const url = step.url_from ? out.results[step.url_from] : step.url;
+          if (typeof url !== 'string') throw new Error(`no URL saved as ${JSON.stringify(step.url_from)}`);
+          await driver.get(url);
+          out.navigations.push({ page: 0, context: 0, url });
+          break;
+        }
+        case 'eval': {
+          const value = await driver.executeAsyncScript(
+            `const done = arguments[arguments.length - 1];
+             (async () => { ${step.js}\n})().then((v) => done({ v: v === undefined ? null : v }), (e) => done({ e: String(e) }));`,
+          );
+          if (value && value.e) throw new Error(value.e);
+          if (step.save) out.results[step.save] = value ? value.v : null;
+          break;
+        }
+        case 'mark':
+          break;
+        case 'wait_requests':
+          if (!step.contains) throw new Error('the WebKit driver waits for payloads only (wait_requests needs contains)');
+          await upstreamSeen(step.path, step.contains, step.count || 1, timeout);
+          break;
+        case 'click':
+          await (await driver.findElement(By.css(step.selector))).click();
+          break;
+        case 'wait_url': {
+          const pattern = new RegExp(step.pattern);
+          const deadline = Date.now() + timeout;
+          for (;;) {
+            let url = '';
+            let ready = false;
+            try {
+              url = await driver.getCurrentUrl();
+              ready = pattern.test(url) && (await driver.executeScript('return document.readyState')) === 'complete';
+            } catch { ready = false; }
+            if (ready) break;
+            if (Date.now() > deadline) throw new Error(`waited ${timeout} ms for a URL matching ${step.pattern} (at ${url})`);
+            await new Promise((r) => setTimeout(r, 50));
+          }
+          if (step.save) out.results[step.save] = await driver.getCurrentUrl();
+          break;
+        }
+        case 'url':
+          out.results[step.save] = await driver.getCurrentUrl();
+          break;
+        case 'cookies':
+          out.results[step.save] = (await driver.manage().getCookies()).map((c) => ({ ...c, httpOnly: !!c.httpOnly }));
+          break;
+        case 'sleep':
+          await new Promise((r) => setTimeout(r, step.ms));
+          break;
+        default:
+          throw new Error(`op ${JSON.stringify(step.op)} is not in the WebKit driver`);
+      }
+    } catch (e) {
+      out.error = `step ${i} (${step.op}): ${e && e.message ? e.message : e}`;
+      out.failed_step = i;
+      break;
+    }
+  }
+  out.ok = out.error === null;
+}
+
+try {
+  await main();
+} catch (e) {
+  out.error = out.error || `driver: ${e && e.stack ? e.stack : e}`;
+}
+clearTimeout(watchdog);
+if (driver) await Promise.race([driver.quit().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
+finish(out.ok ? 0 : 1);
