@@ -2,7 +2,7 @@
 // puppeteer-core over WebDriver BiDi (no geckodriver, no downloaded browser). It
 // reads the same scenario as drive.mjs (stdin JSON) and prints the same report,
 // for the ops the cross-domain journeys use:
-//   goto {url | url_from, wait_until?}, eval {js, save?}, mark {}, click {selector},
+//   goto {url | url_from, wait_until?}, eval {js, save?}, wait_js {js}, mark {}, click {selector},
 //   wait_url {pattern, save?}, url {save}, cookies {save}, new_context {}, sleep {ms},
 //   poll {url}, wait_requests {path, count?, contains?, timeout_ms?}
 // Firefox's BiDi does not hand request bodies to the driver: `requests` carry no
@@ -178,6 +178,18 @@ async function main() {
             new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`eval timed out after ${timeout} ms`)), timeout); }),
           ]).finally(() => clearTimeout(timer));
           if (step.save) out.results[step.save] = value === undefined ? null : value;
+          break;
+        }
+        case 'wait_js': {
+          // Polled, a navigation in between (a landing script's round trip) tolerated.
+          const deadline = Date.now() + timeout;
+          for (;;) {
+            let value = false;
+            try { value = await page.evaluate(`(() => (${step.js}))()`); } catch { value = false; }
+            if (value) break;
+            if (Date.now() > deadline) throw new Error(`waited ${timeout} ms for ${step.js}`);
+            await new Promise((r) => setTimeout(r, 50));
+          }
           break;
         }
         case 'mark':

@@ -2,7 +2,7 @@
 // libwebkit2gtk-4.1) under Xvfb, driven through WebKitWebDriver (webkit2gtk-driver)
 // by selenium-webdriver. It reads the same scenario as drive.mjs (stdin JSON) and
 // prints the same report for the ops the cross-domain journeys use:
-//   goto {url | url_from}, eval {js, save?}, mark {}, click {selector},
+//   goto {url | url_from}, eval {js, save?}, wait_js {js}, mark {}, click {selector},
 //   wait_url {pattern, save?}, url {save}, cookies {save}, sleep {ms},
 //   wait_requests {path, count?, contains?, timeout_ms?}
 // Classic WebDriver sees no network: `requests` stay empty, waits for a payload
@@ -126,6 +126,18 @@ async function main() {
           );
           if (value && value.e) throw new Error(value.e);
           if (step.save) out.results[step.save] = value ? value.v : null;
+          break;
+        }
+        case 'wait_js': {
+          // Polled, a navigation in between (a landing script's round trip) tolerated.
+          const deadline = Date.now() + timeout;
+          for (;;) {
+            let value = false;
+            try { value = await driver.executeScript(`return (${step.js});`); } catch { value = false; }
+            if (value) break;
+            if (Date.now() > deadline) throw new Error(`waited ${timeout} ms for ${step.js}`);
+            await new Promise((r) => setTimeout(r, 50));
+          }
           break;
         }
         case 'mark':

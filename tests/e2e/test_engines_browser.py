@@ -8,7 +8,9 @@ sees request bodies, and WebDriver shows only the current page's cookies.
 1. a decorated link (``/mp/go``, no JavaScript);
 2. an ordinary link decorated by ``/mp/link.js`` at click time;
 3. a mailed link carrying a genuine token for someone else's id, opened by a
-   visitor who already has an id on B: nothing changes (identity fixation)."""
+   visitor who already has an id on B: nothing changes (identity fixation);
+4. the identity hub: hub.js on A and B goes once to the hub and back, and redeems
+   the hub's answer as the answer to its own round trip (a per-tab marker)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from tests.e2e.test_crossdomain_browser import (
     A_HOST,
     B_HOST,
     FAST,
+    HUB_IDS,
+    hub_pages,
     IDS,
     LANDING,
     TOKEN_PARAM,
@@ -131,3 +135,35 @@ async def test_a_mailed_link_does_not_fix_an_established_identity(xsite: Site, e
     counts = await token_metrics(site)
     assert counts.get("unproven", 0) >= 1 and not counts.get("redeemed_bridge"), counts
     assert_no_token_upstream(site, [answer["token"]], None)
+
+
+HUB_BACK = "window.mixpanel && window.mixpanel.__loaded && localStorage.getItem('fp_hub_done') === '1'"
+
+
+@pytest.mark.parametrize("xsite", [{"mode": "spool", "hub": "up"}], indirect=True, ids=["hub"])
+@pytest.mark.parametrize("engine", ["firefox", "webkit"])
+async def test_identity_hub_joins_two_domains(xsite: Site, engine: str) -> None:  # noqa: F811
+    site = xsite
+    a, b = hub_pages(site)
+    run = await drive(
+        [
+            {"op": "goto", "url": site.url(A_HOST, a), "wait_until": "commit"},
+            {"op": "wait_js", "js": HUB_BACK, "timeout_ms": 15000},  # back from the hub, SDK started
+            js(f"mixpanel.track('Page A'); return Object.assign({HUB_IDS}, {{href: location.href}});", "a"),
+            wait("/mp/track/", event("Page A")),
+            {"op": "goto", "url": site.url(B_HOST, b), "wait_until": "commit"},
+            {"op": "wait_js", "js": HUB_BACK, "timeout_ms": 15000},
+            js(f"mixpanel.track('Page B'); return Object.assign({HUB_IDS}, {{href: location.href}});", "b"),
+            wait("/mp/track/", event("Page B")),
+            {"op": "cookies", "save": "cookies"},
+        ],
+        engine=engine,
+    )
+    assert run["a"]["href"] == site.url(A_HOST, a) and run["b"]["href"] == site.url(B_HOST, b)  # tokens cleaned
+    canonical = canonical_of(one_cookie(run, "cookies", "fp_id", ".site-b.test")["value"])
+    assert canonical not in (run["a"]["device"], run["b"]["device"])  # the hub's id, not an SDK's
+    events = await settled(site, ["Page A", "Page B"])
+    assert_one_identity(events, canonical)
+    counts = await token_metrics(site)
+    assert counts.get("issued_hub") == 2 and counts.get("redeemed_hub") == 2, counts
+    assert not counts.get("unproven"), counts
