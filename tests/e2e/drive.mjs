@@ -60,32 +60,16 @@
 
 import { chromium } from 'playwright-core';
 
+import { clip, newReport, readStdin } from './driver_common.mjs';
+
 // The proxy's paths: /mp/ and /mp-decide/ (the SDK's, /mp/go, link.js, hub.js), the neutral
 // mount the tests configure (/a1/), Segment's /seg/ (calls and the first-party CDN), and the
 // identity hub's /hub/ (ping, resolve).
 const MP_PATH = /^\/(mp(-decide)?|hub|a1|seg)\//;
 const MAX_CONSOLE = 400;
-const MAX_TEXT = 600;
-
-function readStdin() {
-  return new Promise((resolve, reject) => {
-    let data = '';
-    process.stdin.setEncoding('utf8');
-    process.stdin.on('data', (chunk) => { data += chunk; });
-    process.stdin.on('end', () => resolve(data));
-    process.stdin.on('error', reject);
-  });
-}
-
-function clip(text) {
-  return text.length > MAX_TEXT ? text.slice(0, MAX_TEXT) + '…' : text;
-}
 
 const scenario = JSON.parse(await readStdin());
-const out = {
-  ok: false, error: null, failed_step: null, results: {}, console: [], page_errors: [], requests: [],
-  navigations: [], documents: [],
-};
+const out = newReport();
 const pages = [];     // every tab opened, in order
 const contexts = [];  // every browser context opened, in order
 const documents = []; // {entry, request}: main-frame document requests

@@ -11,26 +11,13 @@
 // Host names: the scenario's `hosts` all resolve to 127.0.0.1 (network.dns.localDomains).
 import puppeteer from 'puppeteer-core';
 
+import { clip, newReport, readStdin, upstreamSeen, waitUntil } from './driver_common.mjs';
+
 const MP_PATH = /^\/(mp(-decide)?|hub|a1|seg)\//;
 const MAX_CONSOLE = 400;
-const MAX_TEXT = 600;
 
-function readStdin() {
-  return new Promise((resolve, reject) => {
-    let data = '';
-    process.stdin.setEncoding('utf8');
-    process.stdin.on('data', (chunk) => { data += chunk; });
-    process.stdin.on('end', () => resolve(data));
-    process.stdin.on('error', reject);
-  });
-}
-
-const clip = (text) => (text.length > MAX_TEXT ? text.slice(0, MAX_TEXT) + '…' : text);
 const scenario = JSON.parse(await readStdin());
-const out = {
-  ok: false, error: null, failed_step: null, results: {}, console: [], page_errors: [], requests: [],
-  navigations: [], documents: [],
-};
+const out = newReport();
 const pages = [];
 const contexts = [];
 const tracked = [];   // {entry, request}
@@ -120,23 +107,8 @@ async function openContext(first) {
   return context;
 }
 
-async function upstreamSeen(page, path, contains, count, timeoutMs) {
-  // The proxy app serves this test-only route on every host; asked from here (node)
-  // by address: node does not know the test host names.
-  const origin = new URL(page.url());
-  const base = `http://127.0.0.1:${origin.port || 80}`;
-  const upstreamPath = path.replace(/^\/(mp|seg|a1)\//, '/').replace(/\/$/, '');
-  const query = new URLSearchParams({ path: upstreamPath, contains, count: String(count) });
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      const res = await fetch(`${base}/__e2e/upstream?${query}`, { signal: AbortSignal.timeout(2000) });
-      if (res.status === 200) return;
-    } catch { /* not yet */ }
-    if (Date.now() > deadline) throw new Error(`waited ${timeoutMs} ms for ${count} upstream request(s) to ${path} carrying ${contains}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+// The test site, as node reaches it (node does not know the test host names).
+const siteOf = (page) => `127.0.0.1:${new URL(page.url()).port || 80}`;
 
 async function main() {
   browser = await puppeteer.launch({
@@ -180,24 +152,16 @@ async function main() {
           if (step.save) out.results[step.save] = value === undefined ? null : value;
           break;
         }
-        case 'wait_js': {
+        case 'wait_js':
           // Polled, a navigation in between (a landing script's round trip) tolerated.
-          const deadline = Date.now() + timeout;
-          for (;;) {
-            let value = false;
-            try { value = await page.evaluate(`(() => (${step.js}))()`); } catch { value = false; }
-            if (value) break;
-            if (Date.now() > deadline) throw new Error(`waited ${timeout} ms for ${step.js}`);
-            await new Promise((r) => setTimeout(r, 50));
-          }
+          await waitUntil(() => page.evaluate(`(() => (${step.js}))()`), timeout, step.js);
           break;
-        }
         case 'mark':
           mark = tracked.length;
           break;
         case 'wait_requests': {
           if (step.contains) {
-            await upstreamSeen(page, step.path, step.contains, step.count || 1, timeout);
+            await upstreamSeen(siteOf(page), step.path, step.contains, step.count || 1, timeout);
             break;
           }
           const deadline = Date.now() + timeout;

@@ -14,21 +14,10 @@ import { spawn } from 'node:child_process';
 import net from 'node:net';
 import { Builder, By } from 'selenium-webdriver';
 
-function readStdin() {
-  return new Promise((resolve, reject) => {
-    let data = '';
-    process.stdin.setEncoding('utf8');
-    process.stdin.on('data', (chunk) => { data += chunk; });
-    process.stdin.on('end', () => resolve(data));
-    process.stdin.on('error', reject);
-  });
-}
+import { newReport, readStdin, upstreamSeen, waitUntil } from './driver_common.mjs';
 
 const scenario = JSON.parse(await readStdin());
-const out = {
-  ok: false, error: null, failed_step: null, results: {}, console: [], page_errors: [], requests: [],
-  navigations: [], documents: [],
-};
+const out = newReport();
 const children = [];
 let driver = null;
 let done = false;
@@ -41,17 +30,11 @@ function freePort() {
   });
 }
 
-async function listening(port, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const ok = await new Promise((resolve) => {
-      const socket = net.connect(port, '127.0.0.1', () => { socket.destroy(); resolve(true); });
-      socket.on('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`nothing listened on ${port} within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+function listening(port, timeoutMs) {
+  return waitUntil(() => new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1', () => { socket.destroy(); resolve(true); });
+    socket.on('error', () => resolve(false));
+  }), timeoutMs, `something to listen on ${port}`);
 }
 
 function stopChildren() {
@@ -72,20 +55,6 @@ const watchdog = setTimeout(() => {
   const quitting = driver ? driver.quit().catch(() => {}) : Promise.resolve();
   Promise.race([quitting, new Promise((r) => setTimeout(r, 3000))]).then(() => finish(3));
 }, scenario.timeout_ms || 45000);
-
-async function upstreamSeen(path, contains, count, timeoutMs) {
-  const upstreamPath = path.replace(/^\/(mp|seg|a1)\//, '/').replace(/\/$/, '');
-  const query = new URLSearchParams({ path: upstreamPath, contains, count: String(count) });
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      const res = await fetch(`http://${scenario.site}/__e2e/upstream?${query}`, { signal: AbortSignal.timeout(2000) });
-      if (res.status === 200) return;
-    } catch { /* not yet */ }
-    if (Date.now() > deadline) throw new Error(`waited ${timeoutMs} ms for ${count} upstream request(s) to ${path} carrying ${contains}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 async function main() {
   // A display of our own (Xvfb), then WebKitWebDriver on a free port.
@@ -128,23 +97,15 @@ async function main() {
           if (step.save) out.results[step.save] = value ? value.v : null;
           break;
         }
-        case 'wait_js': {
+        case 'wait_js':
           // Polled, a navigation in between (a landing script's round trip) tolerated.
-          const deadline = Date.now() + timeout;
-          for (;;) {
-            let value = false;
-            try { value = await driver.executeScript(`return (${step.js});`); } catch { value = false; }
-            if (value) break;
-            if (Date.now() > deadline) throw new Error(`waited ${timeout} ms for ${step.js}`);
-            await new Promise((r) => setTimeout(r, 50));
-          }
+          await waitUntil(() => driver.executeScript(`return (${step.js});`), timeout, step.js);
           break;
-        }
         case 'mark':
           break;
         case 'wait_requests':
           if (!step.contains) throw new Error('the WebKit driver waits for payloads only (wait_requests needs contains)');
-          await upstreamSeen(step.path, step.contains, step.count || 1, timeout);
+          await upstreamSeen(scenario.site, step.path, step.contains, step.count || 1, timeout);
           break;
         case 'click':
           await (await driver.findElement(By.css(step.selector))).click();

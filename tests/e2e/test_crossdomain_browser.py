@@ -749,6 +749,20 @@ async def test_landing_url_in_another_browser_does_not_hijack(xsite: Site, case:
 # ------------------------------------------------------- fixation by a mailed link
 
 
+async def attackers_link(site: Site) -> tuple[dict[str, Any], str]:
+    """A genuine link token for the attacker's own id (anyone can get one from A's
+    /mp/bridge, from their own browser): /mp/bridge's answer, and that id."""
+    async with aiohttp.ClientSession() as session:
+        headers = {"Host": A_HOST, "User-Agent": "Mozilla/5.0", "Sec-Fetch-Site": "same-origin"}
+        async with session.post(site.url("127.0.0.1", "/mp/bridge"), json={"to": b_target(site)}, headers=headers) as r:
+            assert r.status == 200
+            answer = await r.json()
+    attacker = site.services.settings.identity.keys.open(
+        answer["token"], purpose="bridge", audience="site-b.test", now=time.time()
+    ).canonical_id
+    return answer, attacker
+
+
 @modes()
 async def test_a_mailed_link_does_not_fix_an_established_identity(xsite: Site) -> None:
     """6. Identity fixation: an attacker gets a genuine token for their own id (anyone can,
@@ -758,14 +772,7 @@ async def test_a_mailed_link_does_not_fix_an_established_identity(xsite: Site) -
     the proxy counts the token as unproven and redeems nothing."""
     site = xsite
     b = site.page("b", FAST)
-    async with aiohttp.ClientSession() as session:  # the attacker's own browser, on A
-        headers = {"Host": A_HOST, "User-Agent": "Mozilla/5.0", "Sec-Fetch-Site": "same-origin"}
-        async with session.post(site.url("127.0.0.1", "/mp/bridge"), json={"to": b_target(site)}, headers=headers) as r:
-            assert r.status == 200
-            answer = await r.json()
-    attacker = site.services.settings.identity.keys.open(
-        answer["token"], purpose="bridge", audience="site-b.test", now=time.time()
-    ).canonical_id
+    answer, attacker = await attackers_link(site)
     run = await drive(
         [
             goto(site, B_HOST, b),

@@ -15,10 +15,7 @@ sees request bodies, and WebDriver shows only the current page's cookies.
 from __future__ import annotations
 
 import re
-import time
-from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.conftest import canonical_of
@@ -35,6 +32,7 @@ from tests.e2e.test_crossdomain_browser import (
     TOKEN_PARAM,
     assert_no_token_upstream,
     assert_one_identity,
+    attackers_link,
     b_target,
     cookies_named,
     go_href,
@@ -106,13 +104,7 @@ async def test_link_js_decorates_ordinary_links(xsite: Site, engine: str) -> Non
 async def test_a_mailed_link_does_not_fix_an_established_identity(xsite: Site, engine: str) -> None:  # noqa: F811
     site = xsite
     b = site.page("b", FAST)
-    async with aiohttp.ClientSession() as session:  # the attacker's own browser, on A
-        headers = {"Host": A_HOST, "User-Agent": "Mozilla/5.0", "Sec-Fetch-Site": "same-origin"}
-        async with session.post(site.url("127.0.0.1", "/mp/bridge"), json={"to": b_target(site)}, headers=headers) as r:
-            answer = await r.json()
-    attacker = site.services.settings.identity.keys.open(
-        answer["token"], purpose="bridge", audience="site-b.test", now=time.time()
-    ).canonical_id
+    answer, attacker = await attackers_link(site)
     run = await drive(
         [
             goto(site, B_HOST, b),
