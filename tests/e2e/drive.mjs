@@ -60,7 +60,7 @@
 
 import { chromium } from 'playwright-core';
 
-import { clip, newReport, readStdin } from './driver_common.mjs';
+import { clip, newReport, readStdin, runScenario, stepFailed } from './driver_common.mjs';
 
 // The proxy's paths: /mp/ and /mp-decide/ (the SDK's, /mp/go, link.js, hub.js), the neutral
 // mount the tests configure (/a1/), Segment's /seg/ (calls and the first-party CDN), and the
@@ -74,7 +74,6 @@ const pages = [];     // every tab opened, in order
 const contexts = [];  // every browser context opened, in order
 const documents = []; // {entry, request}: main-frame document requests
 let browser = null;
-let done = false;
 const tracked = [];  // {entry, request, settled}: every request to /mp/, /mp-decide/ or /hub/
 
 function collectRequests() {
@@ -89,20 +88,6 @@ function pageIndex(page) {
   const i = pages.indexOf(page);
   return i < 0 ? null : i;
 }
-
-function finish(code) {
-  if (done) return;
-  done = true;
-  collectRequests();
-  process.stdout.write(JSON.stringify(out) + '\n', () => process.exit(code));
-}
-
-// Whole-scenario watchdog: print what we have and leave, browser or not.
-const watchdog = setTimeout(() => {
-  out.error = out.error || `scenario timed out after ${scenario.timeout_ms} ms`;
-  const closing = browser ? browser.close().catch(() => {}) : Promise.resolve();
-  Promise.race([closing, new Promise((r) => setTimeout(r, 3000))]).then(() => finish(3));
-}, scenario.timeout_ms || 45000);
 
 function requestPage(request) {
   try { return pageIndex(request.frame().page()); } catch { return null; }
@@ -424,8 +409,7 @@ async function main() {
           throw new Error(`unknown op ${JSON.stringify(step.op)}`);
       }
     } catch (e) {
-      out.error = `step ${i} (${step.op}): ${e && e.message ? e.message : e}`;
-      out.failed_step = i;
+      stepFailed(out, i, step, e);
       break;
     }
   }
@@ -434,16 +418,6 @@ async function main() {
     Promise.all([...tracked, ...documents].map((t) => t.settled)),
     new Promise((r) => setTimeout(r, 2000)),
   ]);
-  out.ok = out.error === null;
 }
 
-try {
-  await main();
-} catch (e) {
-  out.error = out.error || `driver: ${e && e.stack ? e.stack : e}`;
-}
-clearTimeout(watchdog);
-if (browser) {
-  await Promise.race([browser.close().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
-}
-finish(out.ok ? 0 : 1);
+await runScenario(out, scenario.timeout_ms || 45000, main, () => browser && browser.close(), collectRequests);

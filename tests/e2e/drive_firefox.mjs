@@ -11,7 +11,7 @@
 // Host names: the scenario's `hosts` all resolve to 127.0.0.1 (network.dns.localDomains).
 import puppeteer from 'puppeteer-core';
 
-import { clip, newReport, readStdin, upstreamSeen, waitUntil } from './driver_common.mjs';
+import { clip, newReport, readStdin, runScenario, stepFailed, upstreamSeen, waitUntil } from './driver_common.mjs';
 
 const MP_PATH = /^\/(mp(-decide)?|hub|a1|seg)\//;
 const MAX_CONSOLE = 400;
@@ -23,22 +23,7 @@ const contexts = [];
 const tracked = [];   // {entry, request}
 const documents = []; // {entry, request}
 let browser = null;
-let done = false;
 let mark = 0;
-
-function finish(code) {
-  if (done) return;
-  done = true;
-  out.requests = tracked.map(({ entry }) => entry);
-  out.documents = documents.map(({ entry }) => entry);
-  process.stdout.write(JSON.stringify(out) + '\n', () => process.exit(code));
-}
-
-const watchdog = setTimeout(() => {
-  out.error = out.error || `scenario timed out after ${scenario.timeout_ms} ms`;
-  const closing = browser ? browser.close().catch(() => {}) : Promise.resolve();
-  Promise.race([closing, new Promise((r) => setTimeout(r, 3000))]).then(() => finish(3));
-}, scenario.timeout_ms || 45000);
 
 // What BiDi cannot tell (UnsupportedOperation) is reported as unknown.
 function safe(read, fallback) {
@@ -62,8 +47,7 @@ function watch(page, index, contextIndex) {
   page.on('request', (request) => {
     let url;
     try { url = new URL(request.url()); } catch { return; }
-    let main = false;
-    main = safe(() => request.isNavigationRequest() && request.frame() === page.mainFrame(), false);
+    const main = safe(() => request.isNavigationRequest() && request.frame() === page.mainFrame(), false);
     if (main) {
       documents.push({ request, entry: { page: index, context: contextIndex, method: request.method(), url: request.url(),
         headers: safe(() => request.headers(), {}), status: null, location: null, response_headers: null, failure: null } });
@@ -220,19 +204,13 @@ async function main() {
           throw new Error(`op ${JSON.stringify(step.op)} is not in the Firefox driver`);
       }
     } catch (e) {
-      out.error = `step ${i} (${step.op}): ${e && e.message ? e.message : e}`;
-      out.failed_step = i;
+      stepFailed(out, i, step, e);
       break;
     }
   }
-  out.ok = out.error === null;
 }
 
-try {
-  await main();
-} catch (e) {
-  out.error = out.error || `driver: ${e && e.stack ? e.stack : e}`;
-}
-clearTimeout(watchdog);
-if (browser) await Promise.race([browser.close().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
-finish(out.ok ? 0 : 1);
+await runScenario(out, scenario.timeout_ms || 45000, main, () => browser && browser.close(), () => {
+  out.requests = tracked.map(({ entry }) => entry);
+  out.documents = documents.map(({ entry }) => entry);
+});

@@ -14,13 +14,12 @@ import { spawn } from 'node:child_process';
 import net from 'node:net';
 import { Builder, By } from 'selenium-webdriver';
 
-import { newReport, readStdin, upstreamSeen, waitUntil } from './driver_common.mjs';
+import { newReport, readStdin, runScenario, stepFailed, upstreamSeen, waitUntil } from './driver_common.mjs';
 
 const scenario = JSON.parse(await readStdin());
 const out = newReport();
 const children = [];
 let driver = null;
-let done = false;
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -42,19 +41,6 @@ function stopChildren() {
     try { child.kill('SIGTERM'); } catch { /* gone */ }
   }
 }
-
-function finish(code) {
-  if (done) return;
-  done = true;
-  stopChildren();
-  process.stdout.write(JSON.stringify(out) + '\n', () => process.exit(code));
-}
-
-const watchdog = setTimeout(() => {
-  out.error = out.error || `scenario timed out after ${scenario.timeout_ms} ms`;
-  const quitting = driver ? driver.quit().catch(() => {}) : Promise.resolve();
-  Promise.race([quitting, new Promise((r) => setTimeout(r, 3000))]).then(() => finish(3));
-}, scenario.timeout_ms || 45000);
 
 async function main() {
   // A display of our own (Xvfb), then WebKitWebDriver on a free port.
@@ -140,19 +126,10 @@ async function main() {
           throw new Error(`op ${JSON.stringify(step.op)} is not in the WebKit driver`);
       }
     } catch (e) {
-      out.error = `step ${i} (${step.op}): ${e && e.message ? e.message : e}`;
-      out.failed_step = i;
+      stepFailed(out, i, step, e);
       break;
     }
   }
-  out.ok = out.error === null;
 }
 
-try {
-  await main();
-} catch (e) {
-  out.error = out.error || `driver: ${e && e.stack ? e.stack : e}`;
-}
-clearTimeout(watchdog);
-if (driver) await Promise.race([driver.quit().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
-finish(out.ok ? 0 : 1);
+await runScenario(out, scenario.timeout_ms || 45000, main, () => driver && driver.quit(), stopChildren);

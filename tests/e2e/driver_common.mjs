@@ -51,3 +51,37 @@ export async function upstreamSeen(site, path, contains, count, timeoutMs) {
     return res.status === 200;
   }, timeoutMs, `${count} upstream request(s) to ${path} carrying ${contains}`);
 }
+
+// A failed step, as every driver reports it: the step's number and op, and why.
+export function stepFailed(out, i, step, e) {
+  out.error = `step ${i} (${step.op}): ${e && e.message ? e.message : e}`;
+  out.failed_step = i;
+}
+
+// The driver's whole run: `main` (its steps) under a watchdog of `timeoutMs`, then
+// `close` (the browser, bounded) and the report on stdout; `complete` adds what was
+// collected on the way (the requests) just before it is printed. Exits 0 when every
+// step passed, 1 when one failed, 3 when the watchdog fired.
+export async function runScenario(out, timeoutMs, main, close, complete = () => {}) {
+  let done = false;
+  const finish = (code) => {
+    if (done) return;
+    done = true;
+    complete();
+    process.stdout.write(JSON.stringify(out) + '\n', () => process.exit(code));
+  };
+  const bounded = (ms) => Promise.race([Promise.resolve().then(close).catch(() => {}), new Promise((r) => setTimeout(r, ms))]);
+  const watchdog = setTimeout(() => {
+    out.error = out.error || `scenario timed out after ${timeoutMs} ms`;
+    bounded(3000).then(() => finish(3));
+  }, timeoutMs);
+  try {
+    await main();
+  } catch (e) {
+    out.error = out.error || `driver: ${e && e.stack ? e.stack : e}`;
+  }
+  out.ok = out.error === null;
+  clearTimeout(watchdog);
+  await bounded(5000);
+  finish(out.ok ? 0 : 1);
+}
