@@ -136,6 +136,7 @@ async def test_page_scripts_name_their_own_mount(xclient, name):
         assert "HUB = null" in js
     if name == "hub.js":
         assert 'HUB = "http://hub.id-hub.test"' in js
+        assert 'GO = "/seg/go"' in js  # link.js's decoration too: clicks need no hub
 
 
 # ------------------------------------------------------------ app hand-off

@@ -552,16 +552,26 @@ class CrossDomain:
         """Links to linked domains leave through ``go`` under the mount this
         script was loaded from (``/mp/link.js`` -> ``/mp/go``, ``/seg/link.js``
         -> ``/seg/go``)."""
+        return _script(self._link_decorator(request.path.removesuffix("link.js")))
+
+    def _link_decorator(self, base: str) -> str:
         linked = [d.lstrip(".") for d in self._cfg.linked_domains]
-        go = request.path.removesuffix("link.js") + "go"
-        return _script(LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps(go).decode()))
+        return LINK_JS.format(linked=orjson.dumps(linked).decode(), go=orjson.dumps(base + "go").decode())
 
     async def hub_js(self, request: web.Request) -> web.Response:
+        """hub.js: the landing script with the hub's round trip, and link.js's
+        decoration of links to linked domains. Browsers that purge a bounce
+        tracker's cookies (Firefox's and Safari's protections classify a hub
+        the visitor only passes through) forget the hub's id: a click from one
+        linked domain to another still carries the visitor's id through ``go``,
+        with no hop through a third site."""
         hub = self._cfg.hub_url
         if not hub:
             return web.Response(status=404, text="no identity hub configured (identity.hub_url)\n")
         doc = "\n   Once per browser and domain it also asks the identity hub who this is."
-        return self._landing_js(request, "hub.js", hub, doc)
+        landing = self._landing_js(request, "hub.js", hub, doc)
+        decorator = self._link_decorator(request.path.removesuffix("hub.js"))
+        return _script(landing.text + "\n" + decorator)
 
     async def land_js(self, request: web.Request) -> web.Response:
         """For ``/mp/go`` landings without a hub: redeem, then clean the URL."""

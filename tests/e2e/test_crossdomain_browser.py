@@ -799,3 +799,47 @@ async def test_a_mailed_link_does_not_fix_an_established_identity(xsite: Site) -
     counts = await token_metrics(site)
     assert counts.get("unproven", 0) >= 1 and not counts.get("redeemed_bridge"), counts
     assert_no_token_upstream(site, [answer["token"]], None)
+
+
+# ------------------------------------------------- the hub, and links without it
+
+
+@modes(hub="up")
+async def test_hub_js_carries_clicks_without_the_hub(xsite: Site) -> None:
+    """3d. hub.js decorates links to linked domains as link.js does: a click from A to B
+    leaves through /mp/go and B redeems that link's token, with no second trip through
+    the hub. Browsers that purge a bounce tracker's cookies (Firefox's and Safari's
+    protections classify a hub the visitor only passes through) forget the hub's id;
+    a click between the visitor's domains never needs it."""
+    site = xsite
+    a = site.page("ha", FAST, head=HUB_JS, hub_ready=True, body=f'<a id="plain" href="{site.url(B_HOST, "/e2e/hb")}">B</a>')
+    site.page("hb", FAST, head=HUB_JS, hub_ready=True)
+    b_landing = r"^http://checkout\.site-b\.test:\d+/e2e/hb\?fpb=([A-Za-z0-9_-]+)$"
+    run = await drive(
+        [
+            {"op": "goto", "url": site.url(A_HOST, a), "wait_until": "commit"},
+            {"op": "wait_landing", "pattern": A_BACK, "save": "a_landing"},
+            js(f"mixpanel.track('Page A'); return {HUB_IDS};", "a"),
+            wait("/mp/track/", event("Page A")),
+            {"op": "click", "selector": "#plain"},
+            {"op": "wait_landing", "pattern": b_landing, "save": "b_landing"},
+            js(f"mixpanel.track('Page B'); return Object.assign({HUB_IDS}, {{href: location.href}});", "b"),
+            wait("/mp/track/", event("Page B")),
+            {"op": "cookies", "save": "cookies"},
+        ]
+    )
+    observe(run, f"hub.js link ({site.mode})")
+    browser_clean(run)
+    paths = [(urlsplit(d["url"]).hostname, urlsplit(d["url"]).path) for d in run.documents]
+    assert paths == [
+        (A_HOST, "/e2e/ha"), (HUB_HOST, "/hub/resolve"), (A_HOST, "/e2e/ha"),  # A's one round trip
+        (A_HOST, "/mp/go"), (B_HOST, "/e2e/hb"),  # the click: through go, never the hub
+    ], run.describe()
+    assert run["b"]["href"] == site.url(B_HOST, "/e2e/hb") and run["b"]["flag"] == "1"
+    canonical = canonical_of(hub_cookie(run, "cookies")["value"])
+    events = await settled(site, ["Page A", "Page B"])
+    assert_one_identity(events, canonical)
+    assert canonical_of(one_cookie(run, "cookies", "fp_id", ".site-b.test")["value"]) == canonical
+    counts = await token_metrics(site)
+    assert (counts.get("issued_hub"), counts.get("redeemed_hub")) == (1, 1), counts
+    assert (counts.get("issued_bridge"), counts.get("redeemed_bridge")) == (1, 1), counts
