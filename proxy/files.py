@@ -19,7 +19,7 @@ FILE_MODE = 0o600
 
 
 def private_dir(path: Path) -> None:
-    """``path`` and its parents, the directories this creates ``0700``."""
+    """``path`` (made ``0700`` when this creates it) and any missing parents."""
     if path.is_dir():
         return
     path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)

@@ -742,9 +742,9 @@ class Proxy:
             return self._error(exc, visit, verbose, route, protocol)
         server_ids = [] if visit.browser and route != "import" else ids.accept(protocol.lookup_ids(route, events), refuse_long=False)
         parts: list[tuple[int, int, Resolution]] = []
-        per_event: list[list[Rewrite]] = []
+        changes_by_run: list[tuple[list[list[Rewrite]], int]] = []  # (per event rewrites or [], events)
         for n, (a, b) in enumerate(runs):
-            part = events if len(runs) == 1 else events[a:b]
+            part = events[a:b]
             if n == 0:
                 resolution = await self._resolve(
                     visit,
@@ -762,11 +762,13 @@ class Proxy:
             parts.append((a, b, resolution))
             changes, changed = await self._rewrite(visit, protocol, route, part, resolution)
             filtered |= changed
-            if changes or per_event:
-                per_event = per_event or [[] for _ in range(a)]
-                per_event.extend(changes or [[] for _ in part])
-        if per_event and len(per_event) < len(events):
-            per_event.extend([] for _ in range(len(events) - len(per_event)))
+            changes_by_run.append((changes, b - a))
+        # Per event rewrites for the whole request, or [] when nothing was rewritten.
+        per_event = (
+            [rs for changes, count in changes_by_run for rs in (changes or [[] for _ in range(count)])]
+            if any(changes for changes, _ in changes_by_run)
+            else []
+        )
         rewrites = [r for rs in per_event for r in rs]
         if rewrites:
             self.s.metrics.rewrites.inc(len(rewrites))
@@ -901,13 +903,12 @@ class Proxy:
         events = payload.events
         facts = [protocol.prepare(route, event, ip) for event in events]
         rows = []
-        for a, b, resolution in parts:
-            whole = len(parts) == 1
+        for a, b, part in parts:  # each identity's events: rows of their own
             rows += request_rows(
-                route, wants_ip, protocol.name, events if whole else events[a:b], facts if whole else facts[a:b],
-                per_event if whole else per_event[a:b], self.region_for[protocol.name], most,
-                protocol.max_batch_bytes, resolution.canonical, resolution.source,
+                route, wants_ip, protocol.name, events[a:b], facts[a:b], per_event[a:b], self.region_for[protocol.name],
+                most, protocol.max_batch_bytes, part.canonical, part.source,
             )
+        resolution = parts[-1][2]  # the browser's identity from now on: its cookie
         try:
             await self.s.spool.enqueue(rows)
         except PayloadTooLarge as exc:  # more than the queue takes in one message (JetStream's max_payload)
