@@ -255,11 +255,16 @@ async def test_a_three_node_cluster_loses_a_node_under_load(serve_proxy, tmp_pat
         await node.start()
     try:
         url = ",".join(n.url for n in nodes)
-        # The cluster has elected its JetStream leader once an account info answers.
+        # The cluster is ready for the proxy once it can place a stream on all three
+        # nodes: an answered account info only says a meta leader is elected, and a
+        # replicas = 3 stream made before every peer has joined is refused ("no
+        # suitable peers for placement").
         async def jetstream_ready() -> bool:
             nc = await nats.connect(url.split(","))
             try:
-                await nc.jetstream().account_info()
+                js = nc.jetstream()
+                await js.add_stream(name="FP_PROBE", subjects=["fp-probe.>"], num_replicas=3)
+                await js.delete_stream("FP_PROBE")
                 return True
             except Exception:  # noqa: BLE001 - not yet
                 return False
