@@ -109,6 +109,19 @@ async def test_a_stream_that_disagrees_with_the_config_stops_the_start(tmp_path,
     await queue.close()
 
 
+async def test_more_replicas_than_servers_stops_the_start_naming_the_setting(tmp_path, upstream, nats_server):
+    """stream_replicas = 3 on a single server cannot be placed: the start stops with
+    a message naming delivery.stream_replicas, not a NATS API traceback."""
+    from proxy.errors import ProxyError
+    from proxy.services.jetstream import JetStreamQueue
+
+    queue = JetStreamQueue(make_settings(tmp_path, upstream, delivery=jetstream(nats_server, stream_replicas=3)).delivery, ["us"])
+    with pytest.raises(ProxyError) as info:
+        await queue.open()
+    assert "delivery.stream_replicas" in str(info.value) and "3 replica" in str(info.value)
+    await queue.close()
+
+
 async def test_nats_down_answers_503_and_nothing_acknowledged_is_lost(serve_proxy, tmp_path, upstream, nats_server):
     hold = asyncio.Event()
 

@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_SECONDS = 120.0
 PUBLISH_TIMEOUT_SECONDS = 5.0
+# A cluster still forming cannot place a replicated stream yet (JetStream's
+# error 10005); the proxy waits this long for it at start-up.
+NO_SUITABLE_PEERS = 10005
+PLACEMENT_WAIT_SECONDS = 15.0
 # JetStream's error codes for a stream at its limits (nats-server's errors.json).
 _FULL_CODES = {10047, 10077, 10027}
 
@@ -136,6 +140,27 @@ class JetStreamQueue:
                 await self._nc.close()
         self._nc = None
 
+    async def _add_stream(self, config: Any) -> None:
+        """Creates a stream; a cluster that is still forming (its peers not all
+        joined: "no suitable peers for placement") is waited for, up to
+        PLACEMENT_WAIT_SECONDS, as a fleet started all at once meets it."""
+        from nats.js.errors import APIError
+
+        deadline = time.monotonic() + PLACEMENT_WAIT_SECONDS
+        while True:
+            try:
+                await self._js.add_stream(config)
+                return
+            except APIError as exc:
+                if exc.err_code != NO_SUITABLE_PEERS or time.monotonic() > deadline:
+                    raise ProxyError(
+                        f"delivery.stream_replicas: the NATS server cannot create the stream {config.name} "
+                        f"with {config.num_replicas} replica(s): {exc.description}"
+                        + (" (a replicas = N stream needs a JetStream cluster of at least N servers)"
+                           if exc.err_code == NO_SUITABLE_PEERS else "")
+                    ) from exc
+                await asyncio.sleep(0.5)
+
     def _durable(self, region: str) -> str:
         return f"{self.stream}-{region}"
 
@@ -158,7 +183,7 @@ class JetStreamQueue:
         try:
             have = (await self._js.stream_info(self.stream)).config
         except NotFoundError:
-            await self._js.add_stream(want)
+            await self._add_stream(want)
             log.info("created JetStream stream %s (%d replica(s))", self.stream, cfg.stream_replicas)
         else:
             self._compare(have, want)
@@ -167,7 +192,7 @@ class JetStreamQueue:
             await self._js.stream_info(dead)
         except NotFoundError:
             # Bounded like the SQLite spool's dead letters: the oldest go first.
-            await self._js.add_stream(api.StreamConfig(
+            await self._add_stream(api.StreamConfig(
                 name=dead, subjects=[f"{dead}.*"], retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE, num_replicas=cfg.stream_replicas,
                 max_msgs=cfg.max_dead_letters, max_age=cfg.dead_letter_days * 86400,
