@@ -12,6 +12,7 @@ import pytest
 from proxy.web.app import create_app
 from proxy.core.tokens import KeyRing, generate_key_line
 from tests.support import metric
+from tests.test_consent import log_records
 from tests.conftest import b64_body, canonical_of, cookie_from, device_id, js_event, make_settings
 
 A = "www.site-a.test"
@@ -355,6 +356,68 @@ async def test_hub_recognises_the_browser_across_domains(xclient, upstream):
     assert {e["properties"]["$device_id"] for e in events} == {hub_id}
     js = await (await xclient.get("/mp/hub.js")).text()
     assert '"http://hub.id-hub.test"' in js and "fp_hub_done" in js
+
+
+async def hub_seed(client: Any, cookie: str | None) -> str | None:
+    """What hub.js asks its own domain for before the trip: a seed naming the id
+    this domain already has (none for a browser without an identity cookie)."""
+    resp = await client.post("/mp/bridge", json={"seed": "1"}, headers=browser(A, cookie))
+    assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+    return (await resp.json())["token"]
+
+
+async def test_a_hub_that_lost_its_cookie_adopts_the_returning_domains_id(xclient, tmp_path):
+    """Point 7 of issue 22: bounce-tracking protections purge the hub's cookie; when
+    hub.js's trip starts again (Safari also caps script-written storage, so A's
+    "done" flag goes too), a hub without its cookie must not mint a new id that
+    then replaces A's: it adopts the id A already has (a seed A minted for its own
+    cookie id, single use, short-lived, only on the navigation from A itself).
+    A hub that still has its cookie keeps its own id, as before."""
+    hub = {"Host": "hub.id-hub.test", "User-Agent": "Mozilla/5.0", "Referer": f"http://{A}/"}
+    keys = keys_of(xclient)
+    cookie_a = await visit_a(xclient)
+    x = canonical_of(cookie_a)
+    assert await hub_seed(xclient, None) is None  # no identity on A yet: nothing to adopt
+    seed = await hub_seed(xclient, cookie_a)
+    assert keys.open(seed, purpose="seed", audience="hub.id-hub.test", now=time.time()).canonical_id == x
+    ret_a = quote(f"http://{A}/welcome", safe="")
+
+    trip = await xclient.get(f"/hub/resolve?return={ret_a}&seed={seed}", headers=hub, allow_redirects=False)
+    assert trip.status == 302
+    assert canonical_of(cookie_from(trip, "fp_hub")) == x
+    answer = token_of(trip.headers["Location"])
+    assert "seed=" not in trip.headers["Location"]
+    assert keys.open(answer, purpose="hub", audience="site-a.test", now=time.time()).canonical_id == x
+    redeemed = await xclient.post("/mp/id", data=f"fpb={answer}&via=hub", headers=browser(A, cookie_a))
+    assert (await redeemed.json())["token"] == "accepted" and canonical_of(cookie_from(redeemed) or cookie_a) == x
+
+    # Single use: the same seed shown again (a copied URL, another browser) is not adopted.
+    xclient.session.cookie_jar.clear()  # each trip below is a browser without the hub's cookie
+    again = await xclient.get(f"/hub/resolve?return={ret_a}&seed={seed}", headers=hub, allow_redirects=False)
+    assert canonical_of(cookie_from(again, "fp_hub")) != x
+    # Only on the navigation from the returning domain itself: a seed link opened from a
+    # mail (no referrer) or another site is a fixation attempt, and mints as before.
+    for referer in (None, "http://evil.test/", f"http://{B}/"):
+        fresh = await hub_seed(xclient, cookie_a)
+        headers = {k: v for k, v in hub.items() if k != "Referer"} | ({"Referer": referer} if referer else {})
+        resp = await xclient.get(f"/hub/resolve?return={ret_a}&seed={fresh}", headers=headers, allow_redirects=False)
+        xclient.session.cookie_jar.clear()
+        assert resp.status == 302 and canonical_of(cookie_from(resp, "fp_hub")) != x, referer
+    # A hub that still has its cookie keeps its own id: the seed is not used.
+    y = canonical_of(cookie_from(again, "fp_hub"))
+    xclient.session.cookie_jar.clear()
+    fresh = await hub_seed(xclient, cookie_a)
+    kept = await xclient.get(f"/hub/resolve?return={ret_a}&seed={fresh}",
+                             headers={**hub, "Cookie": f"fp_hub={cookie_from(again, 'fp_hub')}"}, allow_redirects=False)
+    assert keys.open(token_of(kept.headers["Location"]), purpose="hub", audience="site-a.test", now=time.time()).canonical_id == y
+    # A seed is for the hub only: on a landing page it is no token at all.
+    fresh = await hub_seed(xclient, cookie_a)
+    landing = await xclient.post("/mp/id", data=f"fpb={fresh}&via=hub", headers=browser(B))
+    assert (await landing.json())["token"] != "accepted"
+    text = await (await xclient.ops_get("/metrics")).text()
+    assert metric(text, 'firstparty_identity_tokens_total{result="adopted_seed"}') == 1
+    adopted = [r for r in await log_records(xclient, tmp_path) if r["outcome"] == "hub_adopted"]
+    assert len(adopted) == 1 and adopted[0]["canonical_ids"] == [x] and seed not in str(adopted)
 
 
 async def test_device_cap(proxy_client, upstream):

@@ -20,7 +20,10 @@ PURPOSE_BRIDGE = "bridge"  # /go, /bridge from a page, link.js: a browser's own 
 PURPOSE_HUB = "hub"  # the identity hub's answer to hub.js's round trip
 PURPOSE_APP = "app"  # an app backend's hand-off, minted with a server key
 PURPOSE_FRAME = "frame"  # frame.js: a parent page's id for its widget's iframe
-PURPOSES = (PURPOSE_BRIDGE, PURPOSE_HUB, PURPOSE_APP, PURPOSE_FRAME)
+PURPOSES = (PURPOSE_BRIDGE, PURPOSE_HUB, PURPOSE_APP, PURPOSE_FRAME)  # what a landing may redeem
+# hub.js's own domain, for the hub only: the id this domain already has, which a
+# hub that lost its cookie adopts instead of minting one (never a landing token).
+PURPOSE_SEED = "seed"
 
 # How a token reached the proxy on the landing side.
 VIA_PAGE = "page"  # a landing URL: in an event's URL, a request's query, or land.js's POST
@@ -50,6 +53,23 @@ def refusal(purpose: str, via: str, referrer: str | None, linked: tuple[str, ...
         return "no referrer: the landing navigation did not come from a linked domain"
     if linked_domain(host, linked) is None:
         return "the referrer is not on a linked domain"
+    return None
+
+
+def seed_refusal(referrer: str | None, return_host: str) -> str | None:
+    """Why the hub must not adopt a seed, or None.
+
+    A seed names the id its domain holds for the browser that asked for it; a
+    hub that adopts it sets its own cookie to that id, which every other linked
+    domain's trip then receives. So, like a bridge token, a seed proves nothing
+    once it travels in a URL someone else made: it counts only on the
+    navigation from the very domain it returns to (hub.js leaving the page),
+    never from a mail, another site or another linked domain."""
+    host = referrer_host(referrer)
+    if host is None:
+        return "no referrer: the trip did not come from the returning page"
+    if host.lower() != return_host.lower():
+        return "the referrer is not the domain the trip returns to"
     return None
 
 

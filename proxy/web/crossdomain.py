@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -32,6 +33,7 @@ from ..core.bridge import (
     PURPOSE_BRIDGE,
     PURPOSE_FRAME,
     PURPOSE_HUB,
+    PURPOSE_SEED,
     PURPOSES,
     VIA_FRAME,
     VIA_HUB,
@@ -40,6 +42,7 @@ from ..core.bridge import (
     linked_domain,
     redirect_target,
     refusal,
+    seed_refusal,
 )
 from ..core.apikeys import bearer
 from ..core.cookie import CookieJar, own_cookie_values
@@ -101,7 +104,7 @@ LANDING_JS = """/* firstparty {name}: a landing page's identity token is redeeme
    it runs once the token is redeemed, at once when there is none, and never on a page
    that is leaving for the hub. */
 (function () {{
-  var HUB = {hub}, PARAM = {param}, ID = {id}, DONE = "fp_hub_done", REF = "fp_hub_referrer", TRIP = "fp_hub_trip";
+  var HUB = {hub}, PARAM = {param}, ID = {id}, SEED = {seed}, DONE = "fp_hub_done", REF = "fp_hub_referrer", TRIP = "fp_hub_trip";
   var waiting = [], settled = false, trip = false;
 {settle}  window.firstpartyLanding = window.firstpartyHub = {{ ready: function (cb) {{ if (settled) cb(); else waiting.push(cb); }} }};
   function tokenInUrl() {{
@@ -125,16 +128,26 @@ LANDING_JS = """/* firstparty {name}: a landing page's identity token is redeeme
       catch (e) {{}}
     }}
   }}
+  /* The seed: this domain's own id (none on a first visit), for a hub whose cookie a
+     browser's bounce-tracking protection purged to keep instead of minting a new one. */
+  function seed(signal) {{
+    return fetch(SEED, {{ method: "POST", credentials: "same-origin", signal: signal,
+                         headers: {{ "Content-Type": "application/json" }}, body: '{{"seed":"1"}}' }})
+      .then(function (r) {{ return r.ok ? r.json() : null; }})
+      .then(function (a) {{ return a && typeof a.token === "string" ? a.token : null; }}, function () {{ return null; }});
+  }}
   function toHub() {{
     var ctl = window.AbortController ? new AbortController() : null;
     var timer = setTimeout(function () {{ if (ctl) ctl.abort(); settle(); }}, 1500);
     fetch(HUB + "/hub/ping", {{ mode: "cors", credentials: "omit", signal: ctl && ctl.signal }})
-      .then(function (r) {{
+      .then(function (r) {{ return r.ok ? seed(ctl && ctl.signal) : Promise.reject(r); }})  /* a seed only for a trip */
+      .then(function (token) {{
         clearTimeout(timer);
-        if (!r.ok || settled) return settle();
+        if (settled) return;
         localStorage.setItem(DONE, "1");  /* before leaving: never a second trip, whatever comes back */
         try {{ sessionStorage.setItem(REF, document.referrer); sessionStorage.setItem(TRIP, "1"); }} catch (e) {{}}
-        location.replace(HUB + "/hub/resolve?return=" + encodeURIComponent(location.href));
+        location.replace(HUB + "/hub/resolve?return=" + encodeURIComponent(location.href) +
+                         (token ? "&seed=" + encodeURIComponent(token) : ""));
       }})
       .catch(function () {{ clearTimeout(timer); settle(); }});  /* hub unreachable: keep the per-domain id */
   }}
@@ -395,6 +408,8 @@ class CrossDomain:
             fields = await self._fields(request, "to")
         except BadRequest as exc:
             return self.p._finish(_json_error(exc.status, str(exc)), visit, None, "bridge")
+        if fields.get("seed") == "1":
+            return self.p._finish(self._seed_answer(request, visit), visit, None, "bridge")
         app = bearer(request.headers.get("authorization"))
         if app is not None or "device_id" in fields:
             return self.p._finish(self._app_bridge(request, app, fields), visit, None, "bridge")
@@ -411,6 +426,25 @@ class CrossDomain:
         response = self._bridge_answer(canonical, to, audience, state, purpose)
         resolution = Resolution(canonical, source) if state != consent.DENIED else None
         return self.p._finish(response, visit, resolution, "bridge")
+
+    def _seed_answer(self, request: web.Request, visit: Visit) -> web.Response:
+        """hub.js, before its trip: ``{"token": <seed>}`` naming the id this
+        domain's cookie holds, for the hub to adopt if it has lost its own
+        cookie; ``{"token": null}`` with no cookie (nothing to keep) or a refusal
+        of tracking. Never an id the client names, never a fresh one."""
+        hub = self._hub_host()
+        if hub is None:
+            return _json_error(404, "no identity hub configured (identity.hub_url)")
+        token = None
+        state = self._consent(request)
+        if visit.cookie_id and state != consent.DENIED:
+            token = self._seal(visit.cookie_id, PURPOSE_SEED, hub, state)
+            self._count("issued_seed")
+        body = orjson.dumps({"token": token, "expires_in": self._cfg.token_ttl_seconds})
+        return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
+
+    def _hub_host(self) -> str | None:
+        return urlsplit(self._cfg.hub_url).hostname if self._cfg.hub_url else None
 
     def _bridge_answer(self, canonical: str, to: str, audience: str, state: str, purpose: str) -> web.Response:
         token = self._seal(canonical, purpose, audience, state)
@@ -582,6 +616,7 @@ class CrossDomain:
         body = LANDING_JS.format(
             name=name, hub_doc=doc, hub=orjson.dumps(hub).decode(), settle=SETTLE_JS,
             param=orjson.dumps(self._cfg.token_param).decode(), id=orjson.dumps(base + "id").decode(),
+            seed=orjson.dumps(base + "bridge").decode(),
         )
         return _script(body)
 
@@ -632,11 +667,50 @@ class CrossDomain:
                 if canonical:
                     break
             if not canonical or not valid_id(canonical):
-                canonical = str(uuid.uuid4())  # first come: this browser's id from now on
+                # No cookie of its own (first come, or purged as a bounce tracker's):
+                # the id the returning domain already has, else a new one.
+                canonical = await self._adopt(request, to) or str(uuid.uuid4())
             headers["Set-Cookie"] = jar.set_cookie_header(canonical, request_host(request.headers.get("host")))
         headers["Location"] = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience, state))
         self._count("issued_hub")
         return web.Response(status=302, headers=headers)
+
+
+    async def _adopt(self, request: web.Request, to: str) -> str | None:
+        """The id in hub.js's seed (``&seed=``) when the hub may adopt it: an
+        authentic, unexpired seed for this hub, shown once, on the navigation
+        from the domain the trip returns to (``bridge.seed_refusal``)."""
+        seed = query_get(request, "seed")
+        hub = self._hub_host()
+        if not seed or hub is None:
+            return None
+        return_host = urlsplit(to).hostname or ""
+        try:
+            claims = self._cfg.keys.open(seed, purpose=PURPOSE_SEED, audience=hub, now=time.time())
+        except TokenExpired:
+            self._count("expired")
+            return None
+        except TokenInvalid:
+            self._count("invalid")
+            return None
+        if not valid_id(claims.canonical_id):
+            self._count("invalid")
+            return None
+        why = seed_refusal(request.headers.get("referer"), return_host)
+        if why is not None:
+            self._count("unproven")
+            self._record("token_refused", return_host, why, purpose=PURPOSE_SEED)
+            return None
+        owner = f"hub:{uuid.uuid4().hex}"
+        first = await self.p.s.store.claim_token(claims.token_id, owner, self._cfg.token_ttl_seconds + 60)
+        if first is not None and first != owner:
+            self._count("replayed")
+            self._record("token_refused", return_host, "replayed", purpose=PURPOSE_SEED)
+            return None
+        self._count("adopted_seed")
+        self._record("hub_adopted", return_host, "the hub had no cookie: it kept the id the returning domain has",
+                     canonical_ids=[claims.canonical_id])
+        return claims.canonical_id
 
 
 def _script(body: str) -> web.Response:

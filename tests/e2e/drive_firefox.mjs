@@ -4,7 +4,7 @@
 // for the ops the cross-domain journeys use:
 //   goto {url | url_from, wait_until?}, eval {js, save?}, wait_js {js}, mark {}, click {selector},
 //   wait_url {pattern, save?}, url {save}, cookies {save}, new_context {}, sleep {ms},
-//   poll {url}, wait_requests {path, count?, contains?, timeout_ms?}
+//   poll {url}, wait_requests {path, count?, contains?, timeout_ms?}, wait_cookie {name, present?}
 // Firefox's BiDi does not hand request bodies to the driver: `requests` carry no
 // post_data, and wait_requests with `contains` waits until that payload reached the
 // fake upstream (the site's /__e2e/upstream route) instead of watching the browser.
@@ -191,6 +191,16 @@ async function main() {
         case 'cookies': {
           const cookies = context.cookies ? await context.cookies() : await page.cookies();
           out.results[step.save] = cookies.map((c) => ({ ...c, httpOnly: !!c.httpOnly }));
+          break;
+        }
+        case 'wait_cookie': {
+          // Until a cookie named `name` is set (present, the default) or gone (present: false)
+          // anywhere in the browser: a bounce-tracking purge of another site's cookie.
+          const want = step.present !== false;
+          await waitUntil(async () => {
+            const cookies = context.cookies ? await context.cookies() : await page.cookies();
+            return cookies.some((c) => c.name === step.name) === want;
+          }, timeout, `the cookie ${step.name} ${want ? 'set' : 'gone'}`);
           break;
         }
         case 'new_context':

@@ -471,13 +471,15 @@ async def drive(
     headers: dict[str, str] | None = None,
     args: list[str] | None = None,
     engine: str = "chromium",
+    prefs: dict[str, Any] | None = None,
 ) -> Run:
     """Run a scenario in a fresh headless chromium; fails the test if the driver does.
 
     Missing chromium or npm packages fail the test (never skip it), naming the
     install script. ``args`` are chromium flags added for this run. The driver is our child in its own session; it is stopped by
     its pid (SIGTERM lets playwright close the browser, SIGKILL to its process group
-    after)."""
+    after). ``engine`` is chromium, firefox or webkit; ``prefs`` are Firefox preferences
+    for this run."""
     missing = missing_prerequisites()
     if missing:
         pytest.fail(f"browser e2e prerequisites missing: {', '.join(missing)}; {INSTALL_HINT}", pytrace=False)
@@ -493,7 +495,8 @@ async def drive(
         pytest.fail(f"browser e2e prerequisites missing: {', '.join(absent)}; {INSTALL_HINT}", pytrace=False)
     if engine == "firefox":
         hosts = {urlsplit(step["url"]).hostname for step in steps if step.get("url")}
-        scenario.update(firefox=FIREFOX, hosts=sorted({*TEST_HOSTS, *(h for h in hosts if h and h.endswith(".test"))}))
+        scenario.update(firefox=FIREFOX, hosts=sorted({*TEST_HOSTS, *(h for h in hosts if h and h.endswith(".test"))}),
+                        prefs=prefs or {})
     if engine == "webkit":
         # The site (one app serves every test host) is the browser's HTTP proxy.
         port = next(urlsplit(step["url"]).port for step in steps if step.get("url"))

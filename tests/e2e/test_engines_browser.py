@@ -26,6 +26,7 @@ from tests.e2e.test_crossdomain_browser import (
     B_HOST,
     FAST,
     HUB_IDS,
+    HUB_JS,
     hub_pages,
     IDS,
     LANDING,
@@ -159,3 +160,70 @@ async def test_identity_hub_joins_two_domains(xsite: Site, engine: str) -> None:
     counts = await token_metrics(site)
     assert counts.get("issued_hub") == 2 and counts.get("redeemed_hub") == 2, counts
     assert not counts.get("unproven"), counts
+
+
+# Firefox with strict tracking protection, and bounce-tracking protection's timers
+# shortened from hours to a second: a site the visitor only passes through (the hub)
+# that set a cookie is purged as soon as the redirect chain through it has ended.
+STRICT_FIREFOX = {
+    "browser.contentblocking.category": "strict",
+    "network.cookie.cookieBehavior": 5,
+    "privacy.trackingprotection.enabled": True,
+    "privacy.bounceTrackingProtection.mode": 1,
+    "privacy.bounceTrackingProtection.bounceTrackingGracePeriodSec": 0,
+    "privacy.bounceTrackingProtection.bounceTrackingPurgeTimerPeriodSec": 1,
+    "privacy.bounceTrackingProtection.clientBounceDetectionTimerPeriodMS": 100,
+}
+
+
+@pytest.mark.parametrize("xsite", [{"mode": "spool", "hub": "up"}], indirect=True, ids=["hub"])
+async def test_the_hub_keeps_one_identity_when_firefox_purges_its_cookie(xsite: Site) -> None:  # noqa: F811
+    """Issue 22, point 7. In strict Firefox the hub's cookie is purged once the visitor
+    has bounced through it. Then (1) a click from A to B still carries A's id: hub.js
+    decorates links to linked domains, through /mp/go, with no hop through the hub; and
+    (2) when B's hub.js makes its trip again (its "done" flag gone, as Safari's cap on
+    script-written storage does), the hub without its cookie adopts the id B already has
+    instead of minting one that would replace it: one identity. (The hub's cookie, set
+    again to that id, is purged again a second later with these timers.)"""
+    site = xsite
+    b = site.page("hb", FAST, head=HUB_JS, hub_ready=True)
+    a = site.page("ha", FAST, head=HUB_JS, hub_ready=True,
+                  body=f'<a id="b" href="{site.url(B_HOST, b)}">Checkout</a>')
+    run = await drive(
+        [
+            {"op": "goto", "url": site.url(A_HOST, a), "wait_until": "commit"},
+            {"op": "wait_js", "js": HUB_BACK, "timeout_ms": 15000},  # back from the hub, SDK started
+            js(f"mixpanel.track('Page A'); return {HUB_IDS};", "a"),
+            wait("/mp/track/", event("Page A")),
+            {"op": "cookies", "save": "before_purge"},
+            # Another page of A ends the navigation that bounced through the hub.
+            {"op": "goto", "url": site.url(A_HOST, a)},
+            {"op": "wait_cookie", "name": "fp_hub", "present": False, "timeout_ms": 20000},
+            {"op": "wait_js", "js": HUB_BACK},
+            {"op": "click", "selector": "#b"},
+            {"op": "wait_url", "pattern": r"/e2e/hb$"},  # the token redeemed and cleaned
+            {"op": "wait_js", "js": HUB_BACK},
+            js(f"mixpanel.track('Page B'); return {HUB_IDS};", "b"),
+            wait("/mp/track/", event("Page B")),
+            # B's flag lost: hub.js makes its trip again, to a hub without its cookie.
+            js("localStorage.removeItem('fp_hub_done'); return 1;"),
+            {"op": "goto", "url": site.url(B_HOST, b), "wait_until": "commit"},
+            {"op": "wait_js", "js": HUB_BACK, "timeout_ms": 15000},
+            js(f"mixpanel.track('B again'); return Object.assign({HUB_IDS}, {{href: location.href}});", "again"),
+            wait("/mp/track/", event("B again")),
+            {"op": "cookies", "save": "cookies"},
+        ],
+        engine="firefox",
+        prefs=STRICT_FIREFOX,
+    )
+    hub_before = [c for c in run["before_purge"] if c["name"] == "fp_hub"]
+    assert len(hub_before) == 1, run["before_purge"]
+    canonical = canonical_of(hub_before[0]["value"])
+    assert canonical_of(one_cookie(run, "before_purge", "fp_id", ".site-a.test")["value"]) == canonical
+    assert run["again"]["href"] == site.url(B_HOST, b)  # back from the second trip, token cleaned
+    events = await settled(site, ["Page A", "Page B", "B again"])
+    assert_one_identity(events, canonical)
+    assert canonical_of(one_cookie(run, "cookies", "fp_id", ".site-b.test")["value"]) == canonical
+    counts = await token_metrics(site)
+    assert counts.get("redeemed_bridge") == 1 and counts.get("adopted_seed") == 1, counts
+    assert counts.get("issued_hub") == 2 and not counts.get("unproven"), counts
