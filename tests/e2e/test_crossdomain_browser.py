@@ -427,11 +427,11 @@ LS = "localStorage.getItem('fp_hub_done')"
 HUB_IDS = f"Object.assign({IDS}, {{flag: {LS}, referrer: document.referrer}})"
 
 
-def hub_pages(site: Site, post_a: str = "") -> tuple[str, str]:
+def hub_pages(site: Site, post_a: str = "", config: dict[str, Any] = FAST) -> tuple[str, str]:
     """A and B with hub.js first in <head>, before mixpanel, and mixpanel.init inside
     ``firstpartyHub.ready`` as the README says; A runs ``post_a`` after init."""
-    a = site.page("ha", FAST, head=HUB_JS, post=post_a, hub_ready=True)
-    b = site.page("hb", FAST, head=HUB_JS, hub_ready=True)
+    a = site.page("ha", config, head=HUB_JS, post=post_a, hub_ready=True)
+    b = site.page("hb", config, head=HUB_JS, hub_ready=True)
     return a, b
 
 
