@@ -54,9 +54,13 @@ def test_the_fleet_compose_file_configures_the_jetstream_queue(tmp_path):
     assert s.identity.keys.key_ids == ("k1",)
 
 
-def render_nginx(tmp: Path, proxy_port: int, tls_port: int, cert: Path, key: Path) -> Path:
-    """nginx.example.conf as shipped, with only ports and certificate paths changed."""
+def render_nginx(tmp: Path, proxy_port: int, tls_port: int, cert: Path, key: Path, site_locations: str = "") -> Path:
+    """nginx.example.conf as shipped, with only ports and certificate paths changed
+    (and ``site_locations``, the site's own, where the file says they go)."""
     site = (ROOT / "nginx.example.conf").read_text()
+    if site_locations:
+        assert "# ... your site's own locations ..." in site
+        site = site.replace("# ... your site's own locations ...", site_locations)
     site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{proxy_port};")
     site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{tls_port} ssl http2;")
     site = site.replace("listen [::]:443 ssl http2;", "")

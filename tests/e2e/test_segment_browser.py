@@ -23,10 +23,11 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from tests.conftest import SEG_KEY, canonical_of
-from tests.e2e.harness import Run, Site, drive, event_named, segment_calls, serve_segment_cdn
+from tests.e2e.harness import TLS_ARGS, Run, Site, drive, event_named, segment_calls, serve_segment_cdn
 from tests.e2e.test_browser import goto, js, wait
 from tests.e2e.test_crossdomain_browser import A_HOST, B_HOST, browser_clean, dead_port, modes, one_cookie, xsite  # noqa: F401 (fixtures)
-from tests.support import eventually
+from tests.support import eventually, self_signed
+from tests.test_deploy import nginx_bin, render_nginx, start_nginx  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -179,3 +180,43 @@ async def test_one_page_two_sdks_one_id_across_domains(xsite: Site) -> None:
     assert one_cookie(run, "cookies", "ajs_anonymous_id", ".site-b.test")["value"] == canonical
     assert canonical_of(one_cookie(run, "cookies", "fp_id", ".site-b.test")["value"]) == canonical
     assert not any(re.search(r"fpb=", rec.body.decode("latin-1")) for rec in site.upstream.requests)
+
+
+async def test_analytics_js_behind_the_readmes_nginx_on_a_non_default_port(site: Site, tmp_path: Any, nginx_bin: str) -> None:  # noqa: F811
+    """Issue 22, point 5: the site behind nginx.example.conf (TLS) on a port that is not
+    443, as staging and local sites run. The settings the proxy serves point
+    analytics.js at this very host and port (nginx sends X-Forwarded-Host
+    ``$http_host``; ``Host $host`` alone drops the port), so every call comes back
+    through nginx and reaches Segment with the canonical id."""
+    serve_segment_cdn(site.upstream)
+    page = site.segment_page("segnginx", SEG_KEY, post="analytics.track('Behind nginx');")
+    cert, key = self_signed(tmp_path / "tls", "www.example.com")
+    pages = "location /e2e/ { proxy_pass http://firstparty; }"
+    nginx, port = await start_nginx(
+        nginx_bin, tmp_path, lambda p: render_nginx(tmp_path, site.port, p, cert, key, pages)
+    )
+    origin = f"https://{A_HOST}:{port}"
+    try:
+        run = await drive(
+            [
+                {"op": "goto", "url": origin + page},
+                wait("/seg/v1/t"),
+                js(AJS_IDS, "ids"),
+                {"op": "cookies", "save": "cookies"},
+            ],
+            args=TLS_ARGS,
+        )
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=10)
+    browser_clean(run)
+    settings = sdk_requests(run, f"/seg/cdn/v1/projects/{SEG_KEY}/settings")
+    assert settings and all(urlsplit(r["url"]).netloc == f"{A_HOST}:{port}" for r in settings)
+    sent = sdk_requests(run, "/seg/v1/")
+    assert [urlsplit(r["url"]).path for r in sent] == ["/seg/v1/t"], run.describe()
+    assert all(r["url"].startswith(origin + "/seg/v1/") and r["status"] == 200 for r in sent), run.describe()
+    canonical = canonical_of(one_cookie(run, "cookies", "fp_id", ".site-a.test")["value"])
+    await eventually(lambda: len(segment_calls(site.upstream)) == 1, 15, "the track call")
+    [call] = segment_calls(site.upstream)
+    assert (call["event"], call["anonymousId"]) == ("Behind nginx", canonical)
+    assert canonical == run["ids"]["anon"]
