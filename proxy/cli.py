@@ -30,6 +30,7 @@ from . import __version__
 from .errors import ConfigError, ProxyError
 from .files import write_private
 from .lograte import EscapingFormatter, escape_control
+from .services.liverelay import LiveRelay
 from .settings import Settings, env_help, load_settings
 
 # How long in-flight requests may take to finish at shutdown.
@@ -121,7 +122,9 @@ def _settings_for(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, env)
 
 
-def _run_worker(settings: Settings, reuse_port: bool) -> None:
+def _run_worker(settings: Settings, reuse_port: bool, relay: LiveRelay | None = None, index: int = 0) -> None:
+    if relay is not None:
+        relay.become(index)
     try:
         import uvloop
 
@@ -132,7 +135,7 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
         from .services.metrics import enable_multiprocess
 
         enable_multiprocess(metrics_dir(settings))
-    asyncio.run(serve_app(settings, reuse_port))
+    asyncio.run(serve_app(settings, reuse_port, relay))
 
 
 def metrics_dir(settings: Settings) -> Path:
@@ -168,13 +171,15 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
-async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
+async def serve_app(settings: Settings, reuse_port: bool = False, relay: LiveRelay | None = None) -> None:
     """Open the services, accept until SIGTERM/SIGINT, then shut down in order:
     stop accepting, finish in-flight requests, drain the sender, close."""
-    from .web.app import create_app
+    from .web.app import LIVE, create_app
     from .web.serve import serve
 
     app = create_app(settings)
+    if relay is not None:  # one of several workers: the live view shows them all
+        relay.start(app[LIVE])
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -198,6 +203,8 @@ async def serve_app(settings: Settings, reuse_port: bool = False) -> None:
     finally:
         if ops is not None:
             await ops.stop()
+        if relay is not None:
+            await relay.stop()
         await serving.stop()
 
 
@@ -240,11 +247,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reset_multiprocess_dir(metrics_dir(settings))
     os.environ[MULTIPROC_ENV] = str(metrics_dir(settings))
     ctx = multiprocessing.get_context("fork")
+    relay = LiveRelay(workers)  # made before the fork: every worker inherits it
     procs = [
-        ctx.Process(target=_run_worker, args=(for_worker(settings, i), True), daemon=False) for i in range(workers)
+        ctx.Process(target=_run_worker, args=(for_worker(settings, i), True, relay, i), daemon=False)
+        for i in range(workers)
     ]
     for p in procs:
         p.start()
+    relay.close()  # the workers hold their ends
 
     def stop(signum: int, _frame: Any) -> None:
         for p in procs:

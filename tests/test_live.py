@@ -133,3 +133,59 @@ def test_a_watcher_that_stops_reading_costs_a_bounded_queue():
     assert all(r.get("lagging") for r in kept)
     again, queue2 = feed.watch()
     assert len(again) == 10 and again[-1]["ids"] == ["id-24"]  # the ring keeps the last 10
+
+
+async def test_copies_to_other_workers_are_bounded_and_only_while_they_watch():
+    """The relay between workers (``liverelay``), as worker 0 beside a worker 1 whose
+    end the test holds: nothing is copied while worker 1 has no watcher; once it has,
+    each record is copied once; a worker 1 that stops reading costs its socket
+    buffer, never this worker's memory (copies past it are dropped and counted)."""
+    from proxy.services.liverelay import LiveRelay
+
+    relay = LiveRelay(2)
+    relay.index = 0  # worker 0, keeping worker 1's receiving end for the test to read
+    other_end = relay._pairs[1][1]
+    other_end.setblocking(False)
+    relay._pairs[1][0].setblocking(False)
+    feed = LiveFeed()
+    relay.start(feed)
+    try:
+        feed.delivery(["id-0"], "forwarded", 200, None)
+        try:
+            other_end.recv(65536)
+            raise AssertionError("a copy was sent while nobody watched")
+        except BlockingIOError:
+            pass
+        assert not feed.watching
+        relay._watched[1] = 1  # worker 1 has a watcher now: worker 0 records, at once
+        assert feed.watching
+        feed.delivery(["id-1"], "forwarded", 200, None)
+        copy = orjson.loads(other_end.recv(65536))
+        assert copy["ids"] == ["id-1"] and copy["kind"] == "delivery"
+        for i in range(20_000):  # worker 1 stopped reading
+            feed.delivery([f"id-{i}"], "forwarded", 200, None)
+        assert relay.dropped > 0
+        buffered = 0
+        while True:
+            try:
+                other_end.recv(65536)
+            except BlockingIOError:
+                break
+            buffered += 1
+        assert 0 < buffered < 20_000
+        # A record from worker 1 is shown here and not copied back.
+        relay._pairs[0][0].send(orjson.dumps({"kind": "delivery", "ids": ["from-1"], "seq": 7}))
+        recent, queue = feed.watch()
+        await eventually(lambda: queue.qsize() == 1, 5, "worker 1's record")
+        assert queue.get_nowait()["ids"] == ["from-1"]
+        try:
+            other_end.recv(65536)
+            raise AssertionError("a relayed record was copied back")
+        except BlockingIOError:
+            pass
+        assert relay._watched[0] == 1  # this worker's own watcher, for the others to see
+        feed.unwatch(queue)
+        assert relay._watched[0] == 0
+    finally:
+        await relay.stop()
+        relay.close()

@@ -4,6 +4,7 @@ has its own spool, every event is delivered exactly once, SIGTERM stops all."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -126,6 +127,107 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
             async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
                 assert r.status == 404
     finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        await runner.cleanup()
+        reserved.close()
+        ops_reserved.close()
+    assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
+
+
+class LiveStream:
+    """One ``/live/events`` stream on its own connection (SO_REUSEPORT gives it to
+    either worker), collecting every record it is sent."""
+
+    def __init__(self, ops_port: int) -> None:
+        self.url = f"http://127.0.0.1:{ops_port}/live/events"
+        self.records: list[dict] = []
+        self.open = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        import orjson
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.get(self.url, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as r:
+                assert r.status == 200
+                self.open.set()
+                async for line in r.content:
+                    if line.startswith(b"data: "):
+                        self.records.append(orjson.loads(line[6:]))
+
+    def names(self) -> list[str]:
+        return [e["name"] for r in self.records if r.get("kind") == "request" for e in r["events"]]
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+async def post_on_one_worker(port: int, name: str) -> int:
+    """One event on a new connection; returns the pid of the worker that took it
+    (asked on the same keep-alive connection first)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=False, limit=1)) as s:
+        async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+            pid = (await r.json())["pid"]
+        async with s.post(
+            f"http://127.0.0.1:{port}/mp/track/?verbose=1&ip=1",
+            data=b64_body([js_event(name, device_id())]),
+            headers={"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "Mozilla/5.0"},
+        ) as r:
+            assert r.status == 200
+    return pid
+
+
+async def test_the_live_view_shows_every_workers_events(tmp_path: Path) -> None:
+    """Issue 23, point 1: with two workers, a /live/events stream is served by one of
+    them; every stream, whichever worker holds it, sees every event of both workers,
+    each once."""
+    upstream = FakeUpstream()
+    runner, up_port = await upstream.serve("us")
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\nworkers = 2\n'
+        f'[upstream]\nus = "http://127.0.0.1:{up_port}"\n'
+        f'[cookie]\nsecure = false\nsecret = "workers-test-secret-workers-test"\n'
+    )
+    reserved, ops_reserved = reserve_shared_port(), reserve_shared_port()
+    port, ops_port = port_of(reserved), port_of(ops_reserved)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--ops-port", str(ops_port)],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    streams = [LiveStream(ops_port) for _ in range(6)]
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, port, proc)
+        await wait_for_workers(port, 2)
+        for stream in streams:
+            stream.start()
+        await asyncio.wait_for(asyncio.gather(*(s.open.wait() for s in streams)), 10)
+        # A stream counts for every worker from the moment it is open: no warm-up.
+        pids = await asyncio.gather(*(post_on_one_worker(port, f"Live {i}") for i in range(40)))
+        assert len(set(pids)) == 2, "both workers took a share of the events"
+        sent = [f"Live {i}" for i in range(40)]
+
+        def complete() -> bool:
+            return all(sorted(n for n in s.names() if n.startswith("Live ")) == sorted(sent) for s in streams)
+
+        await eventually(complete, 10, "every event on every stream")
+        for stream in streams:
+            names = [n for n in stream.names() if n.startswith("Live ")]
+            assert len(names) == len(set(names)) == 40  # each once
+    finally:
+        for stream in streams:
+            await stream.stop()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
         await runner.cleanup()

@@ -12,7 +12,9 @@ Invariants:
 - memory is bounded: a ring of ``RING`` records, and a queue of ``BACKLOG``
   per watcher (a watcher that stops reading loses the oldest, and is told);
 - no IPs, cookie values, tokens or URLs: ids, host names, event names and
-  outcomes only.
+  outcomes only;
+- with several workers, a stream on any of them sees every worker's records
+  (``liverelay``: each record copied once to each worker that has a watcher).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .liverelay import LiveRelay
 
 RING = 2000
 BACKLOG = 500
@@ -34,7 +39,9 @@ class LiveFeed:
         self._watchers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._backlog = backlog
         self._seq = 0
-        self.watching = False
+        # With several workers (``liverelay``): the other workers' watchers count
+        # too, and what this worker publishes is copied to them.
+        self.relay: LiveRelay | None = None
 
     # -------------------------------------------------------------- watchers
 
@@ -42,18 +49,33 @@ class LiveFeed:
         """The recent records and a queue of the next ones; ``unwatch`` it when done."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=self._backlog)
         self._watchers.add(queue)
-        self.watching = True
+        self._changed()
         return list(self._ring), queue
 
     def unwatch(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self._watchers.discard(queue)
-        self.watching = bool(self._watchers)
+        self._changed()
+
+    @property
+    def watching(self) -> bool:
+        """Whether anyone watches: here, or (``relay``) on another worker."""
+        return bool(self._watchers) or (self.relay is not None and self.relay.others_watched())
+
+    def _changed(self) -> None:
+        if self.relay is not None:
+            self.relay.watched(bool(self._watchers))
 
     @property
     def watchers(self) -> int:
         return len(self._watchers)
 
-    def _publish(self, record: dict[str, Any]) -> None:
+    def relayed(self, record: dict[str, Any]) -> None:
+        """A record another worker published: shown here, not copied on."""
+        self._publish(record, copy=False)
+
+    def _publish(self, record: dict[str, Any], copy: bool = True) -> None:
+        if copy and self.relay is not None:
+            self.relay.send(record)
         self._seq += 1
         record["seq"] = self._seq
         self._ring.append(record)
