@@ -7,6 +7,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
+import orjson
 import pytest
 
 from proxy.web.app import create_app
@@ -97,6 +98,44 @@ async def test_go_decorates_and_b_adopts_the_carried_id(xclient, upstream):
     text = await (await xclient.ops_get("/metrics")).text()
     assert metric(text, 'firstparty_identity_tokens_total{result="redeemed_bridge"}') == 1
     assert metric(text, 'firstparty_identity_source_total{source="bridge"}') >= 1
+
+
+async def test_a_token_land_js_redeemed_is_named_on_the_next_events(xclient, upstream, tmp_path):
+    """Issue 23, point 4: land.js (or hub.js) redeems B's token before any SDK runs, so
+    the SDK's first event on B comes with the cookie alone. That event, and the id it
+    joins, are still named after the bridge that brought them (forwarded log and live
+    view), not "cookie"; a later device on B, or B the next day, is the cookie's."""
+    cookie_a = await visit_a(xclient)
+    canonical = canonical_of(cookie_a)
+    location = await go_to_b(xclient, cookie_a)
+    live = xclient.services.live
+    _recent, queue = live.watch()
+    landed = await xclient.post("/mp/id", data=f"fpb={token_of(location)}&ref={quote(f'http://{A}/', safe='')}",
+                                headers=browser(B))
+    assert (await landed.json()) == {"id": canonical, "source": "bridge", "token": "accepted"}
+    cookie_b = cookie_from(landed)
+    d_b, seg_b = device_id(), device_id()
+    resp = await xclient.post(TRACK, data=b64_body([js_event("Page B", d_b)]), headers=browser(B, cookie_b))
+    assert resp.status == 200
+    call = {"type": "page", "anonymousId": seg_b, "writeKey": "seg-write-key-us"}
+    resp = await xclient.post("/seg/v1/p", data=orjson.dumps(call),
+                              headers={**browser(B, cookie_b), "Content-Type": "text/plain"})
+    assert resp.status == 200
+    later = await xclient.post(TRACK, data=b64_body([js_event("Later", d_b)]), headers=browser(B, cookie_b))
+    assert later.status == 200
+    records = []
+    while not queue.empty():
+        records.append(queue.get_nowait())
+    requests = [r for r in records if r["kind"] == "request"]
+    assert [(r["source"], r["links"]) for r in requests] == [
+        ("bridge", [(d_b, "bridge")]), ("bridge", [(seg_b, "bridge")]), ("cookie", [(d_b, "cookie")]),
+    ], requests
+    live.unwatch(queue)
+    text = await (await xclient.ops_get("/metrics")).text()
+    assert metric(text, 'firstparty_identity_source_total{source="bridge"}') == 2  # both SDKs' first requests
+    logged = {name: r["sources"] for r in await log_records(xclient, tmp_path) for name in r.get("events") or []}
+    # (spooled, a delivered batch may hold several requests: their sources together)
+    assert "bridge" in logged["Page B"] and logged["$page"] == ["bridge"], logged
 
 
 async def test_identify_on_b_merges_the_canonical_id(xclient, upstream):

@@ -84,6 +84,12 @@ class Resolver:
                 await self._remember_device(resolution.canonical, host, project, incoming[0])
             if resolution.new_aliases:
                 await self._cap_devices(resolution)
+                if resolution.source == SOURCE_COOKIE and self._first_join(resolution):
+                    # A cookie a landing script's token set moments ago: the ids it
+                    # joins now joined through that bridge (or hub), and say so.
+                    landed = await self.store.landed(resolution.canonical, host)  # type: ignore[arg-type]
+                    if landed is not None:
+                        resolution.source = landed
         if resolution.new_aliases:
             # Only a request that proved its canonical id (its own cookie, a
             # redeemed token) moves an alias another request wrote; ids a request
@@ -107,6 +113,12 @@ class Resolver:
             await self.store.add_aliases(resolution.new_aliases)
         self.metrics.source(resolution.source)
         return resolution
+
+    def _first_join(self, resolution: Resolution) -> bool:
+        """Whether the request joins an id this process has not joined to its
+        canonical id before (no store call: the first event of a device, not
+        every event of every cookie)."""
+        return any(not self.store.recently_written(o, c) for o, c in resolution.new_aliases.items())
 
     # Device records are per project: two Mixpanel projects on one page have two device ids.
     async def _remember_device(self, canonical: str, host: str, project: str | None, device: str) -> None:

@@ -33,6 +33,7 @@ from aiocache import Cache, SimpleMemoryCache
 from aiocache.base import BaseCache
 from aiocache.serializers import StringSerializer
 
+from ..core.bridge import PURPOSES as LANDING_PURPOSES
 from ..core.ids import valid_id
 from ..lograte import Throttled
 from ..settings import StoreSettings
@@ -51,6 +52,7 @@ HOST = "host"  # canonical id, host, project -> the device id last shown there, 
 CARRY = "carry"  # canonical id -> carried properties (JSON)
 TOUCH = "touch"  # canonical id -> first external touch (JSON)
 CLAIM = "claim"  # token id -> the first presenter
+LANDED = "landed"  # canonical id, host -> the token a landing script redeemed there (its purpose), for a while
 # A key part: an id (``core.ids``), a host name or a project token; never "/".
 _PART = re.compile(r"[A-Za-z0-9_\-:.\[\]]{1,253}")
 # A JSON record read back or written (carried properties, a first touch).
@@ -314,6 +316,26 @@ class AliasStore:
 
     async def set_first_touch(self, canonical: str, touch: Mapping[str, Any]) -> bool:
         return await self._set_json(self._key(TOUCH, canonical), touch)
+
+    # ------------------------------------------------------------- landings
+
+    async def landed(self, canonical: str, host: str) -> str | None:
+        """How a landing script's token brought ``canonical`` to ``host`` (the
+        token's purpose: ``bridge``, ``hub``, ``frame``, ``app``), while it is
+        recent; None otherwise."""
+        key = self._key(LANDED, canonical, host)
+        raw = await self._get(key) if key else None
+        if not raw:
+            return None
+        purpose, _, until = raw.partition("|")
+        if not until.isdigit() or int(until) < time.time() or purpose not in LANDING_PURPOSES:
+            return None
+        return purpose
+
+    async def set_landed(self, canonical: str, host: str, purpose: str, ttl: int) -> None:
+        key = self._key(LANDED, canonical, host)
+        if key is not None and purpose in LANDING_PURPOSES:
+            await self._set(key, f"{purpose}|{int(time.time()) + ttl}", ttl=ttl)
 
     # --------------------------------------------------------------- claims
 

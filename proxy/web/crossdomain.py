@@ -236,6 +236,11 @@ FRAME_JS = """/* firstparty frame.js: one identity for a widget in an iframe on 
 """
 
 
+# How long after a landing script redeemed a token the SDKs' first events on that
+# host are named after it (they start right after, inside ``firstpartyLanding.ready``).
+LANDED_SECONDS = 600
+
+
 class CrossDomain:
     def __init__(self, proxy: Proxy) -> None:
         self.p = proxy
@@ -559,6 +564,10 @@ class CrossDomain:
                 else None
             )
             canonical, source = carried or self._canonical_for(visit)
+            if carried and visit.browser:
+                # The SDKs' first events come with the cookie this answer sets: they
+                # are named after the token that brought them (``Resolver``).
+                await self.p.s.store.set_landed(canonical, visit.host, source, LANDED_SECONDS)
             body = {"id": canonical, "source": source}
             if token:
                 body["token"] = "accepted" if carried else "refused"
