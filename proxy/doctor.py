@@ -119,6 +119,30 @@ def linked_domains(ctx: Context) -> Iterator[Finding]:
             )
 
 
+# Names that are no top-level domain yet are fine to use: reserved for tests,
+# documentation and private networks (RFC 2606, RFC 6761, ICANN's .internal) or
+# common on intranets.
+RESERVED_TLDS = frozenset({"test", "example", "invalid", "localhost", "local", "internal", "arpa", "lan", "home", "corp"})
+
+
+def domain_spelling(ctx: Context) -> Iterator[Finding]:
+    """A domain whose last label is no top-level domain (``.shop-b.tset``) is a
+    typo, however consistently it is repeated in nginx and the config."""
+    psl = public_suffixes()
+    s = ctx.settings
+    for where, domains in (("cookie.domains", s.cookie.domains), ("identity.linked_domains", s.identity.linked_domains)):
+        for domain in domains:
+            bare = domain.strip(".").lower()
+            tld = bare.rpartition(".")[2]
+            if not bare or tld in RESERVED_TLDS or psl.publicsuffix(bare, accept_unknown=False) is not None:
+                continue
+            yield Finding(
+                WARNING, where,
+                f"{domain!r} ends in .{tld}, which is no top-level domain (public suffix list) nor a reserved one: a typo?",
+                "correct it here and in nginx's server_name (the two agreeing on a typo serve no visitor)",
+            )
+
+
 def secure_cookie(ctx: Context) -> Iterator[Finding]:
     s = ctx.settings
     https = [o for o in s.cors.allowed_origins if o.startswith("https://")]
@@ -237,6 +261,7 @@ def ops_listener(ctx: Context) -> Iterator[Finding]:
 CHECKS: list[Check] = [
     cookie_domains,
     linked_domains,
+    domain_spelling,
     secure_cookie,
     trusted_proxies,
     shared_state,
@@ -343,9 +368,14 @@ async def online_findings(ctx: Context, write_keys: list[str]) -> list[Finding]:
 
 
 def nginx_findings(ctx: Context, path: Path) -> list[Finding]:
-    """The site's nginx config against the proxy's mounts: each mount proxied
-    here, with the headers identity and geolocation need, a body limit no
-    lower than the proxy's, keep-alive upstream, no path rewriting."""
+    """The site's nginx config against the proxy's settings, for every server
+    block of the site (those whose names fall under ``cookie.domains`` or
+    ``identity.linked_domains``; without such domains, every block that sends
+    a mount to the proxy): each mount proxied there, with the headers identity
+    and geolocation need, a body limit no lower than the proxy's, keep-alive
+    upstream, no path rewriting; the upstream is the address the proxy listens
+    on, and nginx's own address is one the proxy trusts. A block that sends the
+    mounts to the proxy under a name outside those domains is named (a typo)."""
     import crossplane
 
     if not path.is_file():
@@ -361,20 +391,114 @@ def nginx_findings(ctx: Context, path: Path) -> list[Finding]:
     upstreams = {d["args"][0]: d for d in _walk(directives) if d["directive"] == "upstream" and d.get("args")}
     s = ctx.settings
     mounts = [*s.server.mounts, *s.server.decide_mounts, *s.segment.mounts]
-    for mount in mounts:
-        found = None
-        for server in servers:
+    domains = list(dict.fromkeys("." + d.strip(".").lower() for d in (*s.cookie.domains, *s.identity.linked_domains)))
+    site: list[tuple[dict[str, Any], str]] = []
+    for server in servers:
+        names = [n.lower() for args in _values(server["block"], "server_name") for n in args if n not in ("_", "")]
+        proxies = any(_location_for(server, m) is not None for m in mounts)
+        label = " ".join(names) or "(no server_name)"
+        if domains and names:
+            if any(_under(n, domains) for n in names):
+                site.append((server, label))
+            elif proxies:
+                out.append(Finding(ERROR, f"{path}:{server.get('line')}",
+                                   f"server_name {label} sends the mounts to the proxy but is under none of "
+                                   f"cookie.domains / identity.linked_domains ({', '.join(domains)}): a typo?",
+                                   "correct the name, or add its domain to cookie.domains and identity.linked_domains"))
+        elif proxies:
+            site.append((server, label))
+    if not site:
+        return out + [
+            Finding(ERROR, str(path), f"no location sends {mount} to the proxy: those requests reach your site instead",
+                    f"add `location {mount} {{ proxy_pass http://firstparty; ... }}` (nginx.example.conf)")
+            for mount in mounts
+        ]
+    targets: list[tuple[str, dict[str, Any]]] = []
+    for server, label in site:
+        for mount in mounts:
             loc = _location_for(server, mount)
-            if loc is not None:
-                found = (server, loc)
-                break
-        if found is None:
-            out.append(Finding(ERROR, str(path), f"no location sends {mount} to the proxy: those requests reach your site instead",
-                               f"add `location {mount} {{ proxy_pass http://firstparty; ... }}` (nginx.example.conf)"))
+            if loc is None:
+                out.append(Finding(ERROR, f"{path}:{server.get('line')}",
+                                   f"{label}: no location sends {mount} to the proxy: the SDKs there get your site's answer (404)",
+                                   f"add `location {mount} {{ proxy_pass http://firstparty; ... }}` to this server block "
+                                   "(nginx.example.conf)"))
+                continue
+            out += _location_findings(path, mount, server, loc, s, upstreams)
+            passes = _values(loc.get("block", []), "proxy_pass")
+            if passes and passes[0]:
+                targets.append((passes[0][0], loc))
+    out += _address_findings(path, targets, s, upstreams)
+    return list(dict.fromkeys(out))  # one location serving several mounts: each finding once
+
+
+def _under(name: str, domains: list[str]) -> bool:
+    name = name.lstrip("*").lstrip(".")
+    return any(name == d[1:] or name.endswith(d) for d in domains)
+
+
+def _address_findings(
+    path: Path, targets: list[tuple[str, dict[str, Any]]], s: Settings, upstreams: dict[str, Any]
+) -> list[Finding]:
+    """Where nginx sends the mounts against where the proxy listens
+    (``server.port``), and the address nginx then connects from against
+    ``server.trusted_proxies``."""
+    out: list[Finding] = []
+    for target, loc in targets:
+        scheme, _, rest = target.partition("://")
+        name = rest.partition("/")[0]
+        if name.startswith("unix:") or "$" in name:
             continue
-        server, loc = found
-        out += _location_findings(path, mount, server, loc, s, upstreams)
+        default = 443 if scheme == "https" else 80
+        if name in upstreams:
+            lines = [(args[0], f"{path}:{d.get('line')}") for d in upstreams[name].get("block", [])
+                     if d["directive"] == "server" and (args := d.get("args"))]
+        else:
+            lines = [(name, f"{path}:{loc.get('line')}")]
+        for address, where in lines:
+            if address.startswith("unix:"):
+                continue
+            host, port = _host_port(address, default)
+            if port is not None and port != s.server.port:
+                out.append(Finding(ERROR, where,
+                                   f"nginx sends the mounts to {address}, but the proxy listens on port {s.server.port} "
+                                   "(server.port): every request is a 502",
+                                   f"point nginx at {host}:{s.server.port}, or set server.port = {port}"))
+            bind = _values(loc.get("block", []), "proxy_bind")
+            source = bind[0][0] if bind and bind[0] else (("::1" if ":" in host else "127.0.0.1") if _loopback(host) else None)
+            if source is None or "$" in source:
+                continue  # another machine: its address is not in this file
+            try:
+                ip = ipaddress.ip_address(source)
+            except ValueError:
+                continue
+            if not any(ip in net for net in s.server.trusted_proxies if net.version == ip.version):
+                out.append(Finding(ERROR, "server.trusted_proxies",
+                                   f"nginx connects to the proxy from {ip} ({'proxy_bind' if bind else 'its upstream ' + address + ' is on this machine'}), "
+                                   "which server.trusted_proxies does not list: X-Forwarded-For is ignored and every visitor "
+                                   "gets the server's IP and location",
+                                   f"add \"{ip}/{ip.max_prefixlen}\" to server.trusted_proxies"))
     return out
+
+
+def _host_port(address: str, default: int) -> tuple[str, int | None]:
+    """``127.0.0.1:8000`` -> (``127.0.0.1``, 8000); ``[::1]:8000``; no port: the scheme's."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = address.partition(":")
+    if not port:
+        return host, default
+    return host, int(port) if port.isdigit() else None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _walk(directives: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -159,6 +159,69 @@ def test_each_broken_nginx_config_is_caught_with_its_fix(tmp_path, text, where, 
     assert matching[0].level == level and fix in matching[0].fix, matching[0].line()
 
 
+# Two registrable domains, one server block each (what a newcomer writes from the README).
+SITE_BLOCK = """
+server {{
+    listen 443 ssl;
+    server_name {names};
+    client_max_body_size 10m;
+    location ~ ^/(mp(-decide)?|seg)/ {{
+        proxy_pass http://firstparty;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-Host $http_host;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+    }}
+}}
+"""
+TWO_SITES = ("upstream firstparty { server 127.0.0.1:8000; keepalive 64; }\n"
+             + SITE_BLOCK.format(names="www.site-a.test") + SITE_BLOCK.format(names="checkout.site-b.test shop.site-b.test"))
+TWO_DOMAINS = {"cookie": {"domains": [".site-a.test", ".site-b.test"]},
+               "identity": {"linked_domains": [".site-a.test", ".site-b.test"]}}
+B_AT = TWO_SITES.index("server_name checkout")
+
+
+def in_b(old: str, new: str) -> str:
+    """TWO_SITES with ``old`` replaced in site B's server block only."""
+    return TWO_SITES[:B_AT] + TWO_SITES[B_AT:].replace(old, new, 1)
+
+
+# (nginx site, proxy settings, where the finding is, level, in the problem, in the fix): issue 23's mistakes
+BROKEN_TWO_SITES = [
+    (in_b("location ~ ^/(mp(-decide)?|seg)/ {", "location /shop/ {"), {}, "site.conf:", "error",
+     "checkout.site-b.test shop.site-b.test: no location sends /mp/", "to this server block"),
+    (in_b("proxy_set_header X-Forwarded-Proto $scheme;", ""), {}, "site.conf:", "warning", "X-Forwarded-Proto", "$scheme"),
+    (TWO_SITES.replace("server 127.0.0.1:8000;", "server 127.0.0.1:8002;"), {}, "site.conf:1", "error",
+     "listens on port 8000", "127.0.0.1:8000"),
+    (TWO_SITES, {"server": {"trusted_proxies": ["10.0.0.0/8"]}}, "server.trusted_proxies", "error",
+     "connects to the proxy from 127.0.0.1", '"127.0.0.1/32"'),
+    (in_b("checkout.site-b.test shop.site-b.test", "checkout.site-b.tset"), {}, "site.conf:", "error",
+     "checkout.site-b.tset sends the mounts to the proxy but is under none", "correct the name"),
+]
+
+
+@pytest.mark.parametrize("text, raw, where, level, problem, fix", BROKEN_TWO_SITES, ids=[b[4][:40] for b in BROKEN_TWO_SITES])
+def test_each_mistake_of_a_two_domain_site_is_caught_with_its_fix(tmp_path, text, raw, where, level, problem, fix):
+    found = nginx(tmp_path, text, {**TWO_DOMAINS, **raw})
+    place = where if where.startswith("server.") else str(tmp_path / where)
+    matching = [f for f in found if f.where.startswith(place) and problem in f.problem]
+    assert len(matching) == 1, [f.line() for f in found]
+    assert matching[0].level == level and fix in matching[0].fix, matching[0].line()
+    assert nginx(tmp_path, TWO_SITES, TWO_DOMAINS) == []  # and the sound two-domain site passes
+
+
+def test_a_domain_typo_repeated_everywhere_is_caught(tmp_path):
+    raw = {"cookie": {"domains": [".site-a.test", ".shop-b.tset"]}, "identity": {"linked_domains": [".site-a.test", ".shop-b.tset"]}}
+    found = run(tmp_path, raw)
+    assert {(f.where, f.level) for f in found} == {("cookie.domains", "warning"), ("identity.linked_domains", "warning")}
+    assert all(".tset" in f.problem and "typo" in f.problem for f in found)
+    fine = {"cookie": {"domains": [".example.co.uk", ".shop.internal", ".site.test"]}}
+    assert run(tmp_path, fine) == []
+
+
 def test_a_missing_nginx_file_is_one_clear_error(tmp_path):
     settings = build_settings({"server": {"data_dir": str(tmp_path / "data")}}, {})
     [finding] = doctor.nginx_findings(doctor.Context(settings), tmp_path / "nowhere.conf")
