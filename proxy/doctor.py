@@ -318,10 +318,14 @@ async def online_findings(ctx: Context, write_keys: list[str]) -> list[Finding]:
         no_proxy=s.upstream.no_proxy,
     )
     out: list[Finding] = []
-    targets = [(f"upstream.{name}", ep, "/") for name, ep in mixpanel.regions.items()]
+    # Only the regions the config sends to: the default and those projects and
+    # write keys are routed to (an unused region's host is not this site's concern).
+    used = {s.upstream.default_region, *s.upstream.projects.values()}
+    seg_used = {seg.region_for(k) for k in [*s.segment.write_keys, *write_keys]} | {seg.region_for(None)}
+    targets = [(f"upstream.{name}", ep, "/") for name, ep in mixpanel.regions.items() if name in used]
     targets += [("upstream.decide", mixpanel.decide, "/")]
     targets += [("upstream.cdn", mixpanel.cdn, LIB_PATHS["lib.min.js"])]
-    targets += [(f"segment.{name.removeprefix('segment-')}", ep, "/") for name, ep in seg.regions.items()]
+    targets += [(f"segment.{name.removeprefix('segment-')}", ep, "/") for name, ep in seg.regions.items() if name in seg_used]
     for key in dict.fromkeys(list(s.segment.write_keys) + write_keys):
         targets.append((f"segment.cdn ({key[:6]}…)", seg.cdn, f"/v1/projects/{key}/settings"))
     await client.open()
@@ -335,7 +339,8 @@ async def online_findings(ctx: Context, write_keys: list[str]) -> list[Finding]:
                 continue
             except UpstreamError as exc:
                 out.append(Finding(ERROR, where, f"{endpoint.origin}: {exc}",
-                                   "check DNS and egress from this host (upstream.https_proxy / HTTPS_PROXY if it must use a proxy)"))
+                                   "check DNS and egress from this host (if it must go through a proxy: HTTPS_PROXY "
+                                   "in the proxy's environment)"))
                 continue
             if path == "/" or path.startswith("/libs/"):
                 if path != "/" and answer.status != 200:

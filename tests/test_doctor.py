@@ -290,23 +290,49 @@ async def test_online_checks_name_unreachable_and_untrusted_upstreams_and_misrou
     raw = {
         "server": {"data_dir": str(tmp_path / "data")},
         "upstream": {"us": url("us"), "eu": url("eu"), "in": dead, "decide": url("us"), "cdn": url("cdn"),
-                     "ca_file": str(trusted_cert), "timeout_seconds": 3},
+                     "ca_file": str(trusted_cert), "timeout_seconds": 3,
+                     "projects": {"eu-project": "eu", "in-project": "in"}},
         "segment": {"us": url("us"), "eu": url("us"), "cdn": url("seg-cdn"), "write_keys": {"seg-write-key-eu": "eu"}},
     }
     try:
         settings = build_settings(raw, {})
         # seg-eu-unrouted: an EU workspace (the fake CDN's settings say so) left on the US default.
         found = await doctor.online_findings(doctor.Context(settings, raw), ["seg-eu-unrouted"])
+        # A site that uses the US regions only: the EU and India hosts (here untrusted and
+        # down) are none of its concern, and Segment's EU host is not asked.
+        us_only = {**raw, "upstream": {k: v for k, v in raw["upstream"].items() if k != "projects"},
+                   "segment": {**raw["segment"], "eu": dead, "write_keys": {}}}
+        us_found = await doctor.online_findings(doctor.Context(build_settings(us_only, {}), us_only), [])
     finally:
         for runner in runners:
             await runner.cleanup()
         down.close()
+    assert us_found == [], [f.line() for f in us_found]
     by_where = {f.where: f for f in found}
     assert set(by_where) == {"upstream.eu", "upstream.in", "segment.write_keys.seg-eu…"}, [f.line() for f in found]
     assert "certificate not trusted" in by_where["upstream.eu"].problem and "ca_file" in by_where["upstream.eu"].fix
     assert "unreachable" in by_where["upstream.in"].problem and "egress" in by_where["upstream.in"].fix
+    # Every key a fix names is one `check` accepts (HTTPS_PROXY is the environment's, not a key).
+    assert "upstream.https_proxy" not in by_where["upstream.in"].fix and "HTTPS_PROXY" in by_where["upstream.in"].fix
     misrouted = by_where["segment.write_keys.seg-eu…"]
     assert "EU region" in misrouted.problem and misrouted.fix == 'segment.write_keys = { "seg-eu-unrouted" = "eu" }'
     # The CDN was asked for mixpanel-js and for both workspaces' settings.
     assert {r.path for r in fake.by("cdn")} == {"/libs/mixpanel-2-latest.min.js"}
     assert {r.path for r in fake.by("seg-cdn")} == {"/v1/projects/seg-write-key-eu/settings", "/v1/projects/seg-eu-unrouted/settings"}
+
+
+def test_every_setting_a_fix_names_exists():
+    """A fix that names a setting the loader rejects sends the operator in a circle:
+    every `section.key` in the doctor's texts is one `check` accepts."""
+    import re
+
+    from proxy.settings import _SCHEMA
+
+    import ast
+
+    tree = ast.parse((ROOT / "proxy" / "doctor.py").read_text())
+    texts = " ".join(n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+    named = set(re.findall(r"\b(" + "|".join(_SCHEMA) + r")\.([a-z_]+)\b", texts))
+    assert named, "the pattern finds the settings the doctor names"
+    unknown = sorted(f"{section}.{key}" for section, key in named if key not in _SCHEMA[section])
+    assert unknown == [], unknown
