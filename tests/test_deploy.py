@@ -175,6 +175,9 @@ async def test_behind_real_nginx(serve_proxy, tmp_path, upstream, nginx_bin):
                 server_hostname="www.example.com",
             )
             assert seg.status == 200, await seg.text()
+            # The liveness check on the public port, through nginx (README: Operations).
+            health = await session.get(f"https://127.0.0.1:{tls_port}/healthz", headers=browser, server_hostname="www.example.com")
+            assert health.status == 200 and (await health.json())["status"] == "ok"
         # Spooled (the default): batches mix visitors, so each event carries its visitor's IP.
         [event] = await upstream.wait(1, "us", "/track")
         assert event["event"] == "Through nginx"

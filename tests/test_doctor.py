@@ -238,7 +238,8 @@ def test_a_sound_nginx_config_passes(tmp_path):
     assert nginx(tmp_path, GOOD_NGINX) == []
 
 
-def test_the_shipped_configs_pass(tmp_path):
+@pytest.mark.parametrize("site", ["nginx.example.conf", "deploy/nginx.conf"])
+def test_the_shipped_configs_pass(tmp_path, site):
     secret = tmp_path / "secret"
     secret.write_text("a-production-secret-of-some-length\n")
     secret.chmod(0o600)
@@ -250,7 +251,7 @@ def test_the_shipped_configs_pass(tmp_path):
     }
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "check", "--config", str(ROOT / "deploy" / "config.toml"),
-         "--nginx", str(ROOT / "nginx.example.conf")],
+         "--nginx", str(ROOT / site)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
