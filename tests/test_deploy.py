@@ -66,6 +66,12 @@ def render_nginx(tmp: Path, proxy_port: int, tls_port: int, cert: Path, key: Pat
     site = site.replace("listen [::]:443 ssl http2;", "")
     site = site.replace("/etc/ssl/certs/www.example.com.pem", str(cert))
     site = site.replace("/etc/ssl/private/www.example.com.key", str(key))
+    return wrap_site(tmp, site)
+
+
+def wrap_site(tmp: Path, site: str) -> Path:
+    """An nginx main config of the test's own (pid, logs, temp files under ``tmp``)
+    including ``site``, a file meant for http { }."""
     (tmp / "site.conf").write_text(site)
     main = tmp / "nginx.conf"
     main.write_text(

@@ -238,8 +238,12 @@ def test_a_sound_nginx_config_passes(tmp_path):
     assert nginx(tmp_path, GOOD_NGINX) == []
 
 
-@pytest.mark.parametrize("site", ["nginx.example.conf", "deploy/nginx.conf"])
-def test_the_shipped_configs_pass(tmp_path, site):
+@pytest.mark.parametrize("config, site", [
+    ("deploy/config.toml", "nginx.example.conf"),
+    ("deploy/config.toml", "deploy/nginx.conf"),
+    ("deploy/example/config.toml", "deploy/example/nginx.conf"),  # both server blocks
+])
+def test_the_shipped_configs_pass(tmp_path, config, site):
     secret = tmp_path / "secret"
     secret.write_text("a-production-secret-of-some-length\n")
     secret.chmod(0o600)
@@ -250,7 +254,7 @@ def test_the_shipped_configs_pass(tmp_path, site):
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "proxy", "check", "--config", str(ROOT / "deploy" / "config.toml"),
+        [sys.executable, "-m", "proxy", "check", "--config", str(ROOT / config),
          "--nginx", str(ROOT / site)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
