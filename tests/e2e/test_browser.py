@@ -881,3 +881,37 @@ async def test_a_neutral_mount_and_api_routes_get_past_filter_lists(site: Site) 
     async with aiohttp.ClientSession() as http:
         async with http.post(site.url("127.0.0.1", "/mp/track/"), data="data=e30%3D") as resp:
             assert resp.status == 404
+
+
+async def test_mixpanels_own_snippet_loads_the_first_party_library(site: Site) -> None:
+    """Mixpanel's own snippet (npm mixpanel-browser's ``mixpanel-jslib-snippet.min.js``,
+    read from the install, not kept in this repository) with
+    ``MIXPANEL_CUSTOM_LIB_URL = "/mp/lib.min.js"``, as the README says: the snippet
+    build comes through the proxy from the CDN, runs the queued init and track, and
+    the event reaches Mixpanel with the canonical id."""
+    from tests.e2e.harness import NODE_MODULES
+
+    dist = NODE_MODULES / "mixpanel-browser" / "dist"
+    site.upstream.mixpanel_js = dist / "mixpanel.min.js"  # what cdn.mxpnl.com serves as mixpanel-2-latest.min.js
+    snippet = (dist / "mixpanel-jslib-snippet.min.js").read_text()
+    site.pages["official"] = (
+        "<!doctype html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'><title>snippet</title>"
+        "<script>window.MIXPANEL_CUSTOM_LIB_URL = '/mp/lib.min.js';</script>"
+        f"<script>{snippet}</script>"
+        f"<script>mixpanel.init({TOKEN!r}, {{api_host: location.origin + '/mp', batch_flush_interval_ms: 100}});"
+        " mixpanel.track('Through the snippet');</script></head><body>snippet</body></html>"
+    )
+    run = await drive(
+        [
+            goto(site, "www.site-a.test", "/e2e/official"),
+            {"op": "wait_js", "js": "window.mixpanel && window.mixpanel.__loaded === true"},
+            wait("/mp/track/", event("Through the snippet")),
+            {"op": "cookies", "save": "cookies"},
+        ]
+    )
+    check_browser(run)
+    assert [r["status"] for r in run.requests if r["url"].endswith("/mp/lib.min.js")] == [200]
+    assert [r.path for r in site.upstream.by("cdn")] == ["/libs/mixpanel-2-latest.min.js"]
+    canonical = canonical_of(next(c for c in run["cookies"] if c["name"] == "fp_id")["value"])
+    props = (await event_named(site.upstream, "Through the snippet"))["properties"]
+    assert props["$device_id"] == canonical and props["mp_lib"] == "web"
