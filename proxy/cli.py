@@ -236,6 +236,7 @@ def stray_spools(base: Path, workers: int, look_ahead: int = 64) -> list[Path]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_for(args)
+    logging.getLogger().setLevel(settings.log.level.upper())  # log.level (FIRSTPARTY_LOG_LEVEL)
     from .services.upstream import Upstreams
 
     Upstreams.from_settings(settings.upstream)  # fail on bad URLs before forking
@@ -625,7 +626,8 @@ def cmd_fake_upstream(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    level = os.environ.get("FIRSTPARTY_LOG_LEVEL", "info").upper()
+    # Until a command has read its settings (serve applies log.level).
+    level = os.environ.get("FIRSTPARTY_LOG_LEVEL", "info").strip('"').upper()
     handler = logging.StreamHandler()
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])

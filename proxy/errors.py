@@ -2,9 +2,13 @@
 
     ProxyError
     ├── ConfigError        bad settings; the CLI prints it as one line, exit 2
-    ├── BadRequest         the client sent something we refuse (HTTP 400)
-    │   ├── PayloadTooLarge  body or decompressed body over the limit (HTTP 413)
-    │   └── RequestTimeout   the body arrived too slowly (HTTP 408)
+    ├── Refused            answered to the client with its ``status`` (the vendor's error shape)
+    │   ├── BadRequest       the client sent something we refuse (HTTP 400)
+    │   │   ├── PayloadTooLarge  body or decompressed body over the limit (HTTP 413)
+    │   │   └── RequestTimeout   the body arrived too slowly (HTTP 408)
+    │   └── Unavailable      not now: the client keeps its events and comes back (HTTP 503, Retry-After)
+    │       ├── Overloaded       too many bodies arriving at once
+    │       └── SpoolFull        the queue is full or cannot write (services/spool)
     └── UpstreamError      the vendor could not be reached or answered nonsense
         ├── UpstreamTimeout      no complete answer within the route's timeout
         ├── UpstreamUnreachable  DNS, refused or reset connections, a proxy that failed
@@ -31,7 +35,14 @@ class ConfigError(ProxyError):
         self.message = message
 
 
-class BadRequest(ProxyError):
+class Refused(ProxyError):
+    """A request the proxy answers with an error: ``status`` is the HTTP status,
+    ``str(exc)`` the text of the vendor-shaped answer."""
+
+    status = 400
+
+
+class BadRequest(Refused):
     """Client input we refuse; ``str(exc)`` is the Mixpanel-style verbose error text."""
 
     status = 400
@@ -45,11 +56,16 @@ class RequestTimeout(BadRequest):
     status = 408
 
 
-class Overloaded(BadRequest):
-    """Too many bodies arriving at once (``server.max_inflight_body_bytes``):
-    answered 503 with Retry-After; the client keeps its events and resends."""
+class Unavailable(Refused):
+    """The proxy cannot take the request now; the client keeps its events and
+    resends after ``RETRY_AFTER`` seconds (answered 503 with Retry-After)."""
 
     status = 503
+    RETRY_AFTER = "5"
+
+
+class Overloaded(Unavailable):
+    """Too many bodies arriving at once (``server.max_inflight_body_bytes``)."""
 
 
 class UpstreamError(ProxyError):

@@ -266,3 +266,31 @@ def test_bad_mounts_and_aliases_name_the_key(tmp_path, server, key):
     with pytest.raises(ConfigError) as err:
         build_settings({"server": {"data_dir": str(tmp_path), **server}, "cookie": {"secret": "s" * 32}}, {})
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("level, listening_line", [("info", True), ("warning", False)])
+def test_log_level_sets_the_process_log(tmp_path, level, listening_line):
+    """`[log] level` is the process log's level: at "warning" the start-up line (info) is not written."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n[log]\nlevel = "{level}"\n')
+    reserved = reserve_shared_port()  # the ops listener's (it joins a held port): asked until it answers
+    port = port_of(reserved)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")}
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", "0",
+                             "--ops-port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # until it answers: the start-up line, if any, is written by then
+            assert proc.poll() is None and time.monotonic() < deadline, "the proxy did not start"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+        reserved.close()
+    assert ("listening on" in err) is listening_line, err

@@ -4,6 +4,8 @@ loop); `firstparty spool check` names a bad file offline."""
 
 from __future__ import annotations
 
+import pytest
+
 import contextlib
 import logging
 import os
@@ -246,19 +248,20 @@ async def test_a_disk_that_refuses_writes_is_a_503_not_a_500(tmp_path):
         await spool.close()
 
 
-async def test_bodies_arriving_at_once_are_bounded(proxy_client, upstream):
+@pytest.mark.parametrize("path", ["/mp/track/?verbose=1", "/mp/bridge", "/mp/id"])
+async def test_bodies_arriving_at_once_are_bounded(proxy_client, upstream, path):
     """Slow uploads hold at most server.max_inflight_body_bytes between them: one
-    more is answered 503 with Retry-After at once, not buffered; once the first
-    has arrived the room is back."""
+    more (an event request, or a landing script's POST) is answered 503 with
+    Retry-After at once, not buffered; once the first has arrived the room is back."""
     import asyncio
 
     client = await proxy_client(server={"max_inflight_body_bytes": 100_000})
     body = b64_body([js_event("slow", device_id(), pad="x" * 50_000)]).encode()
 
-    async def start_upload() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def start_upload(target: str = "/mp/track/?verbose=1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
         writer.write(
-            b"POST /mp/track/?verbose=1 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: Mozilla/5.0\r\n"
+            f"POST {target} HTTP/1.1\r\n".encode() + b"Host: www.example.com\r\nUser-Agent: Mozilla/5.0\r\n"
             b"Content-Type: application/x-www-form-urlencoded\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000]
         )
@@ -270,7 +273,7 @@ async def test_bodies_arriving_at_once_are_bounded(proxy_client, upstream):
     from tests.support import eventually
 
     await eventually(lambda: client.app[BODY_BUDGET].used > 0, 5, "the first upload to hold the budget")
-    second = await start_upload()
+    second = await start_upload(path)
     head = await asyncio.wait_for(second[0].readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in head
     second[1].close()

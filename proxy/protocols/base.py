@@ -5,7 +5,7 @@ identity fields of each event, rewrites them, makes an event ready to travel
 in a shared batch, encodes batches for its upstream, sorts the upstream's
 answers into classes and shapes the answers its SDKs expect. Everything else,
 request -> identity -> rewrite -> spool -> deliver -> log, is written once
-(``web.pipeline``, ``services.delivery``) and knows no vendor.
+(``web.handlers``, ``services.delivery``) and knows no vendor.
 
 Pure: nothing here does I/O or knows aiohttp.
 """
@@ -187,8 +187,6 @@ class WireProtocol(Protocol):
     def rewrite(self, route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]: ...
 
     def prepare(self, route: str, event: dict[str, Any], ip: str | None) -> EventFacts: ...
-
-    def encode(self, payload: Payload) -> tuple[bytes, str]: ...
 
     def batch(self, route: str, ip: bool, bodies: list[bytes], project: str | None = None) -> Outbound: ...
 

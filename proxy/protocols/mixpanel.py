@@ -113,11 +113,6 @@ def decode(
     )
 
 
-def encode(payload: Payload) -> tuple[bytes, str]:
-    """The (rewritten) events in the form the client sent them: body, Content-Type."""
-    return codec.encode_body(payload.form)
-
-
 def reencode(payload: Payload, query: list[tuple[str, str]]) -> tuple[bytes, str, str | None]:
     """(body, Content-Type, raw query) for forwarding rewritten events: a GET
     that carried ``data`` in its query gets a new query (the third item), any
@@ -126,7 +121,7 @@ def reencode(payload: Payload, query: list[tuple[str, str]]) -> tuple[bytes, str
         value, _ = codec.encode_data_value(payload.form)
         parts = [f"data={value.decode()}" if k == "data" else urlencode([(k, v)]) for k, v in query]
         return b"", "", "&".join(parts)
-    body, content_type = encode(payload)
+    body, content_type = codec.encode_body(payload.form)
     return body, content_type, None
 
 
@@ -499,7 +494,6 @@ class Mixpanel:
     max_batch_bytes = None
     event_consent = False
     decode = staticmethod(decode)
-    encode = staticmethod(encode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)
     device_changes = staticmethod(device_changes)

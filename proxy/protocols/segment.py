@@ -289,10 +289,6 @@ def prepare(route: str, event: dict[str, Any], ip: str | None) -> EventFacts:
     return EventFacts(_name(event), message_id, key if isinstance(key, str) else None, None)
 
 
-def encode(payload: Payload) -> tuple[bytes, str]:
-    return orjson.dumps({"batch": payload.events}), "application/json"
-
-
 def batch(route: str, ip: bool, bodies: list[bytes], project: str | None = None) -> Outbound:
     """``POST /v1/batch`` with the calls of one write key."""
     sent_at = datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="milliseconds")
@@ -312,7 +308,6 @@ class Segment:
     max_batch_bytes = MAX_BATCH_BYTES
     event_consent = True
     decode = staticmethod(decode)
-    encode = staticmethod(encode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)
     device_changes = staticmethod(device_changes)

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ..errors import Unavailable
 from ..files import touch_private
 
 SCHEMA = """
@@ -349,7 +350,7 @@ class DeadLetter:
     status: int | None
 
 
-class SpoolFull(Exception):
+class SpoolFull(Unavailable):
     """The spool cannot take these events now (it holds ``max_rows``, or it
     cannot write): the client must keep its copy and retry (503)."""
 

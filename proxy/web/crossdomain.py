@@ -47,7 +47,7 @@ from ..core.bridge import (
 from ..core.apikeys import bearer
 from ..core.cookie import CookieJar, own_cookie_values
 from ..core.ids import ID_CHARS, MAX_ID_CHARS, MIN_ID_CHARS, valid_id
-from ..errors import BadRequest
+from ..errors import BadRequest, Refused, Unavailable
 from ..lograte import Throttled
 from .http import json_response, query_get, read_body, request_host
 from ..core.tokens import TokenClaims, TokenExpired, TokenInvalid
@@ -411,8 +411,8 @@ class CrossDomain:
         visit = self.p._visit(request)
         try:
             fields = await self._fields(request, "to")
-        except BadRequest as exc:
-            return self.p._finish(_json_error(exc.status, str(exc)), visit, None, "bridge")
+        except Refused as exc:
+            return self.p._finish(_refusal(exc), visit, None, "bridge")
         if fields.get("seed") == "1":
             return self.p._finish(self._seed_answer(request, visit), visit, None, "bridge")
         app = bearer(request.headers.get("authorization"))
@@ -536,8 +536,8 @@ class CrossDomain:
                 return self.p._finish(_json_error(403, "origin is not on a linked domain"), visit, None, "id")
             try:
                 fields = await self._fields(request, self._cfg.token_param)
-            except BadRequest as exc:
-                return self.p._finish(_json_error(exc.status, str(exc)), visit, None, "id")
+            except Refused as exc:
+                return self.p._finish(_refusal(exc), visit, None, "id")
             token = fields.get(self._cfg.token_param) or None
             frame = fields.get("frame") == "1"
             # land.js sends its page's document.referrer (where the landing came
@@ -724,6 +724,14 @@ class CrossDomain:
 
 def _script(body: str) -> web.Response:
     return web.Response(text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"})
+
+
+def _refusal(exc: Refused) -> web.Response:
+    """A refused body (too large, too slow, too many at once) in this module's JSON shape."""
+    response = _json_error(exc.status, str(exc))
+    if isinstance(exc, Unavailable):
+        response.headers["Retry-After"] = exc.RETRY_AFTER
+    return response
 
 
 def _json_error(status: int, message: str) -> web.Response:

@@ -38,7 +38,7 @@ from ..core.clientip import TrustedProxies, client_ip, truncate
 from ..core.cookie import CookieJar, cookie_values, own_cookie_values
 from ..core.ids import valid_id
 from ..core.cors import OriginPolicy
-from ..errors import BadRequest, PayloadTooLarge, UpstreamError
+from ..errors import BadRequest, PayloadTooLarge, Refused, Unavailable, UpstreamError
 from ..services.forwardlog import MAX_LISTED, ForwardedLog
 from ..services.live import LiveFeed
 from ..services.metrics import CONTENT_TYPE, Metrics
@@ -73,7 +73,6 @@ log = logging.getLogger(__name__)
 
 # /record bodies above this are streamed to the upstream instead of read whole.
 STREAM_BODY_BYTES = 64 * 1024
-SPOOL_RETRY_AFTER = "5"
 AJS_COOKIE = "ajs_anonymous_id"
 
 
@@ -262,14 +261,19 @@ class Proxy:
         return response
 
     def _error(
-        self, exc: BadRequest, visit: Visit, verbose: bool, route: str, protocol: WireProtocol = MIXPANEL
+        self, exc: Refused, visit: Visit, verbose: bool, route: str, protocol: WireProtocol = MIXPANEL,
+        *, body_read: bool = False,
     ) -> web.Response:
+        """The vendor-shaped answer to a refused request: its status from the tree
+        (``errors``); an ``Unavailable`` one with Retry-After, the SDK keeping its events."""
         if exc.status < 500:
             self.s.metrics.bad_requests.inc()
-        response = answer(protocol.error(exc.status, str(exc), verbose))
-        if exc.status == 503:  # overloaded: the SDK keeps its events and comes back
-            response.headers["Retry-After"] = SPOOL_RETRY_AFTER
-            response.force_close()  # its body is not read: never linger draining it
+        message = f"{exc}; retry later" if isinstance(exc, Unavailable) and body_read else str(exc)
+        response = answer(protocol.error(exc.status, message, verbose))
+        if isinstance(exc, Unavailable):
+            response.headers["Retry-After"] = exc.RETRY_AFTER
+            if not body_read:
+                response.force_close()  # its body is not read: never linger draining it
         return self._finish(response, visit, None, route)
 
     async def _resolve(
@@ -594,7 +598,7 @@ class Proxy:
         )
         verbose = request.query.get("verbose") == "1" or protocol is not MIXPANEL
         response = answer(protocol.error(503, "overloaded; retry later", verbose))
-        response.headers["Retry-After"] = SPOOL_RETRY_AFTER
+        response.headers["Retry-After"] = Unavailable.RETRY_AFTER
         if not request.content.is_eof():
             response.force_close()  # a body still arriving is not read: never linger draining it
         self.s.metrics.request(route, 503)
@@ -693,7 +697,7 @@ class Proxy:
                 self.s.settings.server.max_body_bytes,
                 request.headers.get("authorization", ""),
             )
-        except BadRequest as exc:
+        except Refused as exc:
             return self._error(exc, visit, verbose, route, protocol)
         route = payload.route
         verbose = payload.verbose
@@ -738,7 +742,7 @@ class Proxy:
             # Every id the request names passes the one rule (``core.ids``) before
             # it is looked up, stored, put in a cookie or logged.
             incoming = [ids.accept(protocol.anonymous_ids(route, events[a:b]), refuse_long=visit.browser) for a, b in runs]
-        except BadRequest as exc:
+        except Refused as exc:
             return self._error(exc, visit, verbose, route, protocol)
         server_ids = [] if visit.browser and route != "import" else ids.accept(protocol.lookup_ids(route, events), refuse_long=False)
         parts: list[tuple[int, int, Resolution]] = []
@@ -911,12 +915,8 @@ class Proxy:
         resolution = parts[-1][2]  # the browser's identity from now on: its cookie
         try:
             await self.s.spool.enqueue(rows)
-        except PayloadTooLarge as exc:  # more than the queue takes in one message (JetStream's max_payload)
-            return self._error(exc, visit, payload.verbose, route, protocol)
-        except SpoolFull as exc:
-            response = answer(protocol.error(503, f"{exc}; retry later", payload.verbose))
-            response.headers["Retry-After"] = SPOOL_RETRY_AFTER
-            return self._finish(response, visit, None, route)
+        except (PayloadTooLarge, SpoolFull) as exc:  # over a queue message (JetStream's max_payload); full
+            return self._error(exc, visit, payload.verbose, route, protocol, body_read=True)
         for a, b, part in parts:
             self.s.metrics.accepted(route, b - a, protocol.name, part.source)
         for region in {row.region for row in rows}:
@@ -987,7 +987,7 @@ class Proxy:
                 body = request.content
             else:
                 body = await read_body(request, self.s.settings.server)
-        except BadRequest as exc:
+        except Refused as exc:
             return self._error(exc, visit, verbose, route)
         param = self.s.settings.identity.token_param
         token = next((v for k, v in query if k == param), None) if visit.browser else None
@@ -1012,7 +1012,7 @@ class Proxy:
         incoming, server_ids, context = mixpanel.query_identity(route, query)
         try:
             incoming = ids.accept(incoming, refuse_long=visit.browser)
-        except BadRequest as exc:
+        except Refused as exc:
             return self._error(exc, visit, verbose, route)
         server_ids = ids.accept(server_ids, refuse_long=False)
         resolution = await self._resolve(visit, route, incoming, server_ids, token)
