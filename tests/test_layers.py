@@ -1,0 +1,93 @@
+"""The import graph of ``proxy/`` against its layers (ARCHITECTURE.md): ``core`` <-
+``protocols`` <- ``services`` <- ``web`` <- the commands. Read from the source (the
+imports as written, a function's own ones included), so a module that reaches up a
+layer, or two modules that need each other, fail here before anyone has to untangle
+them. Imports under ``TYPE_CHECKING`` are annotations only and not counted; the ones
+left (``web/handlers`` <-> ``web/crossdomain``, ``web/cdn``) go with the pipeline's
+redesign (issue 24), as do the ``core`` modules that still read ``settings``
+(``KNOWN_CORE_SETTINGS``: the list may only shrink)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "proxy"
+LAYERS = {"core": 0, "protocols": 1, "services": 2, "web": 3}
+KNOWN_CORE_SETTINGS = {"proxy.core.clientip", "proxy.core.consent", "proxy.core.cookie"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def imports_of(name: str) -> set[str]:
+    """The ``proxy`` modules ``name`` imports (relative or absolute), outside ``TYPE_CHECKING``."""
+    path = MODULES[name]
+    tree = ast.parse(path.read_text())
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    hidden = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+              for n in ast.walk(node)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in hidden or not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif node.level:
+            base = ".".join(package[: len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            targets = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        found.update(t for t in targets if t in MODULES and t != name)
+    return found
+
+
+GRAPH = {name: imports_of(name) for name in MODULES}
+
+
+def layer(name: str) -> int | None:
+    parts = name.split(".")
+    return LAYERS.get(parts[1]) if len(parts) > 2 else None
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = sorted(
+        (m, d) for m, deps in GRAPH.items() for d in deps
+        if layer(m) is not None and layer(d) is not None and layer(d) > layer(m)  # type: ignore[operator]
+    )
+    assert upward == []
+
+
+def test_the_import_graph_has_no_cycles():
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        seen[name] = 1
+        for dep in sorted(GRAPH[name]):
+            if seen.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep] if dep in path else [name, dep]
+                raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+            if dep not in seen:
+                visit(dep, path + [dep])
+        seen[name] = 2
+
+    for name in sorted(GRAPH):
+        if name not in seen:
+            visit(name, [name])
+
+
+def test_core_reads_no_settings_beyond_the_known_few():
+    readers = {m for m, deps in GRAPH.items() if layer(m) == 0 and "proxy.settings" in deps}
+    assert readers <= KNOWN_CORE_SETTINGS, sorted(readers - KNOWN_CORE_SETTINGS)
+
+
+def test_the_graph_is_read_at_all():
+    """The checks above see the imports they judge (a parser that found nothing would pass them)."""
+    assert "proxy.core.ids" in GRAPH["proxy.services.store"]
+    assert "proxy.services.liverelay" in GRAPH["proxy.cli"]
+    assert "proxy.web.handlers" not in GRAPH["proxy.web.crossdomain"]  # only under TYPE_CHECKING
