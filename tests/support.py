@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import re
 import socket
+import os
 import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +252,69 @@ class OwnServer:
             else:
                 self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_ready(session: Any, port: int, proc: subprocess.Popen[Any]) -> None:
+    """Until a ``firstparty serve`` child answers /healthz on ``port`` (20 s at most)."""
+    import aiohttp
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "proxy exited during start-up"
+        try:
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("proxy did not start in 20 s")
+
+
+async def wait_for_workers(port: int, count: int) -> None:
+    """Until every worker listens, SO_REUSEPORT hands all connections to the
+    first one: ask /healthz on new connections until `count` pids answered."""
+    import aiohttp
+
+    pids: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < count:
+        assert time.monotonic() < deadline, f"only {len(pids)} of {count} workers answered in 20 s"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                pids.add((await r.json())["pid"])
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def serve_workers(config: Path, workers: int = 2) -> AsyncIterator[tuple[int, int, subprocess.Popen[bytes]]]:
+    """``firstparty serve --config config`` with ``workers`` workers, on ports held for
+    the whole test with SO_REUSEPORT and never listening (the workers join them, no
+    other process can take them): yields (port, ops port, process) once every worker
+    answers; stopped with SIGTERM after, and it must exit 0."""
+    import aiohttp
+    import signal
+
+    reserved, ops_reserved = reserve_shared_port(), reserve_shared_port()
+    port, ops_port = port_of(reserved), port_of(ops_reserved)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--ops-port", str(ops_port)],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, port, proc)
+        await wait_for_workers(port, workers)
+        yield port, ops_port, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        reserved.close()
+        ops_reserved.close()
+    assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import b64_body, device_id, js_event
-from tests.support import wait_listening
+from tests.support import wait_listening, wait_ready
 from tests.fakeupstream import FakeUpstream, Recorded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,20 +43,6 @@ def start_proxy(config: Path, log: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=open(log, "ab"),  # noqa: SIM115 - the child owns it
     )
-
-
-async def wait_ready(session: aiohttp.ClientSession, port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "proxy exited during start-up"
-        try:
-            async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("proxy did not start in 20 s")
 
 
 @pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])

@@ -5,35 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
 
 from tests.conftest import b64_body, device_id, js_event
 from tests.fakeupstream import FakeUpstream
-from tests.support import eventually, eventually_async, metric, port_of, reserve_shared_port
-from tests.test_crash import wait_ready
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-async def wait_for_workers(port: int, count: int) -> None:
-    """Until every worker listens, SO_REUSEPORT hands all connections to the
-    first one: ask /healthz on new connections until `count` pids answered."""
-    pids: set[int] = set()
-    deadline = time.monotonic() + 20
-    while len(pids) < count:
-        assert time.monotonic() < deadline, f"only {len(pids)} of {count} workers answered in 20 s"
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
-                pids.add((await r.json())["pid"])
-        await asyncio.sleep(0.01)
+from tests.support import eventually, eventually_async, metric, serve_workers
 
 
 async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
@@ -46,24 +25,9 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
         f'[cookie]\nsecure = false\nsecret = "workers-test-secret-workers-test"\n'
         f"[delivery]\nbatch_window_ms = 20\n"
     )
-    # Held for the whole test with SO_REUSEPORT and never listening: the workers
-    # (which bind with SO_REUSEPORT too) join it, and no other process can take the port.
-    reserved = reserve_shared_port()
-    port = port_of(reserved)
-    ops_reserved = reserve_shared_port()  # the ops listener, shared by the workers the same way
-    ops_port = port_of(ops_reserved)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--ops-port", str(ops_port)],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     try:
-        sent: list[str] = []
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, port, proc)
-            await wait_for_workers(port, 2)
+        async with serve_workers(config) as (port, ops_port, _proc):
+            sent: list[str] = []
 
             async def one() -> None:
                 # A new connection per request, so SO_REUSEPORT spreads them over the workers.
@@ -79,60 +43,55 @@ async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
                         sent.extend(e["properties"]["$insert_id"] for e in events)
 
             await asyncio.gather(*(one() for _ in range(100)))
-        await upstream.wait(300, "us", "/track", timeout=20)
+            await upstream.wait(300, "us", "/track", timeout=20)
 
-        def queued() -> int:
-            total = 0
-            for path in (tmp_path / "data").glob("spool*.sqlite3"):
+            def queued() -> int:
+                total = 0
+                for path in (tmp_path / "data").glob("spool*.sqlite3"):
+                    with sqlite3.connect(path) as c:
+                        total += c.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+                return total
+
+            # Once both spools are empty every row has had its one send: a double
+            # send (a worker reading the other's spool) would be in the upstream by now.
+            await eventually(lambda: queued() == 0, 20, "both spools to empty")
+            received = [e["properties"]["$insert_id"] for e in upstream.received("us", "/track")]
+            assert sorted(received) == sorted(sent)  # all of them, each once
+            spools = sorted((tmp_path / "data").glob("spool*.sqlite3"))
+            assert [p.name for p in spools] == ["spool-1.sqlite3", "spool.sqlite3"]
+            accepted = []
+            for path in spools:
                 with sqlite3.connect(path) as c:
-                    total += c.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
-            return total
+                    accepted.append(c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'queue'").fetchone()[0])
+            # One row per request (its three events): both workers took a share.
+            assert sum(accepted) == 100 and min(accepted) > 0
 
-        # Once both spools are empty every row has had its one send: a double
-        # send (a worker reading the other's spool) would be in the upstream by now.
-        await eventually(lambda: queued() == 0, 20, "both spools to empty")
-        received = [e["properties"]["$insert_id"] for e in upstream.received("us", "/track")]
-        assert sorted(received) == sorted(sent)  # all of them, each once
-        spools = sorted((tmp_path / "data").glob("spool*.sqlite3"))
-        assert [p.name for p in spools] == ["spool-1.sqlite3", "spool.sqlite3"]
-        accepted = []
-        for path in spools:
-            with sqlite3.connect(path) as c:
-                accepted.append(c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'queue'").fetchone()[0])
-        # One row per request (its three events): both workers took a share.
-        assert sum(accepted) == 100 and min(accepted) > 0
+            # One scrape of the ops listener, whichever worker answers it, counts
+            # every worker's events (their per-request counters reach the shared
+            # files within a second).
+            async def scrape() -> str:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                    async with s.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
+                        assert r.status == 200
+                        return await r.text()
 
-        # One scrape of the ops listener, whichever worker answers it, counts
-        # every worker's events (their per-request counters reach the shared
-        # files within a second).
-        async def scrape() -> str:
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-                async with s.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
-                    assert r.status == 200
-                    return await r.text()
+            scraped: list[str] = []
 
-        scraped: list[str] = []
+            async def totals_reported() -> bool:
+                scraped.append(await scrape())
+                return metric(scraped[-1], 'firstparty_events_accepted_total{route="track"}') == 300
 
-        async def totals_reported() -> bool:
-            scraped.append(await scrape())
-            return metric(scraped[-1], 'firstparty_events_accepted_total{route="track"}') == 300
-
-        await eventually_async(totals_reported, 10, "a scrape counting all 300 events")
-        text = scraped[-1]
-        assert metric(text, 'firstparty_requests_total{route="track",status="200"}') == 100
-        assert metric(text, 'firstparty_delivery_outcomes_total{outcome="forwarded",route="track"}') == 300
-        assert metric(text, "firstparty_spool_depth") == 0
-        # Not on the public port.
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
-                assert r.status == 404
+            await eventually_async(totals_reported, 10, "a scrape counting all 300 events")
+            text = scraped[-1]
+            assert metric(text, 'firstparty_requests_total{route="track",status="200"}') == 100
+            assert metric(text, 'firstparty_delivery_outcomes_total{outcome="forwarded",route="track"}') == 300
+            assert metric(text, "firstparty_spool_depth") == 0
+            # Not on the public port.
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    assert r.status == 404
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
         await runner.cleanup()
-        reserved.close()
-        ops_reserved.close()
-    assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
 
 
 class LiveStream:
@@ -165,7 +124,7 @@ class LiveStream:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):  # the server may be gone
                 await self._task
 
 
@@ -196,41 +155,27 @@ async def test_the_live_view_shows_every_workers_events(tmp_path: Path) -> None:
         f'[upstream]\nus = "http://127.0.0.1:{up_port}"\n'
         f'[cookie]\nsecure = false\nsecret = "workers-test-secret-workers-test"\n'
     )
-    reserved, ops_reserved = reserve_shared_port(), reserve_shared_port()
-    port, ops_port = port_of(reserved), port_of(ops_reserved)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--ops-port", str(ops_port)],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    streams = [LiveStream(ops_port) for _ in range(6)]
+    streams: list[LiveStream] = []
     try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, port, proc)
-        await wait_for_workers(port, 2)
-        for stream in streams:
-            stream.start()
-        await asyncio.wait_for(asyncio.gather(*(s.open.wait() for s in streams)), 10)
-        # A stream counts for every worker from the moment it is open: no warm-up.
-        pids = await asyncio.gather(*(post_on_one_worker(port, f"Live {i}") for i in range(40)))
-        assert len(set(pids)) == 2, "both workers took a share of the events"
-        sent = [f"Live {i}" for i in range(40)]
+        async with serve_workers(config) as (port, ops_port, _proc):
+            streams += [LiveStream(ops_port) for _ in range(6)]
+            for stream in streams:
+                stream.start()
+            await asyncio.wait_for(asyncio.gather(*(s.open.wait() for s in streams)), 10)
+            # A stream counts for every worker from the moment it is open: no warm-up.
+            pids = await asyncio.gather(*(post_on_one_worker(port, f"Live {i}") for i in range(40)))
+            assert len(set(pids)) == 2, "both workers took a share of the events"
+            sent = [f"Live {i}" for i in range(40)]
 
-        def complete() -> bool:
-            return all(sorted(n for n in s.names() if n.startswith("Live ")) == sorted(sent) for s in streams)
+            def complete() -> bool:
+                return all(sorted(n for n in s.names() if n.startswith("Live ")) == sorted(sent) for s in streams)
 
-        await eventually(complete, 10, "every event on every stream")
-        for stream in streams:
-            names = [n for n in stream.names() if n.startswith("Live ")]
-            assert len(names) == len(set(names)) == 40  # each once
+            await eventually(complete, 10, "every event on every stream")
+            for stream in streams:
+                names = [n for n in stream.names() if n.startswith("Live ")]
+                assert len(names) == len(set(names)) == 40  # each once
+                await stream.stop()  # before the workers stop
     finally:
         for stream in streams:
             await stream.stop()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
         await runner.cleanup()
-        reserved.close()
-        ops_reserved.close()
-    assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""

@@ -8,10 +8,6 @@ the one in ``docs/`` was taken the same way)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,10 +20,8 @@ from aiohttp import web
 from tests.conftest import b64_body, device_id, js_event
 from tests.e2e.harness import Site, drive, serve_segment_cdn
 from tests.fakeupstream import FakeUpstream
-from tests.support import port_of, reserve_shared_port
-from tests.test_crash import wait_ready
+from tests.support import serve_workers
 from tests.test_store import redis_settings  # noqa: F401 (a fixture)
-from tests.test_workers import wait_for_workers
 from tests.e2e.test_browser import event, goto, js, wait
 from tests.e2e.test_crossdomain_browser import (  # noqa: F401 (fixtures)
     A_HOST,
@@ -44,7 +38,6 @@ from tests.e2e.test_crossdomain_browser import (  # noqa: F401 (fixtures)
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("xsite", [{"mode": "spool"}], indirect=True, ids=["spool"])
@@ -167,13 +160,7 @@ async def test_the_live_view_shows_every_worker(tmp_path: Path, redis_settings: 
         "[delivery]\nbatch_window_ms = 20\n"
         f'[store]\nurl = "{redis_settings["url"]}"\n'  # workers share their aliases (README)
     )
-    reserved, ops_reserved = reserve_shared_port(), reserve_shared_port()
-    port, ops_port = port_of(reserved), port_of(ops_reserved)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--ops-port", str(ops_port)],
-        cwd=ROOT, env={k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    port = 0  # the workers' public port, once they answer
     pids: set[int] = set()
     traffic: asyncio.Task[None] | None = None
 
@@ -196,32 +183,26 @@ async def test_the_live_view_shows_every_worker(tmp_path: Path, redis_settings: 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "live-workers.png"
     try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, port, proc)
-        await wait_for_workers(port, 2)
-        run = await drive(
-            [
-                {"op": "goto", "url": f"http://127.0.0.1:{ops_port}/live"},
-                {"op": "wait_js", "js": "document.getElementById('status').dataset.state === 'live'"},
-                {"op": "poll", "url": control_url, "timeout_ms": 20000},
-                {"op": "wait_js", "timeout_ms": 15000,
-                 "js": "document.querySelectorAll(\"section.group tr[data-outcome='forwarded']\").length >= 8"},
-                js(
-                    "return Array.from(document.querySelectorAll('section.group')).map(function (g) { return {"
-                    " hosts: Array.from(g.querySelectorAll('.domains .chip')).map(function (c) { return c.dataset.host; }).sort(),"
-                    " links: Array.from(g.querySelectorAll('.links li[data-original]')).map(function (l) { return l.dataset.source; }).sort(),"
-                    " events: Array.from(g.querySelectorAll('tr')).map(function (r) { return [r.dataset.name, r.dataset.outcome]; }).sort()"
-                    " }; });",
-                    "groups",
-                ),
-                {"op": "screenshot", "path": str(shot), "width": 1280, "height": 720},
-            ]
-        )
+        async with serve_workers(config) as (port, ops_port, _proc):
+            run = await drive(
+                [
+                    {"op": "goto", "url": f"http://127.0.0.1:{ops_port}/live"},
+                    {"op": "wait_js", "js": "document.getElementById('status').dataset.state === 'live'"},
+                    {"op": "poll", "url": control_url, "timeout_ms": 20000},
+                    {"op": "wait_js", "timeout_ms": 15000,
+                     "js": "document.querySelectorAll(\"section.group tr[data-outcome='forwarded']\").length >= 8"},
+                    js(
+                        "return Array.from(document.querySelectorAll('section.group')).map(function (g) { return {"
+                        " hosts: Array.from(g.querySelectorAll('.domains .chip')).map(function (c) { return c.dataset.host; }).sort(),"
+                        " links: Array.from(g.querySelectorAll('.links li[data-original]')).map(function (l) { return l.dataset.source; }).sort(),"
+                        " events: Array.from(g.querySelectorAll('tr')).map(function (r) { return [r.dataset.name, r.dataset.outcome]; }).sort()"
+                        " }; });",
+                        "groups",
+                    ),
+                    {"op": "screenshot", "path": str(shot), "width": 1280, "height": 720},
+                ]
+            )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
-        reserved.close()
-        ops_reserved.close()
         await control_runner.cleanup()
         for runner in runners.values():
             await runner.cleanup()
