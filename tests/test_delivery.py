@@ -436,6 +436,42 @@ async def test_an_old_event_in_a_fresh_batch_expires_alone(serve_proxy, tmp_path
     await client.close()
 
 
+async def test_events_too_old_are_decided_at_the_door(serve_proxy, tmp_path, upstream):
+    """Issue 24: events older than delivery.max_age_days are dead letters from the
+    start, written in the request's own transaction (there when the SDK has its 200:
+    nothing to wait for) and never queued (the request makes one row, of its fresh
+    events: no requeue, no row per event, no second transaction); one `expired`
+    record and count for them, as the sender's."""
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
+    d = device_id()
+    old = time.time() - 6 * 86400
+    events = [js_event(f"E{i}", d, **({"time": old} if i in (1, 3) else {})) for i in range(5)]
+    sent = await post_batch(client, events)
+    # At once, with the answer: the two letters, and the fresh three as one row.
+    assert [(i, r) for i, r, _ in dead_letters(tmp_path)] == [(sent[1], "expired"), (sent[3], "expired")]
+    assert all("older than 5 days" in detail for _, _, detail in dead_letters(tmp_path))
+    with sqlite3.connect(tmp_path / "data" / "spool.sqlite3") as c:
+        assert c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'queue'").fetchone()[0] == 1
+    await until(lambda: set(insert_ids(upstream)) == {sent[0], sent[2], sent[4]}, 5, "the fresh events")
+    text = await (await client.ops_get("/metrics")).text()
+    assert metric(text, 'firstparty_dead_lettered_total{reason="expired"}') == 2
+    assert metric(text, 'firstparty_delivery_outcomes_total{outcome="expired",route="track"}') == 2
+    await client.close()
+    records = [orjson.loads(line) for line in (tmp_path / "data" / "forwarded.jsonl").read_bytes().splitlines()]
+    [record] = [r for r in records if r["outcome"] == "expired"]
+    assert record["insert_ids"] == [sent[1], sent[3]] and record["reason"] == "expired" and record["count"] == 2
+    assert record["canonical_ids"] and record["status"] is None
+
+
+async def test_an_all_expired_request_writes_its_letters_before_answering(serve_proxy, tmp_path, upstream):
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
+    sent = await send_events(client, 3, per_request=3, time=1)
+    assert sorted(i for i, _, _ in dead_letters(tmp_path)) == sorted(sent) and queued(tmp_path) == 0
+    assert client.services.spool.depth == 0
+    await client.close()
+    assert upstream.received("us", "/track") == []
+
+
 async def test_401_buries_the_batch_without_retrying(serve_proxy, tmp_path, upstream):
     async def behave(rec: Recorded) -> web.Response | None:
         return web.Response(status=401, text="Invalid credentials")

@@ -316,6 +316,25 @@ async def test_a_three_node_cluster_loses_a_node_under_load(serve_proxy, tmp_pat
             node.stop()
 
 
+async def test_events_too_old_go_to_the_dead_stream_with_the_request(serve_proxy, tmp_path, upstream, nats_server):
+    """Expiry at the door with JetStream: the old events are in <stream>_DEAD when
+    the SDK has its 200 and never in the work stream; the fresh one is delivered."""
+    import time
+
+    client = await serve_proxy(create_app(make_settings(tmp_path, upstream, delivery=jetstream(nats_server))))
+    queue = client.services.spool
+    d = device_id()
+    events = [js_event("Old", d, time=time.time() - 6 * 86400), js_event("Fresh", d), js_event("Old", d, time=1)]
+    resp = await client.post(TRACK, data=b64_body(events), headers=FORM)
+    assert resp.status == 200
+    stats = await queue.stats()
+    assert stats["dead_letters"] == 2
+    info = await queue._js.stream_info(queue.stream)
+    assert info.state.messages <= 1 and info.state.last_seq == 1  # only the fresh event was ever published
+    await upstream.wait(1, "us", "/track")
+    assert [e["event"] for e in upstream.received("us", "/track")] == ["Fresh"]
+
+
 async def test_dead_letters_go_to_their_stream_and_replay_sends_them_again(
     serve_proxy, tmp_path, upstream, nats_server, monkeypatch, capsys
 ):

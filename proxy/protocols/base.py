@@ -144,6 +144,9 @@ class WireProtocol(Protocol):
     # Whether an event can carry its own consent (``refuses``): Segment's
     # ``context.consent`` does, Mixpanel's events never do (its opt-out is a cookie).
     event_consent: bool
+    # Routes whose upstream refuses events older than ``delivery.max_age_days``
+    # (Mixpanel's /track, 5 days): such events are dead letters from the start.
+    expiring_routes: frozenset[str]
 
     def decode(
         self,

@@ -493,6 +493,7 @@ class Mixpanel:
     max_batch_calls = None
     max_batch_bytes = None
     event_consent = False
+    expiring_routes = frozenset({"track"})  # /import takes old events; /track does not
     decode = staticmethod(decode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)

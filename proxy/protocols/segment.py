@@ -307,6 +307,7 @@ class Segment:
     max_batch_calls = MAX_BATCH_CALLS
     max_batch_bytes = MAX_BATCH_BYTES
     event_consent = True
+    expiring_routes: frozenset[str] = frozenset()  # Segment takes a call's own timestamp of any age
     decode = staticmethod(decode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)

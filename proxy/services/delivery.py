@@ -366,8 +366,11 @@ class Sender:
         protocol = self.protocols[protocol_name]
         max_age = self.settings.max_age_seconds
         cutoff = time.time() - max_age
-        expired = [r for r in batch if r.event_time is not None and r.event_time < cutoff] if route == "track" else []
+        expiring = route in protocol.expiring_routes
+        expired = [r for r in batch if r.event_time is not None and r.event_time < cutoff] if expiring else []
         if expired:
+            # Events that aged while queued (an outage longer than the limit; the
+            # handler buries those too old already on arrival).
             # A row's time is its oldest event's: a row of several goes back one a row,
             # and each of its events is judged on its own when it comes round again.
             self._requeue(state, [r for r in expired if r.count > 1])
@@ -459,7 +462,7 @@ class Sender:
     def _done(self, state: RegionState, rows: list[Row], outcome: str, status: int, latency: float) -> None:
         self.spool.ack(rows)
         state.held -= sum([r.count for r in rows])
-        self._log(state, rows, outcome, status, latency)
+        self._log(state.region, rows, outcome, status, latency)
 
     def _bury(self, state: RegionState, rows: list[Row], reason: str, detail: str, status: int | None, latency: float) -> None:
         # A dead letter is one event: a row of several is buried event by event.
@@ -467,7 +470,7 @@ class Sender:
         self.spool.bury(DeadLetter(r, reason, detail, status) for r in rows)
         state.held -= len(rows)
         self.metrics.dead_lettered(reason, len(rows))
-        self._log(state, rows, "expired" if reason == "expired" else "dead_letter", status, latency, reason, detail)
+        self._log(state.region, rows, "expired" if reason == "expired" else "dead_letter", status, latency, reason, detail)
 
     def _requeue(self, state: RegionState, rows: list[Row]) -> None:
         """Rows whose events need outcomes of their own: spooled again one a
@@ -477,9 +480,22 @@ class Sender:
             self.spool.requeue(row)
             state.held -= row.count
 
+    def dead_on_arrival(self, letters: list[DeadLetter]) -> None:
+        """Events that were dead letters from the start (the handler buried them
+        with their request's rows: too old for the vendor on arrival), counted,
+        logged and shown as the sender's own outcomes are."""
+        by_region: dict[str, list[DeadLetter]] = {}
+        for letter in letters:
+            by_region.setdefault(letter.row.region, []).append(letter)
+        for region, group in by_region.items():
+            first = group[0]
+            self.metrics.dead_lettered(first.reason, len(group))
+            outcome = "expired" if first.reason == "expired" else "dead_letter"
+            self._log(region, [letter.row for letter in group], outcome, None, 0.0, first.reason, first.detail)
+
     def _log(
         self,
-        state: RegionState,
+        region: str,
         rows: list[Row],
         outcome: str,
         status: int | None,
@@ -497,7 +513,7 @@ class Sender:
             "time": now,
             "outcome": outcome,
             "route": rows[0].route,
-            "region": state.region,
+            "region": region,
             "project": rows[0].project,
             "events": facts.names,
             "count": len(facts.names),

@@ -295,9 +295,10 @@ class JetStreamQueue:
 
     # --------------------------------------------------------------- writes
 
-    async def enqueue(self, rows: Sequence[NewRow]) -> None:
-        """Returns once JetStream acknowledged every row; SpoolFull /
-        SpoolUnwritable (503 to the client) otherwise."""
+    async def enqueue(self, rows: Sequence[NewRow], letters: Sequence[DeadLetter] = ()) -> None:
+        """Returns once JetStream acknowledged every row, and every one of
+        ``letters`` (dead letters from the start) in the dead-letter stream;
+        SpoolFull / SpoolUnwritable (503 to the client) otherwise."""
         if not self.accepting:
             raise SpoolUnwritable(f"the queue cannot take events now ({self.refusing or 'not connected'})")
         now = time.time()
@@ -312,7 +313,12 @@ class JetStreamQueue:
                     f"an event is {size} bytes with its headers; the NATS server takes at most {limit} "
                     "per message (its max_payload)"
                 )
-        results = await asyncio.gather(*(self._publish(r, h) for r, h in messages), return_exceptions=True)
+        for letter in letters:  # the same body and meta, and a reason
+            size = len(letter.row.body) + len(letter.row.meta) + len(letter.detail[:1000]) + 400
+            if size > limit:
+                raise PayloadTooLarge(f"an event is {size} bytes with its headers; the NATS server takes at most {limit}")
+        work = [self._publish(r, h) for r, h in messages] + [self._bury(letter) for letter in letters]
+        results = await asyncio.gather(*work, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise self._refusal(failed[0])

@@ -350,6 +350,17 @@ class DeadLetter:
     status: int | None
 
 
+def letters_of(rows: Sequence[NewRow], reason: str, detail: str) -> list[DeadLetter]:
+    """Events that are dead letters from the start (too old for the vendor on
+    arrival), as the queue's ``enqueue`` takes them: rows never queued (id 0)."""
+    now = time.time()
+    return [
+        DeadLetter(Row(0, r.route, r.region, r.project, r.ip, r.body, r.meta, now, 0, r.event_time, r.protocol, r.info,
+                       r.count), reason, detail, None)
+        for r in rows
+    ]
+
+
 class SpoolFull(Unavailable):
     """The spool cannot take these events now (it holds ``max_rows``, or it
     cannot write): the client must keep its copy and retry (503)."""
@@ -577,6 +588,7 @@ class Spool:
         self._inserted = 0  # events in _inserts
         self._requeued: list[tuple[Row, list[NewRow]]] = []  # rows to store one event a row (requeue)
         self._insert_waiters: list[asyncio.Future[None]] = []
+        self._door: list[DeadLetter] = []  # dead letters from the start, with their request's inserts
         self._deletes: list[tuple[int, int]] = []  # (row id, its events)
         self._dead: list[DeadLetter] = []
         self._attempts: list[tuple[int, int]] = []
@@ -628,9 +640,11 @@ class Spool:
     def accepting(self) -> bool:
         return self.refusing is None
 
-    async def enqueue(self, rows: Sequence[NewRow]) -> None:
-        """Durably add rows; returns once they are committed. Raises SpoolFull
-        (SpoolUnwritable while the disk is full or refuses writes)."""
+    async def enqueue(self, rows: Sequence[NewRow], letters: Sequence[DeadLetter] = ()) -> None:
+        """Durably add rows, and ``letters`` (events that are dead letters from
+        the start, ``letters_of``) in the same transaction; returns once they
+        are committed. Raises SpoolFull (SpoolUnwritable while the disk is full
+        or refuses writes): then neither is kept, the client resends both."""
         if self.refusing is not None:
             raise SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
         events = sum([r.count for r in rows])
@@ -639,6 +653,7 @@ class Spool:
         self._inserted += events
         now = time.time()
         self._inserts.extend((r, now) for r in rows)
+        self._door.extend(letters)
         assert self._loop is not None, "spool is not open"
         waiter = self._loop.create_future()
         self._insert_waiters.append(waiter)
@@ -684,8 +699,9 @@ class Spool:
 
     async def _flush_loop(self) -> None:
         # Runs while there is pending work; each pass is one transaction.
-        while self._inserts or self._deletes or self._dead or self._attempts or self._requeued:
+        while self._inserts or self._door or self._deletes or self._dead or self._attempts or self._requeued:
             inserts, self._inserts = self._inserts, []
+            door, self._door = self._door, []
             inserted, self._inserted = self._inserted, 0
             waiters, self._insert_waiters = self._insert_waiters, []
             deletes, self._deletes = self._deletes, []
@@ -711,7 +727,7 @@ class Spool:
                 for w in waiters:
                     if not w.done():
                         w.set_exception(failure)
-                inserts, waiters, inserted = [], [], 0
+                inserts, door, waiters, inserted = [], [], [], 0
                 if not (deletes or dead or attempts or requeued):
                     continue
             # A requeue replaces a row by as many bytes in single rows: it is
@@ -722,7 +738,7 @@ class Spool:
             try:
                 last_id = await self._call(
                     lambda c: _transaction(
-                        c, all_inserts, [i for i, _ in all_deletes], dead, attempts, self.max_dead, self.dead_seconds
+                        c, all_inserts, [i for i, _ in all_deletes], dead + door, attempts, self.max_dead, self.dead_seconds
                     )
                 )
             except BaseException as exc:

@@ -48,7 +48,7 @@ from ..core.bridge import strip_param
 from ..services.delivery import Sender
 from ..core.rewrite import Rewrite, rewrite_query
 from ..protocols import mixpanel
-from ..protocols.base import Answer, Payload, WireProtocol, basic_user, events_per_batch
+from ..protocols.base import Answer, EventFacts, Payload, WireProtocol, basic_user, events_per_batch
 from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ID_FIELDS, QUERY_ROUTES
 from ..protocols.segment import SEGMENT
 from .cdn import LIB_PATHS, FirstPartyCdn
@@ -57,7 +57,7 @@ from .http import json_response, query_pairs, read_body, request_host
 from .http import raw_query as raw_query_of
 from ..settings import Settings
 from ..lograte import Throttled
-from ..services.spool import Spool, SpoolFull, request_rows
+from ..services.spool import NewRow, Spool, SpoolFull, letters_of, request_rows
 from ..services.store import AliasStore
 from ..services.upstream import (
     Endpoint,
@@ -906,17 +906,31 @@ class Proxy:
         most = events_per_batch(protocol, self.s.settings.delivery.batch_size) if self.s.spool.rows_hold_requests else 1
         events = payload.events
         facts = [protocol.prepare(route, event, ip) for event in events]
-        rows = []
+        region_for = self.region_for[protocol.name]
+        # Events older than the vendor takes (Mixpanel's /track: 5 days) are dead
+        # letters from the start: written with the request's rows, never queued.
+        old = self._too_old(protocol, route, facts)
+        rows: list[NewRow] = []
+        expired: list[NewRow] = []
         for a, b, part in parts:  # each identity's events: rows of their own
-            rows += request_rows(
-                route, wants_ip, protocol.name, events[a:b], facts[a:b], per_event[a:b], self.region_for[protocol.name],
-                most, protocol.max_batch_bytes, part.canonical, part.source,
-            )
+            if not old:
+                rows += request_rows(route, wants_ip, protocol.name, events[a:b], facts[a:b], per_event[a:b], region_for,
+                                     most, protocol.max_batch_bytes, part.canonical, part.source)
+                continue
+            for keep, into, size in ((False, rows, most), (True, expired, 1)):
+                chosen = [i for i in range(a, b) if (i in old) == keep]
+                if chosen:
+                    into += request_rows(route, wants_ip, protocol.name, [events[i] for i in chosen],
+                                         [facts[i] for i in chosen], [per_event[i] for i in chosen] if per_event else [],
+                                         region_for, size, protocol.max_batch_bytes, part.canonical, part.source)
+        letters = letters_of(expired, "expired", f"event older than {self.s.settings.delivery.max_age_days:g} days")
         resolution = parts[-1][2]  # the browser's identity from now on: its cookie
         try:
-            await self.s.spool.enqueue(rows)
+            await self.s.spool.enqueue(rows, letters)
         except (PayloadTooLarge, SpoolFull) as exc:  # over a queue message (JetStream's max_payload); full
             return self._error(exc, visit, payload.verbose, route, protocol, body_read=True)
+        if letters:
+            self.s.sender.dead_on_arrival(letters)
         for a, b, part in parts:
             self.s.metrics.accepted(route, b - a, protocol.name, part.source)
         for region in {row.region for row in rows}:
@@ -926,6 +940,13 @@ class Proxy:
             self._live(visit, protocol, route, resolution, [r for rs in per_event for r in rs],
                        [n for c in cols for n in c.names], [i for c in cols for i in c.insert_ids], "spooled")
         return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route, protocol)
+
+    def _too_old(self, protocol: WireProtocol, route: str, facts: list[EventFacts]) -> set[int]:
+        """The events the vendor would refuse for their age (``delivery.max_age_days``)."""
+        if route not in protocol.expiring_routes:
+            return set()
+        cutoff = time.time() - self.s.settings.delivery.max_age_seconds
+        return {i for i, f in enumerate(facts) if f.time is not None and f.time < cutoff}
 
     async def _forward_batch(
         self,
