@@ -923,7 +923,7 @@ class Proxy:
                     into += request_rows(route, wants_ip, protocol.name, [events[i] for i in chosen],
                                          [facts[i] for i in chosen], [per_event[i] for i in chosen] if per_event else [],
                                          region_for, size, protocol.max_batch_bytes, part.canonical, part.source)
-        letters = letters_of(expired, "expired", f"event older than {self.s.settings.delivery.max_age_days:g} days")
+        letters = letters_of(expired, "expired", f"event older than {self.s.settings.delivery.max_age_days:g} days") if expired else []
         resolution = parts[-1][2]  # the browser's identity from now on: its cookie
         try:
             await self.s.spool.enqueue(rows, letters)
@@ -946,6 +946,8 @@ class Proxy:
         if route not in protocol.expiring_routes:
             return set()
         cutoff = time.time() - self.s.settings.delivery.max_age_seconds
+        if all(f.time is None or f.time >= cutoff for f in facts):  # the usual request: nothing to split
+            return set()
         return {i for i, f in enumerate(facts) if f.time is not None and f.time < cutoff}
 
     async def _forward_batch(
