@@ -57,7 +57,7 @@ from .http import json_response, query_pairs, read_body, request_host
 from .http import raw_query as raw_query_of
 from ..settings import Settings
 from ..lograte import Throttled
-from ..services.spool import NewRow, Spool, SpoolFull, letters_of, request_rows
+from ..services.spool import DeadLetter, NewRow, Spool, SpoolFull, letters_of, request_rows
 from ..services.store import AliasStore
 from ..services.upstream import (
     Endpoint,
@@ -907,23 +907,18 @@ class Proxy:
         events = payload.events
         facts = [protocol.prepare(route, event, ip) for event in events]
         region_for = self.region_for[protocol.name]
-        # Events older than the vendor takes (Mixpanel's /track: 5 days) are dead
-        # letters from the start: written with the request's rows, never queued.
-        old = self._too_old(protocol, route, facts)
-        rows: list[NewRow] = []
-        expired: list[NewRow] = []
+        rows = []
         for a, b, part in parts:  # each identity's events: rows of their own
-            if not old:
-                rows += request_rows(route, wants_ip, protocol.name, events[a:b], facts[a:b], per_event[a:b], region_for,
-                                     most, protocol.max_batch_bytes, part.canonical, part.source)
-                continue
-            for keep, into, size in ((False, rows, most), (True, expired, 1)):
-                chosen = [i for i in range(a, b) if (i in old) == keep]
-                if chosen:
-                    into += request_rows(route, wants_ip, protocol.name, [events[i] for i in chosen],
-                                         [facts[i] for i in chosen], [per_event[i] for i in chosen] if per_event else [],
-                                         region_for, size, protocol.max_batch_bytes, part.canonical, part.source)
-        letters = letters_of(expired, "expired", f"event older than {self.s.settings.delivery.max_age_days:g} days") if expired else []
+            rows += request_rows(route, wants_ip, protocol.name, events[a:b], facts[a:b], per_event[a:b], region_for,
+                                 most, protocol.max_batch_bytes, part.canonical, part.source)
+        letters: list[DeadLetter] = []
+        if route in protocol.expiring_routes:
+            # Events older than the vendor takes (Mixpanel's /track: 5 days) are dead
+            # letters from the start: written with the request's rows, never queued.
+            # A row's time is its oldest event's: one look per row, the usual answer.
+            cutoff = time.time() - self.s.settings.delivery.max_age_seconds
+            if any(r.event_time is not None and r.event_time < cutoff for r in rows):
+                rows, letters = self._expired_apart(route, wants_ip, protocol, events, facts, per_event, parts, most, cutoff)
         resolution = parts[-1][2]  # the browser's identity from now on: its cookie
         try:
             await self.s.spool.enqueue(rows, letters)
@@ -941,14 +936,32 @@ class Proxy:
                        [n for c in cols for n in c.names], [i for c in cols for i in c.insert_ids], "spooled")
         return self._finish(answer(protocol.accepted(payload.verbose)), visit, resolution, route, protocol)
 
-    def _too_old(self, protocol: WireProtocol, route: str, facts: list[EventFacts]) -> set[int]:
-        """The events the vendor would refuse for their age (``delivery.max_age_days``)."""
-        if route not in protocol.expiring_routes:
-            return set()
-        cutoff = time.time() - self.s.settings.delivery.max_age_seconds
-        if all(f.time is None or f.time >= cutoff for f in facts):  # the usual request: nothing to split
-            return set()
-        return {i for i, f in enumerate(facts) if f.time is not None and f.time < cutoff}
+    def _expired_apart(
+        self,
+        route: str,
+        wants_ip: bool,
+        protocol: WireProtocol,
+        events: list[dict[str, Any]],
+        facts: list[EventFacts],
+        per_event: list[list[Rewrite]],
+        parts: list[tuple[int, int, Resolution]],
+        most: int,
+        cutoff: float,
+    ) -> tuple[list[NewRow], list[DeadLetter]]:
+        """A request's rows again without its events older than ``cutoff``, and
+        those events as dead letters (one each, as the sender buries them)."""
+        region_for = self.region_for[protocol.name]
+        rows: list[NewRow] = []
+        expired: list[NewRow] = []
+        for a, b, part in parts:
+            for old, into, size in ((False, rows, most), (True, expired, 1)):
+                chosen = [i for i in range(a, b) if (facts[i].time is not None and facts[i].time < cutoff) == old]
+                if chosen:
+                    into += request_rows(route, wants_ip, protocol.name, [events[i] for i in chosen],
+                                         [facts[i] for i in chosen], [per_event[i] for i in chosen] if per_event else [],
+                                         region_for, size, protocol.max_batch_bytes, part.canonical, part.source)
+        days = self.s.settings.delivery.max_age_days
+        return rows, letters_of(expired, "expired", f"event older than {days:g} days")
 
     async def _forward_batch(
         self,
