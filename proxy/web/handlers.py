@@ -160,6 +160,7 @@ class Proxy:
             SEGMENT.name: segment.region_for,
         }
         self.endpoints: dict[str, Endpoint] = {**upstreams.regions, **segment.regions}
+        self.max_age_seconds = settings.delivery.max_age_seconds  # past it, an event is expired on arrival
         # ``only_listed``: the project tokens / write keys relayed, per protocol (None: any).
         self.served: dict[str, frozenset[str] | None] = {
             MIXPANEL.name: frozenset(settings.upstream.projects) if settings.upstream.only_listed else None,
@@ -916,9 +917,11 @@ class Proxy:
             # Events older than the vendor takes (Mixpanel's /track: 5 days) are dead
             # letters from the start: written with the request's rows, never queued.
             # A row's time is its oldest event's: one look per row, the usual answer.
-            cutoff = time.time() - self.s.settings.delivery.max_age_seconds
-            if any(r.event_time is not None and r.event_time < cutoff for r in rows):
-                rows, letters = self._expired_apart(route, wants_ip, protocol, events, facts, per_event, parts, most, cutoff)
+            cutoff = time.time() - self.max_age_seconds
+            for row in rows:
+                if row.event_time is not None and row.event_time < cutoff:
+                    rows, letters = self._expired_apart(route, wants_ip, protocol, events, facts, per_event, parts, most, cutoff)
+                    break
         resolution = parts[-1][2]  # the browser's identity from now on: its cookie
         try:
             await self.s.spool.enqueue(rows, letters)
