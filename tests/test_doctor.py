@@ -20,11 +20,8 @@ from tests.test_upstream import serve_tls
 
 ROOT = Path(__file__).resolve().parent.parent
 
-GOOD_NGINX = """
-upstream firstparty { server 127.0.0.1:8000; keepalive 64; }
-server {
-    listen 443 ssl;
-    client_max_body_size 10m;
+# What a sound site block sends to the proxy (the README's nginx.example.conf).
+PROXIED = """
     location ~ ^/(mp(-decide)?|seg)/ {
         proxy_pass http://firstparty;
         proxy_http_version 1.1;
@@ -35,8 +32,11 @@ server {
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $scheme;
     }
-}
 """
+GOOD_NGINX = (
+    "\nupstream firstparty { server 127.0.0.1:8000; keepalive 64; }\nserver {\n    listen 443 ssl;\n"
+    "    client_max_body_size 10m;" + PROXIED + "}\n"
+)
 
 
 def run(tmp_path: Path, raw: dict[str, Any], env: dict[str, str] | None = None, instances: int = 1) -> list[doctor.Finding]:
@@ -160,25 +160,12 @@ def test_each_broken_nginx_config_is_caught_with_its_fix(tmp_path, text, where, 
 
 
 # Two registrable domains, one server block each (what a newcomer writes from the README).
-SITE_BLOCK = """
-server {{
-    listen 443 ssl;
-    server_name {names};
-    client_max_body_size 10m;
-    location ~ ^/(mp(-decide)?|seg)/ {{
-        proxy_pass http://firstparty;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $host;
-        proxy_set_header X-Forwarded-Host $http_host;
-        proxy_set_header X-Real-IP $remote_addr;
-        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        proxy_set_header X-Forwarded-Proto $scheme;
-    }}
-}}
-"""
+def site_block(names: str) -> str:
+    return f"\nserver {{\n    listen 443 ssl;\n    server_name {names};\n    client_max_body_size 10m;" + PROXIED + "}\n"
+
+
 TWO_SITES = ("upstream firstparty { server 127.0.0.1:8000; keepalive 64; }\n"
-             + SITE_BLOCK.format(names="www.site-a.test") + SITE_BLOCK.format(names="checkout.site-b.test shop.site-b.test"))
+             + site_block("www.site-a.test") + site_block("checkout.site-b.test shop.site-b.test"))
 TWO_DOMAINS = {"cookie": {"domains": [".site-a.test", ".site-b.test"]},
                "identity": {"linked_domains": [".site-a.test", ".site-b.test"]}}
 B_AT = TWO_SITES.index("server_name checkout")

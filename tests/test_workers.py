@@ -15,16 +15,21 @@ from tests.fakeupstream import FakeUpstream
 from tests.support import eventually, eventually_async, metric, serve_workers
 
 
-async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
-    upstream = FakeUpstream()
-    runner, up_port = await upstream.serve("us")
+def workers_config(tmp_path: Path, upstream_port: int, extra: str = "") -> Path:
+    """Two workers, the fake upstream as the US region."""
     config = tmp_path / "proxy.toml"
     config.write_text(
         f'[server]\ndata_dir = "{tmp_path / "data"}"\nworkers = 2\n'
-        f'[upstream]\nus = "http://127.0.0.1:{up_port}"\n'
-        f'[cookie]\nsecure = false\nsecret = "workers-test-secret-workers-test"\n'
-        f"[delivery]\nbatch_window_ms = 20\n"
+        f'[upstream]\nus = "http://127.0.0.1:{upstream_port}"\n'
+        f'[cookie]\nsecure = false\nsecret = "workers-test-secret-workers-test"\n' + extra
     )
+    return config
+
+
+async def test_two_workers_deliver_every_event_once(tmp_path: Path) -> None:
+    upstream = FakeUpstream()
+    runner, up_port = await upstream.serve("us")
+    config = workers_config(tmp_path, up_port, "[delivery]\nbatch_window_ms = 20\n")
     try:
         async with serve_workers(config) as (port, ops_port, _proc):
             sent: list[str] = []
@@ -149,12 +154,7 @@ async def test_the_live_view_shows_every_workers_events(tmp_path: Path) -> None:
     each once."""
     upstream = FakeUpstream()
     runner, up_port = await upstream.serve("us")
-    config = tmp_path / "proxy.toml"
-    config.write_text(
-        f'[server]\ndata_dir = "{tmp_path / "data"}"\nworkers = 2\n'
-        f'[upstream]\nus = "http://127.0.0.1:{up_port}"\n'
-        f'[cookie]\nsecure = false\nsecret = "workers-test-secret-workers-test"\n'
-    )
+    config = workers_config(tmp_path, up_port)
     streams: list[LiveStream] = []
     try:
         async with serve_workers(config) as (port, ops_port, _proc):
