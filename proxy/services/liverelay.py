@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 # A worker reads at most this many copies per wake-up before it yields to requests.
 READ_BURST = 256
 MAX_DATAGRAM = 64 * 1024
-# What may wait for one worker (in the kernel, not in a process): about 1,500
-# records of a burst, where the default buffer holds about 170.
+# What may wait for one worker, in the kernel and not in a process: a burst of
+# records several times what the default send buffer would hold (it is the
+# kernel's, typically 208 KiB; Linux doubles the value asked for).
 SEND_BUFFER_BYTES = 1 << 20
 
 
