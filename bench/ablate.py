@@ -54,20 +54,23 @@ def without_upstream_call() -> None:
 
 
 def without_spool() -> None:
-    from proxy.web import handlers
+    from proxy.pipeline import deliver
+    from proxy.pipeline.exchange import SPOOLED
 
-    async def _spool(self, request, visit, protocol, payload, resolution, per_event):  # type: ignore[no-untyped-def]
-        return self._finish(handlers.answer(protocol.accepted(payload.verbose)), visit, resolution, payload.route)
+    async def spool(x, c):  # type: ignore[no-untyped-def]
+        x.accept(SPOOLED, x.protocol.names(x.route, x.events))
+        x.answer = x.protocol.accepted(x.verbose)
 
-    handlers.Proxy._spool = _spool  # type: ignore[method-assign]
+    deliver.spool = spool  # type: ignore[assignment]
 
 
 def read_only() -> None:
-    from proxy.web import handlers
+    from proxy.protocols.mixpanel import MIXPANEL
+    from proxy.web import handlers, visit
 
-    async def events(self, request, route, path, protocol=handlers.MIXPANEL):  # type: ignore[no-untyped-def]
+    async def events(self, request, route, path, protocol=MIXPANEL):  # type: ignore[no-untyped-def]
         await request.read()
-        return handlers.answer(protocol.accepted(True))
+        return visit.answer(protocol.accepted(True))
 
     handlers.Proxy.events = events  # type: ignore[method-assign]
 

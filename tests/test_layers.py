@@ -1,11 +1,10 @@
 """The import graph of ``proxy/`` against its layers (ARCHITECTURE.md): ``core`` <-
-``protocols`` <- ``services`` <- ``web`` <- the commands. Read from the source (the
-imports as written, a function's own ones included), so a module that reaches up a
-layer, or two modules that need each other, fail here before anyone has to untangle
-them. Imports under ``TYPE_CHECKING`` are annotations only and not counted; the ones
-left (``web/handlers`` <-> ``web/crossdomain``, ``web/cdn``) go with the pipeline's
-redesign (issue 24), as do the ``core`` modules that still read ``settings``
-(``KNOWN_CORE_SETTINGS``: the list may only shrink)."""
+``protocols`` <- ``services`` <- ``pipeline`` <- ``web`` <- the commands. Read from
+the source (the imports as written, a function's own ones and those under
+``TYPE_CHECKING`` included), so a module that reaches up a layer, or two modules
+that need each other, fail here before anyone has to untangle them. The ``core``
+modules that still read ``settings`` are listed (``KNOWN_CORE_SETTINGS``: the list
+may only shrink)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "proxy"
-LAYERS = {"core": 0, "protocols": 1, "services": 2, "web": 3}
+LAYERS = {"core": 0, "protocols": 1, "services": 2, "pipeline": 3, "web": 4}
 KNOWN_CORE_SETTINGS = {"proxy.core.clientip", "proxy.core.consent", "proxy.core.cookie"}
 
 
@@ -26,15 +25,13 @@ MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
 
 
 def imports_of(name: str) -> set[str]:
-    """The ``proxy`` modules ``name`` imports (relative or absolute), outside ``TYPE_CHECKING``."""
+    """The ``proxy`` modules ``name`` imports (relative or absolute), anywhere in it."""
     path = MODULES[name]
     tree = ast.parse(path.read_text())
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-    hidden = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-              for n in ast.walk(node)}
     found: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in hidden or not isinstance(node, (ast.Import, ast.ImportFrom)):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -90,4 +87,32 @@ def test_the_graph_is_read_at_all():
     """The checks above see the imports they judge (a parser that found nothing would pass them)."""
     assert "proxy.core.ids" in GRAPH["proxy.services.store"]
     assert "proxy.services.liverelay" in GRAPH["proxy.cli"]
-    assert "proxy.web.handlers" not in GRAPH["proxy.web.crossdomain"]  # only under TYPE_CHECKING
+    assert "proxy.pipeline.exchange" in GRAPH["proxy.pipeline.deliver"]
+
+
+def test_the_pipeline_knows_no_web_framework():
+    """Stages see the Exchange, services, protocols and core: never aiohttp or ``web``."""
+    reaching = {}
+    for name, path in MODULES.items():
+        if not name.startswith("proxy.pipeline"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                targets = [node.module or ""] if not node.level else []
+            else:
+                continue
+            if any(t == "aiohttp" or t.startswith("aiohttp.") for t in targets):
+                reaching[name] = targets
+        if any(d.startswith("proxy.web") for d in GRAPH[name]):
+            reaching[name] = sorted(GRAPH[name])
+    assert reaching == {}
+
+
+def test_no_module_hides_an_import_behind_type_checking():
+    """``TYPE_CHECKING`` imports hid the old circle (handlers <-> crossdomain, cdn):
+    none is left, so the graph above is the whole truth."""
+    hiding = [name for name, path in MODULES.items() if "TYPE_CHECKING" in path.read_text()]
+    assert hiding == []

@@ -147,6 +147,22 @@ class WireProtocol(Protocol):
     # Routes whose upstream refuses events older than ``delivery.max_age_days``
     # (Mixpanel's /track, 5 days): such events are dead letters from the start.
     expiring_routes: frozenset[str]
+    # Sync mode forwards the client's own request (re-encoded when changed:
+    # ``reencode``), not a batch built from its events (``batch``).
+    passthrough: bool
+    # Whether first touches are kept and repaired (``core.firsttouch``: Mixpanel's
+    # ``$initial_referrer`` fields on /track, ``$set_once`` on /engage).
+    repairs_first_touch: bool
+    # The SDK's own anonymous-id cookie the server may set to the canonical id (None: none).
+    cookie: str | None
+
+    def verbose(self, query: list[tuple[str, str]]) -> bool:
+        """Whether an answer to this query is the verbose (JSON) one."""
+        ...
+
+    def reencode(self, payload: Payload, query: list[tuple[str, str]]) -> tuple[bytes, str, str | None]:
+        """(body, Content-Type, raw query or None) of a passthrough request whose events changed."""
+        ...
 
     def decode(
         self,

@@ -35,7 +35,7 @@ import orjson
 from ..core import codec
 from ..core.bridge import strip_everywhere, token_in_url
 from ..core.identity import anon_id, strip_device
-from ..core.rewrite import Rewrite, map_id, rewrite_fields
+from ..core.rewrite import Rewrite, map_id, rewrite_fields, rewrite_query
 from .base import (
     ACCEPTED,
     REJECTED,
@@ -63,6 +63,8 @@ _PROFILE_KEYS = frozenset(
 )
 _ACCEPTED_VERBOSE = Answer(200, b'{"status":1,"error":null}', "application/json")
 _ACCEPTED_PLAIN = Answer(200, b"1", "text/plain")
+# /record's own "accepted" (a session-replay chunk), as Mixpanel answers it.
+RECORD_ACCEPTED = Answer(200, b'{"code":200,"status":"OK"}', "application/json")
 
 
 # ------------------------------------------------------------------ answers
@@ -329,6 +331,19 @@ def rewrite_flags_context(context: str, mapping: Mapping[str, str], out: list[Re
     return orjson.dumps(obj).decode() if len(out) > before else context
 
 
+def rewrite_query_ids(
+    route: str, query: list[tuple[str, str]], context: str | None, mapping: Mapping[str, str], out: list[Rewrite]
+) -> list[tuple[str, str]]:
+    """A query route's query with its ids rewritten: ``distinct_id`` and
+    ``$device_id`` of /record and /decide, the ``context`` JSON of /flags."""
+    if route in QUERY_ID_FIELDS:
+        return rewrite_query(query, QUERY_ID_FIELDS[route], mapping, out)
+    if route == "flags" and context is not None:
+        new_context = rewrite_flags_context(context, mapping, out)
+        return [(k, new_context if k == "context" else v) for k, v in query]
+    return query
+
+
 def find_token(query: list[tuple[str, str]], events: list[dict[str, Any]], param: str) -> str | None:
     """A token in the request's own query string, else in an event's ``$current_url``."""
     for key, value in query:
@@ -494,6 +509,11 @@ class Mixpanel:
     max_batch_bytes = None
     event_consent = False
     expiring_routes = frozenset({"track"})  # /import takes old events; /track does not
+    passthrough = True
+    cookie: str | None = None  # mixpanel-js keeps its id in a cookie of its own naming, never set here
+    repairs_first_touch = True
+    verbose = staticmethod(wants_verbose)
+    reencode = staticmethod(reencode)
     decode = staticmethod(decode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)

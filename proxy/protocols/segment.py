@@ -39,6 +39,9 @@ from ..errors import BadRequest
 from .base import Answer, EventFacts, Outbound, Payload, basic_user, classify_status
 
 NAME = "segment"
+# analytics.js's own anonymous-id cookie: read as a hint, and (``segment.set_ajs_cookie``)
+# set by the server to the canonical id, past Safari's cap on script-set cookies.
+COOKIE = "ajs_anonymous_id"
 # analytics.js's short paths and the HTTP API's names, to the call type.
 CALL_ROUTES = {
     "t": "track", "p": "page", "i": "identify", "g": "group", "a": "alias", "s": "screen",
@@ -70,6 +73,16 @@ def error(status: int, message: str, verbose: bool = True) -> Answer:
     """Segment's error shape: ``{"success": false, "message": ..., "code": ...}``."""
     code = "invalid_request" if status < 500 else "server_error"
     return Answer(status, orjson.dumps({"success": False, "message": message, "code": code}), "application/json")
+
+
+def verbose(query: list[tuple[str, str]]) -> bool:
+    """Segment's answers are always JSON."""
+    return True
+
+
+def reencode(payload: Payload, query: list[tuple[str, str]]) -> tuple[bytes, str, str | None]:
+    """Never called: Segment's calls travel as batches the proxy builds (``batch``)."""
+    raise NotImplementedError("Segment's calls are forwarded as batches, not as the client sent them")
 
 
 def decode(
@@ -308,6 +321,11 @@ class Segment:
     max_batch_bytes = MAX_BATCH_BYTES
     event_consent = True
     expiring_routes: frozenset[str] = frozenset()  # Segment takes a call's own timestamp of any age
+    passthrough = False  # forwarded as a batch of its calls, in sync mode too
+    cookie: str | None = COOKIE
+    repairs_first_touch = False
+    verbose = staticmethod(verbose)
+    reencode = staticmethod(reencode)
     decode = staticmethod(decode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import memory
-from .forwardlog import MAX_LISTED, ForwardedLog
+from .forwardlog import ForwardedLog, outcome_record
 from ..errors import UpstreamError
 from ..lograte import Throttled
 from .live import LiveFeed
@@ -504,32 +504,13 @@ class Sender:
         detail: str | None = None,
     ) -> None:
         facts = facts_of(rows)  # one pass over the batch's rows (up to 50)
-        originals = {rw[1] for rw in facts.rewrites}
-        rewrites = [{"field": rw[0], "from": rw[1], "to": rw[2]} for rw in facts.rewrites[:MAX_LISTED]]
-        attempts = max(r.attempts for r in rows)
-        enqueued = min(r.enqueued_at for r in rows)
-        now = time.time()
-        entry: dict[str, Any] = {
-            "time": now,
-            "outcome": outcome,
-            "route": rows[0].route,
-            "region": region,
-            "project": rows[0].project,
-            "events": facts.names,
-            "count": len(facts.names),
-            "insert_ids": facts.insert_ids,
-            "canonical_ids": sorted(facts.canonical),
-            "sources": sorted(facts.sources),
-            "original_ids": sorted(originals),
-            "rewrites": rewrites,
-            "status": status,
-            "attempts": attempts + (1 if status is not None else 0),
-            "latency_ms": round(latency * 1000, 3),
-            "queued_ms": round((now - enqueued) * 1000, 1),
-        }
-        if reason:
-            entry["reason"] = reason
-            entry["detail"] = (detail or "")[:500]
+        attempts = max(r.attempts for r in rows) + (1 if status is not None else 0)
+        entry = outcome_record(
+            outcome, rows[0].route, rows[0].project, facts.names, region=region, status=status,
+            insert_ids=facts.insert_ids, canonical_ids=sorted(facts.canonical), sources=sorted(facts.sources),
+            rewrites=facts.rewrites, attempts=attempts, latency=latency,
+            queued=time.time() - min(r.enqueued_at for r in rows), reason=reason, detail=detail,
+        )
         self.forwarded.record(entry)
         self.metrics.outcome(outcome, rows[0].route, len(facts.names))
         if self.live is not None and self.live.watching:

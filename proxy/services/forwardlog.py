@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,53 @@ def _clip(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _clip(v) for k, v in value.items()}
     return value
+
+
+def outcome_record(
+    outcome: str,
+    route: str,
+    project: str | None,
+    names: list[str],
+    *,
+    region: str | None = None,
+    status: int | None = None,
+    insert_ids: list[str | None] | None = None,
+    canonical_ids: list[str] | None = None,
+    sources: list[str] | None = None,
+    rewrites: list[tuple[str, str, str]] | None = None,
+    attempts: int = 0,
+    latency: float | None = None,
+    queued: float | None = None,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> dict[str, Any]:
+    """The one shape of an outcome record, whoever writes it: the pipeline for
+    a request it forwarded or dropped, the sender for a batch it delivered,
+    buried or retried. ``rewrites``: (field, original, canonical) triples."""
+    rewrites = rewrites or []
+    entry: dict[str, Any] = {
+        "time": time.time(),
+        "outcome": outcome,
+        "route": route,
+        "region": region,
+        "project": project,
+        "events": names[:MAX_LISTED],
+        "count": len(names),
+        "insert_ids": (insert_ids or [])[:MAX_LISTED],
+        "canonical_ids": canonical_ids or [],
+        "sources": sources or [],
+        "original_ids": sorted({r[1] for r in rewrites})[:MAX_LISTED],
+        "rewrites": [{"field": f, "from": o, "to": c} for f, o, c in rewrites[:MAX_LISTED]],
+        "status": status,
+        "attempts": attempts,
+        "latency_ms": None if latency is None else round(latency * 1000, 3),
+    }
+    if queued is not None:
+        entry["queued_ms"] = round(queued * 1000, 1)
+    if reason or detail:
+        entry["reason"] = reason
+        entry["detail"] = (detail or "")[:500]
+    return entry
 
 
 class ForwardedLog:

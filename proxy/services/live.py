@@ -23,10 +23,18 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .liverelay import LiveRelay
+
+class Relay(Protocol):
+    """What the feed needs of ``liverelay.LiveRelay`` (the workers' copies)."""
+
+    def send(self, record: dict[str, Any]) -> None: ...
+
+    def watched(self, local: bool) -> None: ...
+
+    def others_watched(self) -> bool: ...
+
 
 RING = 2000
 BACKLOG = 500
@@ -41,7 +49,7 @@ class LiveFeed:
         self._seq = 0
         # With several workers (``liverelay``): the other workers' watchers count
         # too, and what this worker publishes is copied to them.
-        self.relay: LiveRelay | None = None
+        self.relay: Relay | None = None
 
     # -------------------------------------------------------------- watchers
 

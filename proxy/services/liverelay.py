@@ -25,12 +25,11 @@ import contextlib
 import logging
 import mmap
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-if TYPE_CHECKING:
-    from .live import LiveFeed
+from .live import LiveFeed
 
 log = logging.getLogger(__name__)
 

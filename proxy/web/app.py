@@ -43,12 +43,18 @@ from ..settings import Settings
 from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL
 from ..protocols import segment as segment_protocol
 from ..protocols.segment import SEGMENT
-from .handlers import Proxy, Services
+from ..pipeline import Services
+from .handlers import Proxy
 from .http import BODY_BUDGET, BodyBudget, text_response
+from .probes import Probes
+from .serve import SERVER
+from .visit import Front
 
 SETTINGS = web.AppKey("settings", Settings)
 SERVICES = web.AppKey("services", Services)
+FRONT = web.AppKey("front", Front)
 PROXY = web.AppKey("proxy", Proxy)
+PROBES = web.AppKey("probes", Probes)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 STORE = web.AppKey("store", AliasStore)
 FORWARDED = web.AppKey("forwarded", ForwardedLog)
@@ -89,7 +95,7 @@ def add_crossdomain(app: web.Application, mount: str, proxy: Proxy) -> None:
 
 async def server_header(request: web.Request, response: web.StreamResponse) -> None:
     """``Server`` names the product, not the versions of Python and aiohttp under it."""
-    response.headers["Server"] = "firstparty"
+    response.headers["Server"] = SERVER
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -100,7 +106,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[BODY_BUDGET] = BodyBudget(settings.server.max_inflight_body_bytes)
     app[LIVE] = LiveFeed()  # the live view's feed: idle (and free) until someone watches
-    proxy = app[PROXY] = Proxy(settings, upstreams, segment)
+    front = app[FRONT] = Front(settings, upstreams, segment)
+    proxy = app[PROXY] = Proxy(front)
+    probes = app[PROBES] = Probes(front)
     cross = proxy.cross
 
     add = app.router.add_route
@@ -134,7 +142,7 @@ def create_app(settings: Settings) -> web.Application:
     add("*", "/hub/resolve", only(GET, cross.hub_resolve))
     add("*", "/hub/ping", only(GET, cross.hub_ping))
     # For load balancers; /metrics and /readyz are on the ops listener only (web/ops).
-    add("*", "/healthz", only(GET, proxy.healthz))
+    add("*", "/healthz", only(GET, probes.healthz))
 
     # Built here (TLS context, ca_file checked: a bad file fails start-up with
     # one line), opened in the clean-up context below.
@@ -206,7 +214,7 @@ async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
     if delivery.queue == "jetstream":
         from ..services.jetstream import JetStreamQueue
 
-        spool = app[SPOOL] = JetStreamQueue(delivery, app[PROXY].endpoints)  # type: ignore[assignment]
+        spool = app[SPOOL] = JetStreamQueue(delivery, app[FRONT].endpoints)  # type: ignore[assignment]
     else:
         spool = app[SPOOL] = Spool(
             app[SETTINGS].spool_path, max_rows=delivery.max_rows, fsync=delivery.fsync,
@@ -235,7 +243,7 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
     sender = app[SENDER] = kind(
         spool,
         app[UPSTREAM],
-        dict(app[PROXY].endpoints),
+        dict(app[FRONT].endpoints),
         settings.delivery,
         app[FORWARDED],
         timeout=settings.upstream.timeout_seconds,
@@ -257,17 +265,16 @@ async def _bind_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     services = app[SERVICES] = Services(
         settings=settings,
-        jar=CookieJar(settings.cookie),
-        origins=OriginPolicy(settings.cors.allowed_origins),
         store=app[STORE],
-        upstreams=app[PROXY].upstreams,
+        upstreams=app[FRONT].upstreams,
         client=app[UPSTREAM],
         forwarded=app[FORWARDED],
-        lib_cache=SimpleMemoryCache(timeout=None),
         metrics=app[METRICS],
         spool=app.get(SPOOL),
         sender=app.get(SENDER),
         live=app[LIVE],
     )
-    app[PROXY].bind(services)
+    app[FRONT].bind(
+        services, CookieJar(settings.cookie), OriginPolicy(settings.cors.allowed_origins), SimpleMemoryCache(timeout=None)
+    )
     yield

@@ -25,16 +25,13 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from ..errors import UpstreamError
 from ..protocols import segment_cdn
 from ..services.upstream import Endpoint
-
-if TYPE_CHECKING:
-    from .handlers import Proxy
+from .visit import Front
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +46,8 @@ class CdnRefused(Exception):
 
 
 class FirstPartyCdn:
-    def __init__(self, proxy: Proxy) -> None:
-        self.p = proxy
+    def __init__(self, front: Front) -> None:
+        self.front = front
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._cached: dict[str, float] = {}  # cache key -> expiry (monotonic), to bound the cache
         self._warned_regions: set[str] = set()
@@ -59,7 +56,7 @@ class FirstPartyCdn:
         """The asset at ``path`` on ``endpoint``: from the cache, from a fetch
         already under way, or fetched now. Raises ``UpstreamError`` or ``CdnRefused``."""
         key = f"{endpoint.host_header}{path}"
-        cache = self.p.s.lib_cache
+        cache = self.front.lib_cache
         cached = await cache.get(key)
         if cached is not None:
             return bytes(cached)
@@ -69,9 +66,9 @@ class FirstPartyCdn:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            upstream = await self.p.s.client.request(
+            upstream = await self.front.s.client.request(
                 endpoint, "GET", path, [("accept", "*/*")], None,
-                timeout=self.p.s.upstreams.timeout, follow_redirects=True,
+                timeout=self.front.upstreams.timeout, follow_redirects=True,
             )
             if upstream.status != 200:
                 raise CdnRefused(f"the CDN answered {upstream.status} for {path}")
@@ -101,7 +98,7 @@ class FirstPartyCdn:
     async def mixpanel_lib(self, request: web.Request, name: str) -> web.Response:
         """mixpanel-js itself (``/mp/lib.min.js``), first-party, cached."""
         try:
-            body = await self.fetch(self.p.s.upstreams.cdn, LIB_PATHS[name], LIB_CACHE_SECONDS)
+            body = await self.fetch(self.front.upstreams.cdn, LIB_PATHS[name], LIB_CACHE_SECONDS)
         except (UpstreamError, CdnRefused) as exc:
             return web.Response(status=502, text=f"{exc}\n")
         return _script(body, LIB_CACHE_SECONDS)
@@ -117,7 +114,7 @@ class FirstPartyCdn:
             if asset is None:
                 return web.Response(status=404, text="not a Segment CDN path this proxy serves\n")
             try:
-                body = await self.fetch(self.p.segment.cdn, asset.path, asset.ttl)
+                body = await self.fetch(self.front.segment.cdn, asset.path, asset.ttl)
             except (UpstreamError, CdnRefused) as exc:
                 return web.Response(status=502, text=f"{exc}\n")
             if not asset.settings:
@@ -127,17 +124,17 @@ class FirstPartyCdn:
         return handle
 
     def _settings(self, request: web.Request, mount: str, asset: segment_cdn.Asset, body: bytes) -> web.Response:
-        host = self.p.public_host(request)
+        host = self.front.public_host(request)
         if not _HOST.match(host):
             return web.Response(status=400, text="a Host header naming this site is needed to point the settings here\n")
-        scheme = self.p.public_scheme(request)
+        scheme = self.front.public_scheme(request)
         try:
             settings = segment_cdn.rewrite_settings(
                 body,
                 api_host=f"{host}{mount}v1",
                 protocol=scheme,
                 cdn_url=f"{scheme}://{host}{mount}cdn",
-                cdn_origins=(self.p.segment.cdn.origin, segment_cdn.SEGMENT_CDN),
+                cdn_origins=(self.front.segment.cdn.origin, segment_cdn.SEGMENT_CDN),
             )
         except ValueError as exc:
             return web.Response(status=502, text=f"the CDN's settings for this write key are not usable: {exc}\n")
@@ -154,7 +151,7 @@ class FirstPartyCdn:
         one its calls are sent to: Segment drops events sent to the wrong region."""
         if not write_key or not workspace_region or write_key in self._warned_regions:
             return
-        routed = self.p.segment.region_for(write_key).removeprefix("segment-")
+        routed = self.front.segment.region_for(write_key).removeprefix("segment-")
         if routed != workspace_region and len(self._warned_regions) < MAX_CACHED:
             self._warned_regions.add(write_key)
             log.warning(

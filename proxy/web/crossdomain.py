@@ -1,19 +1,17 @@
 """Cross-domain identity: bridge tokens, link decoration, ``/mp/id`` and the hub.
 
-HTTP handlers around the pure ``bridge`` and ``tokens`` modules, plus
-``redeem``, which the event handlers call when a request carries a token.
+HTTP handlers around the pure ``core.bridge`` and the token service
+(``services.tokens``: sealed, opened, claimed once, redeemed), which the
+pipeline's identity stage uses too.
 
 Invariants:
 - a redirect goes only to a linked domain (``redirect_target``): never an
   open redirect;
-- a token is accepted once per browser: its id is claimed in the shared
-  store by the first device id that presents it; the same browser may show
-  it again (every event of the landing page carries it in ``$current_url``),
-  any other presenter is refused as a replay;
-- expired, tampered, wrong-audience or unknown-key tokens are ignored
-  (counted and logged); the request goes on with the per-domain id;
-- tokens never reach the vendor: the event handlers strip them from every
-  URL-valued property.
+- a token is minted only for the presenting browser's own identity (its
+  cookie, or a fresh id), or with a server key for an app's device id;
+- a token is accepted once per browser (``services.tokens``);
+- tokens never reach the vendor: the pipeline strips them from every
+  string of an event.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import logging
 import time
 import uuid
 from urllib.parse import urlsplit
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -34,14 +32,12 @@ from ..core.bridge import (
     PURPOSE_FRAME,
     PURPOSE_HUB,
     PURPOSE_SEED,
-    PURPOSES,
     VIA_FRAME,
     VIA_HUB,
     VIA_PAGE,
     decorate,
     linked_domain,
     redirect_target,
-    refusal,
     seed_refusal,
 )
 from ..core.apikeys import bearer
@@ -49,11 +45,12 @@ from ..core.cookie import CookieJar, own_cookie_values
 from ..core.ids import ID_CHARS, MAX_ID_CHARS, MIN_ID_CHARS, valid_id
 from ..errors import BadRequest, Refused, Unavailable
 from ..lograte import Throttled
+from ..pipeline import Visit
+from ..services.tokens import Tokens
 from .http import json_response, query_get, read_body, request_host
-from ..core.tokens import TokenClaims, TokenExpired, TokenInvalid
+from .visit import Front
+from ..core.tokens import TokenExpired, TokenInvalid
 
-if TYPE_CHECKING:
-    from .handlers import Proxy, Visit
 
 log = logging.getLogger(__name__)
 
@@ -242,130 +239,34 @@ LANDED_SECONDS = 600
 
 
 class CrossDomain:
-    def __init__(self, proxy: Proxy) -> None:
-        self.p = proxy
-        self._warn = Throttled(log)  # a flood of replayed or misplaced tokens writes a line a minute
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self._warn = Throttled(log)  # a flood of leaked server keys writes a line a minute
 
     # ------------------------------------------------------------ helpers
 
     @property
     def _cfg(self) -> Any:
-        return self.p.s.settings.identity
+        return self.front.settings.identity
+
+    @property
+    def tokens(self) -> Tokens:
+        return self.front.c.tokens
 
     def _seal(self, canonical: str, purpose: str, audience: str, consent_state: str) -> str:
-        cfg = self._cfg
-        return cfg.keys.seal(
-            canonical, purpose=purpose, audience=audience, now=time.time(), ttl=cfg.token_ttl_seconds,
-            consent=consent_state,
-        )
+        return self.tokens.seal(canonical, purpose, audience, consent_state)
+
+    def _count(self, result: str) -> None:
+        self.tokens.count(result)
 
     def _consent(self, request: web.Request) -> str:
-        return consent.state(request.headers, self.p.s.settings.consent)
-
-    def _open(self, token: str, audience: str) -> tuple[TokenClaims | None, str]:
-        """(claims, purpose) of a valid token for ``audience``, else (None, why
-        it was refused). A token naming an id outside ``core.ids`` is invalid."""
-        result = "invalid"
-        for purpose in PURPOSES:
-            try:
-                claims = self._cfg.keys.open(token, purpose=purpose, audience=audience, now=time.time())
-            except TokenExpired:
-                return None, "expired"
-            except TokenInvalid as exc:
-                result = f"invalid ({exc})"
-                continue
-            if not valid_id(claims.canonical_id):
-                return None, "invalid (id)"
-            return claims, purpose
-        return None, result
+        return consent.state(request.headers, self.front.settings.consent)
 
     def _target(self, to: str | None, what: str = "to") -> tuple[str, str]:
         """A link or return target: a linked domain, https unless the cookie
         may travel over http (``cookie.secure = false``, a local set-up)."""
-        allow_http = not self.p.s.settings.cookie.secure
+        allow_http = not self.front.settings.cookie.secure
         return redirect_target(to, self._cfg.linked_domains, what, allow_http=allow_http)
-
-    async def refusal_follows(self, token: str, host: str, owner: str) -> bool:
-        """Whether a token carries another domain's refusal of tracking that
-        this browser (``owner``) may apply: single use like every token, so one
-        token shown by many browsers opts out only the first."""
-        audience = linked_domain(host, self._cfg.linked_domains)
-        claims = self._open(token, audience)[0] if audience is not None else None
-        if claims is None or claims.consent != consent.DENIED:
-            return False
-        first = await self.p.s.store.claim_token(claims.token_id, owner, self._cfg.token_ttl_seconds + 60)
-        if first is None or first == owner:
-            return True
-        self._count("replayed")
-        return False
-
-    def _count(self, result: str) -> None:
-        self.p.s.metrics.tokens.labels(result).inc()
-
-    def _record(self, outcome: str, host: str, reason: str, **facts: Any) -> None:
-        """A token's effect on identity, in the forwarded log (no token, no id
-        beyond the canonical ids it names)."""
-        entry = {"time": time.time(), "outcome": outcome, "route": "identity", "host": host[:253], "reason": reason}
-        entry.update(facts)
-        self.p.s.forwarded.record(entry)
-
-    async def redeem(
-        self,
-        token: str,
-        host: str,
-        incoming: list[str],
-        cookie_id: str | None = None,
-        hint: str | None = None,
-        *,
-        via: str = VIA_PAGE,
-        referrer: str | None = None,
-    ) -> tuple[str, str] | None:
-        """(canonical id, source) carried by a valid token for this host, else None.
-
-        A token changes this browser's identity only when it proves it was
-        meant for it (``bridge.refusal``: a bridge token's landing came from a
-        linked domain; hub, frame and app tokens on their own way in). The
-        first browser to present a token claims it, known by analytics.js's
-        cookie id (``hint``) where there is one, else by its first device id.
-        Another id presenting it from a browser whose identity cookie already
-        holds the token's canonical id is the same browser (a second SDK on the
-        landing page, analytics.js beside mixpanel-js): not a replay. Every
-        replacement of an established identity is in the forwarded log."""
-        cfg = self._cfg
-        audience = linked_domain(host, cfg.linked_domains)
-        if audience is None:
-            self._count("unlinked_host")
-            self._warn.warning("unlinked", "identity token presented on %r, which is not in identity.linked_domains; ignored", host)
-            return None
-        claims, outcome = self._open(token, audience)
-        if claims is None:
-            self._count(outcome.split(" ")[0])
-            self._warn.info("refused", "identity token refused on %r: %s", host, outcome)
-            return None
-        if cookie_id == claims.canonical_id:
-            return claims.canonical_id, outcome  # this browser already holds it: nothing changes
-        why = refusal(outcome, via, referrer, cfg.linked_domains)
-        if why is not None:
-            self._count("unproven")
-            self._record("token_refused", host, why, purpose=outcome)
-            return None
-        # With no id at all (a landing script redeeming before any SDK ran) the
-        # claim is this request's own: the same browser shows it again only
-        # with the cookie this answer sets.
-        owner = hint or (incoming[0] if incoming else f"landing:{uuid.uuid4().hex}")
-        first = await self.p.s.store.claim_token(claims.token_id, owner, cfg.token_ttl_seconds + 60)
-        if first is not None and first != owner:
-            self._count("replayed")
-            self._warn.warning("replayed", "identity token replayed on %r by another browser; ignored", host)
-            self._record("token_refused", host, "replayed by another browser", purpose=outcome)
-            return None
-        source = outcome  # the token's purpose: bridge, hub, app or frame
-        if first is None:
-            self._count(f"redeemed_{source}")
-        if cookie_id:
-            self._record("identity_replaced", host, f"a {source} token", source=source,
-                         canonical_ids=[claims.canonical_id], replaced=cookie_id)
-        return claims.canonical_id, source
 
     def _canonical_for(self, visit: Visit) -> tuple[str, str]:
         """This browser's own canonical id (its cookie), or a fresh one; never
@@ -380,12 +281,12 @@ class CrossDomain:
         """``GET /mp/go?to=<url>``: 302 to ``to`` with a fresh token, linked domains only."""
         from ..core.identity import Resolution
 
-        visit = self.p._visit(request)
+        visit = self.front.visit(request)
         try:
             to, audience = self._target(query_get(request, "to"))
         except BadRequest as exc:
             self._count("bad_redirect")
-            return self.p._finish(web.Response(status=400, text=f"{exc}\n"), visit, None, "go")
+            return self.front.finish(web.Response(status=400, text=f"{exc}\n"), visit, None, "go")
         state = self._consent(request)
         # An opted-out visitor's token carries the refusal, not their id.
         canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
@@ -402,27 +303,27 @@ class CrossDomain:
             },
         )
         resolution = Resolution(canonical, source) if state != consent.DENIED else None
-        return self.p._finish(response, visit, resolution, "go")
+        return self.front.finish(response, visit, resolution, "go")
 
     async def bridge(self, request: web.Request) -> web.Response:
         """``POST /mp/bridge`` (``to`` in the query, form or JSON body) -> ``{token, expires_in, param, url}``."""
         from ..core.identity import Resolution
 
-        visit = self.p._visit(request)
+        visit = self.front.visit(request)
         try:
             fields = await self._fields(request, "to")
         except Refused as exc:
-            return self.p._finish(_refusal(exc), visit, None, "bridge")
+            return self.front.finish(_refusal(exc), visit, None, "bridge")
         if fields.get("seed") == "1":
-            return self.p._finish(self._seed_answer(request, visit), visit, None, "bridge")
+            return self.front.finish(self._seed_answer(request, visit), visit, None, "bridge")
         app = bearer(request.headers.get("authorization"))
         if app is not None or "device_id" in fields:
-            return self.p._finish(self._app_bridge(request, app, fields), visit, None, "bridge")
+            return self.front.finish(self._app_bridge(request, app, fields), visit, None, "bridge")
         try:
             to, audience = self._target(fields.get("to"))
         except BadRequest as exc:
             self._count("bad_redirect")
-            return self.p._finish(_json_error(400, str(exc)), visit, None, "bridge")
+            return self.front.finish(_json_error(400, str(exc)), visit, None, "bridge")
         state = self._consent(request)
         canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
         # frame.js asks for its iframe (``frame=1``): a token that opens only on frame.js's way in.
@@ -430,7 +331,7 @@ class CrossDomain:
         self._count(f"issued_{purpose}")
         response = self._bridge_answer(canonical, to, audience, state, purpose)
         resolution = Resolution(canonical, source) if state != consent.DENIED else None
-        return self.p._finish(response, visit, resolution, "bridge")
+        return self.front.finish(response, visit, resolution, "bridge")
 
     def _seed_answer(self, request: web.Request, visit: Visit) -> web.Response:
         """hub.js, before its trip: ``{"token": <seed>}`` naming the id this
@@ -503,7 +404,7 @@ class CrossDomain:
         value = query_get(request, name)
         if value is not None:
             return {name: value}
-        raw = await read_body(request, self.p.s.settings.server)
+        raw = await read_body(request, self.front.settings.server)
         if not raw:
             return {}
         if raw[:1] == b"{":
@@ -525,7 +426,7 @@ class CrossDomain:
         keeps the id in a partitioned cookie (a widget in a cross-site iframe)."""
         from ..core.identity import Resolution
 
-        visit = self.p._visit(request)
+        visit = self.front.visit(request)
         origin = request.headers.get("origin")
         token = None
         frame = False
@@ -533,20 +434,20 @@ class CrossDomain:
             if origin and not self._origin_linked(origin):
                 # Only this deployment's own pages may make a browser take a token's id.
                 self._count("foreign_origin")
-                return self.p._finish(_json_error(403, "origin is not on a linked domain"), visit, None, "id")
+                return self.front.finish(_json_error(403, "origin is not on a linked domain"), visit, None, "id")
             try:
                 fields = await self._fields(request, self._cfg.token_param)
             except Refused as exc:
-                return self.p._finish(_refusal(exc), visit, None, "id")
+                return self.front.finish(_refusal(exc), visit, None, "id")
             token = fields.get(self._cfg.token_param) or None
             frame = fields.get("frame") == "1"
             # land.js sends its page's document.referrer (where the landing came
             # from); hub.js says when the token is the answer to its own round trip.
             via = VIA_FRAME if frame else VIA_HUB if fields.get("via") == "hub" else VIA_PAGE
             referrer = fields.get("ref")
-        refused = consent.refusal(request.headers, self.p.s.settings.consent)
+        refused = consent.refusal(request.headers, self.front.settings.consent)
         owner = visit.hint or visit.cookie_id or f"landing:{uuid.uuid4().hex}"
-        if not refused and token and await self.refusal_follows(token, visit.host, owner):
+        if not refused and token and await self.tokens.refusal_follows(token, visit.host, owner):
             refused = "token"  # refused on another domain; the refusal follows the visitor
         if refused:
             # No id for a browser that refused tracking, and no cookie minted for it.
@@ -554,12 +455,12 @@ class CrossDomain:
             if token:
                 body["token"] = "refused"
             response = json_response(body, headers={"Cache-Control": "no-store"})
-            response = self.p._finish(response, visit, None, "id")
+            response = self.front.finish(response, visit, None, "id")
             if request.method == "POST":
-                response = self.p._forget(response, visit, refused)
+                response = self.front.forget(response, visit, refused)
         else:
             carried = (
-                await self.redeem(token, visit.host, [], visit.cookie_id, visit.hint, via=via, referrer=referrer)
+                await self.tokens.redeem(token, visit.host, [], visit.cookie_id, visit.hint, via=via, referrer=referrer)
                 if token
                 else None
             )
@@ -567,14 +468,14 @@ class CrossDomain:
             if carried and visit.browser:
                 # The SDKs' first events come with the cookie this answer sets: they
                 # are named after the token that brought them (``Resolver``).
-                await self.p.s.store.set_landed(canonical, visit.host, source, LANDED_SECONDS)
+                await self.front.s.store.set_landed(canonical, visit.host, source, LANDED_SECONDS)
             body = {"id": canonical, "source": source}
             if token:
                 body["token"] = "accepted" if carried else "refused"
             response = json_response(body, headers={"Cache-Control": "no-store"})
-            response = self.p._finish(response, visit, Resolution(canonical, source), "id")
+            response = self.front.finish(response, visit, Resolution(canonical, source), "id")
             if frame and visit.browser:
-                response.headers["Set-Cookie"] = self.p.s.jar.partitioned_cookie_header(canonical, visit.host)
+                response.headers["Set-Cookie"] = self.front.jar.partitioned_cookie_header(canonical, visit.host)
         # Stricter than the SDK endpoints: only linked origins may read an id.
         response.headers.popall("Access-Control-Allow-Origin", None)
         response.headers.popall("Access-Control-Allow-Credentials", None)
@@ -647,7 +548,7 @@ class CrossDomain:
         if jar is None:
             from dataclasses import replace
 
-            settings = self.p.s.settings.cookie
+            settings = self.front.settings.cookie
             jar = self._jar = CookieJar(replace(settings, name=self._cfg.hub_cookie_name, domains=()))
         return jar
 
@@ -708,16 +609,16 @@ class CrossDomain:
         why = seed_refusal(request.headers.get("referer"), return_host)
         if why is not None:
             self._count("unproven")
-            self._record("token_refused", return_host, why, purpose=PURPOSE_SEED)
+            self.tokens.record("token_refused", return_host, why, purpose=PURPOSE_SEED)
             return None
         owner = f"hub:{uuid.uuid4().hex}"
-        first = await self.p.s.store.claim_token(claims.token_id, owner, self._cfg.token_ttl_seconds + 60)
+        first = await self.tokens.claim(claims, owner)
         if first is not None and first != owner:
             self._count("replayed")
-            self._record("token_refused", return_host, "replayed", purpose=PURPOSE_SEED)
+            self.tokens.record("token_refused", return_host, "replayed", purpose=PURPOSE_SEED)
             return None
         self._count("adopted_seed")
-        self._record("hub_adopted", return_host, "the hub had no cookie: it kept the id the returning domain has",
+        self.tokens.record("hub_adopted", return_host, "the hub had no cookie: it kept the id the returning domain has",
                      canonical_ids=[claims.canonical_id])
         return claims.canonical_id
 

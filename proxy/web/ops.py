@@ -21,7 +21,7 @@ import ipaddress
 from aiohttp import web
 
 from ..core.clientip import TrustedProxies
-from .app import GET, LIVE, PROXY, SETTINGS, Handler, only, server_header
+from .app import GET, LIVE, PROBES, SETTINGS, Handler, only, server_header
 from .live import add_live_routes
 from .http import request_host, text_response
 
@@ -40,7 +40,7 @@ def _host_of(origin: str) -> str:
 
 def create_ops_app(main: web.Application) -> web.Application:
     settings = main[SETTINGS]
-    proxy = main[PROXY]
+    probes = main[PROBES]
     allowed = TrustedProxies(settings.ops.allowed_networks)
 
     names = {"localhost", *(h.lower() for h in settings.ops.hosts)}
@@ -61,11 +61,11 @@ def create_ops_app(main: web.Application) -> web.Application:
     app = web.Application(middlewares=[only_allowed])
     app.on_response_prepare.append(server_header)
     app[SETTINGS] = settings
-    app[PROXY] = proxy
+    app[PROBES] = probes
     add = app.router.add_route
-    add("*", "/metrics", only(GET, proxy.metrics))
-    add("*", "/readyz", only(GET, proxy.readyz))
-    add("*", "/healthz", only(GET, proxy.healthz))
+    add("*", "/metrics", only(GET, probes.metrics))
+    add("*", "/readyz", only(GET, probes.readyz))
+    add("*", "/healthz", only(GET, probes.healthz))
     if settings.ops.live:
         add_live_routes(app, main[LIVE])
     return app

@@ -39,6 +39,7 @@ import aiohttp
 from aiohttp import web
 import pytest
 
+import proxy.services.tokens
 import proxy.web.crossdomain
 from proxy.web.app import create_app
 from proxy.web.http import json_response, query_get
@@ -76,7 +77,8 @@ def dead_port() -> Iterator[int]:
 
 
 class TokenClock:
-    """The clock the proxy's token code reads (``proxy.crossdomain.time``), movable
+    """The clock the proxy's token code reads (``services.tokens``' and
+    ``web.crossdomain``'s ``time``), movable
     forward by the browser scenario through ``/__e2e/clock?advance=<seconds>``: a token
     can expire without the test waiting out its lifetime."""
 
@@ -128,6 +130,7 @@ async def xsite(
     if param.get("clock"):
         clock = TokenClock()
         monkeypatch.setattr(proxy.web.crossdomain, "time", clock)
+        monkeypatch.setattr(proxy.services.tokens, "time", clock)
 
         async def advance(request: web.Request) -> web.Response:
             clock.offset += float(query_get(request, "advance") or 0)

@@ -1,0 +1,84 @@
+"""What every stage may use: the services opened at start-up and the rules
+read once from settings. Built by the web layer when the app starts
+(``web.app``'s last clean-up context) and handed to ``pipeline.run``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core import carry
+from ..core.clientip import TrustedProxies, client_ip, truncate
+from ..protocols.mixpanel import MIXPANEL
+from ..protocols.segment import SEGMENT
+from ..services.delivery import Sender
+from ..services.forwardlog import ForwardedLog
+from ..services.live import LiveFeed
+from ..services.metrics import Metrics
+from ..services.resolver import Resolver
+from ..services.spool import Spool
+from ..services.store import AliasStore
+from ..services.tokens import Tokens
+from ..services.upstream import Endpoint, SegmentUpstreams, UpstreamClient, Upstreams
+from ..settings import Settings
+from .exchange import Exchange
+
+
+@dataclass(slots=True)
+class Services:
+    """The resources the stages use, opened at start-up."""
+
+    settings: Settings
+    store: AliasStore
+    upstreams: Upstreams
+    client: UpstreamClient
+    forwarded: ForwardedLog
+    metrics: Metrics = field(default_factory=Metrics)
+    # Spool mode: where fire-and-forget events go (None in sync mode).
+    spool: Spool | None = None
+    sender: Sender | None = None
+    live: LiveFeed = field(default_factory=LiveFeed)
+
+
+class Context:
+    """The services and the rules the stages share (one per app)."""
+
+    def __init__(self, services: Services, segment: SegmentUpstreams) -> None:
+        s = self.s = services
+        settings = s.settings
+        self.settings = settings
+        self.resolver = Resolver(s.store, s.metrics, settings.identity)
+        self.tokens = Tokens(settings.identity, s.store, s.metrics, s.forwarded)
+        self.token_param = settings.identity.token_param
+        upstreams = s.upstreams
+        # Per protocol: the spool region (sender) of a project token / write key, and its endpoints.
+        self.region_for: dict[str, Callable[[str | None], str]] = {
+            MIXPANEL.name: upstreams.region_for,
+            SEGMENT.name: segment.region_for,
+        }
+        self.endpoints: dict[str, Endpoint] = {**upstreams.regions, **segment.regions}
+        # ``only_listed``: the project tokens / write keys relayed, per protocol (None: any).
+        self.served: dict[str, frozenset[str] | None] = {
+            MIXPANEL.name: frozenset(settings.upstream.projects) if settings.upstream.only_listed else None,
+            SEGMENT.name: frozenset(settings.segment.write_keys) if settings.segment.only_listed else None,
+        }
+        self.max_age_seconds = settings.delivery.max_age_seconds  # past it, an event is expired on arrival
+        self.trusted = TrustedProxies(settings.server.trusted_proxies)
+        privacy = settings.privacy
+        whole = privacy.ip_prefix_v4 == 32 and privacy.ip_prefix_v6 == 128
+        self.ip_prefixes = None if whole else (privacy.ip_prefix_v4, privacy.ip_prefix_v6)
+        self.carry = carry.matcher(settings.identity.carry_properties)
+        # First-touch repair: the site's own domains, and the first touches already known.
+        own = dict.fromkeys([*settings.cookie.domains, *settings.identity.linked_domains])
+        self.own_domains = tuple(own) if settings.identity.repair_first_touch else ()
+        self.touches: dict[str, dict[str, Any]] = {}  # canonical id -> its kept first touch
+
+    def client(self, x: Exchange) -> tuple[str | None, list[str]]:
+        """The visitor's IP and the forwarding chain, trusting only configured
+        proxies, cut to ``privacy``'s prefixes: what the vendors may see."""
+        ip, chain = client_ip(x.remote, x.headers.get("x-forwarded-for"), x.headers.get("x-real-ip"), self.trusted)
+        if self.ip_prefixes is not None and ip:
+            v4, v6 = self.ip_prefixes
+            return truncate(ip, v4, v6), [truncate(hop, v4, v6) for hop in chain]
+        return ip, chain

@@ -1,0 +1,120 @@
+"""Stage 5, enrich: what the visitor's earlier events knew, added to these.
+
+Carried properties (``core.carry``): the values this visitor's events set
+before, on any domain, are added where missing, and what these set is kept.
+First touch (``core.firsttouch``, for protocols that keep one): the first
+external touch is kept once per canonical id, and a touch that names one of
+the site's own domains (a visitor crossing between them) is repaired to it.
+Browser events only; anonymised ones are left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core import carry, firsttouch
+from ..core.identity import Resolution
+from ..core.rewrite import Rewrite
+from ..protocols.base import WireProtocol
+from .context import Context
+from .exchange import Exchange
+
+
+async def enrich(x: Exchange, c: Context) -> None:
+    if x.anonymous or not x.visit.browser:
+        if x.per_event:
+            c.s.metrics.rewrites.inc(sum(map(len, x.per_event)))
+        return
+    protocol, route = x.protocol, x.route
+    events = x.payload.events if x.payload is not None else []
+    carries = c.carry is not None and route in protocol.spooled_routes
+    touches = bool(c.own_domains) and protocol.repairs_first_touch
+    for a, b, part in x.parts:
+        if not part.canonical:
+            continue
+        if carries:
+            x.changed |= await carry_properties(c, protocol, route, events[a:b], part.canonical)
+        if touches:
+            touched = await first_touch(c, route, events[a:b], part)
+            if touched:
+                per_event = x.per_event = x.per_event or [[] for _ in events]
+                for i, changes in touched.items():
+                    per_event[a + i] = per_event[a + i] + changes
+                x.changed = True
+    if x.per_event:
+        count = sum(map(len, x.per_event))
+        if count:
+            c.s.metrics.rewrites.inc(count)
+
+
+async def carry_properties(
+    c: Context, protocol: WireProtocol, route: str, events: list[dict[str, Any]], canonical: str
+) -> bool:
+    """Carried properties added where missing, the new ones kept. True when an event gained one."""
+    assert c.carry is not None
+    store = c.s.store
+    kept = await store.carried(canonical)
+    running = dict(kept)
+    seen: dict[str, Any] = {}
+    changed = False
+    for event in events:
+        props = protocol.properties(route, event)
+        if props is None:
+            continue
+        changed |= bool(carry.add_missing(props, running))
+        fresh = carry.collect(props, c.carry)
+        seen.update(fresh)
+        running.update(fresh)
+    if seen and any(kept.get(k) != v for k, v in seen.items()):
+        await store.set_carried(canonical, carry.merge(kept, seen))
+    return changed
+
+
+async def first_touch(
+    c: Context, route: str, events: list[dict[str, Any]], resolution: Resolution
+) -> dict[int, list[Rewrite]]:
+    """Keep this visitor's first external touch; repair what names one of
+    our own domains instead. Index -> rewrites."""
+    canonical = resolution.canonical
+    assert canonical is not None
+    own_domains = c.own_domains
+    out: dict[int, list[Rewrite]] = {}
+    for i, event in enumerate(events):
+        props = event.get("properties") if route == "track" else None
+        if route == "track" and isinstance(props, dict):
+            touch = firsttouch.touch_of(props, own_domains)
+            if touch is not None:
+                if canonical not in c.touches:  # kept once per id (set once, like the SDK)
+                    kept = await kept_touch(c, canonical)
+                    if not kept and await c.s.store.set_first_touch(canonical, touch):
+                        remember_touch(c, canonical, touch)
+                continue
+            if firsttouch.own(props.get("$initial_referring_domain"), own_domains):
+                changes = firsttouch.repair_event(props, await kept_touch(c, canonical), own_domains)
+                if changes:
+                    out[i] = changes
+        elif route == "engage" and resolution.source in ("bridge", "hub") and isinstance(event.get("$set_once"), dict):
+            kept = await kept_touch(c, canonical)
+            if kept:
+                changes = firsttouch.repair_profile(event["$set_once"], kept)
+                if changes:
+                    out[i] = changes
+    return out
+
+
+async def kept_touch(c: Context, canonical: str) -> dict[str, Any]:
+    """The first touch kept for ``canonical`` ({} if none yet): from this
+    process's memo once known (a kept touch never changes), else the store."""
+    kept = c.touches.get(canonical)
+    if kept is not None:
+        return kept
+    kept = await c.s.store.first_touch(canonical)
+    if kept:  # nothing kept yet may change (another instance): not memoised
+        remember_touch(c, canonical, kept)
+    return kept
+
+
+def remember_touch(c: Context, canonical: str, touch: dict[str, Any]) -> None:
+    if len(c.touches) >= 100_000:
+        c.touches.clear()
+    c.touches[canonical] = touch
