@@ -96,8 +96,17 @@ def test_store_keys_are_one_kind_each_and_refuse_unsafe_parts():
         assert store._key("alias", bad) is None  # noqa: SLF001
 
 
-async def test_an_alias_named_by_an_unproven_request_is_not_repointed(proxy_client, upstream):
-    client = await proxy_client(**IDENTITY)
+@pytest.fixture(params=["memory", "redis"])
+async def linked(request: Any, proxy_client: Any, redis_settings: Any) -> Any:  # noqa: F811
+    """The app with linked domains, on the memory store or Redis."""
+    sections = copy.deepcopy(IDENTITY)
+    if request.param == "redis":
+        sections["store"] = redis_settings
+    return await proxy_client(**sections)
+
+
+async def test_an_alias_named_by_an_unproven_request_is_not_repointed(linked, upstream):
+    client = linked
     # The visitor: cookie C on A, then their other device id D on A's shop (alias D -> C).
     cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("A", device_id())]), headers=browser(A)))
     victim = canonical_of(cookie)
@@ -119,6 +128,23 @@ async def test_an_alias_named_by_an_unproven_request_is_not_repointed(proxy_clie
     events = await upstream.wait(7, "us", "/track")
     server = next(e for e in events if e["event"] == "Server 2")["properties"]
     assert server["$device_id"] == canonical_of(other)
+
+
+async def test_a_redeemed_token_moves_the_browsers_device_to_the_linked_identity(linked, upstream):
+    """The same person on B before the link (device D, B's own id), then landing
+    from A with A's token: D now belongs to A's id, for the server SDKs too."""
+    client = linked
+    visitor, token = await _attackers_link(client)  # this time the visitor's own id on A
+    cookie_b, device = await _victim_on_b(client)
+    assert canonical_of(cookie_b) != visitor
+    landing = js_event("Landing", device, **{"$current_url": f"http://{B}/offer?fpb={token}",
+                                             "$referrer": f"http://{A}/pricing"})
+    resp = await client.post(TRACK, data=b64_body([landing]), headers=browser(B, cookie_b))
+    assert canonical_of(cookie_from(resp)) == visitor
+    await client.post("/mp/track", data=json_body(js_event("Server", device)), headers=SERVER)
+    events = await upstream.wait(4, "us", "/track")
+    server = next(e for e in events if e["event"] == "Server")["properties"]
+    assert server["$device_id"] == visitor
 
 
 async def test_ids_over_the_limit_are_refused_and_memory_stays_flat(proxy_client, upstream):
@@ -469,6 +495,23 @@ async def test_the_server_header_names_no_versions(proxy_client):
     for resp in (await client.get("/healthz"), await client.get("/nowhere"), await client.ops_get("/metrics"),
                  await client.post(TRACK, data="data=%%%", headers=browser(A))):
         assert resp.headers["Server"] == "firstparty", resp.headers.get("Server")
+
+
+async def test_aiohttps_own_error_answers_name_no_versions(proxy_client):
+    """A request aiohttp cannot parse never reaches the app (no signal runs): its
+    400 must not say ``Python/3.x aiohttp/3.y`` either."""
+    import asyncio
+
+    client = await proxy_client()
+    for raw in (b"GET /\x01bad HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith((b"http/1.0 400", b"http/1.1 400")), answer[:200]
+        assert b"\r\nserver: firstparty" in head and b"aiohttp" not in head and b"python" not in head, head
 
 
 async def test_no_token_in_any_field_upstream(proxy_client, upstream):

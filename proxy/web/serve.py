@@ -13,6 +13,11 @@ them would flood the log. ``QuietServerLog`` turns a client's protocol error
 into at most one WARNING line a minute, without a traceback, naming how many
 were refused since the last line. Errors of our own (a handler bug) keep
 their traceback.
+
+The ``Server`` header names the product, never the versions under it: the app
+sets it on its answers (``web.app.server_header``), and aiohttp's own answer to
+a request it cannot parse (which never reaches an app or its signals) takes
+its default from ``aiohttp.web_response.SERVER_SOFTWARE``, set here.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..settings import ServerSettings
@@ -35,6 +40,10 @@ MAX_LINE = 8190  # the request line, as nginx's large_client_header_buffers
 MAX_FIELD = 8190  # one header line
 MAX_HEADERS = 128
 BAD_REQUEST_LOG_SECONDS = 60.0
+SERVER = "firstparty"
+
+# aiohttp's default for every answer it prepares, its own error answers included.
+web_response.SERVER_SOFTWARE = SERVER
 
 
 class QuietServerLog:
