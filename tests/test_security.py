@@ -375,6 +375,42 @@ async def test_the_ops_listener_refuses_a_foreign_host_or_site(proxy_client, pat
 # ---------------------------------------------------------------- bounded input
 
 
+async def test_a_body_of_millions_of_values_is_refused_before_it_is_parsed(proxy_client, upstream, monkeypatch):
+    """Uncompressed, within ``max_body_bytes``: counted (in C) before any parse,
+    so it never holds the event loop for the parse of millions of values."""
+    import types
+    from urllib.parse import quote
+
+    import orjson as real
+
+    from proxy.core import codec
+
+    parsed = []
+
+    def loads(raw):  # the real parser, for what the count lets through
+        assert raw.count(b"," if isinstance(raw, bytes) else ",") <= codec.MAX_SEPARATORS, "parsed a flood"
+        parsed.append(len(raw))
+        assert len(parsed) <= codec.MAX_EVENTS, "parsed a flood of lines"
+        return real.loads(raw)
+
+    monkeypatch.setattr(codec, "orjson", types.SimpleNamespace(loads=loads, JSONDecodeError=real.JSONDecodeError,
+                                                               dumps=real.dumps))
+    client = await proxy_client(**IDENTITY)
+    flood = b"[" + b"{}," * 2_500_000 + b"{}]"  # 7.5 MB
+    form = b"data=" + quote(flood.decode(), safe="[]{},").encode()
+    lines = b"{}\n" * 2_500_000
+    for path, body, ctype in (("/mp/track/?verbose=1", form, "application/x-www-form-urlencoded"),
+                              ("/mp/import?verbose=1", flood, "application/json"),
+                              ("/mp/import?verbose=1", lines, "application/x-ndjson")):
+        resp = await client.post(path, data=body, headers={**SERVER, "Content-Type": ctype})
+        assert resp.status == 400, await resp.text()
+        assert "too many" in (await resp.json())["error"] and parsed == []
+    # A large batch of real events is still parsed and forwarded.
+    events = [js_event("Big", device_id(), blob="x" * 200) for _ in range(1500)]
+    resp = await client.post("/mp/import?verbose=1", data=orjson.dumps(events), headers={**SERVER, "Content-Type": "application/json"})
+    assert resp.status == 200, await resp.text()
+
+
 async def test_a_gzip_bomb_is_refused_before_it_is_parsed(proxy_client, upstream):
     import base64
     import gzip

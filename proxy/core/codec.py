@@ -32,6 +32,12 @@ from ..errors import BadRequest, PayloadTooLarge
 from .forms import parse_pairs
 
 MAX_EVENTS = 2000
+# A JSON text longer than this is counted before it is parsed: its commas
+# (in C) bound how many values a parse would build. A real batch of
+# MAX_EVENTS events has far fewer than MAX_SEPARATORS (26 properties an
+# event, a few lists); ``[{},{},...]`` filling a 10 MB body has millions.
+LARGE_TEXT = 256 * 1024
+MAX_SEPARATORS = MAX_EVENTS * 512
 # A compressed body inflates to at most this many times its size (``decompress``).
 INFLATE_RATIO = 100
 INFLATE_FLOOR = 1024 * 1024
@@ -155,6 +161,13 @@ def _b64decode(text: str) -> bytes:
 
 
 def _loads(raw: str | bytes) -> Any:
+    if len(raw) > LARGE_TEXT:
+        comma = "," if isinstance(raw, str) else b","
+        separators = len(raw) - len(raw.replace(comma, comma[:0]))  # type: ignore[arg-type]
+        if separators > MAX_SEPARATORS:
+            raise BadRequest(
+                f"too many values: {separators} separators in one payload, far more than {MAX_EVENTS} events hold"
+            )
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -316,7 +329,10 @@ def decode_form(body: bytes, query: list[tuple[str, str]]) -> Decoded:
 
 
 def _decode_ndjson(body: bytes) -> Decoded:
-    events = [_loads(line) for line in body.splitlines() if line.strip()]
+    lines = [line for line in body.splitlines() if line.strip()]
+    if len(lines) > MAX_EVENTS:  # counted before any line is parsed
+        raise BadRequest(f"too many events: {len(lines)} in one request, the limit is {MAX_EVENTS}")
+    events = [_loads(line) for line in lines]
     events, _ = check_events(events)
     return Decoded(events, True, FORMAT_NDJSON, text=body)
 
