@@ -19,7 +19,7 @@ from tests.offline_site import firstparty_offline as offline
 from proxy.web.app import create_app
 from proxy.settings import Settings, build_settings
 from tests.fakeupstream import FakeUpstream
-from tests.support import ProxyClient
+from tests.support import REDIS_URL, ProxyClient
 
 # Never online: this process and every Python process a test starts may only
 # reach loopback (tests/offline_site/firstparty_offline.py).
@@ -73,6 +73,23 @@ def make_settings(tmp_path: Path, fake: FakeUpstream, **sections: dict[str, Any]
 @pytest.fixture
 def settings(tmp_path: Path, upstream: FakeUpstream) -> Settings:
     return make_settings(tmp_path, upstream)
+
+
+@pytest.fixture
+async def redis_settings() -> Any:
+    """Database 15 of the machine's Redis, this suite's own, emptied before and after."""
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except redis.ConnectionError:
+        await client.aclose()
+        pytest.fail("Redis is not running on 127.0.0.1:6379; scripts/test starts it")
+    await client.flushdb()
+    yield {"url": REDIS_URL}
+    await client.flushdb()
+    await client.aclose()
 
 
 ClientFactory = Callable[..., Awaitable[ProxyClient]]

@@ -21,6 +21,9 @@ import pytest
 # What `firstparty serve` logs once its one worker is bound (with --port 0: the port it got).
 LISTENING = re.compile(rb"listening on http://[^\s]+?:(\d+)/")
 
+# Database 15 of the machine's Redis: the suite's own (the ``redis_settings`` fixture empties it).
+REDIS_URL = "redis://127.0.0.1:6379/15"
+
 
 async def eventually(condition: Any, timeout: float, what: str, interval: float = 0.02) -> None:
     """Wait until ``condition()`` is true (polled every ``interval``), failing

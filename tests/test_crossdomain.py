@@ -473,7 +473,7 @@ async def test_device_cap(proxy_client, upstream):
 
 
 async def test_token_redeemed_once_across_processes_sharing_redis(serve_proxy, tmp_path, upstream):
-    from tests.test_store import REDIS_URL
+    from tests.support import REDIS_URL
 
     shared = {**IDENTITY, "store": {"url": REDIS_URL}, "delivery": {"mode": "sync"}}
     a = await serve_proxy(create_app(make_settings(tmp_path / "a", upstream, **shared)))

@@ -15,7 +15,6 @@ from proxy.core.ids import MAX_ID_CHARS, valid_id
 from proxy.services.store import AliasStore, BoundedMemoryCache
 from tests.conftest import SEG_KEY, b64_body, canonical_of, cookie_from, device_id, js_event, json_body
 from tests.test_crossdomain import A, B, IDENTITY, browser
-from tests.test_store import redis_settings  # noqa: F401 - the fixture
 
 TRACK = "/mp/track/?verbose=1&ip=1"
 SERVER = {"User-Agent": "python-requests/2.31", "Content-Type": "application/x-www-form-urlencoded"}
@@ -32,7 +31,7 @@ def crafted_ids(victim: str) -> list[str]:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def hostile(request: Any, proxy_client: Any, redis_settings: Any) -> Any:  # noqa: F811
+async def hostile(request: Any, proxy_client: Any, redis_settings: Any) -> Any:
     sections = copy.deepcopy(CARRY)
     if request.param == "redis":
         sections["store"] = redis_settings
@@ -97,7 +96,7 @@ def test_store_keys_are_one_kind_each_and_refuse_unsafe_parts():
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def linked(request: Any, proxy_client: Any, redis_settings: Any) -> Any:  # noqa: F811
+async def linked(request: Any, proxy_client: Any, redis_settings: Any) -> Any:
     """The app with linked domains, on the memory store or Redis."""
     sections = copy.deepcopy(IDENTITY)
     if request.param == "redis":

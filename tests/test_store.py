@@ -12,9 +12,8 @@ from proxy.web.app import create_app
 from proxy.settings import StoreSettings
 from proxy.services.store import AliasStore, BoundedMemoryCache
 from tests.conftest import BROWSER, b64_body, canonical_of, cookie_from, device_id, js_event, json_body, make_settings
-from tests.support import OwnServer, port_of, reserve_port
+from tests.support import REDIS_URL, OwnServer, port_of, reserve_port
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
 def _dev(i: int) -> str:
@@ -75,23 +74,6 @@ async def test_readyz_follows_the_store(serve_proxy, tmp_path, upstream, redis_s
             headers={**BROWSER, "Content-Type": "application/x-www-form-urlencoded"},
         )
         assert resp.status == 200
-
-
-@pytest.fixture
-async def redis_settings() -> Any:
-    """Database 15 of the machine's Redis, this suite's own, emptied before and after."""
-    import redis.asyncio as redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        await client.ping()
-    except redis.ConnectionError:
-        await client.aclose()
-        pytest.fail("Redis is not running on 127.0.0.1:6379; scripts/test starts it")
-    await client.flushdb()
-    yield {"url": REDIS_URL}
-    await client.flushdb()
-    await client.aclose()
 
 
 async def test_two_instances_share_aliases_through_redis(serve_proxy, tmp_path, upstream, redis_settings):

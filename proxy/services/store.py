@@ -104,11 +104,15 @@ class BoundedMemoryCache(SimpleMemoryCache):
     def get_now(self, keys: list[str]) -> list[str | None]:
         return [self._cache.get(k) for k in keys]
 
-    def put_now(self, pairs: list[tuple[str, str]], *, only_new: bool = False) -> None:
+    def put_now(self, pairs: list[tuple[str, str]], *, only_new: bool = False) -> set[str]:
+        """Store ``pairs`` (``only_new``: only keys not held yet); the keys stored."""
+        stored = set()
         for key, value in pairs:
             if only_new and key in self._cache:
                 continue
             self._store(key, value)
+            stored.add(key)
+        return stored
 
     def incr_now(self, key: str) -> int:
         value = int(self._cache.get(key) or 0) + 1
@@ -161,7 +165,8 @@ class AliasStore:
         # one timer handle per key.
         self._ttl = ttl
         self._memory = cache if isinstance(cache, BoundedMemoryCache) else None
-        self._written = _Recent(100_000)
+        self._written = _Recent(100_000)  # pairs this process stored
+        self._refused = _Recent(100_000)  # pairs it was asked to store where another alias stood
         self.errors = 0
         self.refused_keys = 0
         self._warn = Throttled(log)
@@ -241,32 +246,39 @@ class AliasStore:
         fresh = []
         for original, canonical in pairs.items():
             key = self._key(ALIAS, original)
-            if key is None or not valid_id(canonical) or f"{original}\0{canonical}" in self._written:
+            pair = f"{original}\0{canonical}"
+            if key is None or not valid_id(canonical) or pair in self._written or (not repoint and pair in self._refused):
                 continue
             fresh.append((original, key, canonical))
         if not fresh:
             return
         if self._memory is not None:
-            self._memory.put_now([(k, c) for _, k, c in fresh], only_new=not repoint)
+            stored = self._memory.put_now([(k, c) for _, k, c in fresh], only_new=not repoint)
         else:
+            stored = set()
             try:
                 if repoint:
                     await self._cache.multi_set([(k, c) for _, k, c in fresh], ttl=self._ttl)
+                    stored = {k for _, k, _ in fresh}
                 else:
                     for _, key, canonical in fresh:
                         try:
                             await self._cache.add(key, canonical, ttl=self._ttl)  # SET NX
+                            stored.add(key)
                         except ValueError:  # aiocache: the key exists
                             pass
             except Exception as exc:  # noqa: BLE001 - any backend failure degrades
                 self._failed("write", exc)
                 return
-        for original, _, canonical in fresh:
-            self._written.add(f"{original}\0{canonical}")
+        # A pair refused here (first write wins) is not asked for again by
+        # requests that merely name it, but one that proves it still writes it.
+        for original, key, canonical in fresh:
+            (self._written if key in stored else self._refused).add(f"{original}\0{canonical}")
 
     def recently_written(self, original: str, canonical: str) -> bool:
-        """Whether this process already stored this pair (no store call)."""
-        return f"{original}\0{canonical}" in self._written
+        """Whether this process already stored this pair, or was refused it (no store call)."""
+        pair = f"{original}\0{canonical}"
+        return pair in self._written or pair in self._refused
 
     async def count_device(self, canonical: str) -> int:
         """Count one more device id joined to ``canonical``; returns the total."""

@@ -21,7 +21,6 @@ from tests.conftest import b64_body, device_id, js_event
 from tests.e2e.harness import Site, drive, serve_segment_cdn
 from tests.fakeupstream import FakeUpstream
 from tests.support import serve_workers
-from tests.test_store import redis_settings  # noqa: F401 (a fixture)
 from tests.e2e.test_browser import event, goto, js, wait
 from tests.e2e.test_crossdomain_browser import (  # noqa: F401 (fixtures)
     A_HOST,
