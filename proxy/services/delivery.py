@@ -49,7 +49,9 @@ from .metrics import Metrics
 from ..settings import DeliverySettings
 from .spool import DeadLetter, Row, Spool, facts_of
 from .upstream import Endpoint, UpstreamClient
-from ..protocols.base import ACCEPTED, RATE_LIMITED, REFUSED, RETRY, TOO_LARGE, WireProtocol, events_per_batch
+from ..protocols.base import (
+    ACCEPTED, RATE_LIMITED, REFUSED, REJECTED, RETRY, TOO_LARGE, Verdict, WireProtocol, events_per_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -364,21 +366,8 @@ class Sender:
     async def _send(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
         protocol_name, route, project, ip = key
         protocol = self.protocols[protocol_name]
-        max_age = self.settings.max_age_seconds
-        cutoff = time.time() - max_age
-        expiring = route in protocol.expiring_routes
-        expired = [r for r in batch if r.event_time is not None and r.event_time < cutoff] if expiring else []
-        if expired:
-            # Events that aged while queued (an outage longer than the limit; the
-            # handler buries those too old already on arrival).
-            # A row's time is its oldest event's: a row of several goes back one a row,
-            # and each of its events is judged on its own when it comes round again.
-            self._requeue(state, [r for r in expired if r.count > 1])
-            alone = [r for r in expired if r.count == 1]
-            if alone:
-                self._bury(state, alone, "expired", f"event older than {max_age / 86400:g} days", None, 0.0)
-            gone = {r.id for r in expired}
-            batch = [r for r in batch if r.id not in gone]
+        if route in protocol.expiring_routes:
+            batch = self._without_expired(state, batch)
             if not batch:
                 return
         outbound = protocol.batch(route, ip, [r.body for r in batch], project)
@@ -406,34 +395,55 @@ class Sender:
             self._retry(state, key, batch, None, verdict.detail)
         elif verdict.kind == RATE_LIMITED:
             self._retry(state, key, batch, verdict.retry_after, verdict.detail or "rate limited")
-        elif verdict.kind == TOO_LARGE:
-            if len(batch) == 1 and batch[0].count > 1:
-                self._requeue(state, batch)  # its events one a row, split further if need be
-            elif len(batch) == 1:
-                self._bury(state, batch, "too_large", verdict.detail, 413, latency)
-            else:
-                await self._split(state, key, batch)
         elif verdict.kind == REFUSED:
             state.failures = 0
             self._bury(state, batch, f"http_{response.status}", verdict.detail, response.status, latency)
-        else:  # REJECTED
+        else:  # TOO_LARGE, REJECTED: about some of the batch
+            await self._partly_refused(state, key, batch, verdict, response.status, latency)
+
+    def _without_expired(self, state: RegionState, batch: list[Row]) -> list[Row]:
+        """The batch without its events that aged past the vendor's limit while
+        queued (an outage longer than the limit; the pipeline buries those too
+        old on arrival). A row's time is its oldest event's: a row of several
+        goes back one a row, each of its events judged on its own next time."""
+        max_age = self.settings.max_age_seconds
+        cutoff = time.time() - max_age
+        expired = [r for r in batch if r.event_time is not None and r.event_time < cutoff]
+        if not expired:
+            return batch
+        self._requeue(state, [r for r in expired if r.count > 1])
+        alone = [r for r in expired if r.count == 1]
+        if alone:
+            self._bury(state, alone, "expired", f"event older than {max_age / 86400:g} days", None, 0.0)
+        gone = {r.id for r in expired}
+        return [r for r in batch if r.id not in gone]
+
+    async def _partly_refused(
+        self, state: RegionState, key: GroupKey, batch: list[Row], verdict: Verdict, status: int, latency: float
+    ) -> None:
+        """A 413 or a 400: the upstream named the bad records (buried, the others
+        ingested), or the batch is split until the bad ones stand alone."""
+        reason = "too_large" if verdict.kind == TOO_LARGE else "rejected"
+        if verdict.kind == TOO_LARGE:
+            status = 413
+        else:
             state.failures = 0
-            if verdict.failed:
-                # The upstream named the bad records (by their place among the
-                # batch's events); it ingested the others.
-                events = [e for r in batch for e in r.split()] if any(r.count > 1 for r in batch) else batch
-                for i, r in enumerate(events):
-                    if i in verdict.failed:
-                        self._bury(state, [r], "rejected", verdict.failed[i], response.status, latency)
-                good = [r for i, r in enumerate(events) if i not in verdict.failed]
-                if good:
-                    self._done(state, good, "forwarded", response.status, latency)
-            elif len(batch) == 1 and batch[0].count > 1:
-                self._requeue(state, batch)  # bisected event by event when it comes round again
-            elif len(batch) == 1:
-                self._bury(state, batch, "rejected", verdict.detail, response.status, latency)
-            else:
-                await self._split(state, key, batch)
+        if verdict.kind == REJECTED and verdict.failed:
+            # The upstream named the bad records (by their place among the
+            # batch's events); it ingested the others.
+            events = [e for r in batch for e in r.split()] if any(r.count > 1 for r in batch) else batch
+            for i, r in enumerate(events):
+                if i in verdict.failed:
+                    self._bury(state, [r], reason, verdict.failed[i], status, latency)
+            good = [r for i, r in enumerate(events) if i not in verdict.failed]
+            if good:
+                self._done(state, good, "forwarded", status, latency)
+        elif len(batch) == 1 and batch[0].count > 1:
+            self._requeue(state, batch)  # its events one a row, bisected further if need be
+        elif len(batch) == 1:
+            self._bury(state, batch, reason, verdict.detail, status, latency)
+        else:
+            await self._split(state, key, batch)
 
     async def _split(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
         mid = len(batch) // 2

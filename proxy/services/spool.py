@@ -361,6 +361,26 @@ def letters_of(rows: Sequence[NewRow], reason: str, detail: str) -> list[DeadLet
     ]
 
 
+
+@dataclass(slots=True)
+class _Pending:
+    """One transaction's share of the writes waiting (``Spool._take_pending``)."""
+
+    inserts: list[tuple[NewRow, float]]
+    door: list[DeadLetter]  # dead letters written with their request (expired on arrival)
+    inserted: int  # events the inserts hold
+    waiters: list[asyncio.Future[None]]
+    deletes: list[tuple[int, int]]  # (row id, its events)
+    dead: list[DeadLetter]
+    attempts: list[tuple[int, int]]
+    requeued: list[tuple[Row, list[NewRow]]]
+
+
+def _fail(waiters: list[asyncio.Future[None]], failure: Exception) -> None:
+    for w in waiters:
+        if not w.done():
+            w.set_exception(failure)
+
 class SpoolFull(Unavailable):
     """The spool cannot take these events now (it holds ``max_rows``, or it
     cannot write): the client must keep its copy and retry (503)."""
@@ -700,96 +720,105 @@ class Spool:
     async def _flush_loop(self) -> None:
         # Runs while there is pending work; each pass is one transaction.
         while self._inserts or self._door or self._deletes or self._dead or self._attempts or self._requeued:
-            inserts, self._inserts = self._inserts, []
-            door, self._door = self._door, []
-            inserted, self._inserted = self._inserted, 0
-            waiters, self._insert_waiters = self._insert_waiters, []
-            deletes, self._deletes = self._deletes, []
-            dead, self._dead = self._dead, []
-            attempts, self._attempts = self._attempts, []
-            requeued, self._requeued = self._requeued, []
+            p = self._take_pending()
             # Near the threshold every page counts: retry counts are only for the
             # log (an UPDATE rewrites each row's page), and the WAL is cut after
             # each transaction so that deletes, which touch a page per row, fit.
             tight = bool(self.min_free_bytes) and (self.refusing is not None or self._room < self.min_free_bytes)
             if tight:
-                attempts = []
-            if tight and len(deletes) + len(dead) > TIGHT_OUTCOMES:
-                # Small transactions: a delete rewrites each row's page into the WAL.
-                deletes, later_deletes = deletes[:TIGHT_OUTCOMES], deletes[TIGHT_OUTCOMES:]
-                room = TIGHT_OUTCOMES - len(deletes)
-                dead, later_dead = dead[:room], dead[room:]
-                self._deletes[:0], self._dead[:0] = later_deletes, later_dead
-            if inserts and self.min_free_bytes and not await self._room_for(inserts):
+                self._tighten(p)
+            if p.inserts and self.min_free_bytes and not await self._room_for(p.inserts):
                 # Below the threshold: these events are refused (503, the clients
                 # keep them); the outcomes still go in, into the room kept for them.
-                failure = SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
-                for w in waiters:
-                    if not w.done():
-                        w.set_exception(failure)
-                inserts, door, waiters, inserted = [], [], [], 0
-                if not (deletes or dead or attempts or requeued):
+                _fail(p.waiters, SpoolUnwritable(f"the spool cannot take events now ({self.refusing})"))
+                p.inserts, p.door, p.waiters, p.inserted = [], [], [], 0
+                if not (p.deletes or p.dead or p.attempts or p.requeued):
                     continue
             # A requeue replaces a row by as many bytes in single rows: it is
             # never refused for space, and goes in whole or not at all.
             now = time.time()
-            all_inserts = inserts + [(r, now) for _, singles in requeued for r in singles]
-            all_deletes = deletes + [(row.id, row.count) for row, _ in requeued]
+            inserts = p.inserts + [(r, now) for _, singles in p.requeued for r in singles]
+            deletes = p.deletes + [(row.id, row.count) for row, _ in p.requeued]
             try:
                 last_id = await self._call(
                     lambda c: _transaction(
-                        c, all_inserts, [i for i, _ in all_deletes], dead + door, attempts, self.max_dead, self.dead_seconds
+                        c, inserts, [i for i, _ in deletes], p.dead + p.door, p.attempts, self.max_dead, self.dead_seconds
                     )
                 )
             except BaseException as exc:
-                if is_write_error(exc):
-                    # The disk refused: the clients are told 503 (they keep their
-                    # copies), outcomes wait for the disk to take them again.
-                    self._disk_refused = True
-                    self._refuse(f"the disk refused a write: {exc}")
-                    failure: Exception = SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
-                    self._deletes[:0], self._dead[:0], self._attempts[:0] = deletes, dead, attempts
-                    self._requeued[:0] = requeued
-                else:
-                    # As with other outcomes: the row stays queued, whole, and is sent again.
-                    failure = exc if isinstance(exc, Exception) else RuntimeError("spool write cancelled")
-                for w in waiters:
-                    if not w.done():
-                        w.set_exception(failure)
-                # Outcomes not written stay pending: the rows remain queued and will be resent.
-                if not isinstance(exc, Exception):
-                    raise
-                if self.refusing is not None:
+                if not self._write_failed(exc, p):
                     return  # retried by _watch_space once the disk takes writes again
                 continue
-            if tight or self.refusing is not None:
-                self._room -= _PAGE * (len(deletes) + len(dead))
-                with contextlib.suppress(sqlite3.DatabaseError):
-                    await self._call(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
-            if self._disk_refused and not (self._deletes or self._dead or self._requeued):
-                # The disk took every outcome it had refused: the threshold decides now.
-                self._disk_refused = False
-                if self.min_free_bytes:
-                    await self._check_space()
-                else:
-                    self._accept()
-            self.commits += 1
-            # Views of one row (Row.split) share its id: each counts its own event.
-            self.depth += inserted - sum([n for _, n in deletes]) - len(dead)
-            inserts = all_inserts
-            if inserts and self.on_commit is not None:
-                # One writer, one transaction: the inserted ids are consecutive.
-                first = last_id - len(inserts) + 1
-                self.on_commit(
-                    [
-                        Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time, r.protocol, r.info,
-                            r.count)
-                        for i, (r, t) in enumerate(inserts)
-                    ]
-                )
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+            await self._committed(p, tight, inserts, last_id)
+
+    def _take_pending(self) -> _Pending:
+        """Everything waiting for the next transaction, taken at once."""
+        p = _Pending(self._inserts, self._door, self._inserted, self._insert_waiters, self._deletes, self._dead,
+                     self._attempts, self._requeued)
+        self._inserts, self._door, self._inserted, self._insert_waiters = [], [], 0, []
+        self._deletes, self._dead, self._attempts, self._requeued = [], [], [], []
+        return p
+
+    def _tighten(self, p: _Pending) -> None:
+        """Short of room: no retry counts, and small transactions (a delete
+        rewrites each row's page into the WAL); the rest waits its turn."""
+        p.attempts = []
+        if len(p.deletes) + len(p.dead) > TIGHT_OUTCOMES:
+            p.deletes, later_deletes = p.deletes[:TIGHT_OUTCOMES], p.deletes[TIGHT_OUTCOMES:]
+            room = TIGHT_OUTCOMES - len(p.deletes)
+            p.dead, later_dead = p.dead[:room], p.dead[room:]
+            self._deletes[:0], self._dead[:0] = later_deletes, later_dead
+
+    def _write_failed(self, exc: BaseException, p: _Pending) -> bool:
+        """The transaction failed: its writers are told. False when the disk
+        refused (the loop stops until it takes writes again)."""
+        if is_write_error(exc):
+            # The disk refused: the clients are told 503 (they keep their
+            # copies), outcomes wait for the disk to take them again.
+            self._disk_refused = True
+            self._refuse(f"the disk refused a write: {exc}")
+            failure: Exception = SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
+            self._deletes[:0], self._dead[:0], self._attempts[:0] = p.deletes, p.dead, p.attempts
+            self._requeued[:0] = p.requeued
+        else:
+            # As with other outcomes: the row stays queued, whole, and is sent again.
+            failure = exc if isinstance(exc, Exception) else RuntimeError("spool write cancelled")
+        _fail(p.waiters, failure)
+        # Outcomes not written stay pending: the rows remain queued and will be resent.
+        if not isinstance(exc, Exception):
+            raise exc
+        return self.refusing is None
+
+    async def _committed(self, p: _Pending, tight: bool, inserts: list[tuple[NewRow, float]], last_id: int) -> None:
+        """After a transaction: room and state brought up to date, the new rows
+        handed to the sender, the writers answered."""
+        if tight or self.refusing is not None:
+            self._room -= _PAGE * (len(p.deletes) + len(p.dead))
+            with contextlib.suppress(sqlite3.DatabaseError):
+                await self._call(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        if self._disk_refused and not (self._deletes or self._dead or self._requeued):
+            # The disk took every outcome it had refused: the threshold decides now.
+            self._disk_refused = False
+            if self.min_free_bytes:
+                await self._check_space()
+            else:
+                self._accept()
+        self.commits += 1
+        # Views of one row (Row.split) share its id: each counts its own event.
+        self.depth += p.inserted - sum([n for _, n in p.deletes]) - len(p.dead)
+        if inserts and self.on_commit is not None:
+            # One writer, one transaction: the inserted ids are consecutive.
+            first = last_id - len(inserts) + 1
+            self.on_commit(
+                [
+                    Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time, r.protocol, r.info,
+                        r.count)
+                    for i, (r, t) in enumerate(inserts)
+                ]
+            )
+        for w in p.waiters:
+            if not w.done():
+                w.set_result(None)
 
     async def flush(self) -> None:
         """Wait until everything pending is committed."""

@@ -42,6 +42,7 @@ from ..core.bridge import (
 )
 from ..core.apikeys import bearer
 from ..core.cookie import CookieJar, own_cookie_values
+from ..core.identity import Resolution
 from ..core.ids import ID_CHARS, MAX_ID_CHARS, MIN_ID_CHARS, valid_id
 from ..errors import BadRequest, Refused, Unavailable
 from ..lograte import Throttled
@@ -279,8 +280,6 @@ class CrossDomain:
 
     async def go(self, request: web.Request) -> web.Response:
         """``GET /mp/go?to=<url>``: 302 to ``to`` with a fresh token, linked domains only."""
-        from ..core.identity import Resolution
-
         visit = self.front.visit(request)
         try:
             to, audience = self._target(query_get(request, "to"))
@@ -307,8 +306,6 @@ class CrossDomain:
 
     async def bridge(self, request: web.Request) -> web.Response:
         """``POST /mp/bridge`` (``to`` in the query, form or JSON body) -> ``{token, expires_in, param, url}``."""
-        from ..core.identity import Resolution
-
         visit = self.front.visit(request)
         try:
             fields = await self._fields(request, "to")
@@ -424,12 +421,9 @@ class CrossDomain:
         ``POST /mp/id`` with ``fpb=<token>``: a landing script (land.js, hub.js,
         frame.js) redeems the page's token before any SDK runs; ``frame=1``
         keeps the id in a partitioned cookie (a widget in a cross-site iframe)."""
-        from ..core.identity import Resolution
-
         visit = self.front.visit(request)
         origin = request.headers.get("origin")
-        token = None
-        frame = False
+        fields: dict[str, str] = {}
         if request.method == "POST":
             if origin and not self._origin_linked(origin):
                 # Only this deployment's own pages may make a browser take a token's id.
@@ -439,43 +433,15 @@ class CrossDomain:
                 fields = await self._fields(request, self._cfg.token_param)
             except Refused as exc:
                 return self.front.finish(_refusal(exc), visit, None, "id")
-            token = fields.get(self._cfg.token_param) or None
-            frame = fields.get("frame") == "1"
-            # land.js sends its page's document.referrer (where the landing came
-            # from); hub.js says when the token is the answer to its own round trip.
-            via = VIA_FRAME if frame else VIA_HUB if fields.get("via") == "hub" else VIA_PAGE
-            referrer = fields.get("ref")
+        token = fields.get(self._cfg.token_param) or None
         refused = consent.refusal(request.headers, self.front.settings.consent)
         owner = visit.hint or visit.cookie_id or f"landing:{uuid.uuid4().hex}"
         if not refused and token and await self.tokens.refusal_follows(token, visit.host, owner):
             refused = "token"  # refused on another domain; the refusal follows the visitor
         if refused:
-            # No id for a browser that refused tracking, and no cookie minted for it.
-            body = {"id": None, "source": "refused", "reason": refused}
-            if token:
-                body["token"] = "refused"
-            response = json_response(body, headers={"Cache-Control": "no-store"})
-            response = self.front.finish(response, visit, None, "id")
-            if request.method == "POST":
-                response = self.front.forget(response, visit, refused)
+            response = self._refused_identity(request, visit, token, refused)
         else:
-            carried = (
-                await self.tokens.redeem(token, visit.host, [], visit.cookie_id, visit.hint, via=via, referrer=referrer)
-                if token
-                else None
-            )
-            canonical, source = carried or self._canonical_for(visit)
-            if carried and visit.browser:
-                # The SDKs' first events come with the cookie this answer sets: they
-                # are named after the token that brought them (``Resolver``).
-                await self.front.s.store.set_landed(canonical, visit.host, source, LANDED_SECONDS)
-            body = {"id": canonical, "source": source}
-            if token:
-                body["token"] = "accepted" if carried else "refused"
-            response = json_response(body, headers={"Cache-Control": "no-store"})
-            response = self.front.finish(response, visit, Resolution(canonical, source), "id")
-            if frame and visit.browser:
-                response.headers["Set-Cookie"] = self.front.jar.partitioned_cookie_header(canonical, visit.host)
+            response = await self._identity_of(visit, token, fields)
         # Stricter than the SDK endpoints: only linked origins may read an id.
         response.headers.popall("Access-Control-Allow-Origin", None)
         response.headers.popall("Access-Control-Allow-Credentials", None)
@@ -483,6 +449,38 @@ class CrossDomain:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Allow-Credentials"] = "true"
             response.headers["Vary"] = "Origin"
+        return response
+
+    def _refused_identity(self, request: web.Request, visit: Visit, token: str | None, refused: str) -> web.Response:
+        """No id for a browser that refused tracking, and no cookie minted for it."""
+        body = {"id": None, "source": "refused", "reason": refused}
+        if token:
+            body["token"] = "refused"
+        response = self.front.finish(json_response(body, headers={"Cache-Control": "no-store"}), visit, None, "id")
+        return self.front.forget(response, visit, refused) if request.method == "POST" else response
+
+    async def _identity_of(self, visit: Visit, token: str | None, fields: dict[str, str]) -> web.Response:
+        """The browser's id: its token's (redeemed with its proof), its cookie's, or a new one."""
+        frame = fields.get("frame") == "1"
+        carried = None
+        if token:
+            # land.js sends its page's document.referrer (where the landing came
+            # from); hub.js says when the token is the answer to its own round trip.
+            via = VIA_FRAME if frame else VIA_HUB if fields.get("via") == "hub" else VIA_PAGE
+            carried = await self.tokens.redeem(token, visit.host, [], visit.cookie_id, visit.hint, via=via,
+                                               referrer=fields.get("ref"))
+        canonical, source = carried or self._canonical_for(visit)
+        if carried and visit.browser:
+            # The SDKs' first events come with the cookie this answer sets: they
+            # are named after the token that brought them (``Resolver``).
+            await self.front.s.store.set_landed(canonical, visit.host, source, LANDED_SECONDS)
+        body = {"id": canonical, "source": source}
+        if token:
+            body["token"] = "accepted" if carried else "refused"
+        response = json_response(body, headers={"Cache-Control": "no-store"})
+        response = self.front.finish(response, visit, Resolution(canonical, source), "id")
+        if frame and visit.browser:
+            response.headers["Set-Cookie"] = self.front.jar.partitioned_cookie_header(canonical, visit.host)
         return response
 
     def _origin_linked(self, origin: str) -> bool:
