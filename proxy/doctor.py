@@ -300,12 +300,8 @@ def findings(ctx: Context) -> list[Finding]:
 async def online_findings(ctx: Context, write_keys: list[str]) -> list[Finding]:
     """Resolve and TLS-handshake every upstream, fetch the SDKs from the CDNs,
     and read each named Segment workspace's region from its settings."""
-    import orjson
-
     from .errors import UpstreamError, UpstreamTLSError
-    from .protocols import segment_cdn
     from .services.upstream import SegmentUpstreams, UpstreamClient, Upstreams
-    from .web.cdn import LIB_PATHS
 
     s = ctx.settings
     mixpanel = Upstreams.from_settings(s.upstream)
@@ -318,19 +314,9 @@ async def online_findings(ctx: Context, write_keys: list[str]) -> list[Finding]:
         no_proxy=s.upstream.no_proxy,
     )
     out: list[Finding] = []
-    # Only the regions the config sends to: the default and those projects and
-    # write keys are routed to (an unused region's host is not this site's concern).
-    used = {s.upstream.default_region, *s.upstream.projects.values()}
-    seg_used = {seg.region_for(k) for k in [*s.segment.write_keys, *write_keys]} | {seg.region_for(None)}
-    targets = [(f"upstream.{name}", ep, "/") for name, ep in mixpanel.regions.items() if name in used]
-    targets += [("upstream.decide", mixpanel.decide, "/")]
-    targets += [("upstream.cdn", mixpanel.cdn, LIB_PATHS["lib.min.js"])]
-    targets += [(f"segment.{name.removeprefix('segment-')}", ep, "/") for name, ep in seg.regions.items() if name in seg_used]
-    for key in dict.fromkeys(list(s.segment.write_keys) + write_keys):
-        targets.append((f"segment.cdn ({key[:6]}…)", seg.cdn, f"/v1/projects/{key}/settings"))
     await client.open()
     try:
-        for where, endpoint, path in targets:
+        for where, endpoint, path in _online_targets(s, mixpanel, seg, write_keys):
             try:
                 answer = await client.request(endpoint, "GET", path, [("accept", "*/*")], None, follow_redirects=True)
             except UpstreamTLSError as exc:
@@ -342,31 +328,57 @@ async def online_findings(ctx: Context, write_keys: list[str]) -> list[Finding]:
                                    "check DNS and egress from this host (if it must go through a proxy: HTTPS_PROXY "
                                    "in the proxy's environment)"))
                 continue
-            if path == "/" or path.startswith("/libs/"):
-                if path != "/" and answer.status != 200:
-                    out.append(Finding(ERROR, where, f"{endpoint.origin}{path} answered {answer.status}",
-                                       "check upstream.cdn: /mp/lib.min.js is served from there"))
-                continue
-            key = path.split("/")[3]
-            if answer.status != 200:
-                out.append(Finding(ERROR, where, f"the settings of write key {key[:6]}… answered {answer.status}",
-                                   "check the write key (Segment: Sources > your source > Settings > API Keys)"))
-                continue
-            try:
-                obj = orjson.loads(answer.body)
-                api_host = obj["integrations"]["Segment.io"]["apiHost"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                continue
-            region = segment_cdn.REGION_OF_API_HOST.get(api_host)
-            routed = seg.region_for(key).removeprefix("segment-")
-            if region and region != routed:
-                out.append(Finding(ERROR, f"segment.write_keys.{key[:6]}…",
-                                   f"the workspace is in the {region.upper()} region but its calls go to {routed.upper()}: "
-                                   "Segment drops them there",
-                                   f"segment.write_keys = {{ \"{key}\" = \"{region}\" }}"))
+            out += _answer_findings(where, endpoint, path, answer.status, answer.body, seg)
     finally:
         await client.close()
     return out
+
+
+def _online_targets(s: Any, mixpanel: Any, seg: Any, write_keys: list[str]) -> list[tuple[str, Any, str]]:
+    """(where, endpoint, path) of every upstream the config sends to: the default
+    region and those projects and write keys are routed to (an unused region's
+    host is not this site's concern), the CDNs, each named workspace's settings."""
+    from .web.cdn import LIB_PATHS
+
+    used = {s.upstream.default_region, *s.upstream.projects.values()}
+    seg_used = {seg.region_for(k) for k in [*s.segment.write_keys, *write_keys]} | {seg.region_for(None)}
+    targets = [(f"upstream.{name}", ep, "/") for name, ep in mixpanel.regions.items() if name in used]
+    targets += [("upstream.decide", mixpanel.decide, "/")]
+    targets += [("upstream.cdn", mixpanel.cdn, LIB_PATHS["lib.min.js"])]
+    targets += [(f"segment.{name.removeprefix('segment-')}", ep, "/") for name, ep in seg.regions.items() if name in seg_used]
+    for key in dict.fromkeys(list(s.segment.write_keys) + write_keys):
+        targets.append((f"segment.cdn ({key[:6]}…)", seg.cdn, f"/v1/projects/{key}/settings"))
+    return targets
+
+
+def _answer_findings(where: str, endpoint: Any, path: str, status: int, body: bytes, seg: Any) -> list[Finding]:
+    """What an upstream's answer says: the CDN serves the SDK; a workspace's
+    settings name the region its calls must go to."""
+    import orjson
+
+    from .protocols import segment_cdn
+
+    if path == "/" or path.startswith("/libs/"):
+        if path != "/" and status != 200:
+            return [Finding(ERROR, where, f"{endpoint.origin}{path} answered {status}",
+                            "check upstream.cdn: /mp/lib.min.js is served from there")]
+        return []
+    key = path.split("/")[3]
+    if status != 200:
+        return [Finding(ERROR, where, f"the settings of write key {key[:6]}… answered {status}",
+                        "check the write key (Segment: Sources > your source > Settings > API Keys)")]
+    try:
+        api_host = orjson.loads(body)["integrations"]["Segment.io"]["apiHost"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return []
+    region = segment_cdn.REGION_OF_API_HOST.get(api_host)
+    routed = seg.region_for(key).removeprefix("segment-")
+    if region and region != routed:
+        return [Finding(ERROR, f"segment.write_keys.{key[:6]}…",
+                        f"the workspace is in the {region.upper()} region but its calls go to {routed.upper()}: "
+                        "Segment drops them there",
+                        f"segment.write_keys = {{ \"{key}\" = \"{region}\" }}")]
+    return []
 
 
 # ---------------------------------------------------------------------- nginx
@@ -397,21 +409,7 @@ def nginx_findings(ctx: Context, path: Path) -> list[Finding]:
     s = ctx.settings
     mounts = [*s.server.mounts, *s.server.decide_mounts, *s.segment.mounts]
     domains = list(dict.fromkeys("." + d.strip(".").lower() for d in (*s.cookie.domains, *s.identity.linked_domains)))
-    site: list[tuple[dict[str, Any], str]] = []
-    for server in servers:
-        names = [n.lower() for args in _values(server["block"], "server_name") for n in args if n not in ("_", "")]
-        proxies = any(_location_for(server, m) is not None for m in mounts)
-        label = " ".join(names) or "(no server_name)"
-        if domains and names:
-            if any(_under(n, domains) for n in names):
-                site.append((server, label))
-            elif proxies:
-                out.append(Finding(ERROR, f"{path}:{server.get('line')}",
-                                   f"server_name {label} sends the mounts to the proxy but is under none of "
-                                   f"cookie.domains / identity.linked_domains ({', '.join(domains)}): a typo?",
-                                   "correct the name, or add its domain to cookie.domains and identity.linked_domains"))
-        elif proxies:
-            site.append((server, label))
+    site = _site_servers(path, servers, mounts, domains, out)
     if not site:
         return out + [
             Finding(ERROR, str(path), f"no location sends {mount} to the proxy: those requests reach your site instead",
@@ -434,6 +432,29 @@ def nginx_findings(ctx: Context, path: Path) -> list[Finding]:
                 targets.append((passes[0][0], loc))
     out += _address_findings(path, targets, s, upstreams)
     return list(dict.fromkeys(out))  # one location serving several mounts: each finding once
+
+
+def _site_servers(
+    path: Path, servers: list[dict[str, Any]], mounts: list[str], domains: list[str], out: list[Finding]
+) -> list[tuple[dict[str, Any], str]]:
+    """(server block, its names) of the site's blocks; a block sending the mounts
+    to the proxy under a name outside ``domains`` is a finding (a typo?)."""
+    site: list[tuple[dict[str, Any], str]] = []
+    for server in servers:
+        names = [n.lower() for args in _values(server["block"], "server_name") for n in args if n not in ("_", "")]
+        proxies = any(_location_for(server, m) is not None for m in mounts)
+        label = " ".join(names) or "(no server_name)"
+        if domains and names:
+            if any(_under(n, domains) for n in names):
+                site.append((server, label))
+            elif proxies:
+                out.append(Finding(ERROR, f"{path}:{server.get('line')}",
+                                   f"server_name {label} sends the mounts to the proxy but is under none of "
+                                   f"cookie.domains / identity.linked_domains ({', '.join(domains)}): a typo?",
+                                   "correct the name, or add its domain to cookie.domains and identity.linked_domains"))
+        elif proxies:
+            site.append((server, label))
+    return site
 
 
 def _under(name: str, domains: list[str]) -> bool:

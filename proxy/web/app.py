@@ -109,6 +109,29 @@ def create_app(settings: Settings) -> web.Application:
     front = app[FRONT] = Front(settings, upstreams, segment)
     proxy = app[PROXY] = Proxy(front)
     probes = app[PROBES] = Probes(front)
+    add_routes(app, settings, proxy, probes)
+
+    # Built here (TLS context, ca_file checked: a bad file fails start-up with
+    # one line), opened in the clean-up context below.
+    client = UpstreamClient(
+        max_connections_per_host=settings.upstream.max_connections,
+        timeout=settings.upstream.timeout_seconds,
+        ca_file=settings.upstream.ca_file,
+        proxies={"https": settings.upstream.https_proxy, "http": settings.upstream.http_proxy},
+        no_proxy=settings.upstream.no_proxy,
+    )
+    # One clean-up context per resource, in the order they depend on each
+    # other; aiohttp closes them in reverse (the sender drains first, through
+    # a client that is still open, into a spool and a log still open).
+    app[UPSTREAM] = client
+    app.cleanup_ctx.extend(
+        [_client_ctx, _store_ctx, _forwarded_ctx, _metrics_ctx, _spool_ctx, _sender_ctx, _bind_ctx]
+    )
+    return app
+
+
+def add_routes(app: web.Application, settings: Settings, proxy: Proxy, probes: Probes) -> None:
+    """Every path the proxy answers on its main listener."""
     cross = proxy.cross
 
     add = app.router.add_route
@@ -143,24 +166,6 @@ def create_app(settings: Settings) -> web.Application:
     add("*", "/hub/ping", only(GET, cross.hub_ping))
     # For load balancers; /metrics and /readyz are on the ops listener only (web/ops).
     add("*", "/healthz", only(GET, probes.healthz))
-
-    # Built here (TLS context, ca_file checked: a bad file fails start-up with
-    # one line), opened in the clean-up context below.
-    client = UpstreamClient(
-        max_connections_per_host=settings.upstream.max_connections,
-        timeout=settings.upstream.timeout_seconds,
-        ca_file=settings.upstream.ca_file,
-        proxies={"https": settings.upstream.https_proxy, "http": settings.upstream.http_proxy},
-        no_proxy=settings.upstream.no_proxy,
-    )
-    # One clean-up context per resource, in the order they depend on each
-    # other; aiohttp closes them in reverse (the sender drains first, through
-    # a client that is still open, into a spool and a log still open).
-    app[UPSTREAM] = client
-    app.cleanup_ctx.extend(
-        [_client_ctx, _store_ctx, _forwarded_ctx, _metrics_ctx, _spool_ctx, _sender_ctx, _bind_ctx]
-    )
-    return app
 
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
