@@ -40,7 +40,9 @@ from aiohttp import ClientSession, DummyCookieJar, TCPConnector, web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.core.codec import _unescape_base64  # noqa: E402
-from proxy.services.spool import NewRow, _transaction, connect  # noqa: E402
+from proxy.services.queue.rows import NewRow  # noqa: E402
+from proxy.services.queue.sqlfile import connect
+from proxy.services.queue.sqlite import _transaction
 
 BATCH = 50
 WINDOW = 0.05  # seconds a partial batch waits, as delivery.batch_window_ms = 50

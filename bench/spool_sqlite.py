@@ -21,7 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.services.spool import NewRow, _transaction, connect  # noqa: E402
+from proxy.services.queue.rows import NewRow  # noqa: E402
+
+from proxy.services.queue.sqlfile import connect
+
+from proxy.services.queue.sqlite import _transaction
 
 # A mixpanel-js-sized event (~1.3 kB) and its identity meta.
 BODY = b'{"event":"Page View","properties":{' + b''.join(b'"k%d":"%s",' % (i, b"v" * 36) for i in range(28)) + b'"z":1}}'

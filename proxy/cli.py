@@ -476,7 +476,7 @@ def cmd_spool_check(args: argparse.Namespace) -> int:
 
 async def _jetstream(args: argparse.Namespace, work: Any) -> Any:
     """``work(queue)`` on the configured JetStream queue (``delivery.queue = "jetstream"``)."""
-    from .services.jetstream import JetStreamQueue
+    from .services.queue.jetstream import JetStreamQueue
     from .services.upstream import SEGMENT_PREFIX
     from .settings import REGIONS, SEGMENT_REGIONS
 
@@ -502,7 +502,8 @@ def _jetstream_stats(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_spool_stats(args: argparse.Namespace) -> int:
-    from .services.spool import connect, stats_of
+    from .services.queue.admin import stats_of
+    from .services.queue.sqlfile import connect
 
     stats: dict[str, Any] = {"depth": 0, "oldest_age_seconds": 0.0, "depth_by_region": {}, "dead_letters": 0,
                              "dead_by_reason": {}, "files": []}
@@ -566,7 +567,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .services.spool import connect, replay
+    from .services.queue.admin import replay
+    from .services.queue.sqlfile import connect
 
     moved = 0
     if load_settings(args.config).delivery.queue == "jetstream":

@@ -8,7 +8,7 @@
     │   │   └── RequestTimeout   the body arrived too slowly (HTTP 408)
     │   └── Unavailable      not now: the client keeps its events and comes back (HTTP 503, Retry-After)
     │       ├── Overloaded       too many bodies arriving at once
-    │       └── SpoolFull        the queue is full or cannot write (services/spool)
+    │       └── SpoolFull        the queue is full or cannot write (services/queue/base)
     └── UpstreamError      the vendor could not be reached or answered nonsense
         ├── UpstreamTimeout      no complete answer within the route's timeout
         ├── UpstreamUnreachable  DNS, refused or reset connections, a proxy that failed

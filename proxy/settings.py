@@ -233,7 +233,7 @@ class DeliverySettings:
     # queue can still drain. 0: only SQLite's own "disk full" stops it.
     min_free_bytes: int = 64 * 1024 * 1024
     # The durable queue: "sqlite" (embedded, one file per process) or
-    # "jetstream" (NATS JetStream, one stream shared by a fleet; services/jetstream.py).
+    # "jetstream" (NATS JetStream, one stream shared by a fleet; services/queue/jetstream.py).
     queue: str = "sqlite"
     nats_url: str = "nats://127.0.0.1:4222"
     stream: str = "FIRSTPARTY"

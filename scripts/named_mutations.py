@@ -62,7 +62,7 @@ MUTATIONS = [
     Mutation(
         "readyz-always-200",
         "/readyz answers 200 with the spool full or the store down",
-        "proxy/web/handlers.py",
+        "proxy/web/probes.py",
         "return json_response(body, status=200 if ok else 503)",
         "return json_response(body, status=200)",
         ("tests/test_delivery.py", "tests/test_proxy.py", "tests/test_store.py"),
@@ -70,9 +70,9 @@ MUTATIONS = [
     Mutation(
         "decide-not-rewritten",
         "decide's distinct_id is forwarded as the SDK sent it, not the canonical id",
-        "proxy/web/handlers.py",
-        "new_query = rewrite_query(query, QUERY_ID_FIELDS[route], resolution.mapping, rewrites)",
-        "new_query = query",
+        "proxy/protocols/mixpanel.py",
+        "return rewrite_query(query, QUERY_ID_FIELDS[route], mapping, out)",
+        "return query",
         ("tests/test_proxy.py", "tests/test_crossdomain.py"),
     ),
 ]

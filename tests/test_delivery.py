@@ -578,7 +578,7 @@ async def test_an_unexpected_error_while_sending_keeps_the_batch(serve_proxy, tm
 
 @given(st.sets(st.integers(min_value=1, max_value=200), max_size=60))
 def test_id_runs_cover_exactly_the_acknowledged_ids(ids):
-    from proxy.services.spool import id_runs
+    from proxy.services.queue.sqlite import id_runs
 
     runs = id_runs(ids)
     covered = [i for a, b in runs for i in range(a, b + 1)]
@@ -587,7 +587,8 @@ def test_id_runs_cover_exactly_the_acknowledged_ids(ids):
 
 
 async def test_old_spool_with_region_index_is_migrated(tmp_path):
-    from proxy.services.spool import NewRow, Spool
+    from proxy.services.queue.rows import NewRow
+    from proxy.services.queue.sqlite import Spool
 
     path = tmp_path / "spool.sqlite3"
     with sqlite3.connect(path) as c:  # what 0.1.0 created
@@ -610,7 +611,8 @@ async def test_old_spool_with_region_index_is_migrated(tmp_path):
 async def test_a_large_group_commit_hands_the_sender_the_ids_on_disk(tmp_path):
     """Rows go in by multi-row statements (256 a statement): the ids the
     sender is handed must be the ones SQLite assigned, row for row."""
-    from proxy.services.spool import NewRow, Spool
+    from proxy.services.queue.rows import NewRow
+    from proxy.services.queue.sqlite import Spool
 
     spool = Spool(tmp_path / "spool.sqlite3", max_rows=10_000)
     await spool.open()

@@ -96,7 +96,7 @@ async def test_events_go_through_the_stream_and_a_resend_is_stored_once(serve_pr
 
 
 async def test_a_stream_that_disagrees_with_the_config_stops_the_start(tmp_path, upstream, nats_server):
-    from proxy.services.jetstream import JetStreamQueue
+    from proxy.services.queue.jetstream import JetStreamQueue
 
     first = JetStreamQueue(make_settings(tmp_path, upstream, delivery=jetstream(nats_server)).delivery, ["us"])
     await first.open()
@@ -113,7 +113,7 @@ async def test_more_replicas_than_servers_stops_the_start_naming_the_setting(tmp
     """stream_replicas = 3 on a single server cannot be placed: the start stops with
     a message naming delivery.stream_replicas, not a NATS API traceback."""
     from proxy.errors import ProxyError
-    from proxy.services.jetstream import JetStreamQueue
+    from proxy.services.queue.jetstream import JetStreamQueue
 
     queue = JetStreamQueue(make_settings(tmp_path, upstream, delivery=jetstream(nats_server, stream_replicas=3)).delivery, ["us"])
     with pytest.raises(ProxyError) as info:

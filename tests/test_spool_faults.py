@@ -18,7 +18,9 @@ from pathlib import Path
 import orjson
 
 from proxy.protocols.base import EventFacts
-from proxy.services.spool import EventGroup, NewRow, Spool, columns, event_metas, open_or_salvage, request_rows
+from proxy.services.queue.rows import EventGroup, NewRow, columns, event_metas, request_rows
+from proxy.services.queue.sqlfile import open_or_salvage
+from proxy.services.queue.sqlite import Spool
 from proxy.web.http import BODY_BUDGET
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 
@@ -98,9 +100,9 @@ async def test_the_proxy_serves_and_delivers_what_was_salvaged(serve_proxy, tmp_
     bodies = await fill(path, 2000)
     # The fill's events are Mixpanel /track rows: delivered once the proxy is up.
     damage_pages(path, 2)
-    caplog.set_level(logging.ERROR, logger="proxy.services.spool")
+    caplog.set_level(logging.ERROR, logger="proxy.services.queue.sqlite")
     client = await serve_proxy(create_app(settings))
-    [line] = [r.getMessage() for r in caplog.records if r.name == "proxy.services.spool"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "proxy.services.queue.sqlite"]
     assert str(asides(path)[0]) in line and "salvaged into a fresh spool" in line
     salvaged = client.services.spool.salvaged
     assert salvaged is not None and salvaged.queued > 1500
@@ -207,7 +209,7 @@ async def test_a_full_disk_is_a_503_and_the_spool_recovers_by_itself(serve_proxy
             await client.close()
             await runner.cleanup()
             down.close()
-    spool_lines = [r for r in caplog.records if r.name == "proxy.services.spool"]
+    spool_lines = [r for r in caplog.records if r.name == "proxy.services.queue.sqlite"]
     assert [r.levelname for r in spool_lines] == ["ERROR", "WARNING"], [r.getMessage() for r in spool_lines]
     assert "refuses new events" in spool_lines[0].getMessage() and "accepts events again" in spool_lines[1].getMessage()
     assert not [r for r in caplog.records if r.exc_info], "no tracebacks"
@@ -217,7 +219,7 @@ async def test_a_disk_that_refuses_writes_is_a_503_not_a_500(tmp_path):
     """SQLite's own wall (SQLITE_FULL, here through max_page_count): the
     waiting clients get SpoolUnwritable, pending outcomes are kept, and the
     spool takes writes again when the disk does."""
-    from proxy.services.spool import SpoolUnwritable
+    from proxy.services.queue.base import SpoolUnwritable
 
     spool = Spool(tmp_path / "spool.sqlite3", max_rows=100_000, min_free_bytes=0)
     await spool.open()
@@ -336,7 +338,7 @@ async def test_a_refusing_spool_takes_events_again_only_with_room_to_spare(tmp_p
     and logging every second); it waits for a margin above the threshold."""
     import os
 
-    from proxy.services.spool import Spool
+    from proxy.services.queue.sqlite import Spool
 
     with tiny_disk(tmp_path / "tiny", "4m") as disk:
         spool = Spool(disk / "spool.sqlite3", max_rows=1000, min_free_bytes=1024 * 1024)
@@ -371,7 +373,7 @@ def test_salvage_carries_rows_of_a_spool_older_than_its_columns(tmp_path):
     """A damaged spool written before ``protocol`` and ``count`` existed: its
     rows are carried over, the fresh spool's defaults filling the new columns
     (one Mixpanel event a row)."""
-    from proxy.services.spool import connect, salvage_into
+    from proxy.services.queue.sqlfile import connect, salvage_into
 
     old = tmp_path / "old.sqlite3"
     with sqlite3.connect(old) as c:  # what 0.1.0 created

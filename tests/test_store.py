@@ -5,14 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import pytest
 from aiocache import SimpleMemoryCache
 
 from proxy.web.app import create_app
 from proxy.settings import StoreSettings
 from proxy.services.store import AliasStore, BoundedMemoryCache
 from tests.conftest import BROWSER, b64_body, canonical_of, cookie_from, device_id, js_event, json_body, make_settings
-from tests.support import REDIS_URL, OwnServer, port_of, reserve_port
+from tests.support import OwnServer, port_of, reserve_port
 
 
 

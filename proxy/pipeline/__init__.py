@@ -32,7 +32,7 @@ from .outcome import report
 from .query import forward_query, read_query, rewrite_query
 from .rewrite import rewrite
 
-Stage = Callable[[Exchange, Context], "Awaitable[None] | None"]
+Stage = Callable[[Exchange, Context], Awaitable[None] | None]
 
 EVENTS: tuple[Stage, ...] = (decode, consent, identify, rewrite, enrich, deliver)
 QUERIES: tuple[Stage, ...] = (replay_consent, read_query, identify, rewrite_query, forward_query)

@@ -17,7 +17,7 @@ from ..services.forwardlog import ForwardedLog
 from ..services.live import LiveFeed
 from ..services.metrics import Metrics
 from ..services.resolver import Resolver
-from ..services.spool import Spool
+from ..services.queue.base import Queue
 from ..services.store import AliasStore
 from ..services.tokens import Tokens
 from ..services.upstream import Endpoint, SegmentUpstreams, UpstreamClient, Upstreams
@@ -36,7 +36,7 @@ class Services:
     forwarded: ForwardedLog
     metrics: Metrics = field(default_factory=Metrics)
     # Spool mode: where fire-and-forget events go (None in sync mode).
-    spool: Spool | None = None
+    spool: Queue | None = None
     sender: Sender | None = None
     live: LiveFeed = field(default_factory=LiveFeed)
 

@@ -20,7 +20,7 @@ import orjson
 
 from ..errors import UpstreamError
 from ..protocols.base import EventFacts, events_per_batch
-from ..services.spool import DeadLetter, NewRow, letters_of, request_rows
+from ..services.queue.rows import DeadLetter, NewRow, letters_of, request_rows
 from ..services.upstream import Endpoint, request_headers
 from .context import Context
 from .exchange import EXPIRED, FAILED, FORWARDED, SPOOLED, Exchange

@@ -38,7 +38,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import memory
 from .forwardlog import ForwardedLog, outcome_record
@@ -47,7 +46,8 @@ from ..lograte import Throttled
 from .live import LiveFeed
 from .metrics import Metrics
 from ..settings import DeliverySettings
-from .spool import DeadLetter, Row, Spool, facts_of
+from .queue.rows import DeadLetter, Row, facts_of
+from .queue.sqlite import Spool
 from .upstream import Endpoint, UpstreamClient
 from ..protocols.base import (
     ACCEPTED, RATE_LIMITED, REFUSED, REJECTED, RETRY, TOO_LARGE, Verdict, WireProtocol, events_per_batch,

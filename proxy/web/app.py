@@ -36,7 +36,8 @@ from ..services.delivery import Sender
 from ..services.forwardlog import ForwardedLog
 from ..services.live import LiveFeed
 from ..services.metrics import Metrics
-from ..services.spool import Spool
+from ..services.queue.base import Queue
+from ..services.queue.sqlite import Spool
 from ..services.store import AliasStore
 from ..services.upstream import SegmentUpstreams, UpstreamClient, Upstreams
 from ..settings import Settings
@@ -59,7 +60,7 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 STORE = web.AppKey("store", AliasStore)
 FORWARDED = web.AppKey("forwarded", ForwardedLog)
 METRICS = web.AppKey("metrics", Metrics)
-SPOOL = web.AppKey("spool", Spool)
+SPOOL = web.AppKey("spool", Queue)
 SENDER = web.AppKey("sender", Sender)
 LIVE = web.AppKey("live", LiveFeed)
 
@@ -217,9 +218,9 @@ async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     if delivery.queue == "jetstream":
-        from ..services.jetstream import JetStreamQueue
+        from ..services.queue.jetstream import JetStreamQueue
 
-        spool = app[SPOOL] = JetStreamQueue(delivery, app[FRONT].endpoints)  # type: ignore[assignment]
+        spool = app[SPOOL] = JetStreamQueue(delivery, app[FRONT].endpoints)
     else:
         spool = app[SPOOL] = Spool(
             app[SETTINGS].spool_path, max_rows=delivery.max_rows, fsync=delivery.fsync,
@@ -242,7 +243,7 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
     spool = app[SPOOL]
     kind: type[Sender] = Sender
     if settings.delivery.queue == "jetstream":
-        from ..services.jetstream import JetStreamSender
+        from ..services.queue.jetstream import JetStreamSender
 
         kind = JetStreamSender
     sender = app[SENDER] = kind(

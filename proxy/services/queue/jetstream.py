@@ -42,9 +42,10 @@ from typing import Any
 
 import orjson
 
-from ..errors import ConfigError, PayloadTooLarge, ProxyError
-from ..settings import DeliverySettings
-from .spool import DeadLetter, NewRow, Row, SpoolFull, SpoolUnwritable
+from ...errors import ConfigError, PayloadTooLarge, ProxyError
+from ...settings import DeliverySettings
+from .base import SpoolFull, SpoolUnwritable
+from .rows import DeadLetter, NewRow, Row
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +518,7 @@ class JetStreamQueue:
 
 # ------------------------------------------------------------------ sender
 
-from .delivery import GroupKey, RegionState, Sender  # noqa: E402  (the sender builds on the queue above)
+from ..delivery import GroupKey, RegionState, Sender  # noqa: E402  (the sender builds on the queue above)
 
 
 class JetStreamSender(Sender):
