@@ -55,7 +55,7 @@ MUTATIONS = [
         "no-ip-on-profiles",
         "spooled profile updates lose the visitor's $ip (profile geolocation)",
         "proxy/protocols/mixpanel.py",
-        '    if route == "engage" and ip and "$ip" not in event:\n        event["$ip"] = ip\n',
+        '        if ip and "$ip" not in event:\n            event["$ip"] = ip\n',
         "",
         ("tests/test_delivery.py", "tests/test_proxy.py"),
     ),

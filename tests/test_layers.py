@@ -86,7 +86,7 @@ def test_core_reads_no_settings_beyond_the_known_few():
 def test_the_graph_is_read_at_all():
     """The checks above see the imports they judge (a parser that found nothing would pass them)."""
     assert "proxy.core.ids" in GRAPH["proxy.services.store"]
-    assert "proxy.services.liverelay" in GRAPH["proxy.cli"]
+    assert "proxy.services.liverelay" in GRAPH["proxy.cli.serve"]
     assert "proxy.pipeline.exchange" in GRAPH["proxy.pipeline.deliver"]
 
 
