@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy import cli  # noqa: E402
-from proxy.services import delivery, spool  # noqa: E402
+from proxy.services import delivery  # noqa: E402
+from proxy.services.queue import sqlite as spool  # noqa: E402
 
 
 def without_sqlite() -> None:
