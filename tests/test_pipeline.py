@@ -49,6 +49,13 @@ def exchange(
     return x
 
 
+async def step(stage: Any, x: Exchange, c: Any) -> None:
+    """One stage as ``pipeline.run`` takes it: awaited when it hands back a coroutine."""
+    pending = stage(x, c)
+    if pending is not None:
+        await pending
+
+
 @pytest.fixture
 async def context(proxy_client: Any) -> Any:
     client = await proxy_client()
@@ -104,7 +111,7 @@ async def test_consent_drops_a_refusing_browsers_events(context: Any, headers: d
     """GPC and the opt-out cookie refuse; DNT does not by default (``consent.honor_dnt``)."""
     x = exchange(context, b64_body([js_event("Viewed", device_id()), js_event("Clicked", device_id())]), **headers)
     decode(x, context)
-    await consent(x, context)
+    await step(consent, x, context)
     assert x.refused == why
     if why is None:
         assert (x.outcomes, x.answer) == ([], None)
@@ -116,7 +123,7 @@ async def test_consent_drops_a_refusing_browsers_events(context: Any, headers: d
 async def test_consent_leaves_server_requests_alone(context: Any) -> None:
     x = exchange(context, b64_body([js_event("Viewed", device_id())]), browser=False, Sec_GPC="1")
     decode(x, context)
-    await consent(x, context)
+    await step(consent, x, context)
     assert (x.refused, x.outcomes) == (None, [])
 
 
@@ -126,7 +133,7 @@ async def test_anonymise_keeps_events_under_a_throwaway_id_and_drops_profiles(pr
     device = device_id()
     x = exchange(c, b64_body([js_event("Viewed", device, **{"$user_id": "user-1"})]), Sec_GPC="1")
     decode(x, c)
-    await consent(x, c)
+    await step(consent, x, c)
     assert x.anonymous and x.refused == "gpc" and x.outcomes == []
     props = x.events[0]["properties"]
     assert props["distinct_id"].startswith("anon-")
@@ -136,7 +143,7 @@ async def test_anonymise_keeps_events_under_a_throwaway_id_and_drops_profiles(pr
     profile = {"$token": TOKEN, "$distinct_id": "user-1", "$set": {"plan": "pro"}}
     y = exchange(c, b64_body([profile]), route="engage", Sec_GPC="1")
     decode(y, c)
-    await consent(y, c)
+    await step(consent, y, c)
     assert not y.anonymous and [(o.kind, o.reason) for o in y.outcomes] == [(DROPPED, "gpc")]
     assert y.answer == MIXPANEL.accepted(False)
 
@@ -151,7 +158,7 @@ async def test_segment_calls_refusing_by_their_own_consent_are_dropped_one_by_on
     batch = {"batch": [call("Kept", {"analytics": True}), call("Refused", {"analytics": False}), call("Silent", None)]}
     x = exchange(context, json.dumps(batch), route="b", protocol=SEGMENT, Content_Type="application/json")
     decode(x, context)
-    await consent(x, context)
+    await step(consent, x, context)
     assert x.refused is None and x.changed
     assert [(o.kind, o.names, o.reason) for o in x.outcomes] == [(DROPPED, ["Refused"], "segment_consent")]
     assert [e["event"] for e in x.events] == ["Kept", "Silent"]
@@ -221,7 +228,7 @@ async def test_a_user_id_equal_to_a_mapped_device_id_is_left_alone(context: Any)
 async def test_a_drop_is_recorded_in_the_senders_shape_without_ids(context: Any) -> None:
     x = exchange(context, b64_body([js_event("Viewed", device_id())]), Sec_GPC="1")
     decode(x, context)
-    await consent(x, context)
+    await step(consent, x, context)
     report(x, context)
     (record,) = [r for r in forwarded_records(context) if r["outcome"] == "dropped"]
     assert (record["reason"], record["events"], record["count"], record["project"]) == ("consent: gpc", ["Viewed"], 1, TOKEN)

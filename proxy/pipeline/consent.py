@@ -12,6 +12,8 @@ identity cookie is deleted when the answer is rendered (``Exchange.refused``).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Coroutine
+from typing import Any
 
 from ..core import consent as rules
 from ..core.identity import Resolution
@@ -21,13 +23,25 @@ from .context import Context
 from .exchange import Exchange
 
 
-async def consent(x: Exchange, c: Context) -> None:
+def consent(x: Exchange, c: Context) -> Coroutine[Any, Any, None] | None:
+    """Decided at once, or (a request carrying a token) the coroutine that asks
+    the token service whether the token carries a refusal."""
     protocol, route, visit = x.protocol, x.route, x.visit
     if not (visit.browser and route in protocol.spooled_routes):
-        return
+        return None
     why = rules.refusal(x.headers, c.settings.consent)
     if why is None and x.token:
-        why = await token_refusal(x, c, protocol.anonymous_ids(route, x.events))
+        return _consent_with_token(x, c)
+    _decide(x, c, why)
+    return None
+
+
+async def _consent_with_token(x: Exchange, c: Context) -> None:
+    _decide(x, c, await token_refusal(x, c, x.protocol.anonymous_ids(x.route, x.events)))
+
+
+def _decide(x: Exchange, c: Context, why: str | None) -> None:
+    protocol, route = x.protocol, x.route
     if why is None and protocol.event_consent:
         why = event_consent(x, c)
     if why is None:
