@@ -310,3 +310,31 @@ async def test_an_unreachable_upstream_fails_the_events_once(proxy_client: Any, 
     assert response.status == 502
     ((x, gap),) = settled
     assert gap == 0 and kinds(x) == [(FAILED, 1)] and x.outcomes[0].status == 502
+
+
+async def test_a_synchronous_forward_is_recorded_in_the_senders_shape(proxy_client: Any, tmp_path: Any) -> None:
+    """Sync mode's record: the request's one attempt, its region, identity and latency."""
+    client = await proxy_client(delivery={"mode": "sync"})
+    device = device_id()
+    response = await client.post("/mp/track/?ip=1", data=b64_body([js_event("Viewed", device), js_event("Clicked", device)]),
+                                 headers={**BROWSER, "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status == 200
+    c = client.app[FRONT].c
+    (record,) = [r for r in forwarded_records(c) if r["outcome"] == "forwarded"]
+    assert (record["events"], record["count"], record["project"], record["region"], record["status"]) == (
+        ["Viewed", "Clicked"], 2, TOKEN, "us", 200)
+    assert record["attempts"] == 1 and 0 <= record["latency_ms"] < 60_000
+    assert record["canonical_ids"] == [device] and record["sources"] == ["new"]
+
+
+async def test_drops_are_counted_by_outcome_and_signal(proxy_client: Any) -> None:
+    from tests.support import metric
+
+    client = await proxy_client()
+    for _ in range(2):
+        response = await client.post("/mp/track/", data=b64_body([js_event("Viewed", device_id())]),
+                                     headers={**BROWSER, "Content-Type": "application/x-www-form-urlencoded", "Sec-GPC": "1"})
+        assert response.status == 200
+    text = await (await client.ops_get("/metrics")).text()
+    assert metric(text, 'firstparty_delivery_outcomes_total{outcome="dropped",route="track"}') == 2
+    assert metric(text, 'firstparty_consent_dropped_total{reason="gpc"}') == 2
