@@ -189,3 +189,29 @@ async def test_copies_to_other_workers_are_bounded_and_only_while_they_watch():
     finally:
         await relay.stop()
         relay.close()
+
+
+async def test_copies_a_worker_could_not_take_are_a_metric(client: Any) -> None:
+    """The relay drops a copy rather than queue it: the operator sees how many
+    (``firstparty_live_relay_dropped``), not a silent gap in the live view."""
+    from proxy.services.liverelay import LiveRelay
+    from proxy.web.app import LIVE
+    from tests.support import metric
+
+    relay = LiveRelay(2)
+    relay.index = 0  # worker 0; worker 1's end is held and never read
+    relay._pairs[1][0].setblocking(False)
+    feed = client.app[LIVE]
+    relay.start(feed)
+    try:
+        relay._watched[1] = 1  # worker 1 has a watcher
+        for i in range(20_000):
+            feed.delivery([f"id-{i}"], "forwarded", 200, None)
+            if relay.dropped:
+                break
+        assert relay.dropped > 0
+        text = await (await client.ops_get("/metrics")).text()
+        assert metric(text, "firstparty_live_relay_dropped") == relay.dropped
+    finally:
+        await relay.stop()
+        relay.close()

@@ -29,6 +29,8 @@ from typing import Any, Protocol
 class Relay(Protocol):
     """What the feed needs of ``liverelay.LiveRelay`` (the workers' copies)."""
 
+    dropped: int  # copies not made because the other worker's buffer was full
+
     def send(self, record: dict[str, Any]) -> None: ...
 
     def watched(self, local: bool) -> None: ...

@@ -191,6 +191,11 @@ class Metrics:
         self.store_errors = Gauge(
             "firstparty_store_errors", "Alias store failures since start", registry=r, multiprocess_mode="livesum"
         )
+        self.live_relay_dropped = Gauge(
+            "firstparty_live_relay_dropped",
+            "Live-view records not copied to another worker since start (its buffer was full: it was not reading)",
+            registry=r, multiprocess_mode="livesum",
+        )
         self._hot = [self.requests, self.events_accepted, self.identity_sources, self.events_by_source]
         self.dead_letter_reasons = Counter(
             "firstparty_dead_lettered",

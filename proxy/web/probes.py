@@ -22,6 +22,8 @@ class Probes:
     async def metrics(self, request: web.Request) -> web.Response:
         s = self.front.s
         s.metrics.store_errors.set(s.store.errors)
+        if s.live.relay is not None:
+            s.metrics.live_relay_dropped.set(s.live.relay.dropped)
         return web.Response(body=s.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(self, request: web.Request) -> web.Response:
