@@ -127,6 +127,7 @@ async def forward_request(x: Exchange, c: Context) -> None:
     if param + "=" in raw_query:
         raw_query = urlencode([(k, v) for k, v in query if k != param])
     if changed:
+        assert protocol.reencode is not None  # every passthrough protocol has one
         new_body, new_type, new_query = protocol.reencode(payload, [(k, v) for k, v in query if k != param])
         if new_query is not None:
             raw_query = new_query

@@ -16,7 +16,7 @@ import base64
 import binascii
 import email.utils
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -160,9 +160,9 @@ class WireProtocol(Protocol):
         """Whether an answer to this query is the verbose (JSON) one."""
         ...
 
-    def reencode(self, payload: Payload, query: list[tuple[str, str]]) -> tuple[bytes, str, str | None]:
-        """(body, Content-Type, raw query or None) of a passthrough request whose events changed."""
-        ...
+    # A passthrough protocol's request re-encoded after its events changed:
+    # (body, Content-Type, raw query or None). None for protocols that forward batches.
+    reencode: Callable[[Payload, list[tuple[str, str]]], tuple[bytes, str, str | None]] | None
 
     def decode(
         self,

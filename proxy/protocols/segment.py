@@ -80,11 +80,6 @@ def verbose(query: list[tuple[str, str]]) -> bool:
     return True
 
 
-def reencode(payload: Payload, query: list[tuple[str, str]]) -> tuple[bytes, str, str | None]:
-    """Never called: Segment's calls travel as batches the proxy builds (``batch``)."""
-    raise NotImplementedError("Segment's calls are forwarded as batches, not as the client sent them")
-
-
 def decode(
     route: str,
     body: bytes,
@@ -325,7 +320,7 @@ class Segment:
     cookie: str | None = COOKIE
     repairs_first_touch = False
     verbose = staticmethod(verbose)
-    reencode = staticmethod(reencode)
+    reencode = None  # its calls travel as batches the proxy builds (``batch``), in sync mode too
     decode = staticmethod(decode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)
