@@ -125,3 +125,50 @@ async def test_a_dead_letter_is_in_the_forwarded_log_with_its_reason_and_detail(
         "rejected", ["Refused"], [event["properties"]["$insert_id"]])
     assert "'properties.time' is invalid" in record["detail"] and record["status"] == 400
     await client.close()
+
+
+async def test_every_route_of_the_main_listener_is_known_to_the_edge(proxy_client: Any) -> None:
+    """A route added without its ``Spec`` would answer without CORS, without
+    shedding and with aiohttp's own 500 for a refused body: only the hub's
+    navigations and the load balancer's probe pass the edge untouched."""
+    from proxy.web.app import EDGE
+
+    client = await proxy_client(**copy.deepcopy(LINKED))
+    edge = client.app[EDGE]
+    bare = {r.resource.canonical for r in client.app.router.routes() if r not in edge.specs}
+    assert bare == {"/hub/resolve", "/hub/ping", "/healthz"}
+    sheds = {r.resource.canonical for r, spec in edge.specs.items() if spec.sheds}
+    assert {"/mp/track/", "/mp/engage", "/seg/v1/t", "/seg/v1/batch"} <= sheds
+    assert not any(p.startswith(("/mp/go", "/mp/id", "/mp/decide", "/mp/record")) for p in sheds)
+
+
+async def test_a_refused_body_is_answered_in_the_routes_shape_with_cors(proxy_client: Any) -> None:
+    """The edge answers a body a handler refused: Mixpanel's verbose shape on
+    Mixpanel's routes (so the page can read why), Segment's on Segment's, ours
+    on the bridge, each with the CORS headers of an allowed origin."""
+    client = await proxy_client(server={"max_body_bytes": 2048})
+    big = b"data=" + b"A" * 4096
+    mp = await client.post("/mp/track/?verbose=1", data=big, headers={**BROWSER, **FORM})
+    assert mp.status == 413
+    assert (await mp.json())["status"] == 0 and "larger than 2048" in (await mp.json())["error"]
+    assert mp.headers["Access-Control-Allow-Origin"] == BROWSER["Origin"]
+    seg = await client.post("/seg/v1/t", data=b"{" + b" " * 4096 + b"}", headers={**BROWSER, "Content-Type": "text/plain"})
+    assert seg.status == 413 and seg.headers["Access-Control-Allow-Origin"] == BROWSER["Origin"]
+    assert "larger than 2048" in (await seg.text())
+    bridge = await client.post("/mp/bridge", data=b"{" + b" " * 4096 + b"}", headers={**BROWSER, "Content-Type": "application/json"})
+    assert bridge.status == 413 and bridge.headers["Access-Control-Allow-Origin"] == BROWSER["Origin"]
+    assert orjson.loads(await bridge.read()) == {"status": 0, "error": "body is larger than 2048 bytes"}
+    flag = await client.get(f"/mp/flags/{'f' * 300}/first-time-events?verbose=1", headers=BROWSER)
+    assert flag.status == 400 and (await flag.json()) == {"status": 0, "error": "not a valid flag id"}
+
+
+async def test_a_path_with_repeated_slashes_keeps_its_query(proxy_client: Any) -> None:
+    """``/mp//track/?verbose=1`` (an api_host ending in "/") is ``/mp/track/``
+    with its query: answered verbose, and counted under its route."""
+    client = await proxy_client()
+    resp = await client.post("/mp//track/?verbose=1&ip=1", data=b64_body([js_event("A", device_id())]),
+                             headers={**BROWSER, **FORM})
+    assert resp.status == 200 and orjson.loads(await resp.read()) == {"status": 1, "error": None}
+    assert resp.headers["Access-Control-Allow-Origin"] == BROWSER["Origin"]
+    missing = await client.post("/mp//nowhere/?verbose=1", data=b"", headers={**BROWSER, **FORM})
+    assert missing.status == 404 and "unknown endpoint" in (await missing.json())["error"]

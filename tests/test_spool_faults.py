@@ -300,7 +300,7 @@ async def test_past_max_inflight_requests_new_ones_are_shed(proxy_client, upstre
     is back, and nothing accepted is lost."""
     import asyncio
 
-    from proxy.web.app import PROXY
+    from proxy.web.app import EDGE
     from tests.support import eventually, metric
 
     release = asyncio.Event()
@@ -315,7 +315,7 @@ async def test_past_max_inflight_requests_new_ones_are_shed(proxy_client, upstre
         asyncio.ensure_future(client.post(TRACK, data=b64_body([js_event(f"held {i}", device_id())]), headers=BROWSER_FORM))
         for i in range(2)
     ]
-    await eventually(lambda: client.app[PROXY].inflight == 2, 5, "two requests in progress")
+    await eventually(lambda: client.app[EDGE].inflight == 2, 5, "two requests in progress")
     shed = await client.post(TRACK, data=b64_body([js_event("shed", device_id())]), headers=BROWSER_FORM)
     assert shed.status == 503 and shed.headers["Retry-After"] == "5"
     assert await shed.json() == {"status": 0, "error": "overloaded; retry later"}
@@ -323,7 +323,7 @@ async def test_past_max_inflight_requests_new_ones_are_shed(proxy_client, upstre
     assert seg.status == 503 and (await seg.json())["code"] == "server_error"
     release.set()
     assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
-    assert client.app[PROXY].inflight == 0
+    assert client.app[EDGE].inflight == 0
     ok = await client.post(TRACK, data=b64_body([js_event("after", device_id())]), headers=BROWSER_FORM)
     assert ok.status == 200
     names = sorted(e["event"] for e in upstream.received("us", "/track"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partial
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiocache import SimpleMemoryCache
@@ -41,11 +42,13 @@ from ..services.queue.sqlite import Spool
 from ..services.store import AliasStore
 from ..services.upstream import SegmentUpstreams, UpstreamClient, Upstreams
 from ..settings import Settings
-from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL
+from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ROUTES
 from ..protocols import segment as segment_protocol
 from ..protocols.segment import SEGMENT
 from ..pipeline import Services
+from .edge import UNKNOWN, Edge, Spec
 from .handlers import Proxy
+from .cdn import LIB_PATHS
 from .http import BODY_BUDGET, BodyBudget, text_response
 from .probes import Probes
 from .serve import SERVER
@@ -55,6 +58,7 @@ SETTINGS = web.AppKey("settings", Settings)
 SERVICES = web.AppKey("services", Services)
 FRONT = web.AppKey("front", Front)
 PROXY = web.AppKey("proxy", Proxy)
+EDGE = web.AppKey("edge", Edge)
 PROBES = web.AppKey("probes", Probes)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 STORE = web.AppKey("store", AliasStore)
@@ -81,17 +85,18 @@ def only(methods: frozenset[str], handler: Handler) -> Handler:
     return checked
 
 
-def add_crossdomain(app: web.Application, mount: str, proxy: Proxy) -> None:
+def add_crossdomain(app: web.Application, edge: Edge, mount: str, proxy: Proxy) -> None:
     """``go``, ``bridge``, ``id`` and the page scripts (``link.js``, ``hub.js``,
     ``land.js``, ``frame.js``) under ``mount``."""
-    add, cross = app.router.add_route, proxy.cross
-    add("*", f"{mount}go", only(GET, cross.go))
-    add("*", f"{mount}bridge", only(frozenset({"POST", "OPTIONS"}), proxy.bridge))
-    add("*", f"{mount}id", only(GET | {"POST"}, cross.identity))
-    add("*", f"{mount}link.js", only(GET, cross.link_js))
-    add("*", f"{mount}hub.js", only(GET, cross.hub_js))
-    add("*", f"{mount}land.js", only(GET, cross.land_js))
-    add("*", f"{mount}frame.js", only(GET, cross.frame_js))
+    cross = proxy.cross
+    add = partial(edge.add, app)
+    add(f"{mount}go", only(GET, cross.go), Spec("go"))
+    add(f"{mount}bridge", only(frozenset({"POST"}), cross.bridge), Spec("bridge"))
+    # /mp/id answers CORS itself: only linked origins may read an id, with credentials.
+    add(f"{mount}id", only(GET | {"POST"}, cross.identity), Spec("id", cors=False))
+    for script, handler in (("link.js", cross.link_js), ("hub.js", cross.hub_js), ("land.js", cross.land_js),
+                            ("frame.js", cross.frame_js)):
+        add(f"{mount}{script}", only(GET, handler), Spec("script"))
 
 
 async def server_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -110,7 +115,9 @@ def create_app(settings: Settings) -> web.Application:
     front = app[FRONT] = Front(settings, upstreams, segment)
     proxy = app[PROXY] = Proxy(front)
     probes = app[PROBES] = Probes(front)
-    add_routes(app, settings, proxy, probes)
+    edge = app[EDGE] = Edge(front)
+    app.middlewares.append(edge.middleware)
+    add_routes(app, settings, edge, proxy, probes)
 
     # Built here (TLS context, ca_file checked: a bad file fails start-up with
     # one line), opened in the clean-up context below.
@@ -131,42 +138,55 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def add_routes(app: web.Application, settings: Settings, proxy: Proxy, probes: Probes) -> None:
-    """Every path the proxy answers on its main listener."""
+def add_routes(app: web.Application, settings: Settings, edge: Edge, proxy: Proxy, probes: Probes) -> None:
+    """Every path the proxy answers on its main listener, each with what the
+    edge needs to know of it (``web.edge.Spec``): one table, aiohttp's."""
     cross = proxy.cross
-
-    add = app.router.add_route
+    add = partial(edge.add, app)
     server = settings.server
-    # Event routes by every name they answer to: their own, and the aliases
-    # that name them (mixpanel-js's api_routes: {track: "e/"} -> e = "track").
-    spellings = [(name, name) for name in sorted(EVENT_ROUTES)]
-    spellings += [(alias, route) for alias, route in server.route_aliases.items() if route in EVENT_ROUTES]
+    mixpanel = {"error": MIXPANEL.error, "verbose": MIXPANEL.verbose}
+    # Every route by every name it answers to: its own, and the aliases that name
+    # it (mixpanel-js's api_routes: {track: "e/"} -> e = "track"), with and
+    # without the trailing slash the SDKs add.
+    names = [(name, name) for name in sorted(EVENT_ROUTES | QUERY_ROUTES)]
+    names += sorted(server.route_aliases.items())
     for mount in server.mounts:
-        # The SDKs' hot paths are plain resources (one dict hit in aiohttp's
-        # router); every other spelling under a mount reaches the same handler
-        # through its catch-all below (``/mp//track/``, query routes, lib.js).
-        for spelling, route in spellings:
+        for spelling, route in names:
             for trailing in ("", "/"):
-                add("*", f"{mount}{spelling}{trailing}", proxy.event_route(route, f"/{route}{trailing}"))
-        add_crossdomain(app, mount, proxy)
-        add("*", f"{mount}{{tail:.*}}", proxy.mount(mount))
+                if route in EVENT_ROUTES:
+                    handler = proxy.events(route, f"/{route}{trailing}")
+                    add(f"{mount}{spelling}{trailing}", handler, Spec(route, **mixpanel, sheds=True))
+                else:
+                    add(f"{mount}{spelling}{trailing}", proxy.queries(route, f"/{route}{trailing}"), Spec(route, **mixpanel))
+                if route == "flags":
+                    add(f"{mount}{spelling}/{{flag}}/first-time-events{trailing}", proxy.queries("flags-first-time"),
+                        Spec("flags-first-time", **mixpanel))
+        for name in LIB_PATHS:
+            add(f"{mount}{name}", only(GET, partial(proxy.cdn.mixpanel_lib, name=name)), Spec("lib", cors=False))
+        add_crossdomain(app, edge, mount, proxy)
+        # Anything else under the mount: Mixpanel's 404 (and, for a path with
+        # repeated slashes, the route without them: ``web.edge``).
+        add(f"{mount}{{tail:.*}}", proxy.not_found, Spec(UNKNOWN, **mixpanel))
     # Segment: analytics.js's per-call paths (/v1/t ...), its batches (/v1/b),
     # the HTTP API's names and /v1/batch of the server SDKs.
     # analytics.js, its bundles and settings first-party (/seg/cdn/...), and
     # its own metrics (/v1/m), answered here and not forwarded.
+    segment = {"error": SEGMENT.error, "verbose": SEGMENT.verbose}
     for mount in settings.segment.mounts:
         for route in sorted(segment_protocol.EVENT_ROUTES):
-            add("*", f"{mount}v1/{route}", proxy.event_route(route, f"/v1/{route}", SEGMENT))
-        add("*", f"{mount}v1/m", proxy.sdk_metrics)
+            add(f"{mount}v1/{route}", proxy.events(route, f"/v1/{route}", SEGMENT), Spec(route, **segment, sheds=True))
+        add(f"{mount}v1/m", proxy.sdk_metrics, Spec("sdk-metrics", **segment))
         # The same cross-domain endpoints as under /mp/: nothing in them is Mixpanel's.
-        add_crossdomain(app, mount, proxy)
-        add("*", f"{mount}cdn/{{tail:.*}}", proxy.cdn.segment(mount))
-    for mount in server.decide_mounts:
-        add("*", f"{mount}{{tail:.*}}", proxy.decide_mount(mount))
-    add("*", "/hub/resolve", only(GET, cross.hub_resolve))
-    add("*", "/hub/ping", only(GET, cross.hub_ping))
+        add_crossdomain(app, edge, mount, proxy)
+        add(f"{mount}cdn/{{tail:.*}}", proxy.cdn.segment(mount), Spec("cdn", cors=False))
+    for mount in server.decide_mounts:  # /mp-decide/decide: the legacy decide endpoint on its own host
+        for trailing in ("", "/"):
+            add(f"{mount}decide{trailing}", proxy.queries("decide", f"/decide{trailing}"), Spec("decide", **mixpanel))
+        add(f"{mount}{{tail:.*}}", proxy.not_found, Spec(UNKNOWN, **mixpanel))
+    app.router.add_route("*", "/hub/resolve", only(GET, cross.hub_resolve))
+    app.router.add_route("*", "/hub/ping", only(GET, cross.hub_ping))
     # For load balancers; /metrics and /readyz are on the ops listener only (web/ops).
-    add("*", "/healthz", only(GET, probes.healthz))
+    app.router.add_route("*", "/healthz", only(GET, probes.healthz))
 
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -44,12 +44,12 @@ from ..core.apikeys import bearer
 from ..core.cookie import CookieJar, own_cookie_values
 from ..core.identity import Resolution
 from ..core.ids import ID_CHARS, MAX_ID_CHARS, MIN_ID_CHARS, valid_id
-from ..errors import BadRequest, Refused, Unavailable
+from ..errors import BadRequest
 from ..lograte import Throttled
 from ..pipeline import Visit
 from ..services.tokens import Tokens
-from .http import json_response, query_get, read_body, request_host
-from .visit import Front
+from .http import json_error, json_response, query_get, read_body, request_host
+from .visit import Front, answer
 from ..core.tokens import TokenExpired, TokenInvalid
 
 
@@ -307,10 +307,7 @@ class CrossDomain:
     async def bridge(self, request: web.Request) -> web.Response:
         """``POST /mp/bridge`` (``to`` in the query, form or JSON body) -> ``{token, expires_in, param, url}``."""
         visit = self.front.visit(request)
-        try:
-            fields = await self._fields(request, "to")
-        except Refused as exc:
-            return self.front.finish(_refusal(exc), visit, None, "bridge")
+        fields = await self._fields(request, "to")  # a refused body: the edge answers it
         if fields.get("seed") == "1":
             return self.front.finish(self._seed_answer(request, visit), visit, None, "bridge")
         app = bearer(request.headers.get("authorization"))
@@ -429,10 +426,7 @@ class CrossDomain:
                 # Only this deployment's own pages may make a browser take a token's id.
                 self._count("foreign_origin")
                 return self.front.finish(_json_error(403, "origin is not on a linked domain"), visit, None, "id")
-            try:
-                fields = await self._fields(request, self._cfg.token_param)
-            except Refused as exc:
-                return self.front.finish(_refusal(exc), visit, None, "id")
+            fields = await self._fields(request, self._cfg.token_param)
         token = fields.get(self._cfg.token_param) or None
         refused = consent.refusal(request.headers, self.front.settings.consent)
         owner = visit.hint or visit.cookie_id or f"landing:{uuid.uuid4().hex}"
@@ -442,9 +436,8 @@ class CrossDomain:
             response = self._refused_identity(request, visit, token, refused)
         else:
             response = await self._identity_of(visit, token, fields)
-        # Stricter than the SDK endpoints: only linked origins may read an id.
-        response.headers.popall("Access-Control-Allow-Origin", None)
-        response.headers.popall("Access-Control-Allow-Credentials", None)
+        # Stricter than the SDK endpoints (its route has no CORS of the edge's):
+        # only linked origins may read an id.
         if origin and self._origin_linked(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Allow-Credentials"] = "true"
@@ -625,13 +618,5 @@ def _script(body: str) -> web.Response:
     return web.Response(text=body, content_type="application/javascript", headers={"Cache-Control": "public, max-age=300"})
 
 
-def _refusal(exc: Refused) -> web.Response:
-    """A refused body (too large, too slow, too many at once) in this module's JSON shape."""
-    response = _json_error(exc.status, str(exc))
-    if isinstance(exc, Unavailable):
-        response.headers["Retry-After"] = exc.RETRY_AFTER
-    return response
-
-
 def _json_error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps({"status": 0, "error": message}), content_type="application/json")
+    return answer(json_error(status, message))

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from ..core.forms import parse_pairs
+from ..protocols.base import Answer
 from ..errors import Overloaded, PayloadTooLarge, RequestTimeout
 from ..settings import ServerSettings
 
@@ -54,6 +55,11 @@ def request_host(host: str | None) -> str:
 
 def json_response(obj: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json")
+
+
+def json_error(status: int, message: str, verbose: bool = True) -> Answer:
+    """Our own endpoints' error shape (``/mp/go``, ``/mp/bridge``, ``/mp/id``)."""
+    return Answer(status, orjson.dumps({"status": 0, "error": message}), "application/json")
 
 
 def text_response(text: str, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -1,10 +1,10 @@
 """The visit: what the web layer reads from a request once, and how it answers.
 
-``Front`` is what every handler shares (the cookie jar, the CORS policy, the
-pipeline's ``Context``), set at start-up. It reads a request into a ``Visit``
+``Front`` is what every handler shares (the cookie jar, the CORS policy the
+edge applies, the pipeline's ``Context``), set at start-up. It reads a request into a ``Visit``
 (browser or server, its verified identity cookie, analytics.js's cookie hint,
 host) and an ``Exchange``, and turns an Exchange back into an aiohttp answer:
-the vendor-shaped body, the identity cookie for browsers, CORS, ``Cache-Control:
+the vendor-shaped body, the identity cookie for browsers, ``Cache-Control:
 private, no-store`` on anything that carries a cookie.
 """
 
@@ -163,11 +163,9 @@ class Front:
         route: str = "other",
         protocol: WireProtocol | None = None,
     ) -> web.Response:
-        """Counted, CORS for the visit's origin, and for a browser with an
-        identity the cookie that keeps it (never cached by a shared cache)."""
+        """Counted, and for a browser with an identity the cookie that keeps it
+        (never cached by a shared cache). CORS is the edge's (``web.edge``)."""
         self.s.metrics.request(route, response.status)
-        if visit.origin:
-            response.headers.update(self.origins.headers(visit.origin))
         if visit.browser and resolution is not None and resolution.canonical:
             sealed = visit.cookie_raw if resolution.source == SOURCE_COOKIE else None
             response.headers["Set-Cookie"] = self.jar.set_cookie_header(resolution.canonical, visit.host, sealed)
