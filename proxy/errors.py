@@ -9,10 +9,14 @@
     │   └── Unavailable      not now: the client keeps its events and comes back (HTTP 503, Retry-After)
     │       ├── Overloaded       too many bodies arriving at once
     │       └── SpoolFull        the queue is full or cannot write (services/queue/base)
-    └── UpstreamError      the vendor could not be reached or answered nonsense
+    └── UpstreamError      the vendor could not be reached or answered nonsense (HTTP 502 to a client)
         ├── UpstreamTimeout      no complete answer within the route's timeout
         ├── UpstreamUnreachable  DNS, refused or reset connections, a proxy that failed
-        └── UpstreamTLSError     the upstream's certificate did not verify
+        │   └── UpstreamTLSError     the upstream's certificate did not verify
+        └── CdnRefused           the vendor's CDN answered, but not with the asset
+
+Every error a client may be answered with carries its HTTP ``status``; the web
+layer's edge (``web.edge``) answers whatever a handler raises in the route's shape.
 
 Low-level errors (binascii, zlib, orjson, aiohttp's client) are wrapped into these
 with ``raise X(...) from exc`` at the module that meets them, so handlers only
@@ -71,6 +75,8 @@ class Overloaded(Unavailable):
 class UpstreamError(ProxyError):
     """The upstream could not be reached in time or its answer could not be read."""
 
+    status = 502
+
 
 class UpstreamTimeout(UpstreamError):
     """No complete answer within the timeout: retried (spool) or answered 504/502 (sync)."""
@@ -83,3 +89,7 @@ class UpstreamUnreachable(UpstreamError):
 class UpstreamTLSError(UpstreamUnreachable):
     """The upstream's certificate did not verify against the system store or
     ``upstream.ca_file``: never sent to, retried like any unreachable upstream."""
+
+
+class CdnRefused(UpstreamError):
+    """The CDN answered, but not with the asset (its status is in the message)."""

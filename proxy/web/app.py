@@ -49,7 +49,7 @@ from ..pipeline import Services
 from .edge import UNKNOWN, Edge, Spec
 from .handlers import Proxy
 from .cdn import LIB_PATHS
-from .http import BODY_BUDGET, BodyBudget, text_response
+from .http import BODY_BUDGET, BodyBudget, text_error, text_response
 from .probes import Probes
 from .serve import SERVER
 from .visit import Front
@@ -162,7 +162,7 @@ def add_routes(app: web.Application, settings: Settings, edge: Edge, proxy: Prox
                     add(f"{mount}{spelling}/{{flag}}/first-time-events{trailing}", proxy.queries("flags-first-time"),
                         Spec("flags-first-time", **mixpanel))
         for name in LIB_PATHS:
-            add(f"{mount}{name}", only(GET, partial(proxy.cdn.mixpanel_lib, name=name)), Spec("lib", cors=False))
+            add(f"{mount}{name}", only(GET, partial(proxy.cdn.mixpanel_lib, name=name)), Spec("lib", error=text_error, cors=False))
         add_crossdomain(app, edge, mount, proxy)
         # Anything else under the mount: Mixpanel's 404 (and, for a path with
         # repeated slashes, the route without them: ``web.edge``).
@@ -178,7 +178,7 @@ def add_routes(app: web.Application, settings: Settings, edge: Edge, proxy: Prox
         add(f"{mount}v1/m", proxy.sdk_metrics, Spec("sdk-metrics", **segment))
         # The same cross-domain endpoints as under /mp/: nothing in them is Mixpanel's.
         add_crossdomain(app, edge, mount, proxy)
-        add(f"{mount}cdn/{{tail:.*}}", proxy.cdn.segment(mount), Spec("cdn", cors=False))
+        add(f"{mount}cdn/{{tail:.*}}", proxy.cdn.segment(mount), Spec("cdn", error=text_error, cors=False))
     for mount in server.decide_mounts:  # /mp-decide/decide: the legacy decide endpoint on its own host
         for trailing in ("", "/"):
             add(f"{mount}decide{trailing}", proxy.queries("decide", f"/decide{trailing}"), Spec("decide", **mixpanel))

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from ..errors import UpstreamError
+from ..errors import CdnRefused
 from ..protocols import segment_cdn
 from ..services.upstream import Endpoint
 from .visit import Front
@@ -41,10 +41,6 @@ MAX_CACHED = 256
 _HOST = re.compile(r"^[A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?$")
 
 
-class CdnRefused(Exception):
-    """The CDN answered, but not with the asset (its status is the message)."""
-
-
 class FirstPartyCdn:
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -54,7 +50,7 @@ class FirstPartyCdn:
 
     async def fetch(self, endpoint: Endpoint, path: str, ttl: int) -> bytes:
         """The asset at ``path`` on ``endpoint``: from the cache, from a fetch
-        already under way, or fetched now. Raises ``UpstreamError`` or ``CdnRefused``."""
+        already under way, or fetched now. Raises ``UpstreamError`` (``CdnRefused`` among them)."""
         key = f"{endpoint.host_header}{path}"
         cache = self.front.lib_cache
         cached = await cache.get(key)
@@ -97,10 +93,7 @@ class FirstPartyCdn:
 
     async def mixpanel_lib(self, request: web.Request, name: str) -> web.Response:
         """mixpanel-js itself (``/mp/lib.min.js``), first-party, cached."""
-        try:
-            body = await self.fetch(self.front.upstreams.cdn, LIB_PATHS[name], LIB_CACHE_SECONDS)
-        except (UpstreamError, CdnRefused) as exc:
-            return web.Response(status=502, text=f"{exc}\n")
+        body = await self.fetch(self.front.upstreams.cdn, LIB_PATHS[name], LIB_CACHE_SECONDS)  # or 502 (the edge)
         return _script(body, LIB_CACHE_SECONDS)
 
     def segment(self, mount: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -113,10 +106,7 @@ class FirstPartyCdn:
             asset = segment_cdn.asset(request.path[skip:])
             if asset is None:
                 return web.Response(status=404, text="not a Segment CDN path this proxy serves\n")
-            try:
-                body = await self.fetch(self.front.segment.cdn, asset.path, asset.ttl)
-            except (UpstreamError, CdnRefused) as exc:
-                return web.Response(status=502, text=f"{exc}\n")
+            body = await self.fetch(self.front.segment.cdn, asset.path, asset.ttl)  # or 502 (the edge)
             if not asset.settings:
                 return _script(body, asset.ttl)
             return self._settings(request, mount, asset, body)

@@ -11,7 +11,8 @@ The middleware then does, for every route, what handlers used to repeat:
   process can take costs neither memory nor a queue of seconds for everyone
   (the SDKs keep their events and resend);
 - errors: a ``Refused`` a handler raises (a body too large, too slow, over the
-  body budget) is answered with its status, in the route's shape, counted;
+  body budget), or an ``UpstreamError`` (the CDN's), is answered with its
+  status, in the route's shape, counted;
 - CORS headers for the configured origins on every answer of a CORS route;
 - under a mount, a path with repeated slashes (``/mp//track/``: an ``api_host``
   ending in "/") is looked up again in aiohttp's route table without them.
@@ -30,7 +31,7 @@ from aiohttp import web
 from yarl import URL
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from ..errors import Refused, Unavailable
+from ..errors import Refused, Unavailable, UpstreamError
 from ..lograte import Throttled
 from ..protocols.base import Answer
 from .http import json_error, query_pairs
@@ -85,7 +86,7 @@ class Edge:
         if not spec.sheds:
             try:
                 response = await handler(request)
-            except Refused as exc:
+            except (Refused, UpstreamError) as exc:
                 response = self.refusal(request, spec, exc)
         elif self.inflight >= self.max_inflight:
             response = self.shed(request, spec)
@@ -132,8 +133,9 @@ class Edge:
     def _verbose(self, request: web.Request, spec: Spec) -> bool:
         return spec.verbose(query_pairs(request)) if spec.verbose is not None else True
 
-    def refusal(self, request: web.Request, spec: Spec, exc: Refused) -> web.Response:
-        """A request refused before its body was read whole: its status from the
+    def refusal(self, request: web.Request, spec: Spec, exc: Refused | UpstreamError) -> web.Response:
+        """A request refused before its body was read whole, or an upstream a
+        handler could not get an answer from (the CDN's): its status from the
         tree (``errors``), in the route's shape; an ``Unavailable`` one with
         Retry-After, the connection closed (its body is never drained)."""
         metrics = self.front.s.metrics

@@ -62,6 +62,11 @@ def json_error(status: int, message: str, verbose: bool = True) -> Answer:
     return Answer(status, orjson.dumps({"status": 0, "error": message}), "application/json")
 
 
+def text_error(status: int, message: str, verbose: bool = True) -> Answer:
+    """The first-party CDN's error shape: one line of text."""
+    return Answer(status, f"{message}\n".encode(), "text/plain")
+
+
 def text_response(text: str, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(text=text, status=status, headers=headers, content_type="text/plain")
 
