@@ -10,6 +10,7 @@ Browser events only; anonymised ones are left alone.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 from ..core import carry, firsttouch
@@ -20,15 +21,28 @@ from .context import Context
 from .exchange import Exchange
 
 
-async def enrich(x: Exchange, c: Context) -> None:
-    if x.anonymous or not x.visit.browser:
-        if x.per_event:
-            c.s.metrics.rewrites.inc(sum(map(len, x.per_event)))
-        return
+def enrich(x: Exchange, c: Context) -> Coroutine[Any, Any, None] | None:
+    """Nothing to add (not a browser's, anonymised, or neither rule on): done at
+    once; else the coroutine that reads what the store kept for this visitor."""
     protocol, route = x.protocol, x.route
-    events = x.payload.events if x.payload is not None else []
     carries = c.carry is not None and route in protocol.spooled_routes
     touches = bool(c.own_domains) and protocol.repairs_first_touch
+    if x.anonymous or not x.visit.browser or not (carries or touches):
+        count_rewrites(x, c)
+        return None
+    return _enrich(x, c, carries, touches)
+
+
+def count_rewrites(x: Exchange, c: Context) -> None:
+    if x.per_event:
+        count = sum(map(len, x.per_event))
+        if count:
+            c.s.metrics.rewrites.inc(count)
+
+
+async def _enrich(x: Exchange, c: Context, carries: bool, touches: bool) -> None:
+    protocol, route = x.protocol, x.route
+    events = x.payload.events if x.payload is not None else []
     for a, b, part in x.parts:
         if not part.canonical:
             continue
@@ -41,10 +55,7 @@ async def enrich(x: Exchange, c: Context) -> None:
                 for i, changes in touched.items():
                     per_event[a + i] = per_event[a + i] + changes
                 x.changed = True
-    if x.per_event:
-        count = sum(map(len, x.per_event))
-        if count:
-            c.s.metrics.rewrites.inc(count)
+    count_rewrites(x, c)
 
 
 async def carry_properties(

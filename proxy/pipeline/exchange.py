@@ -87,7 +87,9 @@ class Exchange:
         self.query = query
         self.raw_query = raw_query
         self.started = started
-        self.verbose = protocol.verbose(query)
+        # Whether the client asks for verbose answers: the decoded payload's say
+        # (``decode``), or the query's (``read_query``).
+        self.verbose = False
         self.body: Any = b""
         self.length: int | None = None  # a streamed body's length
         self.payload: Payload | None = None

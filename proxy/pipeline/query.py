@@ -26,6 +26,7 @@ def read_query(x: Exchange, c: Context) -> None:
     """The project, the query without tokens, and the ids it names (each
     passing ``core.ids``); ``only_listed`` refuses an unserved project."""
     query, param = x.query, c.token_param
+    x.verbose = x.protocol.verbose(query)
     x.project = next((v for k, v in query if k == "token"), None)
     served = c.served[x.protocol.name]
     if served is not None and (x.project or basic_user(x.headers.get("authorization", ""))) not in served:

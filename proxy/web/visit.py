@@ -127,7 +127,9 @@ class Front:
     def render(self, x: Exchange) -> web.Response:
         """The Exchange's answer: its refusal, the upstream's answer relayed, or the SDK's."""
         if x.error is not None:
-            return self.refusal(x.error, x.visit, x.verbose, x.route, x.protocol, body_read=x.body_read)
+            # Refused before the stages read the client's wish for verbose answers: the query's.
+            verbose = x.verbose or x.protocol.verbose(x.query)
+            return self.refusal(x.error, x.visit, verbose, x.route, x.protocol, body_read=x.body_read)
         if x.upstream is not None:
             upstream = x.upstream
             response = web.Response(status=upstream.status, body=upstream.body, headers=response_headers(upstream))
