@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# Instructions per request of two commits, side by side: the base in a
-# temporary worktree and the checkout, run one after the other under callgrind
-# (bench/inprocess.py --instructions), alternating, RUNS times each.
-#   bench/ab_instructions.sh BASE_COMMIT [EVENTS] [RUNS]     e.g. bench/ab_instructions.sh 73f9e26 10 3
+# Instructions per request of two commits, side by side: each in a temporary
+# worktree, measured by one copy of this checkout's bench/inprocess.py
+# --instructions (FIRSTPARTY_TREE names the proxy it imports), under
+# callgrind, one after the other, alternating, RUNS times each.
+#   bench/ab_instructions.sh BASE [EVENTS] [RUNS] [HEAD]   e.g. bench/ab_instructions.sh 73f9e26 10 3 HEAD
+# HEAD defaults to the commit checked out now (uncommitted edits are not measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-base=${1:?a base commit}; events=${2:-10}; runs=${3:-3}
+base=${1:?a base commit}; events=${2:-10}; runs=${3:-3}; head=${4:-HEAD}
 py=${PY:-.venv/bin/python}
 py=$(readlink -f "$py")
-tree=$(mktemp -d)
-trap 'git worktree remove --force "$tree" >/dev/null 2>&1 || rm -rf "$tree"' EXIT
-git worktree add --detach "$tree" "$base" >/dev/null
+scratch=$(mktemp -d)
+cleanup() {
+  git worktree remove --force "$scratch/base" >/dev/null 2>&1 || true
+  git worktree remove --force "$scratch/head" >/dev/null 2>&1 || true
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+git worktree add --detach "$scratch/base" "$base" >/dev/null
+git worktree add --detach "$scratch/head" "$head" >/dev/null
+mkdir "$scratch/script" && cp -r bench "$scratch/script/bench"  # edits made meanwhile do not enter
+label_base=$(git rev-parse --short "$base"); label_head=$(git rev-parse --short "$head")
 for _ in $(seq "$runs"); do
-  (cd "$tree" && PYTHONHASHSEED=0 "$py" bench/inprocess.py --instructions --events "$events" --requests 2000 | tail -1 | sed "s/^/$base: /")
-  PYTHONHASHSEED=0 "$py" bench/inprocess.py --instructions --events "$events" --requests 2000 | tail -1 | sed "s/^/head: /"
+  for side in base head; do
+    label=$([ "$side" = base ] && echo "$label_base" || echo "$label_head")
+    FIRSTPARTY_TREE="$scratch/$side" PYTHONHASHSEED=0 "$py" "$scratch/script/bench/inprocess.py" \
+      --instructions --events "$events" --requests 2000 | tail -1 | sed "s/^/$label: /"
+  done
 done
