@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?a base commit}; events=${2:-10}; runs=${3:-3}; head=${4:-HEAD}
 py=${PY:-.venv/bin/python}
-py=$(readlink -f "$py")
+py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")"  # absolute, the venv kept (no symlink resolved)
 scratch=$(mktemp -d)
 cleanup() {
   git worktree remove --force "$scratch/base" >/dev/null 2>&1 || true
