@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instructions per request of two commits, side by side: each in a temporary
 # worktree, measured by one copy of this checkout's bench/inprocess.py
-# --instructions (FIRSTPARTY_TREE names the proxy it imports), under
+# --instructions (BENCH_PROXY_TREE names the proxy it imports), under
 # callgrind, one after the other, alternating, RUNS times each.
 #   bench/ab_instructions.sh BASE [EVENTS] [RUNS] [HEAD]   e.g. bench/ab_instructions.sh 73f9e26 10 3 HEAD
 # HEAD defaults to the commit checked out now (uncommitted edits are not measured).
@@ -24,7 +24,7 @@ label_base=$(git rev-parse --short "$base"); label_head=$(git rev-parse --short 
 for _ in $(seq "$runs"); do
   for side in base head; do
     label=$([ "$side" = base ] && echo "$label_base" || echo "$label_head")
-    FIRSTPARTY_TREE="$scratch/$side" PYTHONHASHSEED=0 "$py" "$scratch/script/bench/inprocess.py" \
+    BENCH_PROXY_TREE="$scratch/$side" PYTHONHASHSEED=0 "$py" "$scratch/script/bench/inprocess.py" \
       --instructions --events "$events" --requests 2000 | tail -1 | sed "s/^/$label: /"
   done
 done

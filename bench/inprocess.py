@@ -39,9 +39,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
-# The proxy measured: this checkout's, or another tree's (``FIRSTPARTY_TREE``:
+# The proxy measured: this checkout's, or another tree's (``BENCH_PROXY_TREE``:
 # bench/ab_instructions.sh measures two commits with this one script).
-sys.path.insert(0, os.environ.get("FIRSTPARTY_TREE", str(ROOT)))
+sys.path.insert(0, os.environ.get("BENCH_PROXY_TREE", str(ROOT)))
 sys.path.insert(0, str(ROOT / "bench"))
 
 ABLATIONS = ("no-sqlite", "no-sender", "no-delivery-log", "no-upstream-call", "no-spool", "read-only")  # bench/ablate.py's
