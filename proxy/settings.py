@@ -6,7 +6,10 @@ Invariants:
 - every unknown section or key and every bad value raises ``ConfigError``
   naming the dotted key and saying how to fix it;
 - defaults run the proxy with no other server: in-memory store, files under
-  ``server.data_dir``, the real Mixpanel upstreams.
+  ``server.data_dir``, the real Mixpanel upstreams;
+- loading only reads: the cookie secret and token keys a first start
+  generates are created by ``provision.generate_missing`` (``firstparty serve``),
+  never here; until then ``cookie.secret`` is b"" and ``identity.keys`` None.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import secrets
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +25,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .files import private_dir
 
 ENV_PREFIX = "FIRSTPARTY_"
 REGIONS = ("us", "eu", "in")
@@ -181,7 +182,7 @@ class IdentitySettings:
     # Server keys of app backends that may ask POST /mp/bridge for a token
     # carrying their own device id (core/apikeys.py); empty: app hand-off off.
     api_keys_file: str = ""
-    keys: Any = None  # the loaded KeyRing (filled by build_settings)
+    keys: Any = None  # the loaded KeyRing; None until generated on the first start (``provision``)
     api_keys: Any = None  # the loaded ApiKeys, or None without api_keys_file
 
 
@@ -719,37 +720,35 @@ def _validate(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return clean
 
 
+# What ``provision.generate_missing`` creates in ``server.data_dir`` when not configured.
+COOKIE_SECRET_FILE = "cookie_secret"
+IDENTITY_KEYS_FILE = "identity_keys"
+
+
+def read_secret(path: Path, key: str) -> bytes:
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}") from exc
+    if len(secret) < 16:
+        raise ConfigError(key, "the secret must be at least 16 bytes; generate one with `openssl rand -base64 32`")
+    return secret
+
+
 def _load_secret(cookie: dict[str, Any], data_dir: Path) -> bytes:
-    """The cookie signing secret: configured, read from a file, or generated once
-    and kept in the data directory so restarts keep every visitor's cookie valid."""
+    """The cookie signing secret: configured, read from a file, or the one
+    generated on the first start (``provision``); b"" when that is still to come."""
     if cookie.get("secret") and cookie.get("secret_file"):
         raise ConfigError("cookie.secret", "set either secret or secret_file, not both")
     if cookie.get("secret"):
         secret = cookie["secret"].encode()
-        key = "cookie.secret"
-    elif cookie.get("secret_file"):
-        key = "cookie.secret_file"
-        try:
-            secret = Path(cookie["secret_file"]).read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(key, f"cannot read {cookie['secret_file']!r}: {exc.strerror}") from exc
-    else:
-        key = "cookie.secret"
-        path = data_dir / "cookie_secret"
-        try:
-            private_dir(data_dir)
-            if not path.exists():
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(secrets.token_urlsafe(32))
-            secret = path.read_bytes().strip()
-        except FileExistsError:  # another worker created it between exists() and open()
-            secret = path.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError("server.data_dir", f"cannot keep the generated cookie secret in {path}: {exc.strerror}") from exc
-    if len(secret) < 16:
-        raise ConfigError(key, "the secret must be at least 16 bytes; generate one with `openssl rand -base64 32`")
-    return secret
+        if len(secret) < 16:
+            raise ConfigError("cookie.secret", "the secret must be at least 16 bytes; generate one with `openssl rand -base64 32`")
+        return secret
+    if cookie.get("secret_file"):
+        return read_secret(Path(cookie["secret_file"]), "cookie.secret_file")
+    path = data_dir / COOKIE_SECRET_FILE
+    return read_secret(path, "cookie.secret") if path.exists() else b""
 
 
 def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
@@ -816,31 +815,27 @@ def _segment(values: dict[str, Any], server: ServerSettings) -> SegmentSettings:
     return segment
 
 
-def _identity(values: dict[str, Any], data_dir: Path) -> IdentitySettings:
-    from .core.tokens import KeyRing, generate_key_line
+def identity_keys(path: Path) -> Any:
+    """The token key ring in ``path`` (``identity.keys_file``)."""
+    from .core.tokens import KeyRing
 
     key = "identity.keys_file"
-    path = Path(values["keys_file"]) if values.get("keys_file") else data_dir / "identity_keys"
     try:
-        if not values.get("keys_file") and not path.exists():
-            # Generated once, like the cookie secret. Deployments serving several
-            # domains from several instances must share this file.
-            private_dir(data_dir)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write("# firstparty identity keys: the first line signs; `firstparty keygen` adds one\n")
-                    fh.write(generate_key_line() + "\n")
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}; create one with `firstparty keygen`") from exc
     try:
-        ring = KeyRing.from_file(text)
+        return KeyRing.from_file(text)
     except ValueError as exc:
         raise ConfigError(key, f"{path}: {exc}") from exc
+
+
+def _identity(values: dict[str, Any], data_dir: Path) -> IdentitySettings:
+    """The identity settings; the key ring read from ``keys_file``, or from the
+    one generated on the first start (``provision``): None when that is still to come."""
+    configured = values.get("keys_file")
+    path = Path(configured) if configured else data_dir / IDENTITY_KEYS_FILE
+    ring = identity_keys(path) if configured or path.exists() else None
     return IdentitySettings(
         keys=ring, api_keys=_api_keys(values.get("api_keys_file", "")),
         **{k: v for k, v in values.items() if k != "keys_file"}, keys_file=str(path),

@@ -17,6 +17,7 @@ import pytest
 
 from tests.offline_site import firstparty_offline as offline
 from proxy.web.app import create_app
+from proxy.provision import generate_missing
 from proxy.settings import Settings, build_settings
 from tests.fakeupstream import FakeUpstream
 from tests.support import REDIS_URL, ProxyClient
@@ -67,7 +68,7 @@ def make_settings(tmp_path: Path, fake: FakeUpstream, **sections: dict[str, Any]
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
-    return build_settings(raw, {})
+    return generate_missing(build_settings(raw, {}))  # as `firstparty serve` does on a first start
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..services.liverelay import LiveRelay
 from ..settings import Settings
 
+from ..provision import generate_missing
 from .common import log, settings_for
 
 # How long in-flight requests may take to finish at shutdown.
@@ -137,7 +138,8 @@ def stray_spools(base: Path, workers: int, look_ahead: int = 64) -> list[Path]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = settings_for(args)
+    # The secret and keys of a first start, made once here, before any worker forks.
+    settings = generate_missing(settings_for(args))
     logging.getLogger().setLevel(settings.log.level.upper())  # log.level (FIRSTPARTY_LOG_LEVEL)
     from ..services.upstream import Upstreams
 

@@ -37,6 +37,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Protocol
 from dataclasses import dataclass, field
 
 from . import memory
@@ -47,6 +48,7 @@ from .live import LiveFeed
 from .metrics import Metrics
 from ..settings import DeliverySettings
 from .queue.rows import DeadLetter, Row, facts_of
+from .queue.base import Queue
 from .queue.sqlite import Spool
 from .upstream import Endpoint, UpstreamClient
 from ..protocols.base import (
@@ -90,10 +92,42 @@ class RegionState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class Feed(Protocol):
+    """Where the sender's rows come from, and where a batch waiting for its
+    retry goes: the local spool's way (``SpoolFeed``: commits handed over in
+    memory, the file read when behind, a failed batch kept at the front of its
+    group) or a shared stream's (``queue.jetstream.StreamFeed``: fetched,
+    given back with a delay). The sender's batching, classification, splitting
+    and dead letters are the same over either."""
+
+    def attach(self, sender: Sender) -> None: ...
+
+    def accept(self, rows: list[Row]) -> None:
+        """Rows a commit just made durable (``Queue.on_commit``)."""
+
+    def notify(self, region: str) -> None:
+        """Rows were queued for ``region``."""
+
+    async def refill(self, state: RegionState) -> None:
+        """Rows into the region's groups, within the sender's limit."""
+
+    def next_wakeup(self, state: RegionState) -> float:
+        """Seconds the region's loop may sleep (a commit or a finished send wakes it sooner)."""
+
+    def hold_back(self, state: RegionState, key: GroupKey, batch: list[Row], delay: float) -> None:
+        """A batch to try again in ``delay`` seconds (the region is paused that long)."""
+
+    def unfinished(self) -> bool:
+        """Work a drain at shutdown may still finish."""
+
+    async def stopped(self) -> None:
+        """The sender stopped: what it held is the queue's again."""
+
+
 class Sender:
     def __init__(
         self,
-        spool: Spool,
+        spool: Queue,
         client: UpstreamClient,
         endpoints: dict[str, Endpoint],
         settings: DeliverySettings,
@@ -102,6 +136,7 @@ class Sender:
         protocols: Mapping[str, WireProtocol],
         metrics: Metrics | None = None,
         live: LiveFeed | None = None,
+        feed: Feed | None = None,
     ) -> None:
         self.spool = spool
         self.live = live  # the live view's feed: batch outcomes, while someone watches
@@ -115,10 +150,15 @@ class Sender:
         self._tasks: list[asyncio.Task[None]] = []
         self._sends: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._draining = False  # shutting down: partial batches leave at once
+        self.draining = False  # shutting down: partial batches leave at once
         self.metrics = metrics or Metrics()
         self.upstream_requests = 0
         self._loop: asyncio.AbstractEventLoop  # set by start()
+        if feed is None:
+            assert isinstance(spool, Spool), "a queue other than the local spool brings its own feed"
+            feed = SpoolFeed(spool)
+        self.feed = feed
+        feed.attach(self)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -143,11 +183,18 @@ class Sender:
             await asyncio.sleep(MAINTAIN_SECONDS)
 
     def notify(self, region: str) -> None:
-        state = self.regions.get(region)
-        if state:
-            state.wake.set()
+        self.feed.notify(region)
 
-    def _limit(self, state: RegionState | None = None) -> int:
+    @property
+    def sending(self) -> bool:
+        """Batches on their way to an upstream now."""
+        return bool(self._sends)
+
+    def accept(self, rows: list[Row]) -> None:
+        """Freshly committed rows (``Queue.on_commit``), for the feed."""
+        self.feed.accept(rows)
+
+    def limit(self, state: RegionState | None = None) -> int:
         """Rows a region may hold in memory. While its upstream is failing, no
         more than it already holds: the batches it was sending wait there for
         their retry, and everything newer waits on disk, so an outage at full
@@ -156,56 +203,12 @@ class Sender:
             return 0
         return self.settings.batch_size * self.settings.max_in_flight * 4
 
-    def accept(self, rows: list[Row]) -> None:
-        """Freshly committed rows (``Spool.on_commit``): straight into memory
-        while a region is live, else left for the next read from disk."""
-        first = rows[0].region if rows else ""
-        if all(row.region == first for row in rows):  # one region: nearly every commit
-            by_region = {first: rows} if rows else {}
-        else:
-            by_region = {}
-            for row in rows:
-                by_region.setdefault(row.region, []).append(row)
-        for region, fresh in by_region.items():
-            state = self.regions.get(region)
-            if state is None:
-                continue
-            if state.reading:
-                state.pending.extend(fresh)
-            elif state.live and state.held + sum([r.count for r in fresh]) <= self._limit(state):
-                self._hold(state, fresh)
-            else:
-                state.live = False  # left on disk for the next read
-            state.wake.set()
-
-    @staticmethod
-    def _hold(state: RegionState, rows: list[Row]) -> None:
-        # The cursor makes a row read from disk and also handed over by a commit
-        # count once. Consecutive rows mostly share their group: it is looked
-        # up again only when the key changes.
-        groups, cursor, held = state.groups, state.cursor, 0
-        last: GroupKey | None = None
-        group: deque[Row] | None = None
-        for row in rows:
-            if row.id > cursor:
-                key = (row.protocol, row.route, row.project, row.ip)
-                if key != last or group is None:
-                    group = groups.get(key)
-                    if group is None:
-                        group = groups[key] = deque()
-                    last = key
-                group.append(row)
-                cursor = row.id
-                held += row.count
-        state.cursor = cursor
-        state.held += held
-
     async def stop(self, deadline: float) -> None:
         """Send what can be sent before ``deadline`` (monotonic), then stop;
         the rest stays spooled for the next start."""
         loop = asyncio.get_running_loop()
-        self._draining = True
-        while loop.time() < deadline and self._unfinished():
+        self.draining = True
+        while loop.time() < deadline and self.feed.unfinished():
             if all(s.paused_until > time.time() for s in self.regions.values() if s.held):
                 break  # every region with work is backing off: waiting would not help
             for s in self.regions.values():
@@ -217,19 +220,11 @@ class Sender:
         for task in [*self._tasks, *self._sends]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self._stopped()
-
-    def _unfinished(self) -> bool:
-        """Work a drain may still finish: the spool is this process's own."""
-        return self.spool.depth > 0 or bool(self._sends)
-
-    async def _stopped(self) -> None:
-        await self.spool.flush()
+        await self.feed.stopped()
 
     # ------------------------------------------------------------ the loop
 
     async def _run(self, state: RegionState) -> None:
-        cfg = self.settings
         while not self._stopping:
             try:
                 await self._step(state)
@@ -239,7 +234,7 @@ class Sender:
                 log.exception("sender for region %s failed; retrying in 1 s", state.region)
                 await asyncio.sleep(1)
                 continue
-            timeout = self._next_wakeup(state, cfg)
+            timeout = self.feed.next_wakeup(state)
             state.wake.clear()
             # Woken by a commit, a finished send, or the timer: no wait_for, which
             # would build a task and a timeout scope on every wake.
@@ -249,55 +244,8 @@ class Sender:
             finally:
                 timer.cancel()
 
-    def _next_wakeup(self, state: RegionState, cfg: DeliverySettings) -> float:
-        now = time.time()
-        if state.paused_until > now:
-            return state.paused_until - now
-        waits = [1.0]  # poll: rows added by another process (`firstparty replay`)
-        for rows in state.groups.values():
-            if rows:
-                waits.append(max(0.0, rows[0].enqueued_at + cfg.batch_window_seconds - now))
-        return min(waits)
-
     async def _step(self, state: RegionState) -> None:
-        cfg = self.settings
-        # Failing with nothing left in memory: one batch from disk to try with.
-        limit = self._limit(state) or (0 if state.held else cfg.batch_size)
-        now = time.time()
-        # Read from disk while not live, and once a second anyway: rows another
-        # process added (`firstparty replay`) only show up there.
-        if (not state.live or now - state.last_read >= 1.0) and state.held < max(1, limit // 2):
-            want = limit - state.held
-            state.reading = True
-            try:
-                rows = await self.spool.read(state.region, state.cursor, want)
-            finally:
-                state.reading = False
-                pending, state.pending = state.pending, []
-            state.last_read = now
-            # ``want`` is in events and a row may hold several: what is past
-            # the budget stays on disk for the next read (the cursor stops at
-            # the last row held).
-            read = len(rows)
-            budget = want
-            for i, row in enumerate(rows):
-                if budget <= 0:
-                    rows = rows[:i]
-                    break
-                budget -= row.count
-            self._hold(state, rows)
-            was_live = state.live
-            # A short read saw every commit made before it ran; commits made
-            # since are in ``pending`` (a row in both counts once: the cursor).
-            # Together they are the whole queue: live from here on.
-            pending_events = sum([r.count for r in pending])
-            state.live = read < want and len(rows) == read and state.held + pending_events <= limit
-            if state.live:
-                self._hold(state, pending)
-            if not was_live:
-                state.from_disk += sum([r.count for r in rows])
-                if state.live:
-                    self._drained(state)
+        await self.feed.refill(state)
         if state.paused_until > time.time():
             return
         self._launch_ready(state)
@@ -311,18 +259,9 @@ class Sender:
             while rows and state.in_flight < cfg.max_in_flight:
                 full = len(rows) >= cfg.batch_size
                 waited = now - rows[0].enqueued_at >= cfg.batch_window_seconds
-                if not (full or waited or self._draining):
+                if not (full or waited or self.draining):
                     break
                 self._launch(state, key, self._take(rows, cfg.batch_size, self.protocols[key[0]]))
-
-    def _drained(self, state: RegionState) -> None:
-        """Caught up after reading a backlog from disk: hand the memory it took
-        back to the system (``services.memory``), so RSS returns to its level
-        before the outage instead of staying at the high-water mark."""
-        backlog, state.from_disk = state.from_disk, 0
-        if backlog >= TRIM_AFTER_ROWS and memory.due():
-            self.metrics.memory_trims.inc()
-            self._loop.run_in_executor(None, memory.release)
 
     @staticmethod
     def _take(rows: deque[Row], size: int, protocol: WireProtocol) -> list[Row]:
@@ -459,8 +398,7 @@ class Sender:
         )
         state.paused_until = max(state.paused_until, time.time() + delay)
         self.spool.count_attempt(batch)
-        rows = state.groups.setdefault(key, deque())
-        rows.extendleft(reversed(batch))  # back to the front, in order
+        self.feed.hold_back(state, key, batch, delay)
         events = sum([r.count for r in batch])
         self.metrics.outcome("retry", key[1], events)
         # At most a line a minute per region, however many sends fail meanwhile.
@@ -525,3 +463,140 @@ class Sender:
         self.metrics.outcome(outcome, rows[0].route, len(facts.names))
         if self.live is not None and self.live.watching:
             self.live.delivery(entry["insert_ids"], outcome, status, reason)
+
+
+class SpoolFeed:
+    """The local spool's feed (``queue.sqlite.Spool``): each commit's rows are
+    handed over in memory while a region is live (caught up); a region that
+    is behind (start-up, a backlog, memory full) reads the file from its
+    cursor instead, and turns live again once a read comes back short. A
+    failed batch waits in memory, at the front of its group."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.sender: Sender  # set by attach
+
+    def attach(self, sender: Sender) -> None:
+        self.sender = sender
+
+    def notify(self, region: str) -> None:
+        state = self.sender.regions.get(region)
+        if state:
+            state.wake.set()
+
+    def accept(self, rows: list[Row]) -> None:
+        """Freshly committed rows (``Spool.on_commit``): straight into memory
+        while a region is live, else left for the next read from disk."""
+        regions, limit = self.sender.regions, self.sender.limit
+        first = rows[0].region if rows else ""
+        if all(row.region == first for row in rows):  # one region: nearly every commit
+            by_region = {first: rows} if rows else {}
+        else:
+            by_region = {}
+            for row in rows:
+                by_region.setdefault(row.region, []).append(row)
+        for region, fresh in by_region.items():
+            state = regions.get(region)
+            if state is None:
+                continue
+            if state.reading:
+                state.pending.extend(fresh)
+            elif state.live and state.held + sum([r.count for r in fresh]) <= limit(state):
+                self.hold(state, fresh)
+            else:
+                state.live = False  # left on disk for the next read
+            state.wake.set()
+
+    @staticmethod
+    def hold(state: RegionState, rows: list[Row]) -> None:
+        # The cursor makes a row read from disk and also handed over by a commit
+        # count once. Consecutive rows mostly share their group: it is looked
+        # up again only when the key changes.
+        groups, cursor, held = state.groups, state.cursor, 0
+        last: GroupKey | None = None
+        group: deque[Row] | None = None
+        for row in rows:
+            if row.id > cursor:
+                key = (row.protocol, row.route, row.project, row.ip)
+                if key != last or group is None:
+                    group = groups.get(key)
+                    if group is None:
+                        group = groups[key] = deque()
+                    last = key
+                group.append(row)
+                cursor = row.id
+                held += row.count
+        state.cursor = cursor
+        state.held += held
+
+    def next_wakeup(self, state: RegionState) -> float:
+        cfg = self.sender.settings
+        now = time.time()
+        if state.paused_until > now:
+            return state.paused_until - now
+        waits = [1.0]  # poll: rows added by another process (`firstparty replay`)
+        for rows in state.groups.values():
+            if rows:
+                waits.append(max(0.0, rows[0].enqueued_at + cfg.batch_window_seconds - now))
+        return min(waits)
+
+    async def refill(self, state: RegionState) -> None:
+        cfg = self.sender.settings
+        # Failing with nothing left in memory: one batch from disk to try with.
+        limit = self.sender.limit(state) or (0 if state.held else cfg.batch_size)
+        now = time.time()
+        # Read from disk while not live, and once a second anyway: rows another
+        # process added (`firstparty replay`) only show up there.
+        if (state.live and now - state.last_read < 1.0) or state.held >= max(1, limit // 2):
+            return
+        want = limit - state.held
+        state.reading = True
+        try:
+            rows = await self.spool.read(state.region, state.cursor, want)
+        finally:
+            state.reading = False
+            pending, state.pending = state.pending, []
+        state.last_read = now
+        # ``want`` is in events and a row may hold several: what is past
+        # the budget stays on disk for the next read (the cursor stops at
+        # the last row held).
+        read = len(rows)
+        budget = want
+        for i, row in enumerate(rows):
+            if budget <= 0:
+                rows = rows[:i]
+                break
+            budget -= row.count
+        self.hold(state, rows)
+        was_live = state.live
+        # A short read saw every commit made before it ran; commits made
+        # since are in ``pending`` (a row in both counts once: the cursor).
+        # Together they are the whole queue: live from here on.
+        pending_events = sum([r.count for r in pending])
+        state.live = read < want and len(rows) == read and state.held + pending_events <= limit
+        if state.live:
+            self.hold(state, pending)
+        if not was_live:
+            state.from_disk += sum([r.count for r in rows])
+            if state.live:
+                self._drained(state)
+
+    def _drained(self, state: RegionState) -> None:
+        """Caught up after reading a backlog from disk: hand the memory it took
+        back to the system (``services.memory``), so RSS returns to its level
+        before the outage instead of staying at the high-water mark."""
+        backlog, state.from_disk = state.from_disk, 0
+        if backlog >= TRIM_AFTER_ROWS and memory.due():
+            self.sender.metrics.memory_trims.inc()
+            asyncio.get_running_loop().run_in_executor(None, memory.release)
+
+    def hold_back(self, state: RegionState, key: GroupKey, batch: list[Row], delay: float) -> None:
+        rows = state.groups.setdefault(key, deque())
+        rows.extendleft(reversed(batch))  # back to the front, in order
+
+    def unfinished(self) -> bool:
+        """Work a drain may still finish: the spool is this process's own."""
+        return self.spool.depth > 0 or self.sender.sending
+
+    async def stopped(self) -> None:
+        await self.spool.flush()

@@ -41,6 +41,7 @@ from ..services.queue.base import Queue
 from ..services.queue.sqlite import Spool
 from ..services.store import AliasStore
 from ..services.upstream import SegmentUpstreams, UpstreamClient, Upstreams
+from ..errors import ConfigError
 from ..settings import Settings
 from ..protocols.mixpanel import EVENT_ROUTES, MIXPANEL, QUERY_ROUTES
 from ..protocols import segment as segment_protocol
@@ -105,6 +106,10 @@ async def server_header(request: web.Request, response: web.StreamResponse) -> N
 
 
 def create_app(settings: Settings) -> web.Application:
+    if not settings.cookie.secret or settings.identity.keys is None:
+        missing = "cookie.secret" if not settings.cookie.secret else "identity.keys_file"
+        raise ConfigError(missing, "not generated yet: serve through `firstparty serve` (or pass the settings through "
+                          "provision.generate_missing), which creates it in server.data_dir")
     upstreams = Upstreams.from_settings(settings.upstream)  # validates URLs before anything opens
     segment = SegmentUpstreams.from_settings(settings.segment)
     app = web.Application(client_max_size=settings.server.max_body_bytes)
@@ -261,12 +266,12 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     settings = app[SETTINGS]
     spool = app[SPOOL]
-    kind: type[Sender] = Sender
+    feed = None  # the local spool's (``delivery.SpoolFeed``)
     if settings.delivery.queue == "jetstream":
-        from ..services.queue.jetstream import JetStreamSender
+        from ..services.queue.jetstream import StreamFeed
 
-        kind = JetStreamSender
-    sender = app[SENDER] = kind(
+        feed = StreamFeed(spool)
+    sender = app[SENDER] = Sender(
         spool,
         app[UPSTREAM],
         dict(app[FRONT].endpoints),
@@ -276,6 +281,7 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
         protocols={MIXPANEL.name: MIXPANEL, SEGMENT.name: SEGMENT},
         metrics=app[METRICS],
         live=app[LIVE],
+        feed=feed,
     )
     spool.on_commit = sender.accept
     spool.on_state = lambda accepting: app[METRICS].spool_accepting.set(1 if accepting else 0)

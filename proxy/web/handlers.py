@@ -99,9 +99,10 @@ class Proxy:
 def _first_time_events(request: web.Request) -> str:
     """``/flags/<id>/first-time-events``: the flag's id came decoded from the
     path; it goes upstream as one quoted segment (no "?", "/" or space of its
-    own), and never as "." or "..". A 400 for anything else."""
+    own), never as "." or "..", never holding a "/" (``%2F`` in the path). A 400
+    for anything else."""
     flag = request.match_info["flag"]
-    if flag in (".", "..") or len(flag) > 256:
+    if flag in (".", "..") or "/" in flag or len(flag) > 256:
         raise BadRequest("not a valid flag id")
     trailing = "/" if request.path.endswith("/") else ""
     return f"/flags/{quote(flag, safe='')}/first-time-events{trailing}"

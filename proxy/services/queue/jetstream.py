@@ -518,24 +518,25 @@ class JetStreamQueue:
 
 # ------------------------------------------------------------------ sender
 
-from ..delivery import GroupKey, RegionState, Sender  # noqa: E402  (the sender builds on the queue above)
+from ..delivery import GroupKey, RegionState, Sender  # noqa: E402  (the feed serves the sender above the queue)
 
 
-class JetStreamSender(Sender):
-    """The spool's sender, reading from the shared stream instead of a local file.
+class StreamFeed:
+    """The sender's feed from the shared stream (``delivery.Feed``).
 
-    Batching, classification, splitting and dead letters are the base class's.
-    What differs: rows come only from ``fetch`` (no hand-over from commits: any
-    instance may deliver any event); a retry gives the messages back to the
-    stream with a delay (``nak``) instead of holding them, since JetStream would
-    hand them to another instance after ``ack_wait`` anyway; and stopping gives
-    back what was not sent, at once."""
+    Batching, classification, splitting and dead letters are the sender's.
+    What differs from the local spool's feed: rows come only from ``fetch``
+    (no hand-over from commits: any instance may deliver any event); a retry
+    gives the messages back to the stream with a delay (``nak``) instead of
+    holding them, since JetStream would hand them to another instance after
+    ``ack_wait`` anyway; and stopping gives back what was not sent, at once."""
 
-    queue: JetStreamQueue
-
-    def __init__(self, queue: JetStreamQueue, *args: Any, **kwargs: Any) -> None:
-        super().__init__(queue, *args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, queue: JetStreamQueue) -> None:
         self.queue = queue
+        self.sender: Sender  # set by attach
+
+    def attach(self, sender: Sender) -> None:
+        self.sender = sender
 
     def accept(self, rows: list[Row]) -> None:  # noqa: ARG002 - every instance reads the stream
         return
@@ -544,27 +545,28 @@ class JetStreamSender(Sender):
         return  # the fetch waiting on the consumer wakes by itself
 
     @staticmethod
-    def _hold(state: RegionState, rows: list[Row]) -> None:
+    def hold(state: RegionState, rows: list[Row]) -> None:
         # Redeliveries come with older sequence numbers: no cursor here.
         for row in rows:
             state.groups.setdefault((row.protocol, row.route, row.project, row.ip), deque()).append(row)
             state.held += 1
 
-    async def _step(self, state: RegionState) -> None:
-        cfg = self.settings
+    async def refill(self, state: RegionState) -> None:
+        sender = self.sender
+        cfg = sender.settings
         now = time.time()
         self.queue.keep_alive(now)  # paused or not: batches in flight stay this instance's
         if state.paused_until > now:
             return
-        room = (self._limit(state) or (0 if state.held else cfg.batch_size)) - state.held
-        if room > 0 and not self._draining:
+        room = (sender.limit(state) or (0 if state.held else cfg.batch_size)) - state.held
+        if room > 0 and not sender.draining:
             forming = any(state.groups.values())
             rows = await self.queue.fetch(state.region, min(room, cfg.batch_size * cfg.max_in_flight),
                                           cfg.batch_window_seconds if forming else 1.0)
-            self._hold(state, rows)
-        self._launch_ready(state)
+            self.hold(state, rows)
 
-    def _next_wakeup(self, state: RegionState, cfg: DeliverySettings) -> float:
+    def next_wakeup(self, state: RegionState) -> float:
+        cfg = self.sender.settings
         now = time.time()
         if state.paused_until > now:
             return state.paused_until - now
@@ -572,25 +574,18 @@ class JetStreamSender(Sender):
             return 1.0  # a finished send wakes the loop
         return 0.0  # the next fetch does the waiting
 
-    def _retry(self, state: RegionState, key: GroupKey, batch: list[Row], after: float | None, detail: str) -> None:
-        super()._retry(state, key, batch, after, detail)
-        # The base put the batch back in memory for this instance: hand it to the stream instead.
-        rows = state.groups.get(key)
-        ids = {r.id for r in batch}
-        if rows is not None:
-            kept = [r for r in rows if r.id not in ids]
-            rows.clear()
-            rows.extend(kept)
+    def hold_back(self, state: RegionState, key: GroupKey, batch: list[Row], delay: float) -> None:
+        # Not kept in memory for this instance: handed to the stream, due after the pause.
         state.held -= len(batch)
-        self.queue.nak(ids, max(0.0, state.paused_until - time.time()))
+        self.queue.nak({r.id for r in batch}, max(0.0, state.paused_until - time.time()))
 
-    def _unfinished(self) -> bool:
+    def unfinished(self) -> bool:
         # The stream is the fleet's: drain what this instance holds, not the stream.
-        return bool(self._sends) or any(s.held for s in self.regions.values())
+        return self.sender.sending or any(s.held for s in self.sender.regions.values())
 
-    async def _stopped(self) -> None:
+    async def stopped(self) -> None:
         # Whatever this instance still held goes back to the stream now, not after ack_wait.
-        for state in self.regions.values():
+        for state in self.sender.regions.values():
             state.groups.clear()
         self.queue.give_back()
         await self.queue.flush()
