@@ -121,7 +121,6 @@ def create_app(settings: Settings) -> web.Application:
     proxy = app[PROXY] = Proxy(front)
     probes = app[PROBES] = Probes(front)
     edge = app[EDGE] = Edge(front)
-    app.middlewares.append(edge.middleware)
     add_routes(app, settings, edge, proxy, probes)
 
     # Built here (TLS context, ca_file checked: a bad file fails start-up with

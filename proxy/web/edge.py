@@ -1,9 +1,11 @@
-"""The edge: one middleware every answer of the main listener passes through.
+"""The edge: what every answer of the main listener passes through.
 
 Each route is registered with its ``Spec`` (``Edge.add``): the name it is
 counted under, the error shape of its answers (the vendor's, or ours), whether
 it takes event bodies (and so is shed under load) and whether it answers CORS.
-The middleware then does, for every route, what handlers used to repeat:
+Its handler is wrapped then, once (a middleware bound to its route: no lookup
+and no middleware chain per request), and the wrapper does, for every route,
+what handlers used to repeat:
 
 - ``OPTIONS`` on a CORS route: the preflight (``core.cors``), never the handler;
 - shedding: past ``server.max_inflight_requests`` event requests in progress,
@@ -26,6 +28,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 from yarl import URL
@@ -60,7 +63,7 @@ UNKNOWN = "unknown"  # the spec of a mount's catch-all
 
 
 class Edge:
-    """The middleware, and the table of route specs it reads."""
+    """The edge of every route, and the table of route specs."""
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -71,55 +74,74 @@ class Edge:
         self._overload = Throttled(log)
 
     def add(self, app: web.Application, path: str, handler: Handler, spec: Spec, method: str = "*") -> None:
-        self.specs[app.router.add_route(method, path, handler)] = spec
+        """``handler`` on ``path``, behind the edge (``wrap``)."""
+        self.specs[app.router.add_route(method, path, self.wrap(handler, spec))] = spec
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        spec = self.specs.get(request.match_info.route)
-        if spec is None:
-            return await handler(request)
-        if spec.name == UNKNOWN and "//" in request.path:
-            request, handler, spec = await self._without_repeated_slashes(request, handler, spec)
-        origin = request.headers.get("origin")
-        if request.method == "OPTIONS" and spec.cors:
-            return self.preflight(origin)
+    def wrap(self, handler: Handler, spec: Spec) -> Handler:
+        """``handler`` behind the edge, its spec bound now: a middleware made once
+        per route, so a request pays neither a spec lookup nor aiohttp's
+        middleware chain (``bench/inprocess.py`` counts it)."""
+        front = self.front
+        if spec.name == UNKNOWN:  # a mount's catch-all: first, the path without repeated slashes
+            return partial(self._unknown, self.wrap_plain(handler, spec))
         if not spec.sheds:
+            return self.wrap_plain(handler, spec)
+
+        async def shedding(request: web.Request) -> web.StreamResponse:
+            origin = request.headers.get("origin")
+            if request.method == "OPTIONS" and spec.cors:
+                return self.preflight(origin)
+            if self.inflight >= self.max_inflight:
+                response: web.StreamResponse = self.shed(request, spec)
+            else:
+                self.inflight += 1
+                try:
+                    response = await handler(request)
+                except Refused as exc:
+                    response = self.refusal(request, spec, exc)
+                finally:
+                    self.inflight -= 1
+            if origin and spec.cors:
+                response.headers.update(front.origins.headers(origin))
+            return response
+
+        return shedding
+
+    def wrap_plain(self, handler: Handler, spec: Spec) -> Handler:
+        front = self.front
+
+        async def edged(request: web.Request) -> web.StreamResponse:
+            origin = request.headers.get("origin")
+            if request.method == "OPTIONS" and spec.cors:
+                return self.preflight(origin)
             try:
                 response = await handler(request)
             except (Refused, UpstreamError) as exc:
                 response = self.refusal(request, spec, exc)
-        elif self.inflight >= self.max_inflight:
-            response = self.shed(request, spec)
-        else:
-            self.inflight += 1
-            try:
-                response = await handler(request)
-            except Refused as exc:
-                response = self.refusal(request, spec, exc)
-            finally:
-                self.inflight -= 1
-        if origin and spec.cors:
-            response.headers.update(self.front.origins.headers(origin))
-        return response
+            if origin and spec.cors:
+                response.headers.update(front.origins.headers(origin))
+            return response
 
-    async def _without_repeated_slashes(
-        self, request: web.Request, handler: Handler, spec: Spec
-    ) -> tuple[web.Request, Handler, Spec]:
-        """The route of the path with its slashes merged, from aiohttp's own table
-        (as its ``normalize_path_middleware`` asks it, without the redirect an
-        SDK's POST would not follow)."""
-        url = request.rel_url
-        merged = request.clone(
-            rel_url=URL.build(path=_SLASHES.sub("/", url.raw_path), query_string=url.raw_query_string, encoded=True)
-        )
-        match = await request.app.router.resolve(merged)
-        found = self.specs.get(match.route)
-        if found is None or match.http_exception is not None:
-            return request, handler, spec
-        match.add_app(request.app)
-        match.freeze()
-        merged._match_info = match  # what aiohttp's router does for the request it routes
-        return merged, match.handler, found
+        return edged
+
+    async def _unknown(self, not_found: Handler, request: web.Request) -> web.StreamResponse:
+        """A mount's catch-all. A path with repeated slashes (an ``api_host``
+        ending in "/") is looked up again in aiohttp's own table without them
+        (as its ``normalize_path_middleware`` does, without the redirect an SDK's
+        POST would not follow), and answered by that route, edge and all."""
+        if "//" in request.path:
+            url = request.rel_url
+            merged = request.clone(
+                rel_url=URL.build(path=_SLASHES.sub("/", url.raw_path), query_string=url.raw_query_string, encoded=True)
+            )
+            match = await request.app.router.resolve(merged)
+            spec = self.specs.get(match.route)
+            if spec is not None and spec.name != UNKNOWN and match.http_exception is None:
+                match.add_app(request.app)
+                match.freeze()
+                merged._match_info = match  # what aiohttp's router does for the request it routes
+                return await match.handler(merged)
+        return await not_found(request)
 
     # ------------------------------------------------------------ answers
 
