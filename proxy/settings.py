@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .core.scrub import DEFAULT_SCRUBBED
 from .errors import ConfigError
 
 ENV_PREFIX = "FIRSTPARTY_"
@@ -121,11 +122,21 @@ class StoreSettings:
 
 @dataclass(frozen=True, slots=True)
 class PrivacySettings:
-    """What of the visitor's IP the vendors receive (for geolocation): the
-    network of this many leading bits; 32 and 128 send it whole."""
+    """What leaves for the vendors about a visitor (README, "Privacy")."""
 
+    # The visitor's IP (for geolocation): the network of this many leading
+    # bits; 32 and 128 send it whole.
     ip_prefix_v4: int = 32  # 24: 203.0.113.77 -> 203.0.113.0
     ip_prefix_v6: int = 128  # 48: 2001:db8:1:2::7 -> 2001:db8:1::
+    # false: no IP at all (the vendors geolocate nothing).
+    forward_ip: bool = True
+    # Query parameters taken out of every URL-valued field (globs, any case).
+    scrub_query_params: tuple[str, ...] = DEFAULT_SCRUBBED
+    # When set: every query parameter matching none of these globs goes too.
+    keep_query_params: tuple[str, ...] = ()
+    # Browser requests from crawlers, monitors and headless browsers (core.bots):
+    # "drop" (never sent), "flag" ($bot / context.bot, no identity, no cookie), "keep".
+    bots: str = "flag"
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +360,16 @@ def _str_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _param_globs(key: str, value: Any) -> tuple[str, ...]:
+    globs = _str_list(key, value)
+    for glob in globs:
+        if not re.fullmatch(r"[A-Za-z0-9_\-.\[\]*?]{1,64}", glob):
+            raise ConfigError(
+                key, f"{glob!r} is not a parameter name or glob; write names like \"email\" or \"*token*\" (letters, digits, _ - . [ ] * ?)"
+            )
+    return globs
+
+
 def _url(key: str, value: Any) -> str:
     value = _str(key, value).rstrip("/")
     parts = urlsplit(value)
@@ -557,6 +578,10 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "privacy": {
         "ip_prefix_v4": _int(8, 32),
         "ip_prefix_v6": _int(16, 128),
+        "forward_ip": _bool,
+        "scrub_query_params": _param_globs,
+        "keep_query_params": _param_globs,
+        "bots": _choice("drop", "flag", "keep"),
     },
     "ops": {
         "host": _str,

@@ -116,7 +116,7 @@ async def test_consent_drops_a_refusing_browsers_events(context: Any, headers: d
     if why is None:
         assert (x.outcomes, x.answer) == ([], None)
     else:
-        assert [(o.kind, o.names, o.reason) for o in x.outcomes] == [(DROPPED, ["Viewed", "Clicked"], why)]
+        assert [(o.kind, o.names, o.reason) for o in x.outcomes] == [(DROPPED, ["Viewed", "Clicked"], f"consent: {why}")]
         assert x.answer == MIXPANEL.accepted(False)
 
 
@@ -144,7 +144,7 @@ async def test_anonymise_keeps_events_under_a_throwaway_id_and_drops_profiles(pr
     y = exchange(c, b64_body([profile]), route="engage", Sec_GPC="1")
     decode(y, c)
     await step(consent, y, c)
-    assert not y.anonymous and [(o.kind, o.reason) for o in y.outcomes] == [(DROPPED, "gpc")]
+    assert not y.anonymous and [(o.kind, o.reason) for o in y.outcomes] == [(DROPPED, "consent: gpc")]
     assert y.answer == MIXPANEL.accepted(False)
 
 
@@ -160,7 +160,7 @@ async def test_segment_calls_refusing_by_their_own_consent_are_dropped_one_by_on
     decode(x, context)
     await step(consent, x, context)
     assert x.refused is None and x.changed
-    assert [(o.kind, o.names, o.reason) for o in x.outcomes] == [(DROPPED, ["Refused"], "segment_consent")]
+    assert [(o.kind, o.names, o.reason) for o in x.outcomes] == [(DROPPED, ["Refused"], "consent: segment_consent")]
     assert [e["event"] for e in x.events] == ["Kept", "Silent"]
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from .cookie import host_matches
+from .scrub import without_params
 from ..errors import BadRequest
 
 # What a token was sealed for (bound in its AAD, so one purpose never opens as another).
@@ -153,19 +154,11 @@ def decorate(url: str, param: str, token: str) -> str:
 
 
 def strip_param(url: str, param: str) -> str | None:
-    """``url`` without any ``param=...`` in its query, or None when it had none."""
-    marker = param + "="
-    if marker not in url:
+    """``url`` without any ``param=...`` in its query, or None when it had none
+    (``core.scrub``'s rule, of one exact name)."""
+    if param + "=" not in url or "?" not in url:
         return None
-    base, hash_sep, fragment = url.partition("#")
-    path, q_sep, query = base.partition("?")
-    if not q_sep:
-        return None
-    kept = [p for p in query.split("&") if p and not p.startswith(marker)]
-    if len(kept) == len([p for p in query.split("&") if p]):
-        return None
-    out = path + ("?" + "&".join(kept) if kept else "")
-    return out + (hash_sep + fragment if hash_sep else "")
+    return without_params(url, param.__eq__)
 
 
 def strip_in_text(value: str, param: str) -> str | None:
@@ -173,10 +166,7 @@ def strip_in_text(value: str, param: str) -> str | None:
     (``a=1&fpb=T``, a ``search`` without its ``?``). None when it had none."""
     if param + "=" not in value:
         return None
-    if "?" in value:
-        return strip_param(value, param)
-    out = strip_param("?" + value, param)
-    return out[1:] if out is not None else None
+    return without_params(value, param.__eq__)
 
 
 def strip_everywhere(root: Any, param: str) -> int:

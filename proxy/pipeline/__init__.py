@@ -2,7 +2,7 @@
 
 Read top-down, a request's whole path is here::
 
-    EVENTS = decode -> consent -> identify -> rewrite -> enrich -> deliver
+    EVENTS = decode -> screen -> consent -> identify -> rewrite -> scrub -> enrich -> deliver
     QUERIES = replay_consent -> read_query -> identify -> rewrite_query -> forward_query
 
 and, after either, ``report`` (the outcome stage: forwarded log, counters,
@@ -29,12 +29,13 @@ from .enrich import enrich
 from .exchange import Exchange, Visit
 from .identity import identify
 from .outcome import report
+from .privacy import screen, scrub
 from .query import forward_query, read_query, rewrite_query
 from .rewrite import rewrite
 
 Stage = Callable[[Exchange, Context], Awaitable[None] | None]
 
-EVENTS: tuple[Stage, ...] = (decode, consent, identify, rewrite, enrich, deliver)
+EVENTS: tuple[Stage, ...] = (decode, screen, consent, identify, rewrite, scrub, enrich, deliver)
 QUERIES: tuple[Stage, ...] = (replay_consent, read_query, identify, rewrite_query, forward_query)
 
 

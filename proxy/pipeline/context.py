@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import carry
+from ..core.bots import BotList
 from ..core.clientip import TrustedProxies, client_ip, truncate
+from ..core.scrub import QueryRule
 from ..protocols.mixpanel import MIXPANEL
 from ..protocols.segment import SEGMENT
 from ..services.delivery import Sender
@@ -23,6 +25,16 @@ from ..services.tokens import Tokens
 from ..services.upstream import Endpoint, SegmentUpstreams, UpstreamClient, Upstreams
 from ..settings import Settings
 from .exchange import Exchange
+
+
+_BOT_LIST: list[BotList] = []
+
+
+def shared_bot_list() -> BotList:
+    """The crawler list, indexed once per process (50 ms), whatever the apps."""
+    if not _BOT_LIST:
+        _BOT_LIST.append(BotList())
+    return _BOT_LIST[0]
 
 
 @dataclass(slots=True)
@@ -68,6 +80,11 @@ class Context:
         privacy = settings.privacy
         whole = privacy.ip_prefix_v4 == 32 and privacy.ip_prefix_v6 == 128
         self.ip_prefixes = None if whole else (privacy.ip_prefix_v4, privacy.ip_prefix_v6)
+        self.forward_ip = privacy.forward_ip
+        rule = QueryRule(privacy.scrub_query_params, privacy.keep_query_params)
+        self.query_rule = rule if rule.active else None
+        self.bot_action = privacy.bots
+        self.bots = None if privacy.bots == "keep" else shared_bot_list()
         self.carry = carry.matcher(settings.identity.carry_properties)
         # First-touch repair: the site's own domains, and the first touches already known.
         own = dict.fromkeys([*settings.cookie.domains, *settings.identity.linked_domains])

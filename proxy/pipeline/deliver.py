@@ -115,13 +115,14 @@ async def forward_request(x: Exchange, c: Context) -> None:
     content_encoding = x.headers.get("content-encoding")
     body = x.body
     changed = x.changed or x.stripped or x.anonymous or any(x.per_event)
-    if x.anonymous or (payload.wants_ip and not x.visit.browser):
-        # Anonymised: no IP at all. ip=1 from a server SDK would have the vendor
-        # geolocate the proxy: ip=0 (an event's own "ip" property still counts),
-        # wherever the flag came.
-        query = [(k, "0" if k == "ip" else v) for k, v in query]
-        raw_query = urlencode(query)
-        if any(k == "ip" for k, _ in payload.form.params):
+    if x.anonymous or not (payload.wants_ip and x.visit.browser):
+        # No visitor's IP to geolocate (anonymised, privacy.forward_ip off, a
+        # server SDK whose ip=1 would have the vendor geolocate the proxy):
+        # ip=0 wherever the flag came (an event's own "ip" property still counts).
+        if any(k == "ip" and v != "0" for k, v in query):
+            query = [(k, "0" if k == "ip" else v) for k, v in query]
+            raw_query = urlencode(query)
+        if any(k == "ip" and v != "0" for k, v in payload.form.params):
             payload.form.params = [(k, "0" if k == "ip" else v) for k, v in payload.form.params]
             changed = True  # the body's own ip=1: re-encoded
     if param + "=" in raw_query:

@@ -136,9 +136,10 @@ class Exchange:
         self.outcomes.append(Outcome(kind, names, None, status, ids))
         self.settled += len(names)
 
-    def drop(self, why: str, names: list[str]) -> None:
-        """These events are not tracked (consent): answered as accepted, never sent."""
-        self.outcomes.append(Outcome(DROPPED, names, why))
+    def drop(self, why: str, names: list[str], rule: str = "consent") -> None:
+        """These events are not tracked (``rule``: consent, a bot): answered as
+        accepted, never sent. Their reason reads "consent: gpc", "bot: seo"."""
+        self.outcomes.append(Outcome(DROPPED, names, f"{rule}: {why}"))
         self.settled += len(names)
 
     def fail(

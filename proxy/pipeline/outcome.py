@@ -39,13 +39,15 @@ def report(x: Exchange, c: Context) -> None:
 
 
 def dropped(x: Exchange, c: Context, o: Outcome) -> None:
-    """Consent refused: logged and counted, without any id."""
+    """Not tracked (consent refused, a bot): logged and counted, without any id."""
     metrics = c.s.metrics
     count = len(o.names)
     assert o.reason is not None
-    metrics.consent_dropped.labels(o.reason).inc(count)
+    rule, _, why = o.reason.partition(": ")
+    if rule == "consent":
+        metrics.consent_dropped.labels(why).inc(count)
     metrics.outcome(DROPPED, x.route, count)
-    c.s.forwarded.record(outcome_record(DROPPED, x.route, x.project, o.names, reason=f"consent: {o.reason}"))
+    c.s.forwarded.record(outcome_record(DROPPED, x.route, x.project, o.names, reason=o.reason))
 
 
 def forwarded(x: Exchange, c: Context, o: Outcome) -> None:
@@ -74,6 +76,6 @@ def live(x: Exchange, c: Context, o: Outcome) -> None:
         names=o.names,
         ids=o.ids or [None] * len(o.names),
         outcome=o.kind,
-        reason=f"consent: {o.reason}" if o.kind == DROPPED else o.reason,
+        reason=o.reason,
         status=o.status,
     )

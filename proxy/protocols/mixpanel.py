@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -492,6 +492,53 @@ def anonymise(route: str, event: dict[str, Any], throwaway: str) -> bool:
     return True
 
 
+# mixpanel-js's URL-valued properties (and the profile's first-touch copies).
+URL_FIELDS = ("$current_url", "$referrer", "$initial_referrer")
+
+
+def scrub_urls(route: str, event: dict[str, Any], clean: Callable[[str], str | None]) -> int:
+    """``clean`` applied to the event's URL-valued fields, in place; how many changed."""
+    if route in ("track", "import"):
+        bags: tuple[Any, ...] = (event.get("properties"),)
+    elif route == "engage":
+        bags = (event.get("$set"), event.get("$set_once"))
+    else:
+        return 0
+    count = 0
+    for bag in bags:
+        if type(bag) is dict:
+            for key in URL_FIELDS:
+                value = bag.get(key)
+                if type(value) is str and "?" in value:
+                    cleaned = clean(value)
+                    if cleaned is not None:
+                        bag[key] = cleaned
+                        count += 1
+    return count
+
+
+def forbid_ip(route: str, event: dict[str, Any]) -> bool:
+    """No IP travels with the event (``privacy.forward_ip = false``): the
+    request's ``ip=0`` does the rest, the vendor geolocates nothing. True when
+    the event carried one."""
+    if route == "engage":
+        return event.pop("$ip", None) is not None
+    props = event.get("properties")
+    return type(props) is dict and props.pop("ip", None) is not None
+
+
+def mark_bot(route: str, event: dict[str, Any], kind: str) -> bool:
+    """A crawler's event flagged ``$bot``; False for a profile or group update,
+    which is nothing but identity (dropped)."""
+    if route not in ("track", "import"):
+        return False
+    props = event.get("properties")
+    if type(props) is not dict:
+        props = event["properties"] = {}
+    props["$bot"] = kind
+    return True
+
+
 def properties(route: str, event: dict[str, Any]) -> dict[str, Any] | None:
     if route not in ("track", "import"):
         return None
@@ -527,6 +574,9 @@ class Mixpanel:
     refuses = staticmethod(refuses)
     anonymise = staticmethod(anonymise)
     properties = staticmethod(properties)
+    scrub_urls = staticmethod(scrub_urls)
+    forbid_ip = staticmethod(forbid_ip)
+    mark_bot = staticmethod(mark_bot)
     rewrite = staticmethod(rewrite)
     prepare = staticmethod(prepare)
     batch = staticmethod(batch)

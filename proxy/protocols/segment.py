@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -261,6 +261,49 @@ def anonymise(route: str, event: dict[str, Any], throwaway: str) -> bool:
     return True
 
 
+# URL-valued fields: analytics.js's page context, and a page call's own properties.
+URL_FIELDS = ("url", "referrer", "search")
+
+
+def scrub_urls(route: str, event: dict[str, Any], clean: Callable[[str], str | None]) -> int:
+    """``clean`` applied to ``context.page.url/referrer/search`` and
+    ``properties.url/referrer/search``, in place; how many changed."""
+    context = event.get("context")
+    count = 0
+    for bag in (context.get("page") if type(context) is dict else None, event.get("properties")):
+        if type(bag) is dict:
+            for key in URL_FIELDS:
+                value = bag.get(key)
+                if type(value) is str and ("?" in value or (key == "search" and "=" in value)):
+                    cleaned = clean(value)
+                    if cleaned is not None:
+                        bag[key] = cleaned
+                        count += 1
+    return count
+
+
+def forbid_ip(route: str, event: dict[str, Any]) -> bool:
+    """No IP travels with the call (``privacy.forward_ip = false``):
+    ``context.ip`` is 0.0.0.0, or Segment would geolocate the proxy's address."""
+    context = event.get("context")
+    if type(context) is not dict:
+        context = event["context"] = {}
+    context["ip"] = "0.0.0.0"
+    return True
+
+
+def mark_bot(route: str, event: dict[str, Any], kind: str) -> bool:
+    """A crawler's track, page or screen call flagged ``context.bot``; False
+    for identify, alias and group calls, which are nothing but identity (dropped)."""
+    if event.get("type") not in ("track", "page", "screen"):
+        return False
+    context = event.get("context")
+    if type(context) is not dict:
+        context = event["context"] = {}
+    context["bot"] = kind
+    return True
+
+
 def properties(route: str, event: dict[str, Any]) -> dict[str, Any] | None:
     if event.get("type") not in ("track", "page", "screen"):
         return None
@@ -334,6 +377,9 @@ class Segment:
     refuses = staticmethod(refuses)
     anonymise = staticmethod(anonymise)
     properties = staticmethod(properties)
+    scrub_urls = staticmethod(scrub_urls)
+    forbid_ip = staticmethod(forbid_ip)
+    mark_bot = staticmethod(mark_bot)
     rewrite = staticmethod(rewrite)
     prepare = staticmethod(prepare)
     batch = staticmethod(batch)

@@ -165,6 +165,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.bot_events = Counter(
+            "firstparty_bot_events",
+            "Browser events of crawlers, monitors and headless browsers (privacy.bots), by the list's class"
+            " (search-engine, seo, monitoring, browser-automation...) and what became of them: dropped, flagged",
+            ["class", "action"],
+            registry=r,
+        )
+        self.urls_scrubbed = Counter(
+            "firstparty_urls_scrubbed",
+            "URL-valued fields that lost query parameters (privacy.scrub_query_params, keep_query_params)",
+            registry=r,
+        )
         self.tokens_stripped = Counter(
             "firstparty_tokens_stripped", "Token parameters removed from URL properties before forwarding", registry=r
         )

@@ -1,0 +1,95 @@
+"""Query parameters taken out of URLs before they leave: one rule for all.
+
+A ``QueryRule`` says which parameter names go: any that matches one of its
+globs (``email``, ``*token*``; case-insensitive, ``*`` and ``?`` as in a
+shell), or, with an allow-list, every name that matches none of the kept
+globs. ``without_params`` applies a rule to one URL (or a bare query string,
+a ``search`` without its URL), keeping everything else byte for byte: the
+path, the other parameters in their order and spelling, the fragment.
+
+The bridge-token stripping (``core.bridge.strip_param``) is the same
+function with a rule of one exact name.
+
+Pure and fast: a URL with no ``?`` is returned untouched without a scan; a
+rule's globs are one compiled regular expression; what a rule decided for a
+name is remembered (bounded), since a site's URLs repeat the same few names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+
+# Names a rule remembers its answer for: a site uses a few dozen, a flood of
+# made-up names only costs the regular expression again.
+MAX_NAMES = 4096
+
+# What a fresh install takes out of every URL-valued field: credentials and
+# contact details sites put in links (sign-in, password reset, newsletters).
+# Ad-click ids (gclid, fbclid...) stay: attribution is what they are for.
+DEFAULT_SCRUBBED = (
+    "email", "e-mail", "mail", "*token*", "password", "passwd", "pwd", "pass", "code", "*secret*",
+    "auth", "authorization", "*session*", "sid", "api_key", "apikey", "signature", "sig", "otp", "phone", "ssn",
+)
+
+
+def _glob_regex(globs: Iterable[str]) -> re.Pattern[str] | None:
+    parts = [fnmatch.translate(g.lower()) for g in globs if g]
+    return re.compile("|".join(f"(?:{p})" for p in parts)) if parts else None
+
+
+class QueryRule:
+    """Which query parameter names a URL loses."""
+
+    __slots__ = ("_drop", "_keep", "_seen")
+
+    def __init__(self, drop: Iterable[str] = DEFAULT_SCRUBBED, keep: Iterable[str] = ()) -> None:
+        self._drop = _glob_regex(drop)
+        keep = tuple(keep)
+        self._keep = _glob_regex(keep) if keep else None
+        self._seen: dict[str, bool] = {}
+
+    @property
+    def active(self) -> bool:
+        return self._drop is not None or self._keep is not None
+
+    def removes(self, name: str) -> bool:
+        seen = self._seen.get(name)
+        if seen is not None:
+            return seen
+        lowered = name.lower()
+        gone = bool(self._drop is not None and self._drop.match(lowered)) or bool(
+            self._keep is not None and not self._keep.match(lowered)
+        )
+        if len(self._seen) >= MAX_NAMES:
+            self._seen.clear()
+        self._seen[name] = gone
+        return gone
+
+    def clean(self, value: str) -> str | None:
+        """``value`` (a URL, or a query string with or without its "?") without
+        the parameters this rule removes; None when it removes none."""
+        return without_params(value, self.removes)
+
+
+def without_params(value: str, removes: Callable[[str], bool]) -> str | None:
+    """``value`` without the query parameters whose (still encoded) name
+    ``removes`` says go; None when none went. A value with no "?" and no "="
+    has no query; one with "=" but no "?" is a bare query string."""
+    if "?" in value:
+        base, hash_sep, fragment = value.partition("#")
+        head, _, query = base.partition("?")
+        head += "?"
+    elif "=" in value:
+        head, query, hash_sep, fragment = "", value, "", ""
+    else:
+        return None
+    parts = query.split("&")
+    kept = [p for p in parts if not (p and removes(p.partition("=")[0]))]
+    if len(kept) == len(parts):
+        return None
+    kept = [p for p in kept if p]
+    if not kept and head:
+        head = head[:-1]  # no parameter left: no "?" either
+    return head + "&".join(kept) + (hash_sep + fragment if hash_sep else "")
