@@ -290,6 +290,35 @@ def filesystem_of(path: Path) -> str | None:
     return fstype
 
 
+def privacy_in_force(s: Settings) -> list[str]:
+    """What leaves for the vendors under these settings, one line per rule
+    (``firstparty check`` prints it before the findings)."""
+    p, consent = s.privacy, s.consent
+    if not p.forward_ip:
+        ip = "none (ip=0, no ip/$ip, Segment context.ip 0.0.0.0, no forwarding headers)"
+    elif p.ip_prefix_v4 == 32 and p.ip_prefix_v6 == 128:
+        ip = "whole (privacy.ip_prefix_v4 = 32, ip_prefix_v6 = 128)"
+    else:
+        ip = f"truncated to /{p.ip_prefix_v4} (IPv4) and /{p.ip_prefix_v6} (IPv6)"
+    scrubbed = ", ".join(p.scrub_query_params) if p.scrub_query_params else "none"
+    urls = f"query parameters removed: {scrubbed}"
+    if p.keep_query_params:
+        urls += f"; only these kept: {', '.join(p.keep_query_params)}"
+    bots = {"drop": "dropped", "flag": "flagged ($bot / context.bot, no identity, no cookie)", "keep": "not checked"}[p.bots]
+    signals = [name for name, on in (
+        (f"the opt-out cookie {consent.opt_out_cookie}", bool(consent.opt_out_cookie)),
+        ("mixpanel-js's opt-out", consent.honor_mixpanel_opt_out), ("GPC", consent.honor_gpc),
+        ("DNT", consent.honor_dnt), ("Segment's context.consent", consent.honor_segment_consent),
+    ) if on]
+    refusals = f"{', '.join(signals) or 'none honoured'}: {consent.mode}"
+    return [
+        f"privacy: visitor IP to the vendors: {ip}",
+        f"privacy: URLs: {urls} (and the bridge token, {s.identity.token_param}, from every string)",
+        f"privacy: crawlers, monitors, headless browsers (privacy.bots = {p.bots!r}): {bots}",
+        f"privacy: consent refusals ({refusals})",
+    ]
+
+
 def findings(ctx: Context) -> list[Finding]:
     return [f for check in CHECKS for f in check(ctx)]
 

@@ -14,7 +14,7 @@ from proxy.errors import ConfigError
 from proxy.settings import build_settings
 from proxy.web.app import STORE
 from tests.conftest import TOKEN, b64_body, cookie_from, device_id, js_event
-from tests.support import PLAIN, ajs_call, log_records, metric
+from tests.support import PLAIN, ajs_call, log_records, metric, run_cli
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 PAGE = {"Origin": "https://www.example.com", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
@@ -189,3 +189,21 @@ def test_a_bad_parameter_glob_names_its_key() -> None:
         build_settings({"privacy": {"scrub_query_params": ["email", "a b"]}}, {})
     with pytest.raises(ConfigError, match="privacy.bots"):
         build_settings({"privacy": {"bots": "block"}}, {})
+
+
+def test_check_prints_the_privacy_in_force_and_writes_nothing(tmp_path: Any) -> None:
+    data = tmp_path / "data"
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{data}"\n'
+        '[privacy]\nforward_ip = false\nbots = "drop"\nscrub_query_params = ["email"]\nkeep_query_params = ["utm_*"]\n'
+        '[consent]\nhonor_dnt = true\nmode = "anonymise"\n'
+    )
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("privacy: ")]
+    assert lines[0] == "privacy: visitor IP to the vendors: none (ip=0, no ip/$ip, Segment context.ip 0.0.0.0, no forwarding headers)"
+    assert "query parameters removed: email; only these kept: utm_*" in lines[1]
+    assert lines[2].endswith("(privacy.bots = 'drop'): dropped")
+    assert "DNT" in lines[3] and lines[3].endswith(": anonymise)")
+    assert not data.exists()  # check only reads: no secret, no keys made

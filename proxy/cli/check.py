@@ -45,6 +45,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         found += doctor.nginx_findings(ctx, Path(args.nginx))
     if args.online:
         found += asyncio.run(doctor.online_findings(ctx, args.write_key))
+    for line in doctor.privacy_in_force(settings):
+        print(line)
     for finding in found:
         print(finding.line())
     errors = sum(f.level == doctor.ERROR for f in found)
