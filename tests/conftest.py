@@ -96,6 +96,20 @@ async def redis_settings() -> Any:
 ClientFactory = Callable[..., Awaitable[ProxyClient]]
 
 
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: Any, redis_settings: Any) -> Any:
+    """The identity store on its own: in memory, and on Redis (its own database)."""
+    from proxy.services.store import AliasStore
+    from proxy.settings import StoreSettings
+
+    if request.param == "redis":
+        store = AliasStore.from_settings(StoreSettings(url=redis_settings["url"]))
+    else:
+        store = AliasStore.from_settings(StoreSettings())
+    yield store
+    await store.close()
+
+
 @pytest.fixture
 async def serve_proxy() -> Any:
     """Start a built app behind the real HTTP server; everything started is

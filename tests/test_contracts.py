@@ -10,10 +10,9 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-import pytest
 
 from proxy.services.store import AliasStore
-from proxy.settings import StoreSettings
+
 from proxy.web.app import create_app
 from tests.conftest import BROWSER, SEG_KEY, TOKEN, b64_body, cookie_from, device_id, js_event, make_settings
 from tests.support import eventually
@@ -62,16 +61,6 @@ async def test_production_cookies_are_secure_and_http_only(proxy_client: Any) ->
         (header,) = [h for h in answer.headers.getall("Set-Cookie") if h.split("=", 1)[0] == name] or [""]
         attributes = {part.strip().split("=")[0].lower() for part in header.split(";")[1:]}
         assert {"secure", "httponly"} <= attributes, header
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: Any, redis_settings: Any) -> Any:
-    if request.param == "redis":
-        store = AliasStore.from_settings(StoreSettings(url=redis_settings["url"]))
-    else:
-        store = AliasStore.from_settings(StoreSettings())
-    yield store
-    await store.close()
 
 
 async def test_the_first_alias_written_wins_unless_repointed(store: AliasStore) -> None:

@@ -1,4 +1,4 @@
-"""The ``firstparty`` command: serve, logs, keygen, apikey, spool, replay, check, fake-upstream.
+"""The ``firstparty`` command: serve, logs, keygen, apikey, spool, replay, check, forget, fake-upstream.
 
 One module per command (its parser and its work); ``main()`` is the only
 broad ``except``: known errors become one clear line and an exit code (2 for
@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import ConfigError, ProxyError
 from ..lograte import EscapingFormatter
 from ..settings import env_help
-from . import check, fake, keys, logs, serve, spool
+from . import check, fake, forget, keys, logs, serve, spool
 from .serve import GC_YOUNG_THRESHOLD, tune_gc
 
 __all__ = ["GC_YOUNG_THRESHOLD", "main", "tune_gc"]
@@ -30,6 +30,7 @@ COMMANDS = {
     "spool": lambda args: spool.cmd_spool_check(args) if args.spool_command == "check" else spool.cmd_spool_stats(args),
     "replay": spool.cmd_replay,
     "check": check.cmd_check,
+    "forget": forget.cmd_forget,
     "fake-upstream": fake.cmd_fake_upstream,
 }
 
@@ -43,7 +44,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (serve, logs, keys, spool, check, fake):
+    for module in (serve, logs, keys, spool, check, forget, fake):
         module.add_parser(sub)
     return parser
 

@@ -40,7 +40,8 @@ from ..settings import StoreSettings
 
 log = logging.getLogger(__name__)
 
-# Redis: every key is "fp:<kind>/<part>[/<part>...]" (``AliasStore._key``).
+# Redis: every key is "fp::<kind>/<part>[/<part>...]" (aiocache joins the namespace
+# and ``AliasStore._key``'s key with a ":").
 NAMESPACE = "fp:"
 # Redis records live as long as the longest cookie could (400 days).
 ALIAS_TTL_SECONDS = 400 * 86400
@@ -119,6 +120,15 @@ class BoundedMemoryCache(SimpleMemoryCache):
         self._store(key, str(value))
         return value
 
+    def scan_now(self, prefix: str) -> list[tuple[str, str]]:
+        """Every (key, value) whose key starts with ``prefix`` (an operator's
+        ``forget``: a walk over the whole cache, never on the request path)."""
+        return [(k, v) for k, v in list(self._cache.items()) if k.startswith(prefix)]
+
+    def delete_now(self, keys: list[str]) -> None:
+        for key in keys:
+            self._drop(key)
+
 
 def open_cache(settings: StoreSettings, namespace: str) -> BaseCache:
     if settings.url.startswith("redis://"):
@@ -148,6 +158,10 @@ class _Recent:
         self._items[key] = None
         if len(self._items) > self._max:
             self._items.popitem(last=False)
+
+    def discard_if(self, gone: Any) -> None:
+        for key in [k for k in self._items if gone(k)]:
+            del self._items[key]
 
 
 class AliasStore:
@@ -380,6 +394,60 @@ class AliasStore:
         except Exception as exc:  # noqa: BLE001
             self._failed("claim", exc)
             return "?"
+
+    # -------------------------------------------------------------- forget
+
+    async def forget(self, given: str) -> dict[str, list[str]]:
+        """Remove everything kept about the visitor ``given`` names (its canonical
+        id, or any original id joined to it): the aliases of every original id
+        to its canonical id, its device count and device records per host,
+        carried properties, first touch, landings, and the token claims its ids
+        made. Returns the keys removed, by kind. A walk over the alias records
+        (Redis: ``SCAN``), for an operator, never on the request path."""
+        if self._key(ALIAS, given) is None:
+            raise ValueError("not an id the store keeps (8-128 of A-Z a-z 0-9 _ - : .)")
+        canonical = (await self.aliases([given])).get(given, given)
+        aliases = [(k, v) for k, v in await self._scan(ALIAS + "/") if v == canonical or k == f"{ALIAS}/{given}"]
+        ids = {given, canonical, *(k.partition("/")[2] for k, _ in aliases)}
+        removed: dict[str, list[str]] = {ALIAS: [k for k, _ in aliases]}
+        for kind in (DEVICES, CARRY, TOUCH):
+            key = self._key(kind, canonical)
+            removed[kind] = [key] if key and await self._get(key) is not None else []
+        for kind in (HOST, LANDED):
+            removed[kind] = [k for k, _ in await self._scan(f"{kind}/{canonical}/")]
+        # A claim's value is its first presenter: an id of this visitor, or a
+        # landing's throwaway name (kept "|<expiry>" in memory).
+        removed[CLAIM] = [k for k, v in await self._scan(CLAIM + "/") if v.rpartition("|")[0] in ids or v in ids]
+        await self._delete([k for keys in removed.values() for k in keys])
+        for memo in (self._written, self._refused):
+            memo.discard_if(lambda pair: pair.partition("\0")[0] in ids or pair.partition("\0")[2] in ids)
+        return removed
+
+    async def _scan(self, prefix: str) -> list[tuple[str, str]]:
+        if self._memory is not None:
+            return self._memory.scan_now(prefix)
+        client = self._cache.client  # type: ignore[attr-defined]  # redis.asyncio, under aiocache
+        built = self._cache.build_key(prefix)  # the namespace as aiocache spells it
+        skip = len(built) - len(prefix)
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", built) + "*"
+        keys = [k.decode() if isinstance(k, bytes) else k async for k in client.scan_iter(match=pattern, count=1000)]
+        out: list[tuple[str, str]] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            for key, value in zip(chunk, await client.mget(chunk)):
+                if value is not None:
+                    out.append((key[skip:], value.decode() if isinstance(value, bytes) else value))
+        return out
+
+    async def _delete(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        if self._memory is not None:
+            self._memory.delete_now(keys)
+            return
+        client = self._cache.client  # type: ignore[attr-defined]
+        for i in range(0, len(keys), 500):
+            await client.delete(*[self._cache.build_key(k) for k in keys[i : i + 500]])
 
     # ------------------------------------------------------------ health
 

@@ -1,4 +1,4 @@
-"""The ops listener: ``/metrics``, ``/readyz``, ``/healthz`` and the live view
+"""The ops listener: ``/metrics``, ``/readyz``, ``/healthz``, ``POST /forget`` and the live view
 (``/live``, ``web/live``) on a port of their own (``[ops]``), never on the public one (which keeps ``/healthz`` for
 load balancers).
 
@@ -66,6 +66,7 @@ def create_ops_app(main: web.Application) -> web.Application:
     add("*", "/metrics", only(GET, probes.metrics))
     add("*", "/readyz", only(GET, probes.readyz))
     add("*", "/healthz", only(GET, probes.healthz))
+    add("*", "/forget", only(frozenset({"POST"}), probes.forget))
     if settings.ops.live:
         add_live_routes(app, main[LIVE])
     return app

@@ -1,0 +1,143 @@
+"""Forgetting a visitor (issue 25): every record kind the store keeps about
+one person, reached through any of their ids, in memory and on Redis."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from proxy.services.store import AliasStore
+from tests.conftest import TOKEN, device_id
+
+HOST = "www.example.com"
+
+
+async def remembered(store: AliasStore) -> dict[str, str]:
+    """A visitor joined from two devices, with every kind of record; and another one."""
+    canonical, first, second = device_id(), device_id(), device_id()
+    other, other_device = device_id(), device_id()
+    await store.add_aliases({first: canonical, second: canonical})
+    await store.add_aliases({other_device: other})
+    await store.count_device(canonical)
+    await store.count_device(other)
+    await store.set_device_record(canonical, HOST, TOKEN, first, int(time.time()))
+    await store.set_device_record(canonical, "checkout.site-b.test", None, second, int(time.time()))
+    await store.set_device_record(other, HOST, TOKEN, other_device, int(time.time()))
+    await store.set_carried(canonical, {"plan": "pro"})
+    await store.set_carried(other, {"plan": "free"})
+    await store.set_first_touch(canonical, {"$initial_referrer": "https://news.test/"})
+    await store.set_landed(canonical, HOST, "bridge", 600)
+    assert await store.claim_token("token-of-the-visitor", first, 60) is None
+    assert await store.claim_token("token-of-another", other_device, 60) is None
+    return {"canonical": canonical, "first": first, "second": second, "other": other, "other_device": other_device}
+
+
+@pytest.mark.parametrize("through", ["canonical", "first", "second"])
+async def test_forget_removes_every_record_reached_through_any_id(store: AliasStore, through: str) -> None:
+    ids = await remembered(store)
+    canonical = ids["canonical"]
+    removed = await store.forget(ids[through])
+    assert sorted(removed["alias"]) == sorted([f"alias/{ids['first']}", f"alias/{ids['second']}"])
+    assert removed["devices"] == [f"devices/{canonical}"]
+    assert sorted(removed["host"]) == sorted([f"host/{canonical}/{HOST}/{TOKEN}", f"host/{canonical}/checkout.site-b.test/-"])
+    assert (removed["carry"], removed["touch"]) == ([f"carry/{canonical}"], [f"touch/{canonical}"])
+    assert removed["landed"] == [f"landed/{canonical}/{HOST}"]
+    assert removed["claim"] == ["claim/token-of-the-visitor"]
+    # Gone, read through the store's own calls...
+    assert await store.aliases([ids["first"], ids["second"]]) == {}
+    assert await store.device_record(canonical, HOST, TOKEN) is None
+    assert (await store.carried(canonical), await store.first_touch(canonical)) == ({}, {})
+    assert await store.landed(canonical, HOST) is None
+    assert await store.count_device(canonical) == 1  # counted afresh
+    assert await store.claim_token("token-of-the-visitor", "someone", 60) is None  # no claim left
+    # ... and the process forgot having written them: the same pair is written again.
+    await store.add_aliases({ids["first"]: canonical})
+    assert await store.aliases([ids["first"]]) == {ids["first"]: canonical}
+    # The other visitor is untouched.
+    other = ids["other"]
+    assert await store.aliases([ids["other_device"]]) == {ids["other_device"]: other}
+    assert await store.carried(other) == {"plan": "free"}
+    assert await store.device_record(other, HOST, TOKEN) is not None
+    assert await store.claim_token("token-of-another", "someone", 60) == ids["other_device"]
+
+
+async def test_forgetting_an_unknown_id_removes_nothing_and_a_bad_one_is_refused(store: AliasStore) -> None:
+    ids = await remembered(store)
+    removed = await store.forget(device_id())
+    assert all(keys == [] for keys in removed.values())
+    assert await store.aliases([ids["first"]]) == {ids["first"]: ids["canonical"]}
+    with pytest.raises(ValueError, match="not an id"):
+        await store.forget("a/b*")
+
+
+def server_key(tmp_path: Any) -> tuple[str, str]:
+    """An api keys file holding one server key: (its path, the key)."""
+    from proxy.core.apikeys import generate_key_line
+
+    line = generate_key_line("crm")
+    path = tmp_path / "api_keys"
+    path.write_text(line + "\n")
+    return str(path), line.split()[1]
+
+
+@pytest.mark.parametrize("mode", ["memory", "redis"])
+async def test_a_backend_forgets_a_visitor_through_the_ops_listener(
+    proxy_client: Any, upstream: Any, tmp_path: Any, redis_settings: Any, mode: str
+) -> None:
+    """The real app: a browser's visit leaves an alias and carried properties;
+    ``POST /forget`` with a server key removes them, named by the browser's
+    own device id (an original id), and the next event starts afresh."""
+    from proxy.web.app import STORE
+    from tests.conftest import BROWSER, b64_body, canonical_of, cookie_from, js_event
+
+    path, key = server_key(tmp_path)
+    store = {"url": redis_settings["url"]} if mode == "redis" else {}
+    client = await proxy_client(store=store, identity={"api_keys_file": path, "carry_properties": ["plan"]})
+    device = device_id()
+    form = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
+    resp = await client.post("/mp/track/", data=b64_body([js_event("Visit", device, plan="pro")]), headers=form)
+    canonical = canonical_of(cookie_from(resp))
+    live_store = client.app[STORE]
+    assert await live_store.carried(canonical) == {"plan": "pro"}
+    ops = f"http://127.0.0.1:{client.ops.port}/forget"
+    refused = await client.session.post(ops, json={"id": device})
+    assert refused.status == 401
+    wrong = await client.session.post(ops, json={"id": device}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status == 401
+    bad = await client.session.post(ops, json={"id": "../etc"}, headers={"Authorization": f"Bearer {key}"})
+    assert bad.status == 400 and "not an id" in (await bad.json())["error"]
+    done = await client.session.post(ops, json={"id": device}, headers={"Authorization": f"Bearer {key}"})
+    assert done.status == 200
+    answer = await done.json()
+    assert f"carry/{canonical}" in answer["removed"]["carry"] and answer["count"] >= 2
+    assert await live_store.carried(canonical) == {}
+    if device != canonical:
+        assert await live_store.aliases([device]) == {}
+
+
+async def test_the_cli_forgets_in_redis_and_asks_for_a_key_in_memory(tmp_path: Any, redis_settings: Any) -> None:
+    import asyncio
+
+    from proxy.settings import StoreSettings
+    from tests.support import run_cli
+
+    store = AliasStore.from_settings(StoreSettings(url=redis_settings["url"]))
+    try:
+        ids = await remembered(store)
+        config = tmp_path / "proxy.toml"
+        config.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n[store]\nurl = "{redis_settings["url"]}"\n')
+        result = await asyncio.to_thread(run_cli, "forget", ids["second"], "--config", str(config))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"removed carry    carry/{ids['canonical']}" in result.stdout
+        assert result.stdout.strip().endswith("the vendors' copies are theirs to delete (README, Privacy)")
+        assert await store.carried(ids["canonical"]) == {} and await store.aliases([ids["first"]]) == {}
+        assert await store.carried(ids["other"]) == {"plan": "free"}
+    finally:
+        await store.close()
+    memory = tmp_path / "memory.toml"
+    memory.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n')
+    result = await asyncio.to_thread(run_cli, "forget", device_id(), "--config", str(memory))
+    assert result.returncode == 2 and "--key" in result.stderr + result.stdout
+    assert not (tmp_path / "data").exists()
