@@ -15,12 +15,16 @@ from urllib.parse import quote
 
 import pytest
 
+# The helpers in tests/support.py fail with the values they compared, as tests do
+# (before anything imports it).
+pytest.register_assert_rewrite("tests.support")
+
 from tests.offline_site import firstparty_offline as offline
 from proxy.web.app import create_app
 from proxy.provision import generate_missing
 from proxy.settings import Settings, build_settings
 from tests.fakeupstream import FakeUpstream
-from tests.support import REDIS_URL, ProxyClient
+from tests.support import IDENTITY, REDIS_URL, ProxyClient
 
 # Never online: this process and every Python process a test starts may only
 # reach loopback (tests/offline_site/firstparty_offline.py).
@@ -202,3 +206,22 @@ def cookie_from(response: Any, name: str = "fp_id") -> str | None:
 
 def canonical_of(cookie_value: str) -> str:
     return cookie_value.rpartition(".")[0]
+
+
+# ------------------------------------------------ cross-domain and nginx
+
+
+@pytest.fixture
+async def xclient(proxy_client: Any) -> Any:
+    """The proxy with two linked domains (``support.IDENTITY``)."""
+    return await proxy_client(**IDENTITY)
+
+
+@pytest.fixture
+def nginx_bin() -> str:
+    import shutil
+
+    path = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(path).exists():
+        pytest.fail("nginx is not installed; scripts/test installs Debian's nginx")
+    return path

@@ -13,7 +13,7 @@ from proxy.core import carry
 from proxy.errors import ConfigError
 from proxy.settings import build_settings
 from tests.conftest import SEG_KEY, b64_body, cookie_from, device_id, js_event
-from tests.test_crossdomain import A, B, IDENTITY, browser, go_to_b, landing_event
+from tests.support import A, B, IDENTITY, browser, go_to_b, landing_event
 
 CARRY = copy.deepcopy(IDENTITY)
 CARRY["identity"]["carry_properties"] = ["plan", "ab_*", "utm_*"]
@@ -85,8 +85,7 @@ GOOGLE = {"$initial_referrer": "https://www.google.com/search?q=shoes", "$initia
 
 
 async def test_first_touch_survives_the_hop_to_another_domain(proxy_client, upstream, tmp_path):
-    from tests.test_consent import log_records
-    from tests.test_crossdomain import token_of
+    from tests.support import log_records, token_of
 
     client = await proxy_client(**IDENTITY)
     # Landing on A from a search, with a campaign.

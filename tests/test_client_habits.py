@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any
 
 import orjson
 
@@ -77,7 +76,7 @@ async def test_a_server_side_merge_names_the_canonical_id(proxy_client, upstream
     from mixpanel import Consumer, Mixpanel
 
     from tests.conftest import canonical_of, cookie_from
-    from tests.test_crossdomain import A, IDENTITY, TRACK, browser
+    from tests.support import A, IDENTITY, TRACK, browser
 
     client = await proxy_client(**IDENTITY)
     cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("A", device_id())]), headers=browser(A)))
@@ -99,7 +98,7 @@ async def test_reset_inside_one_batch_starts_the_next_person(proxy_client, upstr
     and the browser's cookie follows it."""
     from tests.conftest import canonical_of, cookie_from
     from tests.support import metric
-    from tests.test_crossdomain import A, IDENTITY, TRACK, browser
+    from tests.support import A, IDENTITY, TRACK, browser
 
     client = await proxy_client(**IDENTITY)
     d1 = device_id()

@@ -5,7 +5,6 @@ visitor across domains inside bridge tokens. Both delivery modes."""
 from __future__ import annotations
 
 import time
-from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import orjson
@@ -13,7 +12,7 @@ import pytest
 
 from proxy.core import consent
 from proxy.settings import ConsentSettings
-from tests.support import metric
+from tests.support import log_records, metric
 from tests.conftest import BROWSER, TOKEN, b64_body, canonical_of, cookie_from, device_id, js_event
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -52,12 +51,6 @@ def test_refusal_signals(headers, settings, expected):
 
 def browser(host: str = "www.example.com", **extra: str) -> dict[str, str]:
     return {**BROWSER, **FORM, "Host": host, **extra}
-
-
-async def log_records(client: Any, tmp_path: Any) -> list[dict[str, Any]]:
-    await client.close()  # drains the sender, flushes the log
-    path = tmp_path / "data" / "forwarded.jsonl"
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
 @pytest.mark.parametrize(
@@ -207,7 +200,7 @@ async def test_anonymise_mode_counts_a_refusing_browser_without_identity(proxy_c
     """consent.mode = "anonymise": a GPC browser's events arrive with no id shared
     with any other event, no IP, and are counted; its profile updates and
     Segment identify calls are dropped; its identity cookie is deleted."""
-    from tests.test_segment import PLAIN, ajs_call
+    from tests.support import PLAIN, ajs_call
 
     client = await proxy_client(consent={"mode": "anonymise"})
     before = await client.post(TRACK, data=b64_body([js_event("Before", device_id())]), headers=browser())

@@ -12,58 +12,10 @@ import pytest
 
 from proxy.web.app import create_app
 from proxy.core.tokens import KeyRing, generate_key_line
-from tests.support import metric
-from tests.test_consent import log_records
+from tests.support import (
+    A, B, IDENTITY, TRACK, browser, go_to_b, keys_of, landing_event, log_records, metric, token_of, visit_a,
+)
 from tests.conftest import b64_body, canonical_of, cookie_from, device_id, js_event, make_settings
-
-A = "www.site-a.test"
-B = "checkout.site-b.test"
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-TRACK = "/mp/track/?verbose=1&ip=1"
-IDENTITY = {
-    "cookie": {"domains": [".site-a.test", ".site-b.test"], "secure": False},
-    "cors": {"allowed_origins": ["http://*.site-a.test", "http://*.site-b.test", "http://partner.other.test"]},
-    "identity": {"linked_domains": [".site-a.test", ".site-b.test"], "hub_url": "http://hub.id-hub.test"},
-}
-
-
-def browser(host: str, cookie: str | None = None, cookie_name: str = "fp_id") -> dict[str, str]:
-    headers = {"Host": host, "Origin": f"http://{host}", "User-Agent": "Mozilla/5.0 (X11) Chrome/120", **FORM}
-    if cookie:
-        headers["Cookie"] = f"{cookie_name}={cookie}"
-    return headers
-
-
-@pytest.fixture
-async def xclient(proxy_client: Any) -> Any:
-    return await proxy_client(**IDENTITY)
-
-
-def keys_of(client: Any) -> KeyRing:
-    return client.services.settings.identity.keys
-
-
-async def visit_a(client: Any) -> str:
-    """A visitor tracks on site A; returns the cookie value set there."""
-    resp = await client.post(TRACK, data=b64_body([js_event("Page A", device_id())]), headers=browser(A))
-    assert resp.status == 200
-    return cookie_from(resp)
-
-
-async def go_to_b(client: Any, cookie: str, target: str = f"http://{B}/cart?utm_source=mail&x=1") -> str:
-    """Follow /mp/go from A; returns the Location (B's URL with the token)."""
-    resp = await client.get(f"/mp/go?to={quote(target, safe='')}", headers=browser(A, cookie), allow_redirects=False)
-    assert resp.status == 302, await resp.text()
-    assert "no-store" in resp.headers["Cache-Control"]
-    return resp.headers["Location"]
-
-
-def token_of(url: str) -> str:
-    return dict(parse_qsl(urlsplit(url).query))["fpb"]
-
-
-def landing_event(url: str, device: str, **props: Any) -> dict[str, Any]:
-    return js_event("Page B", device, **{"$current_url": url, "$referrer": f"http://{A}/pricing", **props})
 
 
 async def test_go_decorates_and_b_adopts_the_carried_id(xclient, upstream):

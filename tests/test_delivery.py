@@ -520,7 +520,7 @@ async def test_batching_cuts_upstream_requests(serve_proxy, tmp_path, upstream):
 async def test_spool_stats_and_replay_cli(serve_proxy, tmp_path, upstream):
     """Dead letters seen with `firstparty spool stats`, replayed with `firstparty
     replay` while the proxy runs, and delivered once the cause is fixed."""
-    from tests.test_settings_cli import run_cli
+    from tests.support import run_cli
 
     refusing = True
 

@@ -4,23 +4,16 @@ the visitor's IP and Host intact."""
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import socket
 import ssl
-import subprocess
-import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from proxy.web.app import create_app
 from proxy.settings import load_settings
 from tests.conftest import SEG_KEY, b64_body, device_id, js_event, make_settings
-from tests.support import self_signed
+from tests.support import render_nginx, self_signed, start_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,84 +45,6 @@ def test_the_fleet_compose_file_configures_the_jetstream_queue(tmp_path):
     s = load_settings(ROOT / "deploy" / "config.toml", env)
     assert (s.delivery.queue, s.delivery.nats_url) == ("jetstream", "nats://nats:4222")
     assert s.identity.keys.key_ids == ("k1",)
-
-
-def render_nginx(tmp: Path, proxy_port: int, tls_port: int, cert: Path, key: Path, site_locations: str = "") -> Path:
-    """nginx.example.conf as shipped, with only ports and certificate paths changed
-    (and ``site_locations``, the site's own, where the file says they go)."""
-    site = (ROOT / "nginx.example.conf").read_text()
-    if site_locations:
-        assert "# ... your site's own locations ..." in site
-        site = site.replace("# ... your site's own locations ...", site_locations)
-    site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{proxy_port};")
-    site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{tls_port} ssl http2;")
-    site = site.replace("listen [::]:443 ssl http2;", "")
-    site = site.replace("/etc/ssl/certs/www.example.com.pem", str(cert))
-    site = site.replace("/etc/ssl/private/www.example.com.key", str(key))
-    return wrap_site(tmp, site)
-
-
-def wrap_site(tmp: Path, site: str) -> Path:
-    """An nginx main config of the test's own (pid, logs, temp files under ``tmp``)
-    including ``site``, a file meant for http { }."""
-    (tmp / "site.conf").write_text(site)
-    main = tmp / "nginx.conf"
-    main.write_text(
-        f"""
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    include {tmp}/site.conf;
-}}
-"""
-    )
-    return main
-
-
-@pytest.fixture
-def nginx_bin() -> str:
-    path = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(path).exists():
-        pytest.fail("nginx is not installed; scripts/test installs Debian's nginx")
-    return path
-
-
-async def start_nginx(nginx_bin: str, prefix: Path, conf_for: Any) -> tuple[subprocess.Popen[bytes], int]:
-    """nginx binds its own port (it cannot be handed a socket): pick a free one,
-    and should another process take it in the moment between, pick again."""
-    for _ in range(5):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        conf = conf_for(port)
-        check = subprocess.run([nginx_bin, "-t", "-p", str(prefix), "-c", str(conf)], capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        proc = subprocess.Popen(
-            [nginx_bin, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return proc, port
-            await asyncio.sleep(0.05)
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=10)
-            pytest.fail("nginx did not listen within 10 s")
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        assert "Address already in use" in err, err
-    pytest.fail("nginx found its port taken 5 times in a row")
 
 
 async def test_behind_real_nginx(serve_proxy, tmp_path, upstream, nginx_bin):

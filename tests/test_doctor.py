@@ -15,8 +15,7 @@ import pytest
 from proxy import doctor
 from proxy.settings import build_settings
 from tests.fakeupstream import FakeUpstream
-from tests.support import port_of, reserve_port, self_signed
-from tests.test_upstream import serve_tls
+from tests.support import port_of, reserve_port, self_signed, serve_tls
 
 ROOT = Path(__file__).resolve().parent.parent
 

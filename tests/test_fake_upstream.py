@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 
+from proxy.provision import generate_missing
 from proxy.settings import build_settings
 from proxy.web.app import create_app
 from tests.conftest import BROWSER, b64_body, canonical_of, cookie_from, device_id, js_event
@@ -47,7 +48,7 @@ async def test_the_proxy_delivers_to_the_fake_and_it_prints_each_request(tmp_pat
             "cookie": {"secret": "s" * 32},
             "delivery": {"mode": "sync"},
         }, {})
-        client = await serve_proxy(create_app(settings))
+        client = await serve_proxy(create_app(generate_missing(settings)))
         device = device_id()
         resp = await client.post("/mp/track/?verbose=1&ip=1", data=b64_body([js_event("Staging page", device)]),
                                  headers={**BROWSER, "Content-Type": "application/x-www-form-urlencoded"})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 
@@ -19,8 +18,7 @@ from proxy.core.apikeys import ApiKeys, bearer, generate_key_line
 from proxy.errors import ConfigError
 from proxy.settings import load_settings
 from tests.conftest import b64_body, canonical_of, cookie_from, device_id, js_event
-from tests.support import metric
-from tests.test_crossdomain import A, B, IDENTITY, TRACK, browser, go_to_b, keys_of, token_of, visit_a, xclient  # noqa: F401
+from tests.support import A, B, IDENTITY, TRACK, browser, go_to_b, keys_of, land, metric, token_of, visit_a
 
 APP = {"Content-Type": "application/json", "User-Agent": "app-backend/1.0"}
 
@@ -37,14 +35,6 @@ async def keyed(proxy_client: Any, tmp_path: Path) -> tuple[Any, dict[str, str]]
     path, keys = server_keys(tmp_path, "ios-app", "android")
     identity = {**IDENTITY["identity"], "api_keys_file": str(path)}
     return await proxy_client(**{**IDENTITY, "identity": identity}), keys
-
-
-async def land(client: Any, host: str, token: str, cookie: str | None = None, **extra: str) -> Any:
-    """land.js's POST: the page's token and its document.referrer (by default, site A's page)."""
-    if "frame" not in extra:
-        extra.setdefault("ref", quote(f"http://{A}/pricing", safe=""))
-    body = "&".join([f"fpb={quote(token)}", *(f"{k}={v}" for k, v in extra.items() if v is not None)])
-    return await client.post("/mp/id", data=body, headers=browser(host, cookie))
 
 
 # ------------------------------------------------------- landing scripts

@@ -60,7 +60,7 @@ async def test_a_watcher_sees_identity_form_and_outcomes_complete(proxy_client, 
     first = await client.post("/mp/track/?ip=1", data=b64_body([js_event("Page A", device)]), headers=FORM)
     canonical = canonical_of(cookie_from(first))
     # analytics.js on the same page, with its own id: rewritten, merged via the cookie.
-    from tests.test_segment import PLAIN, ajs_call
+    from tests.support import PLAIN, ajs_call
 
     other = device_id()
     await client.post("/seg/v1/p", data=orjson.dumps(ajs_call("page", other, name="Page B")),
@@ -92,7 +92,7 @@ async def test_a_watcher_sees_identity_form_and_outcomes_complete(proxy_client, 
 
 
 async def test_a_segment_call_and_its_message_id(client, upstream):
-    from tests.test_segment import PLAIN, ajs_call
+    from tests.support import PLAIN, ajs_call
 
     stream = await open_stream(client)
     call = ajs_call("track", device_id(), event="Signed Up")

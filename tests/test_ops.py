@@ -45,7 +45,7 @@ async def test_the_visitors_ip_can_reach_the_vendors_truncated(proxy_client, ups
 
     from tests.conftest import BROWSER, b64_body, device_id, js_event
     from tests.support import eventually
-    from tests.test_segment import PLAIN, ajs_call
+    from tests.support import PLAIN, ajs_call
 
     client = await proxy_client(privacy={"ip_prefix_v4": 24, "ip_prefix_v6": 48})
     # The peer, 127.0.0.1, is a trusted proxy: the visitor is the forwarded address.
@@ -76,7 +76,7 @@ async def test_metrics_count_events_by_protocol_and_identity_source_and_dead_let
     from aiohttp import web
 
     from tests.conftest import BROWSER, b64_body, cookie_from, device_id, js_event
-    from tests.test_segment import PLAIN, ajs_call
+    from tests.support import PLAIN, ajs_call
 
     async def refuse_poison(rec):
         if rec.path.startswith("/track") and any(e.get("event") == "poison" for e in rec.events()):

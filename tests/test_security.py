@@ -14,7 +14,7 @@ import pytest
 from proxy.core.ids import MAX_ID_CHARS, valid_id
 from proxy.services.store import AliasStore, BoundedMemoryCache
 from tests.conftest import SEG_KEY, b64_body, canonical_of, cookie_from, device_id, js_event, json_body
-from tests.test_crossdomain import A, B, IDENTITY, browser
+from tests.support import A, B, IDENTITY, browser
 
 TRACK = "/mp/track/?verbose=1&ip=1"
 SERVER = {"User-Agent": "python-requests/2.31", "Content-Type": "application/x-www-form-urlencoded"}
@@ -175,7 +175,7 @@ async def _attackers_link(client: Any) -> tuple[str, str]:
     """An attacker's own identity on A and a /go link carrying it to B."""
     from urllib.parse import quote
 
-    from tests.test_crossdomain import token_of
+    from tests.support import token_of
 
     cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("Attacker", device_id())]), headers=browser(A)))
     go = await client.get(f"/mp/go?to={quote(f'http://{B}/offer', safe='')}", headers=browser(A, cookie),
@@ -190,8 +190,7 @@ async def _victim_on_b(client: Any) -> tuple[str, str]:
 
 
 async def test_a_link_token_without_a_linked_referrer_does_not_replace_an_identity(proxy_client, upstream, tmp_path):
-    from tests.test_consent import log_records
-    from tests.test_handoff import land
+    from tests.support import land, log_records
 
     client = await proxy_client(**IDENTITY)
     attacker, token = await _attackers_link(client)
@@ -235,8 +234,7 @@ async def test_a_link_token_without_a_linked_referrer_does_not_replace_an_identi
 
 
 async def test_a_link_from_a_linked_domain_still_replaces_it_and_says_so(proxy_client, upstream, tmp_path):
-    from tests.test_consent import log_records
-    from tests.test_handoff import land
+    from tests.support import land, log_records
 
     client = await proxy_client(**IDENTITY)
     visitor, token = await _attackers_link(client)  # the same browser's id on A, this time
@@ -253,7 +251,7 @@ async def test_go_mints_only_for_the_presenting_browsers_own_identity(proxy_clie
     import time
     from urllib.parse import quote
 
-    from tests.test_crossdomain import token_of
+    from tests.support import token_of
 
     client = await proxy_client(**IDENTITY)
     victim = device_id()
@@ -281,7 +279,7 @@ async def test_links_to_http_targets_need_cookie_secure_off(proxy_client):
 async def test_a_refusal_token_opts_out_only_the_first_browser(proxy_client, upstream):
     import time
 
-    from tests.test_handoff import land
+    from tests.support import land
 
     client = await proxy_client(**IDENTITY)
     token = client.services.settings.identity.keys.seal(
@@ -550,7 +548,7 @@ async def test_aiohttps_own_error_answers_name_no_versions(proxy_client):
 
 
 async def test_no_token_in_any_field_upstream(proxy_client, upstream):
-    from tests.test_crossdomain import go_to_b, token_of
+    from tests.support import go_to_b, token_of
 
     client = await proxy_client(**IDENTITY)
     cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("A", device_id())]), headers=browser(A)))

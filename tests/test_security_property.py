@@ -22,8 +22,7 @@ from proxy.core.ids import valid_id
 from proxy.web.app import create_app
 from tests.conftest import SEG_KEY, TOKEN, b64_body, js_event, make_settings
 from tests.fakeupstream import FakeUpstream
-from tests.support import ProxyClient
-from tests.test_crossdomain import A, IDENTITY
+from tests.support import A, IDENTITY, ProxyClient
 
 # What a hostile client would try, beside arbitrary text.
 CRAFTED = ["carry:x", "touch/abc", "alias/x", "host:a:b:c", "claim:token:x", "../../etc", "a\nb", "a;b", "a b",

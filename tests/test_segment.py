@@ -17,31 +17,7 @@ import pytest
 from proxy.protocols import segment
 from proxy.errors import BadRequest
 from tests.conftest import BROWSER, SEG_EU_KEY, SEG_KEY, b64_body, canonical_of, cookie_from, js_event
-from tests.support import eventually
-
-PLAIN = {"Content-Type": "text/plain"}  # analytics.js: JSON as text/plain, no CORS preflight
-
-
-def ajs_call(kind: str, anonymous_id: str, *, user_id: str | None = None, write_key: str = SEG_KEY, **extra: Any) -> dict[str, Any]:
-    """A call shaped like analytics.js 1.x (``@segment/analytics-next``) posts it."""
-    call: dict[str, Any] = {
-        "type": kind,
-        "anonymousId": anonymous_id,
-        "messageId": f"ajs-next-{uuid.uuid4().hex}",
-        "timestamp": "2026-12-01T12:00:00.000Z",
-        "context": {
-            "page": {"url": "https://www.example.com/pricing", "path": "/pricing", "search": "", "referrer": ""},
-            "library": {"name": "analytics.js", "version": "next-1.70.0"},
-            "userAgent": BROWSER["User-Agent"],
-        },
-        "integrations": {},
-        "writeKey": write_key,
-        "sentAt": "2026-12-01T12:00:00.010Z",
-        **extra,
-    }
-    if user_id:
-        call["userId"] = user_id
-    return call
+from tests.support import PLAIN, ajs_call, eventually
 
 
 def calls(upstream: Any, name: str = "seg-us") -> list[dict[str, Any]]:
@@ -331,8 +307,7 @@ def with_consent(call: dict[str, Any], **categories: bool) -> dict[str, Any]:
 
 
 async def test_segment_calls_honour_their_own_consent_categories(proxy_client, upstream, tmp_path):
-    from tests.test_consent import log_records
-    from tests.support import metric
+    from tests.support import log_records, metric
 
     client = await proxy_client(consent={"segment_required_categories": ["Analytics"]})
     anon = str(uuid.uuid4())

@@ -15,21 +15,11 @@ import orjson
 import pytest
 
 from proxy.errors import ConfigError
+from proxy.provision import generate_missing
 from proxy.settings import build_settings, load_settings
-from tests.support import port_of, reserve_shared_port, wait_listening
+from tests.support import port_of, reserve_shared_port, run_cli, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("FIRSTPARTY_")}, **(env or {})},
-    )
 
 
 def test_defaults_need_no_server(tmp_path):
@@ -37,7 +27,9 @@ def test_defaults_need_no_server(tmp_path):
     assert s.store.url == "memory://"
     assert s.upstream.regions["eu"] == "https://api-eu.mixpanel.com"
     assert s.cookie.secure is True and s.cookie.max_age_days == 400
-    # A generated secret is kept, so a restart keeps every visitor's cookie valid.
+    # The first start generates a secret (provision), kept so a restart keeps
+    # every visitor's cookie valid (tests/test_provision.py has the rest).
+    s = generate_missing(s)
     again = build_settings({"server": {"data_dir": str(tmp_path)}}, {})
     assert s.cookie.secret == again.cookie.secret and len(s.cookie.secret) >= 32
     assert (tmp_path / "cookie_secret").stat().st_mode & 0o077 == 0

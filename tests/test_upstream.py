@@ -6,33 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import ssl
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from proxy.provision import generate_missing
 from proxy.errors import ConfigError, UpstreamTimeout, UpstreamTLSError, UpstreamUnreachable
 from proxy.services.upstream import Endpoint, UpstreamClient, response_headers
 from proxy.settings import build_settings
 from proxy.web.app import create_app
 from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
 from tests.fakeupstream import LIB_JS, FakeUpstream
-from tests.support import port_of, reserve_port, self_signed
+from tests.support import port_of, reserve_port, self_signed, serve_tls
 
 TRACK = "/mp/track/?verbose=1&ip=1"
 FORM = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
-
-
-async def serve_tls(app: web.Application, cert: Path, key: Path) -> tuple[web.AppRunner, int]:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    return runner, runner.addresses[0][1]
 
 
 async def test_a_self_signed_upstream_is_refused_until_its_ca_is_trusted(serve_proxy, tmp_path, upstream):
@@ -76,7 +65,7 @@ def test_an_unreadable_ca_file_is_a_config_error_naming_the_key(tmp_path):
          "upstream": {"ca_file": str(tmp_path / "missing.pem")}}, {}
     )
     with pytest.raises(ConfigError, match="upstream.ca_file"):
-        create_app(settings)
+        create_app(generate_missing(settings))
 
 
 async def test_a_gzip_answering_cdn_still_serves_real_javascript(client, upstream):
@@ -204,7 +193,7 @@ async def test_an_egress_proxy_from_the_environment_carries_upstream_calls(serve
         environ = {"HTTP_PROXY": f"http://127.0.0.1:{runner.addresses[0][1]}", "no_proxy": "127.0.0.1,localhost"}
         settings = build_settings(raw, environ)
         assert settings.upstream.http_proxy.startswith("http://127.0.0.1:")
-        client = await serve_proxy(create_app(settings))
+        client = await serve_proxy(create_app(generate_missing(settings)))
         resp = await client.post(TRACK, data=b64_body([js_event("Proxied", device_id())]), headers=FORM)
         assert resp.status == 200
         [event] = await egress.wait(1)

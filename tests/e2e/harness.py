@@ -20,7 +20,9 @@ import contextlib
 import json
 import os
 import shutil
+import re
 import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,24 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
     "--host-resolver-rules=MAP *.test 127.0.0.1",
 ]
+
+
+def visitor_user_agent() -> str:
+    """Chrome's own user agent for the installed chromium, without "Headless":
+    headless Chrome announces itself (``HeadlessChrome``), and it is on the
+    public crawler list the proxy screens (``privacy.bots``). Passed as
+    ``--user-agent`` so every request has it, a page-hide beacon too (a
+    context's override does not reach those)."""
+    global _VISITOR_UA
+    if _VISITOR_UA is None:
+        out = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True, timeout=30).stdout
+        match = re.search(r"(\d+\.\d+\.\d+\.\d+)", out)
+        version = match.group(1) if match else "120.0.0.0"
+        _VISITOR_UA = f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/{version} Safari/537.36"
+    return _VISITOR_UA
+
+
+_VISITOR_UA: str | None = None
 
 # Whole driver run, and the margin the Python side adds before killing it.
 SCENARIO_TIMEOUT_S = 40
@@ -472,6 +492,7 @@ async def drive(
     args: list[str] | None = None,
     engine: str = "chromium",
     prefs: dict[str, Any] | None = None,
+    user_agent: str | None = None,
 ) -> Run:
     """Run a scenario in a fresh headless chromium; fails the test if the driver does.
 
@@ -479,13 +500,14 @@ async def drive(
     install script. ``args`` are chromium flags added for this run. The driver is our child in its own session; it is stopped by
     its pid (SIGTERM lets playwright close the browser, SIGKILL to its process group
     after). ``engine`` is chromium, firefox or webkit; ``prefs`` are Firefox preferences
-    for this run."""
+    for this run; ``user_agent`` is chromium's (a visitor's Chrome by default:
+    ``visitor_user_agent``)."""
     missing = missing_prerequisites()
     if missing:
         pytest.fail(f"browser e2e prerequisites missing: {', '.join(missing)}; {INSTALL_HINT}", pytrace=False)
     scenario = {
         "chromium": CHROMIUM,
-        "args": [*CHROMIUM_ARGS, *(args or [])],
+        "args": [*CHROMIUM_ARGS, f"--user-agent={user_agent or visitor_user_agent()}", *(args or [])],
         "timeout_ms": int(timeout_s * 1000),
         "steps": steps,
         "headers": headers or {},

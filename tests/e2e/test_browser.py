@@ -46,6 +46,7 @@ from tests.e2e.harness import (
     query_of,
     sdk_build,
 )
+from tests.support import event, goto, js, sent_events, sent_events_of, wait
 
 pytestmark = pytest.mark.browser
 
@@ -63,37 +64,6 @@ AWKWARD = "Café ☕ 日本 + / = & %2B ?x=1#y \"quoted\""
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def goto(site: Site, host: str, path: str) -> dict[str, Any]:
-    return {"op": "goto", "url": site.url(host, path)}
-
-
-# Until mixpanel.init has run (a hub page calls it in firstpartyHub.ready, which may
-# come after the load event), wait for it in the page: at most 10 s, then go on.
-MIXPANEL_READY = (
-    "for (let i = 0; i < 400 && !(window.mixpanel && window.mixpanel.__loaded); i++)"
-    " await new Promise((r) => setTimeout(r, 25));\n"
-)
-
-
-def js(code: str, save: str | None = None) -> dict[str, Any]:
-    """A step that runs ``code`` in the page; code that uses mixpanel runs once it is initialised."""
-    if "mixpanel." in code:
-        code = MIXPANEL_READY + code
-    step: dict[str, Any] = {"op": "eval", "js": code}
-    if save:
-        step["save"] = save
-    return step
-
-
-def wait(path: str, contains: str = "", count: int = 1, timeout_ms: int = 10000) -> dict[str, Any]:
-    return {"op": "wait_requests", "path": path, "contains": contains, "count": count, "timeout_ms": timeout_ms}
-
-
-def event(name: str) -> str:
-    """What a payload carrying event ``name`` contains (compact JSON)."""
-    return '"event":' + json.dumps(name)
 
 
 def visit_then_wipe(site: Site, host: str, path: str, mp: str = "/mp/") -> list[dict[str, Any]]:
@@ -132,21 +102,6 @@ def fp_cookie(run: Run, domain: str, key: str = "cookies") -> dict[str, Any]:
     found = [c for c in run.results[key] if c["name"] == "fp_id" and c["domain"] == domain]
     assert len(found) == 1, f"fp_id cookies for {domain}: {run.results[key]}"
     return found[0]
-
-
-def sent_events_of(request: dict[str, Any]) -> list[dict[str, Any]]:
-    """The events (or profile updates) one browser request carried, as the SDK sent them."""
-    body = request.get("post_data")
-    fields = dict(parse_qsl(body)) if body else dict(parse_qsl(urlsplit(request["url"]).query))
-    if not fields.get("data"):
-        return []
-    payload = decode_data(fields["data"])
-    return payload if isinstance(payload, list) else [payload]
-
-
-def sent_events(run: Run, path: str = "/mp/track/") -> list[dict[str, Any]]:
-    """Events as the SDK sent them (before the proxy), from the browser's side."""
-    return [e for request in run.browser_requests(path) for e in sent_events_of(request)]
 
 
 def sent_event(run: Run, name: str) -> dict[str, Any]:

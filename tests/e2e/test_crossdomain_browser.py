@@ -18,6 +18,10 @@ Journeys:
 3c. the hub round trip erases the landing document's referrer; hub.js restores
 it for the SDK, so $initial_referrer still names the search page.
 
+3d. a hub with other token keys than A's (a proxy of its own): A refuses the token it
+    sends back; hub.js's loop guard ends the trip there (one round trip, no loop), the
+    page settles, the SDK starts, and the visitor keeps A's own id.
+
 Every assertion is on what the fake upstream received, the proxy's /metrics, and
 what the browser reported (cookies, navigations, what the SDK sent before the
 proxy rewrote it). Settings: ``identity.reset_window_days`` keeps its default (7 d):
@@ -28,231 +32,26 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
-import aiohttp
-from aiohttp import web
 import pytest
 
-import proxy.services.tokens
-import proxy.web.crossdomain
-from proxy.web.app import create_app
-from proxy.web.http import json_response, query_get
-from tests.conftest import TOKEN, canonical_of, make_settings
-from tests.e2e.conftest import COOKIE, CORS
-from tests.e2e.harness import Run, Site, add_site_routes, drive, event_named, tracked_events
-from tests.e2e.test_browser import event, goto, js, sent_events, wait
-from tests.fakeupstream import FakeUpstream
+from proxy.core.tokens import TokenInvalid
+from tests.conftest import canonical_of
+from tests.e2e.harness import Run, Site, drive, event_named
+from tests.support import (
+    A_HOST, B_HOST, FAST, HUB_HOST, HUB_IDS, HUB_JS, IDS, LANDING, SEARCH, TOKEN_PARAM,
+    assert_no_token_upstream, assert_one_identity, attackers_link, b_target, browser_clean, cookies_named,
+    event, go_href, goto, hub_pages, js, modes, observe, one_cookie, sent_events, settled, token_metrics,
+    wait, web_events,
+)
 
 pytestmark = pytest.mark.browser
 
-A_HOST = "www.site-a.test"
-B_HOST = "checkout.site-b.test"
-HUB_HOST = "hub.id-hub.test"
-LINKED = [".site-a.test", ".site-b.test"]
-FAST = {"batch_flush_interval_ms": 100}
-IDS = "({distinct: mixpanel.get_distinct_id(), device: mixpanel.get_property('$device_id')})"
-TOKEN_PARAM = "fpb"
-# The landing URL: the token first in the query string, the target's own query after it.
-LANDING = r"^http://checkout\.site-b\.test:\d+/e2e/b\?fpb=([A-Za-z0-9_-]+)&utm_source=mail$"
-
-
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def dead_port() -> Iterator[int]:
-    """A port bound but not listening for the whole test: connecting to it is refused."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield s.getsockname()[1]
-    finally:
-        s.close()
-
-
-class TokenClock:
-    """The clock the proxy's token code reads (``services.tokens``' and
-    ``web.crossdomain``'s ``time``), movable
-    forward by the browser scenario through ``/__e2e/clock?advance=<seconds>``: a token
-    can expire without the test waiting out its lifetime."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def time(self) -> float:
-        return time.time() + self.offset
-
-
-@pytest.fixture
-async def xsite(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    upstream: FakeUpstream,
-    dead_port: int,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Any:
-    """The proxy app with test pages, linked domains .site-a.test and .site-b.test.
-
-    Indirect parameter: {"mode": "spool"|"sync", "hub": None|"up"|"down", "identity": {...},
-    "delay": {path: seconds} (test-only latency), "clock": True (see TokenClock)}.
-    With hub "up", identity.hub_url is this same app on hub.id-hub.test (the port is
-    chosen before the app is built); "down" points it at a port that refuses connections."""
-    param: dict[str, Any] = getattr(request, "param", None) or {}
-    # Reserved now (the hub URL names it), served on when the app starts.
-    reserved = socket.socket()
-    reserved.bind(("127.0.0.1", 0))
-    port = reserved.getsockname()[1]
-    identity: dict[str, Any] = {"linked_domains": LINKED, **param.get("identity", {})}
-    if param.get("hub") == "up":
-        identity["hub_url"] = f"http://{HUB_HOST}:{port}"
-    elif param.get("hub") == "down":
-        identity["hub_url"] = f"http://{HUB_HOST}:{dead_port}"
-    settings = make_settings(
-        tmp_path,
-        upstream,
-        cookie=COOKIE,
-        cors=CORS,
-        identity=identity,
-        delivery={"mode": param.get("mode", "spool")},
-    )
-    assert settings.identity.reset_window_days == 7
-    app = create_app(settings)
-    site = Site(port=port, upstream=upstream, token=TOKEN, app=app, mode=settings.delivery.mode)
-    # Network latency, test-only: the answer to these paths leaves this much later.
-    site.delays.update(param.get("delay", {}))
-    add_site_routes(site)
-    if param.get("clock"):
-        clock = TokenClock()
-        monkeypatch.setattr(proxy.web.crossdomain, "time", clock)
-        monkeypatch.setattr(proxy.services.tokens, "time", clock)
-
-        async def advance(request: web.Request) -> web.Response:
-            clock.offset += float(query_get(request, "advance") or 0)
-            return json_response({"offset": clock.offset})
-
-        site.routes["/__e2e/clock"] = advance
-    await site.start(sock=reserved)
-    assert site.port == port
-    yield site
-    await site.stop()
-    reserved.close()
-
-
-def modes(**extra: Any) -> Any:
-    return pytest.mark.parametrize(
-        "xsite", [{"mode": m, **extra} for m in ("spool", "sync")], indirect=True, ids=["spool", "sync"]
-    )
-
 
 # ----------------------------------------------------------------- helpers
-
-
-def b_target(site: Site) -> str:
-    return site.url(B_HOST, "/e2e/b?utm_source=mail")
-
-
-def go_href(site: Site) -> str:
-    return "/mp/go?to=" + quote(b_target(site), safe="")
-
-
-async def token_metrics(site: Site) -> dict[str, float]:
-    """``firstparty_identity_tokens_total`` by result, read from the proxy's /metrics."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(site.ops_url("/metrics"), timeout=aiohttp.ClientTimeout(5)) as r:
-            assert r.status == 200
-            text = await r.text()
-    out = {}
-    for m in re.finditer(r'^firstparty_identity_tokens_total\{result="([^"]+)"\} ([0-9.e+]+)$', text, re.M):
-        out[m.group(1)] = float(m.group(2))
-    return out
-
-
-def cookies_named(run: Run, key: str, name: str) -> list[dict[str, Any]]:
-    return [c for c in run.results[key] if c["name"] == name]
-
-
-def one_cookie(run: Run, key: str, name: str, domain: str) -> dict[str, Any]:
-    found = [c for c in cookies_named(run, key, name) if c["domain"] == domain]
-    assert len(found) == 1, f"{name} cookies for {domain} in {key}: {run.results[key]}"
-    return found[0]
-
-
-def web_events(site: Site) -> list[dict[str, Any]]:
-    """Every browser event the upstream received on /track."""
-    return [e for e in tracked_events(site.upstream) if e.get("properties", {}).get("mp_lib") == "web"]
-
-
-async def settled(site: Site, names: list[str]) -> list[dict[str, Any]]:
-    """Wait (bounded) until every event name in ``names`` has arrived upstream; all web events."""
-    for name in names:
-        await event_named(site.upstream, name)
-    return web_events(site)
-
-
-def upstream_texts(site: Site) -> list[str]:
-    """Everything the upstream received, as text: queries, raw bodies, decoded payloads."""
-    texts = []
-    for rec in site.upstream.requests:
-        texts.append(json.dumps(rec.query))
-        texts.append(rec.body.decode("latin-1"))
-        if rec.path.rstrip("/") in ("/track", "/engage", "/groups"):
-            texts.append(json.dumps(rec.payload()))
-    return texts
-
-
-def assert_no_token_upstream(site: Site, tokens: list[str], canonical: str | None) -> None:
-    """No token (nor ``fpb=``) anywhere the upstream received; no URL-valued string
-    property (``$current_url``, ``$referrer``, ``$initial_referrer``, any string with
-    ``://``) carries ``fpb=`` or the canonical id."""
-    assert not site.upstream.surprises, site.upstream.surprises
-    for text in upstream_texts(site):
-        assert TOKEN_PARAM + "=" not in text, f"{TOKEN_PARAM}= reached the upstream: {text[:400]}"
-        for token in tokens:
-            assert token not in text, "an identity token reached the upstream"
-    for e in tracked_events(site.upstream) + tracked_events(site.upstream, "/engage"):
-        props = e.get("properties", e)
-        for key, value in props.items():
-            if isinstance(value, str) and "://" in value:
-                assert TOKEN_PARAM + "=" not in value, (key, value)
-                if canonical:
-                    assert canonical not in value, (key, value)
-
-
-def assert_one_identity(events: list[dict[str, Any]], canonical: str) -> None:
-    """Every event carries ``canonical`` as $device_id; anonymous ones as distinct_id too."""
-    assert events
-    for e in events:
-        props = e["properties"]
-        assert props["$device_id"] == canonical, (e["event"], props["$device_id"], canonical)
-        if "$user_id" not in props:
-            assert props["distinct_id"] == f"$device:{canonical}", (e["event"], props["distinct_id"])
-
-
-def observe(run: Run, label: str) -> dict[str, Any]:
-    """What the browser did, for the report (printed with -s)."""
-    seen = {
-        "navigations": [(n["page"], n["url"]) for n in run.navigations],
-        "documents": [
-            (d["page"], d["url"], d["status"], d.get("location"), (d.get("headers") or {}).get("referer"))
-            for d in run.documents
-        ],
-        "sent": [
-            {
-                k: e["properties"].get(k)
-                for k in ("$current_url", "$referrer", "$initial_referrer", "$device_id", "distinct_id")
-            }
-            | {"event": e["event"]}
-            for e in sent_events(run)
-        ],
-    }
-    print(f"\n--- {label}\n" + json.dumps(seen, indent=1))
-    return seen
 
 
 def header_values(headers: list[dict[str, str]] | None, name: str) -> list[str]:
@@ -261,30 +60,6 @@ def header_values(headers: list[dict[str, str]] | None, name: str) -> list[str]:
 
 def main_documents(run: Run, page: int) -> list[dict[str, Any]]:
     return [d for d in run.documents if d["page"] == page]
-
-
-def browser_clean(run: Run, tolerated: tuple[str, ...] = ()) -> None:
-    """No uncaught exception, no console error (but those matching ``tolerated``, matched
-    against "<text> <url>"), every request to /mp/ and /hub/ answered (2xx, or the 302 of
-    /mp/go and /hub/resolve; with ``tolerated``, /hub/ requests are the test's business)."""
-    assert not run.page_errors, run.describe()
-    errors = [m for m in run.console_errors() if not any(re.search(t, m["text"] + " " + m["url"]) for t in tolerated)]
-    assert not errors, run.describe()
-    for r in run.requests:
-        path = urlsplit(r["url"]).path
-        if path == "/hub/ping" and r["failure"] == "net::ERR_ABORTED" and r["status"] is None:
-            # hub.js leaves for /hub/resolve as soon as the ping's answer arrives,
-            # without reading its body: chromium reports the ping as aborted.
-            assert any(
-                urlsplit(d["url"]).path == "/hub/resolve" and d["page"] == r["page"] for d in run.documents
-            ), run.describe()
-            continue
-        if path.startswith("/hub/") and tolerated:
-            continue
-        if r["resource_type"] == "ping" and r["status"] is None:
-            continue  # a beacon's answer is not always reported
-        expected = (302,) if path in ("/mp/go", "/hub/resolve") else tuple(range(200, 300))
-        assert r["failure"] is None and r["status"] in expected, run.describe()
 
 
 # ------------------------------------------------------------------- tests
@@ -422,20 +197,8 @@ async def test_link_js_decorates_ordinary_links(xsite: Site) -> None:
 
 # -------------------------------------------------------------- the hub
 
-HUB_JS = '<script src="/mp/hub.js"></script>'
-SEARCH = "http://www.search.test/?q=shoes"  # where the visitor came from (its Referer)
 A_BACK = r"^http://www\.site-a\.test:\d+/e2e/ha\?fpb=([A-Za-z0-9_-]+)$"
 B_BACK = r"^http://checkout\.site-b\.test:\d+/e2e/hb\?fpb=([A-Za-z0-9_-]+)$"
-LS = "localStorage.getItem('fp_hub_done')"
-HUB_IDS = f"Object.assign({IDS}, {{flag: {LS}, referrer: document.referrer}})"
-
-
-def hub_pages(site: Site, post_a: str = "", config: dict[str, Any] = FAST) -> tuple[str, str]:
-    """A and B with hub.js first in <head>, before mixpanel, and mixpanel.init inside
-    ``firstpartyHub.ready`` as the README says; A runs ``post_a`` after init."""
-    a = site.page("ha", config, head=HUB_JS, post=post_a, hub_ready=True)
-    b = site.page("hb", config, head=HUB_JS, hub_ready=True)
-    return a, b
 
 
 def hub_cookie(run: Run, key: str) -> dict[str, Any]:
@@ -668,6 +431,69 @@ async def test_referrer_survives_the_hub_round_trip(xsite: Site) -> None:
     assert (props.get("$referrer"), props.get("$referring_domain")) == (SEARCH, "www.search.test")
 
 
+@pytest.mark.parametrize("xsite", [{"hub": "other"}], indirect=True, ids=["foreign-hub"])
+async def test_a_refused_hub_token_ends_the_trip(xsite: Site) -> None:
+    """3d. The hub runs on a proxy of its own with its own token keys (another
+    deployment's, or a key rotated on one side only): the token it sends A back with
+    cannot be opened on A, so A's /mp/id refuses it. hub.js's loop guard (fp_hub_done,
+    set before the page left) keeps it from going to the hub again: exactly one round
+    trip, then the page settles on the landing, mixpanel.init inside
+    firstpartyHub.ready runs, and the visitor keeps an id of A's own."""
+    site = xsite
+    hub = site.hub
+    a, _ = hub_pages(site, post_a="mixpanel.track('Page A');")
+    a_url = site.url(A_HOST, a)
+    run = await drive(
+        [
+            {"op": "goto", "url": a_url, "wait_until": "commit", "referer": SEARCH},
+            {"op": "wait_landing", "pattern": A_BACK, "save": "a_landing"},
+            # The ready callback ran: the SDK's first event, sent from the landing.
+            wait("/mp/track/", event("Page A")),
+            js(f"return Object.assign({HUB_IDS}, {{href: location.href}});", "a"),
+            {"op": "cookies", "save": "cookies"},
+        ]
+    )
+    observe(run, "foreign hub")
+    browser_clean(run)
+    (token,) = re.match(A_BACK, run["a_landing"]).groups()
+
+    # The token is the hub's, sealed with a key A does not have.
+    now = time.time()
+    hub_id = hub.services.settings.identity.keys.open(token, purpose="hub", audience="site-a.test", now=now).canonical_id
+    with pytest.raises(TokenInvalid):
+        site.services.settings.identity.keys.open(token, purpose="hub", audience="site-a.test", now=now)
+    # hub.js posted it as the answer to its own trip, and A refused it.
+    (posted,) = run.browser_requests("/mp/id")
+    fields = dict(parse_qsl(posted["post_data"]))
+    assert (posted["method"], posted["status"], fields["fpb"], fields["via"]) == ("POST", 200, token, "hub")
+    counts = await token_metrics(site)
+    assert {k: v for k, v in counts.items() if v} == {"invalid": 1.0}, counts
+    counts = await token_metrics(hub)
+    assert {k: v for k, v in counts.items() if v} == {"issued_hub": 1.0}, counts
+
+    # Exactly one navigation to the hub: the first document, the hub's redirect, the
+    # landing, and nothing after it (no second trip).
+    resolves = [d for d in run.documents if urlsplit(d["url"]).path == "/hub/resolve"]
+    assert len(resolves) == 1, run.describe()
+    assert [(d["page"], d["url"], d["status"]) for d in run.documents] == [
+        (0, a_url, 200),
+        (0, hub.url(HUB_HOST, "/hub/resolve?return=") + quote(a_url, safe=""), 302),
+        (0, run["a_landing"], 200),
+    ], run.describe()
+    assert [n["url"] for n in run.navigations] == [a_url, run["a_landing"], a_url]  # the token left the bar
+    assert len(run.browser_requests("/hub/ping")) == 1
+    assert run["a"]["flag"] == "1" and run["a"]["href"] == a_url
+
+    # The visitor keeps A's own id, not the hub's; the SDK's event reached Mixpanel under it.
+    own = canonical_of(one_cookie(run, "cookies", "fp_id", ".site-a.test")["value"])
+    assert canonical_of(hub_cookie(run, "cookies")["value"]) == hub_id != own
+    assert [e["event"] for e in sent_events(run)] == ["Page A"]
+    events = await settled(site, ["Page A"])
+    assert [e["event"] for e in events] == ["Page A"]
+    assert_one_identity(events, own)
+    assert_no_token_upstream(site, [token], own)
+
+
 # ------------------------------------------------------- replayed or expired
 
 # Past the token's lifetime (identity.token_ttl_seconds, 60 s) and the 5 s clock skew.
@@ -752,20 +578,6 @@ async def test_landing_url_in_another_browser_does_not_hijack(xsite: Site, case:
 # ------------------------------------------------------- fixation by a mailed link
 
 
-async def attackers_link(site: Site) -> tuple[dict[str, Any], str]:
-    """A genuine link token for the attacker's own id (anyone can get one from A's
-    /mp/bridge, from their own browser): /mp/bridge's answer, and that id."""
-    async with aiohttp.ClientSession() as session:
-        headers = {"Host": A_HOST, "User-Agent": "Mozilla/5.0", "Sec-Fetch-Site": "same-origin"}
-        async with session.post(site.url("127.0.0.1", "/mp/bridge"), json={"to": b_target(site)}, headers=headers) as r:
-            assert r.status == 200
-            answer = await r.json()
-    attacker = site.services.settings.identity.keys.open(
-        answer["token"], purpose="bridge", audience="site-b.test", now=time.time()
-    ).canonical_id
-    return answer, attacker
-
-
 @modes()
 async def test_a_mailed_link_does_not_fix_an_established_identity(xsite: Site) -> None:
     """6. Identity fixation: an attacker gets a genuine token for their own id (anyone can,
@@ -846,3 +658,31 @@ async def test_hub_js_carries_clicks_without_the_hub(xsite: Site) -> None:
     counts = await token_metrics(site)
     assert (counts.get("issued_hub"), counts.get("redeemed_hub")) == (1, 1), counts
     assert (counts.get("issued_bridge"), counts.get("redeemed_bridge")) == (1, 1), counts
+
+
+EVERY_CONTROL = {"bots": "drop", "forward_ip": False, "keep_query_params": ["utm_*"]}  # and the default scrub list
+
+
+@modes(privacy=EVERY_CONTROL)
+async def test_the_journey_links_with_every_privacy_control_on(xsite: Site) -> None:
+    """Issue 25: journey 1 (A -> /mp/go -> B, identify on B) with bots dropped,
+    no IP and an allow-list of query parameters still makes one identity; what
+    reached Mixpanel has no IP, and B's URL only its utm_ parameter. A crawler
+    (headless Chrome, as it announces itself) on the same page leaves no cookie
+    and no event."""
+    site = xsite
+    a = site.page("a", FAST, body=f'<a id="go" href="{go_href(site)}">Checkout</a>')
+    run, canonical, token = await _follow_link(site, a, "#go")
+    events = await settled(site, ["Page A", "Page B", "$identify", "Purchase"])
+    _assert_carried(site, run, canonical, token, events)
+    assert all("ip" not in e["properties"] for e in events)
+    assert all(dict(rec.query).get("ip", "0") == "0" for rec in site.upstream.by("us", "/track"))
+
+    crawler = await drive(
+        [goto(site, A_HOST, a), js("mixpanel.track('Crawled'); return true;", "sent"),
+         wait("/mp/track/", event("Crawled")), {"op": "cookies", "save": "cookies"}],
+        user_agent="Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                   "HeadlessChrome/120.0.6099.109 Safari/537.36",
+    )
+    assert cookies_named(crawler, "cookies", "fp_id") == []
+    assert "Crawled" not in {e["event"] for e in site.upstream.received("us", "/track")}

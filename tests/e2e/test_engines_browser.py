@@ -20,28 +20,10 @@ import pytest
 
 from tests.conftest import canonical_of
 from tests.e2e.harness import Site, drive
-from tests.e2e.test_browser import event, goto, js, wait
-from tests.e2e.test_crossdomain_browser import (
-    A_HOST,
-    B_HOST,
-    FAST,
-    HUB_IDS,
-    HUB_JS,
-    hub_pages,
-    IDS,
-    LANDING,
-    TOKEN_PARAM,
-    assert_no_token_upstream,
-    assert_one_identity,
-    attackers_link,
-    b_target,
-    cookies_named,
-    go_href,
-    one_cookie,
-    settled,
-    token_metrics,
-    dead_port,  # noqa: F401 - fixtures
-    xsite,  # noqa: F401
+from tests.support import (
+    A_HOST, B_HOST, FAST, HUB_IDS, HUB_JS, IDS, LANDING, TOKEN_PARAM, assert_no_token_upstream,
+    assert_one_identity, attackers_link, b_target, cookies_named, event, go_href, goto, hub_pages, js,
+    one_cookie, settled, token_metrics, wait,
 )
 
 pytestmark = pytest.mark.browser

@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from proxy.provision import generate_missing
 from proxy.fake import ALL, FakeUpstream
 from proxy.settings import load_settings
 from proxy.web.app import create_app
 from tests.conftest import canonical_of
 from tests.e2e.harness import AJS_DIST, NODE_MODULES, TLS_ARGS, drive
-from tests.e2e.test_browser import event, wait
-from tests.e2e.test_crossdomain_browser import browser_clean, one_cookie
-from tests.support import eventually, self_signed
-from tests.test_deploy import nginx_bin, start_nginx, wrap_site  # noqa: F401 (a fixture)
+from tests.support import (
+    browser_clean, event, eventually, one_cookie, self_signed, start_nginx, wait, wrap_site,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -59,7 +59,7 @@ async def test_the_two_domain_example_as_shipped(tmp_path: Path, serve_proxy: An
     env = {"FIRSTPARTY_SERVER_DATA_DIR": str(tmp_path / "data"), "FIRSTPARTY_COOKIE_SECRET_FILE": str(secret)}
     env |= {f"FIRSTPARTY_UPSTREAM_{k}": vendor for k in ("US", "EU", "IN", "DECIDE", "CDN")}
     env |= {f"FIRSTPARTY_SEGMENT_{k}": vendor for k in ("US", "EU", "CDN")}
-    proxy = await serve_proxy(create_app(load_settings(str(EXAMPLE / "config.toml"), env)))
+    proxy = await serve_proxy(create_app(generate_missing(load_settings(str(EXAMPLE / "config.toml"), env))))
     cert, key = self_signed(tmp_path / "tls", "*.site-a.test", "*.site-b.test")
     nginx, port = await start_nginx(nginx_bin, tmp_path, lambda p: render_example(tmp_path, proxy.port, p, cert, key))
     try:

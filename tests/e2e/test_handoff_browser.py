@@ -34,23 +34,9 @@ from proxy.web.app import create_app
 from tests.e2e.conftest import COOKIE, CORS
 from tests.e2e.harness import TLS_ARGS, Site, add_site_routes, drive, tls_context
 from tests.fakeupstream import FakeUpstream
-from tests.e2e.test_browser import event, goto, js, sent_events, wait
-from tests.e2e.test_crossdomain_browser import (  # noqa: F401  (xsite and dead_port are fixtures)
-    A_HOST,
-    B_HOST,
-    FAST,
-    HUB_HOST,
-    IDS,
-    SEARCH,
-    assert_no_token_upstream,
-    assert_one_identity,
-    browser_clean,
-    dead_port,
-    observe,
-    one_cookie,
-    settled,
-    token_metrics,
-    xsite,
+from tests.support import (
+    A_HOST, B_HOST, FAST, HUB_HOST, IDS, SEARCH, assert_no_token_upstream, assert_one_identity,
+    browser_clean, event, goto, js, observe, one_cookie, sent_events, settled, token_metrics, wait,
 )
 
 pytestmark = pytest.mark.browser

@@ -9,17 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.harness import Site, drive, event_named
-from tests.e2e.test_browser import event, goto, js, wait
-from tests.e2e.test_crossdomain_browser import (  # noqa: F401 (fixtures)
-    A_HOST,
-    B_HOST,
-    FAST,
-    LANDING,
-    browser_clean,
-    dead_port,
-    go_href,
-    xsite,
-)
+from tests.support import A_HOST, B_HOST, FAST, LANDING, browser_clean, event, go_href, goto, js, wait
 
 pytestmark = pytest.mark.browser
 

@@ -20,18 +20,8 @@ from aiohttp import web
 from tests.conftest import b64_body, device_id, js_event
 from tests.e2e.harness import Site, drive, serve_segment_cdn
 from tests.fakeupstream import FakeUpstream
-from tests.support import serve_workers
-from tests.e2e.test_browser import event, goto, js, wait
-from tests.e2e.test_crossdomain_browser import (  # noqa: F401 (fixtures)
-    A_HOST,
-    B_HOST,
-    FAST,
-    IDS,
-    LANDING,
-    browser_clean,
-    dead_port,
-    go_href,
-    xsite,
+from tests.support import (
+    A_HOST, B_HOST, FAST, IDS, LANDING, browser_clean, event, go_href, goto, js, serve_workers, wait,
 )
 
 pytestmark = pytest.mark.browser

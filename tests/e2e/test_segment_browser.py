@@ -24,10 +24,10 @@ import pytest
 
 from tests.conftest import SEG_KEY, canonical_of
 from tests.e2e.harness import TLS_ARGS, Run, Site, drive, event_named, segment_calls, serve_segment_cdn
-from tests.e2e.test_browser import goto, js, wait
-from tests.e2e.test_crossdomain_browser import A_HOST, B_HOST, browser_clean, dead_port, modes, one_cookie, xsite  # noqa: F401 (fixtures)
-from tests.support import eventually, self_signed
-from tests.test_deploy import nginx_bin, render_nginx, start_nginx  # noqa: F401 (a fixture)
+from tests.support import (
+    A_HOST, B_HOST, browser_clean, eventually, goto, js, modes, one_cookie, render_nginx, self_signed,
+    start_nginx, wait,
+)
 
 pytestmark = pytest.mark.browser
 

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SEG_KEY, TOKEN, b64_body, canonical_of, cookie_from, device_id, js_event
-from tests.support import eventually
-from tests.test_crossdomain import A, IDENTITY, TRACK, browser
+from tests.support import A, IDENTITY, TRACK, browser, eventually
 
 HERE = Path(__file__).parent
 
