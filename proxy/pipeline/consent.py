@@ -32,7 +32,8 @@ def consent(x: Exchange, c: Context) -> Coroutine[Any, Any, None] | None:
     why = rules.refusal(x.headers, c.settings.consent)
     if why is None and x.token:
         return _consent_with_token(x, c)
-    _decide(x, c, why)
+    if why is not None or protocol.event_consent:
+        _decide(x, c, why)
     return None
 
 

@@ -28,7 +28,8 @@ def enrich(x: Exchange, c: Context) -> Coroutine[Any, Any, None] | None:
     carries = c.carry is not None and route in protocol.spooled_routes
     touches = bool(c.own_domains) and protocol.repairs_first_touch
     if x.anonymous or not x.visit.browser or not (carries or touches):
-        count_rewrites(x, c)
+        if x.per_event:
+            count_rewrites(x, c)
         return None
     return _enrich(x, c, carries, touches)
 

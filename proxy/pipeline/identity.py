@@ -36,13 +36,17 @@ async def identify(x: Exchange, c: Context) -> None:
         return
     protocol, route, browser = x.protocol, x.route, x.visit.browser
     events = x.payload.events
-    runs = runs_of(protocol.device_changes(route, events), len(events)) if browser else [(0, len(events))]
-    incoming = [ids.accept(protocol.anonymous_ids(route, events[a:b]), refuse_long=browser) for a, b in runs]
+    changes = protocol.device_changes(route, events) if browser else None
+    runs = runs_of(changes, len(events)) if changes else [(0, len(events))]
+    if len(runs) == 1:  # one identity in the request: nearly every one
+        incoming = [ids.accept(protocol.anonymous_ids(route, events), refuse_long=browser)]
+    else:
+        incoming = [ids.accept(protocol.anonymous_ids(route, events[a:b]), refuse_long=browser) for a, b in runs]
     server_ids = [] if browser and route != "import" else ids.accept(protocol.lookup_ids(route, events), refuse_long=False)
     parts = x.parts
     for n, (a, b) in enumerate(runs):
         if n == 0:
-            part = events[a:b]
+            part = events if b - a == len(events) else events[a:b]
             # Where the landing navigation came from: a link token's proof.
             referrer = protocol.referrer(route, part) if x.token else None
             resolution = await resolve(x, c, incoming[0], server_ids, protocol.is_anonymous(route, part), referrer)

@@ -23,12 +23,13 @@ _quiet = Throttled(log)
 
 
 def report(x: Exchange, c: Context) -> None:
+    watching = c.s.live.watching if x.outcomes else False
     for o in x.outcomes:
         if o.kind == DROPPED:
             dropped(x, c, o)
         elif o.kind not in (SPOOLED, EXPIRED):
             forwarded(x, c, o)
-        if o.kind != EXPIRED and o.names and c.s.live.watching:
+        if watching and o.kind != EXPIRED and o.names:
             live(x, c, o)
     missing = x.decoded - x.settled if x.error is None else 0  # ``Exchange.unsettled``
     if missing:

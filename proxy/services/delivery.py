@@ -159,6 +159,7 @@ class Sender:
             feed = SpoolFeed(spool)
         self.feed = feed
         feed.attach(self)
+        self.notify = feed.notify  # type: ignore[method-assign]  # one call on the request path, not two
 
     # ----------------------------------------------------------- lifecycle
 
@@ -183,6 +184,7 @@ class Sender:
             await asyncio.sleep(MAINTAIN_SECONDS)
 
     def notify(self, region: str) -> None:
+        """Rows were queued for ``region`` (the feed's, bound in ``__init__``)."""
         self.feed.notify(region)
 
     @property

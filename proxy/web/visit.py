@@ -139,7 +139,8 @@ class Front:
         if x.refused:
             self.finish(response, x.visit, None, x.route)
             return self.forget(response, x.visit, x.refused)
-        return self.finish(response, x.visit, x.resolution, x.route, x.protocol)
+        parts = x.parts  # ``Exchange.resolution``, without the property call
+        return self.finish(response, x.visit, parts[-1][2] if parts else None, x.route, x.protocol)
 
     def refusal(
         self, exc: Refused, visit: Visit, verbose: bool, route: str, protocol: WireProtocol,
