@@ -164,6 +164,10 @@ class LogSettings:
     max_bytes: int = 100 * 1024 * 1024
     backups: int = 5
     level: str = "info"
+    # The forwarded log's lines (ids, event names) live at most this many days
+    # (and the day they were written): with it, the file rotates daily too and
+    # rotated files are removed once their last line is this old. 0: by size only.
+    retention_days: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -643,6 +647,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "max_bytes": _int(1024, 1 << 40),
         "backups": _int(0, 1000),
         "level": _log_level,
+        "retention_days": _int(0, 3650),
     },
     "identity": {
         "keys_file": _str,

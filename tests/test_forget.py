@@ -141,3 +141,38 @@ async def test_the_cli_forgets_in_redis_and_asks_for_a_key_in_memory(tmp_path: A
     result = await asyncio.to_thread(run_cli, "forget", device_id(), "--config", str(memory))
     assert result.returncode == 2 and "--key" in result.stderr + result.stdout
     assert not (tmp_path / "data").exists()
+
+
+async def test_the_forwarded_log_keeps_no_line_past_its_retention(tmp_path: Any) -> None:
+    """``log.retention_days``: a file begun more than a day ago rotates at the
+    next write; a rotated file whose last line is older than the retention
+    goes; a younger one stays. Without a retention, size alone rotates."""
+    import os
+
+    import orjson
+
+    from proxy.services.forwardlog import ForwardedLog
+
+    path = tmp_path / "forwarded.jsonl"
+    now = time.time()
+    path.write_bytes(orjson.dumps({"time": now - 2 * 86400, "outcome": "forwarded"}) + b"\n")
+    old, young = path.with_name("forwarded.jsonl.2"), path.with_name("forwarded.jsonl.3")
+    for rotated, age_days in ((old, 31), (young, 29)):
+        rotated.write_bytes(b'{"time": 0}\n')
+        os.utime(rotated, (now - age_days * 86400, now - age_days * 86400))
+    log = ForwardedLog(path, max_bytes=1 << 20, backups=5, retention_days=30)
+    log.start()
+    assert not old.exists() and young.exists()  # checked at start
+    log.record({"time": now, "outcome": "forwarded"})
+    await log.close()
+    rotated = path.with_name("forwarded.jsonl.1")
+    assert b'"outcome":"forwarded"' in rotated.read_bytes() and rotated.read_bytes().count(b"\n") == 1
+    assert path.read_bytes().count(b"\n") == 1  # today's line, alone in a new file
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(orjson.dumps({"time": now - 40 * 86400}) + b"\n")
+    log = ForwardedLog(plain, max_bytes=1 << 20, backups=5)
+    log.start()
+    log.record({"time": now})
+    await log.close()
+    assert plain.read_bytes().count(b"\n") == 2 and not plain.with_name("plain.jsonl.1").exists()

@@ -3,7 +3,10 @@
 Records are buffered in memory and written by a background flusher (every
 ``FLUSH_SECONDS`` or when the buffer is large), so the request path never
 waits on the disk. The file rotates by size: ``forwarded.jsonl`` ->
-``forwarded.jsonl.1`` -> ... -> ``.<backups>``.
+``forwarded.jsonl.1`` -> ... -> ``.<backups>``; with a retention
+(``log.retention_days``) it also rotates once a day, and a rotated file is
+removed once its last line is older than the retention: no line outlives
+it by more than the day it was written in.
 
 Invariants: records hold ids, event names, routes, statuses and timings;
 never cookies, authorization headers, secrets or the client IP. A record is
@@ -29,6 +32,8 @@ from ..files import open_private, private_dir
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.2
+ROTATE_SECONDS = 86400.0  # with a retention: a new file at least daily
+EXPIRE_EVERY_SECONDS = 3600.0  # how often rotated files are checked against it
 FLUSH_BYTES = 256 * 1024
 # A record lists at most this many event names, ids and rewrites.
 MAX_LISTED = 50
@@ -96,10 +101,13 @@ def outcome_record(
 
 
 class ForwardedLog:
-    def __init__(self, path: Path, *, max_bytes: int, backups: int) -> None:
+    def __init__(self, path: Path, *, max_bytes: int, backups: int, retention_days: int = 0) -> None:
         self.path = path
         self._max_bytes = max_bytes
         self._backups = backups
+        self._retention = retention_days * 86400.0
+        self._began = 0.0  # when the current file's first line was written (0: it has none)
+        self._expired_at = 0.0
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._fh: Any = None
@@ -111,6 +119,17 @@ class ForwardedLog:
         private_dir(self.path.parent)
         self._fh = os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab")
         self._size = self._fh.seek(0, os.SEEK_END)
+        self._began = self._first_line_time() if self._size else 0.0
+        self._expire(time.time())
+
+    def _first_line_time(self) -> float:
+        """When the file's first record was written (its ``time``; now if unreadable)."""
+        try:
+            with open(self.path, "rb") as fh:
+                first = orjson.loads(fh.readline())
+            return float(first["time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return time.time()
 
     def record(self, entry: dict[str, Any]) -> None:
         line = orjson.dumps(entry) + b"\n"
@@ -128,9 +147,15 @@ class ForwardedLog:
         data = b"".join(self._buffer)
         self._buffer.clear()
         self._buffered = 0
+        now = time.time()
         try:
-            if self._size and self._size + len(data) > self._max_bytes:
+            if self._size and (
+                self._size + len(data) > self._max_bytes or (self._retention and now - self._began >= ROTATE_SECONDS)
+            ):
                 self._rotate()
+                self._expire(now)
+            if not self._size:
+                self._began = now
             self._fh.write(data)
             self._fh.flush()
             self._size += len(data)
@@ -150,12 +175,30 @@ class ForwardedLog:
         self._fh = os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab")
         self._size = 0
 
+    def _expire(self, now: float) -> None:
+        """Rotated files whose last line is older than the retention, removed."""
+        self._expired_at = now
+        if not self._retention:
+            return
+        for i in range(1, self._backups + 1):
+            rotated = self.path.with_name(f"{self.path.name}.{i}")
+            try:
+                if rotated.stat().st_mtime < now - self._retention:
+                    rotated.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.error("cannot remove the expired forwarded log %s: %s", rotated, exc)
+
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
             self._wake.clear()
             self.flush()
+            now = time.time()
+            if self._retention and now - self._expired_at >= EXPIRE_EVERY_SECONDS:
+                self._expire(now)
 
     def start(self) -> None:
         self.open()

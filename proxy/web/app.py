@@ -208,7 +208,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _forwarded_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     forwarded = app[FORWARDED] = ForwardedLog(
-        settings.forwarded_log_path, max_bytes=settings.log.max_bytes, backups=settings.log.backups
+        settings.forwarded_log_path, max_bytes=settings.log.max_bytes, backups=settings.log.backups,
+        retention_days=settings.log.retention_days,
     )
     forwarded.start()
     yield
