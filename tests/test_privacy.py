@@ -207,3 +207,30 @@ def test_check_prints_the_privacy_in_force_and_writes_nothing(tmp_path: Any) -> 
     assert lines[2].endswith("(privacy.bots = 'drop'): dropped")
     assert "DNT" in lines[3] and lines[3].endswith(": anonymise)")
     assert not data.exists()  # check only reads: no secret, no keys made
+
+
+async def test_crawlers_get_no_token_id_or_cookie_from_the_cross_domain_endpoints(proxy_client: Any) -> None:
+    """A crawler that follows a ``/mp/go`` link reaches the target, without a
+    token; ``/mp/id``, ``/mp/bridge`` and the hub give it no id and no cookie."""
+    from urllib.parse import quote
+
+    client = await proxy_client(
+        cookie={"domains": [".example.com", ".site-b.test"]},
+        identity={"linked_domains": [".example.com", ".site-b.test"], "hub_url": "https://hub.id-hub.test"},
+    )
+    bot = {**PAGE, "User-Agent": next(iter(CRAWLERS))}
+    target = "https://www.site-b.test/landing?utm_source=x"
+    go = await client.get(f"/mp/go?to={quote(target, safe='')}", headers=bot, allow_redirects=False)
+    assert go.status == 302 and go.headers["Location"] == target and cookie_from(go) is None
+    ident = await client.post("/mp/id", data="fpb=whatever", headers={**bot, **FORM})
+    assert await ident.json() == {"id": None, "source": "bot", "token": "refused"} and cookie_from(ident) is None
+    bridge = await client.post("/mp/bridge", json={"to": target}, headers=bot)
+    assert (await bridge.json())["token"] is None and cookie_from(bridge) is None
+    hub = await client.get(f"/hub/resolve?return={quote('https://www.example.com/a', safe='')}",
+                           headers={**bot, "Host": "hub.id-hub.test"}, allow_redirects=False)
+    assert hub.status == 302 and hub.headers["Location"] == "https://www.example.com/a" and "Set-Cookie" not in hub.headers
+    human = await client.get(f"/mp/go?to={quote(target, safe='')}", headers={**PAGE, "User-Agent": BROWSERS[0]},
+                             allow_redirects=False)
+    assert "fpb=" in human.headers["Location"] and cookie_from(human)
+    text = await (await client.ops_get("/metrics")).text()
+    assert metric(text, 'firstparty_identity_tokens_total{result="bot"}') == 4

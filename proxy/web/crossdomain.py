@@ -286,6 +286,11 @@ class CrossDomain:
         except BadRequest as exc:
             self._count("bad_redirect")
             return self.front.finish(web.Response(status=400, text=f"{exc}\n"), visit, None, "go")
+        if self.front.bot(request):
+            # A crawler follows the link to where it leads, with no token and no id.
+            self._count("bot")
+            headers = {"Location": to, "Cache-Control": "no-store", "Referrer-Policy": "strict-origin-when-cross-origin"}
+            return self.front.finish(web.Response(status=302, headers=headers), visit, None, "go")
         state = self._consent(request)
         # An opted-out visitor's token carries the refusal, not their id.
         canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
@@ -318,6 +323,9 @@ class CrossDomain:
         except BadRequest as exc:
             self._count("bad_redirect")
             return self.front.finish(_json_error(400, str(exc)), visit, None, "bridge")
+        if self.front.bot(request):
+            self._count("bot")  # no token for a crawler: the plain link, no id carried, no cookie
+            return self.front.finish(json_response({"token": None, "url": to}), visit, None, "bridge")
         state = self._consent(request)
         canonical, source = self._canonical_for(visit) if state != consent.DENIED else (str(uuid.uuid4()), "new")
         # frame.js asks for its iframe (``frame=1``): a token that opens only on frame.js's way in.
@@ -428,6 +436,10 @@ class CrossDomain:
                 return self.front.finish(_json_error(403, "origin is not on a linked domain"), visit, None, "id")
             fields = await self._fields(request, self._cfg.token_param)
         token = fields.get(self._cfg.token_param) or None
+        if self.front.bot(request):
+            self._count("bot")
+            body: dict[str, Any] = {"id": None, "source": "bot", **({"token": "refused"} if token else {})}
+            return self.front.finish(json_response(body, headers={"Cache-Control": "no-store"}), visit, None, "id")
         refused = consent.refusal(request.headers, self.front.settings.consent)
         owner = visit.hint or visit.cookie_id or f"landing:{uuid.uuid4().hex}"
         if not refused and token and await self.tokens.refusal_follows(token, visit.host, owner):
@@ -557,6 +569,9 @@ class CrossDomain:
             return web.Response(status=400, text=f"{exc}\n")
 
         headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+        if self.front.bot(request):
+            self._count("bot")  # back where it came from: no hub cookie, no token
+            return web.Response(status=302, headers={**headers, "Location": to})
         state = self._consent(request)
         if state == consent.DENIED:
             # The refusal goes back in the token; the hub keeps no id for this browser.

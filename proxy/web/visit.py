@@ -97,6 +97,15 @@ class Front:
             hint = ajs_id(headers.get("cookie"))
         return Visit(browser, headers.get("origin"), request_host(headers.get("host")), cookie_id, cookie_raw, hint)
 
+    def bot(self, request: web.Request) -> str | None:
+        """The crawler class of a browser request's user agent (``privacy.bots``
+        not "keep"), else None: the cross-domain endpoints give crawlers no
+        token, no id and no cookie, as the pipeline's ``screen`` does."""
+        bots = self.c.bots
+        if bots is None or not is_browser(request.headers):
+            return None
+        return bots.kind(request.headers.get("user-agent", ""))
+
     def exchange(self, request: web.Request, protocol: WireProtocol, route: str, path: str) -> Exchange:
         return Exchange(
             protocol, route, path, self.visit(request), request.headers, request.remote, request.method,
