@@ -24,6 +24,9 @@ from collections.abc import Callable, Iterable
 # Names a rule remembers its answer for: a site uses a few dozen, a flood of
 # made-up names only costs the regular expression again.
 MAX_NAMES = 4096
+# URLs a rule remembers its answer for, and the longest kept (bounded: under 10 MB).
+MAX_URLS = 4096
+MAX_URL_CHARS = 1024
 
 # What a fresh install takes out of every URL-valued field: credentials and
 # contact details sites put in links (sign-in, password reset, newsletters).
@@ -42,13 +45,14 @@ def _glob_regex(globs: Iterable[str]) -> re.Pattern[str] | None:
 class QueryRule:
     """Which query parameter names a URL loses."""
 
-    __slots__ = ("_drop", "_keep", "_seen")
+    __slots__ = ("_drop", "_keep", "_seen", "_urls")
 
     def __init__(self, drop: Iterable[str] = DEFAULT_SCRUBBED, keep: Iterable[str] = ()) -> None:
         self._drop = _glob_regex(drop)
         keep = tuple(keep)
         self._keep = _glob_regex(keep) if keep else None
         self._seen: dict[str, bool] = {}
+        self._urls: dict[str, str | None] = {}  # a site's URLs repeat: what each became
 
     @property
     def active(self) -> bool:
@@ -70,7 +74,16 @@ class QueryRule:
     def clean(self, value: str) -> str | None:
         """``value`` (a URL, or a query string with or without its "?") without
         the parameters this rule removes; None when it removes none."""
-        return without_params(value, self.removes)
+        try:
+            return self._urls[value]
+        except KeyError:
+            pass
+        cleaned = without_params(value, self.removes)
+        if len(value) <= MAX_URL_CHARS:  # long ones (rare) are not kept
+            if len(self._urls) >= MAX_URLS:
+                self._urls.clear()
+            self._urls[value] = cleaned
+        return cleaned
 
 
 def without_params(value: str, removes: Callable[[str], bool]) -> str | None:

@@ -61,15 +61,7 @@ def scrub(x: Exchange, c: Context) -> None:
     protocol, route, events = x.protocol, x.route, payload.events
     rule = c.query_rule
     if rule is not None:
-        memo: dict[str, str | None] = {}  # a batch's events share their URLs
-
-        def clean(url: str) -> str | None:
-            try:
-                return memo[url]
-            except KeyError:
-                out = memo[url] = rule.clean(url)
-                return out
-
+        clean = rule.clean  # remembers each URL's answer: a site's URLs repeat
         scrubbed = 0
         for event in events:
             scrubbed += protocol.scrub_urls(route, event, clean)
