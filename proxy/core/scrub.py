@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
 # Names a rule remembers its answer for: a site uses a few dozen, a flood of
 # made-up names only costs the regular expression again.
@@ -106,3 +107,23 @@ def without_params(value: str, removes: Callable[[str], bool]) -> str | None:
     if not kept and head:
         head = head[:-1]  # no parameter left: no "?" either
     return head + "&".join(kept) + (hash_sep + fragment if hash_sep else "")
+
+
+def clean_fields(
+    bags: Iterable[Any], keys: tuple[str, ...], clean: Callable[[str], str | None], bare: tuple[str, ...] = ()
+) -> int:
+    """``clean`` applied, in place, to the string values of ``keys`` in each
+    bag that is a dict (a protocol names its URL-valued fields); a value is
+    looked at only when it has a query: a "?", or an "=" for the ``bare``
+    keys that hold a query string alone (Segment's ``search``). How many changed."""
+    count = 0
+    for bag in bags:
+        if type(bag) is dict:
+            for key in keys:
+                value = bag.get(key)
+                if type(value) is str and ("?" in value or (key in bare and "=" in value)):
+                    cleaned = clean(value)
+                    if cleaned is not None:
+                        bag[key] = cleaned
+                        count += 1
+    return count

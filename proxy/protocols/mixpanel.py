@@ -36,6 +36,7 @@ from ..core import codec
 from ..core.bridge import strip_everywhere, token_in_url
 from ..core.identity import anon_id, strip_device
 from ..core.rewrite import Rewrite, map_id, rewrite_fields, rewrite_query
+from ..core.scrub import clean_fields
 from .base import (
     ACCEPTED,
     REJECTED,
@@ -504,17 +505,7 @@ def scrub_urls(route: str, event: dict[str, Any], clean: Callable[[str], str | N
         bags = (event.get("$set"), event.get("$set_once"))
     else:
         return 0
-    count = 0
-    for bag in bags:
-        if type(bag) is dict:
-            for key in URL_FIELDS:
-                value = bag.get(key)
-                if type(value) is str and "?" in value:
-                    cleaned = clean(value)
-                    if cleaned is not None:
-                        bag[key] = cleaned
-                        count += 1
-    return count
+    return clean_fields(bags, URL_FIELDS, clean)
 
 
 def forbid_ip(route: str, event: dict[str, Any]) -> bool:

@@ -35,6 +35,7 @@ import orjson
 from ..core import codec
 from ..core.bridge import strip_everywhere, token_in_url
 from ..core.rewrite import Rewrite, rewrite_fields
+from ..core.scrub import clean_fields
 from ..errors import BadRequest
 from .base import Answer, EventFacts, Outbound, Payload, basic_user, classify_status
 
@@ -269,17 +270,8 @@ def scrub_urls(route: str, event: dict[str, Any], clean: Callable[[str], str | N
     """``clean`` applied to ``context.page.url/referrer/search`` and
     ``properties.url/referrer/search``, in place; how many changed."""
     context = event.get("context")
-    count = 0
-    for bag in (context.get("page") if type(context) is dict else None, event.get("properties")):
-        if type(bag) is dict:
-            for key in URL_FIELDS:
-                value = bag.get(key)
-                if type(value) is str and ("?" in value or (key == "search" and "=" in value)):
-                    cleaned = clean(value)
-                    if cleaned is not None:
-                        bag[key] = cleaned
-                        count += 1
-    return count
+    page = context.get("page") if type(context) is dict else None
+    return clean_fields((page, event.get("properties")), URL_FIELDS, clean, bare=("search",))
 
 
 def forbid_ip(route: str, event: dict[str, Any]) -> bool:
