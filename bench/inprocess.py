@@ -95,7 +95,9 @@ def thread_ticks() -> dict[str, int]:
     return out
 
 
-async def run(events: int, requests: int, mode: str, upstream_port: int, data_dir: Path, ablation: str | None = None) -> None:
+async def run(
+    events: int, requests: int, mode: str, upstream_port: int, data_dir: Path, ablation: str | None = None, extra: str = ""
+) -> None:
     from aiohttp import HttpVersion11, web
     from aiohttp.base_protocol import BaseProtocol
     from aiohttp.http_parser import RawRequestMessage
@@ -111,6 +113,7 @@ async def run(events: int, requests: int, mode: str, upstream_port: int, data_di
     config.write_text(
         f'[server]\ndata_dir = "{data_dir}"\n[upstream]\nus = "http://127.0.0.1:{upstream_port}"\n'
         f'[cookie]\nsecure = false\nsecret = "inprocess-bench-secret-inprocess"\n[delivery]\nmode = "{mode}"\n'
+        + extra.replace("\\n", "\n")
     )
     floor = None
     if mode == "floor":  # bench/floor_spool.py's durable floor (row I of bench/run.py), one row per request
@@ -213,7 +216,7 @@ def instructions(args: argparse.Namespace) -> None:
             out = Path(tmp) / f"cg.{n}"
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
                    "--events", str(args.events), "--requests", str(n), "--mode", args.mode,
-                   *(["--ablate", args.ablate] if args.ablate else [])]
+                   *(["--ablate", args.ablate] if args.ablate else []), *(["--toml", args.toml] if args.toml else [])]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             text = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True, check=True).stdout
             match = re.search(r"([\d,]+) \([^)]*\)\s+PROGRAM TOTALS", text)
@@ -232,6 +235,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["spool", "sync", "floor"], default="spool",
                         help="floor: bench/floor_spool.py's durable floor instead of the proxy")
     parser.add_argument("--instructions", action="store_true")
+    parser.add_argument("--toml", default="", help='settings sections added to the bench\'s own, "\\n" for newlines '
+                        '(e.g. \'[privacy]\\nbots = "keep"\\nscrub_query_params = []\')')
     parser.add_argument("--ablate", choices=sorted(ABLATIONS), help="take one part away (bench/ablate.py)")
     args = parser.parse_args()
     if args.requests is None:
@@ -255,7 +260,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         upstream, port = start_upstream(Path(tmp))
         try:
-            asyncio.run(run(args.events, args.requests, args.mode, port, Path(tmp) / "data", args.ablate))
+            asyncio.run(run(args.events, args.requests, args.mode, port, Path(tmp) / "data", args.ablate, args.toml))
         finally:
             upstream.terminate()
             upstream.wait(timeout=10)
