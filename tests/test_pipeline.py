@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from urllib.parse import quote
 from typing import Any
 
 import orjson
@@ -338,3 +339,48 @@ async def test_drops_are_counted_by_outcome_and_signal(proxy_client: Any) -> Non
     text = await (await client.ops_get("/metrics")).text()
     assert metric(text, 'firstparty_delivery_outcomes_total{outcome="dropped",route="track"}') == 2
     assert metric(text, 'firstparty_consent_dropped_total{reason="gpc"}') == 2
+
+
+# ------------------------------------------------------------------- query
+
+
+async def test_query_routes_refuse_an_unserved_project_named_in_basic_auth(proxy_client: Any, upstream: Any) -> None:
+    """``only_listed`` on a query route: the project in ``token=`` or, for
+    mixpanel-js's /record and /flags, in ``Authorization: Basic <token>:``."""
+    import base64
+
+    client = await proxy_client(upstream={"only_listed": True, "projects": {TOKEN: "us"}})
+
+    def basic(token: str) -> dict[str, str]:
+        return {**BROWSER, "Authorization": "Basic " + base64.b64encode(f"{token}:".encode()).decode()}
+
+    served = await client.post("/mp/record/?format=gzip&replay_id=r1&seq=0", data=b"\x1f\x8b", headers=basic(TOKEN))
+    assert served.status == 200, await served.text()
+    refused = await client.post("/mp/record/?format=gzip&replay_id=r1&seq=1&verbose=1", data=b"\x1f\x8b",
+                                headers=basic("someone-elses-token"))
+    assert refused.status == 400
+    assert await refused.json() == {"status": 0, "error": "a project token this proxy does not serve (upstream.only_listed)"}
+    assert len(upstream.by("us", "/record")) == 1
+
+
+async def test_a_token_inside_a_query_value_goes_and_the_rest_stays(client: Any, upstream: Any) -> None:
+    """The bridge token copied into another parameter's value (a page URL in
+    the query) is taken out of that value; the value's other parameters and
+    every other parameter go on as they came."""
+    d = device_id()
+    url = quote("https://www.example.com/p?fpb=TOKENVALUE&a=1", safe="")
+    resp = await client.get(f"/mp-decide/decide?verbose=1&token={TOKEN}&distinct_id=%24device%3A{d}&url={url}&b=2",
+                            headers=BROWSER)
+    assert resp.status == 200
+    query = dict(upstream.by("decide", "/decide")[-1].query)
+    assert query["url"] == "https://www.example.com/p?a=1" and query["b"] == "2"
+
+
+@pytest.mark.parametrize("delivery_mode", ["sync"])
+async def test_a_query_routes_failure_is_answered_in_the_shape_it_asked_for(proxy_client: Any) -> None:
+    client = await proxy_client(upstream={"decide": "http://127.0.0.1:9", "timeout_seconds": 2})
+    d = device_id()
+    verbose = await client.get(f"/mp-decide/decide?verbose=1&token={TOKEN}&distinct_id={d}", headers=BROWSER)
+    plain = await client.get(f"/mp-decide/decide?token={TOKEN}&distinct_id={d}", headers=BROWSER)
+    assert verbose.status == plain.status == 502
+    assert (await verbose.json())["status"] == 0 and await plain.text() == "0"
