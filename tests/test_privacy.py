@@ -234,3 +234,42 @@ async def test_crawlers_get_no_token_id_or_cookie_from_the_cross_domain_endpoint
     assert "fpb=" in human.headers["Location"] and cookie_from(human)
     text = await (await client.ops_get("/metrics")).text()
     assert metric(text, 'firstparty_identity_tokens_total{result="bot"}') == 4
+
+
+async def test_the_query_routes_keep_the_privacy_rules(proxy_client: Any, upstream: Any) -> None:
+    """/decide, /flags and /record: no forwarding headers with forward_ip off,
+    no identity or cookie for a crawler (its session replay dropped), and
+    the page URLs session replay names in its query scrubbed."""
+    client = await proxy_client(privacy={"forward_ip": False, "bots": "drop"}, server={"trusted_proxies": ["127.0.0.1/32"]})
+    d = device_id()
+    human = {**PAGE, "User-Agent": BROWSERS[0], "X-Forwarded-For": "203.0.113.77"}
+    url = "https%3A%2F%2Fwww.example.com%2Freset%3Femail%3Da%2540b.test%26q%3D1"
+    answers = [
+        await client.get(f"/mp-decide/decide?verbose=1&token={TOKEN}&distinct_id=%24device%3A{d}", headers=human),
+        await client.get(f"/mp/flags/?token={TOKEN}&context=%7B%22distinct_id%22%3A%22%24device%3A{d}%22%7D", headers=human),
+        await client.post(f"/mp/record/?format=gzip&replay_id=r1&seq=0&token={TOKEN}&distinct_id=%24device%3A{d}"
+                          f"&%24current_url={url}&replay_start_url={url}", data=b"\x1f\x8b", headers=human),
+    ]
+    assert [a.status for a in answers] == [200, 200, 200]
+    for rec in upstream.requests:
+        assert not {"x-forwarded-for", "x-real-ip", "forwarded"} & {h.lower() for h in rec.headers}, rec
+    record = dict(upstream.by("us", "/record")[-1].query)
+    assert record["$current_url"] == record["replay_start_url"] == "https://www.example.com/reset?q=1"
+
+    crawler = {**PAGE, "User-Agent": next(iter(CRAWLERS))}
+    before = len(upstream.by("us", "/record"))
+    decide = await client.get(f"/mp-decide/decide?verbose=1&token={TOKEN}&distinct_id=%24device%3A{d}", headers=crawler)
+    replay = await client.post(f"/mp/record/?format=gzip&replay_id=r2&seq=0&token={TOKEN}", data=b"\x1f\x8b", headers=crawler)
+    assert decide.status == replay.status == 200
+    assert cookie_from(decide) is None and cookie_from(replay) is None
+    assert dict(upstream.by("decide", "/decide")[-1].query)["distinct_id"] == f"$device:{d}"  # as it came
+    assert len(upstream.by("us", "/record")) == before  # a crawler's replay: dropped
+
+
+async def test_a_page_views_search_is_scrubbed_as_a_url(proxy_client: Any, upstream: Any) -> None:
+    """track_pageview's ``current_url_search`` is a query string on its own."""
+    client = await proxy_client()
+    event = js_event("$mp_web_page_view", device_id(), current_url_search="?email=a%40b.test&utm_source=x")
+    await client.post("/mp/track/", data=b64_body([event]), headers={**PAGE, **FORM, "User-Agent": BROWSERS[0]})
+    [got] = await upstream.wait(1, "us", "/track")
+    assert got["properties"]["current_url_search"] == "?utm_source=x"

@@ -3,7 +3,7 @@
 Read top-down, a request's whole path is here::
 
     EVENTS = decode -> screen -> consent -> identify -> rewrite -> scrub -> enrich -> deliver
-    QUERIES = replay_consent -> read_query -> identify -> rewrite_query -> forward_query
+    QUERIES = replay_consent -> screen_query -> read_query -> identify -> rewrite_query -> forward_query
 
 and, after either, ``report`` (the outcome stage: forwarded log, counters,
 live view). A stage is a plain function that reads and fills in the
@@ -29,14 +29,14 @@ from .enrich import enrich
 from .exchange import Exchange, Visit
 from .identity import identify
 from .outcome import report
-from .privacy import screen, scrub
+from .privacy import screen, screen_query, scrub
 from .query import forward_query, read_query, rewrite_query
 from .rewrite import rewrite
 
 Stage = Callable[[Exchange, Context], Awaitable[None] | None]
 
 EVENTS: tuple[Stage, ...] = (decode, screen, consent, identify, rewrite, scrub, enrich, deliver)
-QUERIES: tuple[Stage, ...] = (replay_consent, read_query, identify, rewrite_query, forward_query)
+QUERIES: tuple[Stage, ...] = (replay_consent, screen_query, read_query, identify, rewrite_query, forward_query)
 
 
 async def run(stages: tuple[Stage, ...], x: Exchange, c: Context) -> Exchange:

@@ -19,17 +19,39 @@ uses too); with ``privacy.forward_ip = false`` no IP of any kind travels.
 from __future__ import annotations
 
 from ..core.identity import Resolution
+from ..protocols.mixpanel import RECORD_ACCEPTED
 from .context import Context
 from .exchange import Exchange
 
 DROP, FLAG = "drop", "flag"
 
 
-def screen(x: Exchange, c: Context) -> None:
+def bot_kind(x: Exchange, c: Context) -> str | None:
+    """The crawler class of a browser request (None: not a crawler, or not screened)."""
     bots = c.bots
     if bots is None or not x.visit.browser:
+        return None
+    return bots.kind(x.headers.get("user-agent", ""))
+
+
+def screen_query(x: Exchange, c: Context) -> None:
+    """The query routes' screen: a crawler's session replay (``/record``) is
+    dropped with ``drop``; otherwise its query goes on without identity (no
+    id resolved or rewritten, no cookie, no IP): flags and decide answer it."""
+    kind = bot_kind(x, c)
+    if kind is None:
         return
-    kind = bots.kind(x.headers.get("user-agent", ""))
+    c.s.metrics.bot_events.labels(kind, "dropped" if c.bot_action == DROP else "flagged").inc()
+    if c.bot_action == DROP and x.route == "record":
+        x.decoded = 1
+        x.drop(kind, ["$session_replay"], rule="bot")
+        x.answer = RECORD_ACCEPTED
+        return
+    x.anonymous = True
+
+
+def screen(x: Exchange, c: Context) -> None:
+    kind = bot_kind(x, c)
     if kind is None:
         return
     protocol, route, payload = x.protocol, x.route, x.payload

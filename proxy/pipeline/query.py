@@ -33,6 +33,9 @@ def read_query(x: Exchange, c: Context) -> None:
         raise BadRequest("a project token this proxy does not serve (upstream.only_listed)")
     clean = [(k, v) for k, v in query if k != param]
     clean = [(k, strip_param(v, param) or v) if param + "=" in v else (k, v) for k, v in clean]
+    rule = c.query_rule
+    if rule is not None:  # the page URLs session replay names in its query (privacy.scrub_query_params)
+        clean = [(k, (rule.clean(v) or v) if k in mixpanel.QUERY_URL_PARAMS else v) for k, v in clean]
     x.changed = clean != query
     x.query = clean
     incoming, server_ids, x.context = mixpanel.query_identity(x.route, clean)
@@ -42,7 +45,10 @@ def read_query(x: Exchange, c: Context) -> None:
 
 def rewrite_query(x: Exchange, c: Context) -> None:
     resolution = x.resolution
-    assert resolution is not None
+    if resolution is None:  # no identity (a crawler's): the ids go as they came
+        if x.changed:
+            x.raw_query = urlencode(x.query)
+        return
     rewrites: list[Rewrite] = []
     query = mixpanel.rewrite_query_ids(x.route, x.query, x.context, resolution.mapping, rewrites)
     if rewrites:
@@ -59,5 +65,7 @@ async def forward_query(x: Exchange, c: Context) -> None:
     body = x.body
     content_type = x.headers.get("content-type") if body else None
     content_encoding = x.headers.get("content-encoding") if body else None
+    # A visitor's IP only for a browser (a server's IP is not its visitors'), never
+    # without identity or with privacy.forward_ip = false.
     await forward(x, c, endpoint, x.method, target, body, content_type, content_encoding, [],
-                  anonymous=not x.visit.browser)
+                  anonymous=not x.visit.browser or x.anonymous or not c.forward_ip)

@@ -493,8 +493,11 @@ def anonymise(route: str, event: dict[str, Any], throwaway: str) -> bool:
     return True
 
 
-# mixpanel-js's URL-valued properties (and the profile's first-touch copies).
-URL_FIELDS = ("$current_url", "$referrer", "$initial_referrer")
+# mixpanel-js's URL-valued properties (and the profile's first-touch copies);
+# ``current_url_search`` (track_pageview's) is a query string alone.
+URL_FIELDS = ("$current_url", "$referrer", "$initial_referrer", "current_url_search")
+# URL-valued parameters of the query routes (session replay's /record).
+QUERY_URL_PARAMS = frozenset({"$current_url", "replay_start_url", "current_url_search"})
 
 
 def scrub_urls(route: str, event: dict[str, Any], clean: Callable[[str], str | None]) -> int:
@@ -505,7 +508,7 @@ def scrub_urls(route: str, event: dict[str, Any], clean: Callable[[str], str | N
         bags = (event.get("$set"), event.get("$set_once"))
     else:
         return 0
-    return clean_fields(bags, URL_FIELDS, clean)
+    return clean_fields(bags, URL_FIELDS, clean, bare=("current_url_search",))
 
 
 def forbid_ip(route: str, event: dict[str, Any]) -> bool:
