@@ -49,13 +49,25 @@ def generate_missing(settings: Settings) -> Settings:
 
 
 def _create_once(path: Path, key: str, content: Callable[[], str]) -> None:
+    """``path`` written whole under a temporary name, then linked into place:
+    another starter sees no file or the whole one (never an empty one), and
+    the first link wins (``os.link`` fails on an existing name)."""
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         private_dir(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-    except FileExistsError:  # another worker created it first: read theirs
-        return
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(content())
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another starter linked theirs first: read theirs
+            pass
     except OSError as exc:
         raise ConfigError(key, f"cannot keep the generated {path.name} in {path.parent}: {exc.strerror}") from exc
-    with os.fdopen(fd, "w") as fh:
-        fh.write(content())
+    finally:
+        tmp.unlink(missing_ok=True)
 

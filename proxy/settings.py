@@ -560,6 +560,10 @@ def _mounts(key: str, value: Any) -> tuple[str, ...]:
 _ALIASABLE = ("track", "engage", "groups", "import", "record", "flags", "settings", "decide")
 
 
+# Paths under every mount that an alias would take over (``web.app.add_crossdomain``).
+_CROSS_DOMAIN_PATHS = frozenset({"go", "bridge", "id"})
+
+
 def _route_aliases(key: str, value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ConfigError(key, f'expected a table such as {{ e = "track", p = "engage" }}, got {value!r}')
@@ -567,6 +571,8 @@ def _route_aliases(key: str, value: Any) -> dict[str, str]:
     for alias, route in value.items():
         if not re.match(r"^[A-Za-z0-9_\-]{1,32}$", str(alias)) or alias in _ALIASABLE:
             raise ConfigError(f"{key}.{alias}", "an alias is a short name (letters, digits, '-', '_') that is not a route itself")
+        if alias in _CROSS_DOMAIN_PATHS:
+            raise ConfigError(f"{key}.{alias}", f"{alias!r} is the cross-domain endpoint /mp/{alias}: pick another name")
         if route not in _ALIASABLE:
             raise ConfigError(f"{key}.{alias}", f"{route!r} is not a route; use one of {', '.join(_ALIASABLE)}")
         out[str(alias)] = route

@@ -161,3 +161,13 @@ async def test_a_path_with_repeated_slashes_keeps_its_query(proxy_client: Any) -
     assert resp.headers["Access-Control-Allow-Origin"] == BROWSER["Origin"]
     missing = await client.post("/mp//nowhere/?verbose=1", data=b"", headers={**BROWSER, **FORM})
     assert missing.status == 404 and "unknown endpoint" in (await missing.json())["error"]
+
+
+async def test_page_scripts_answer_no_cors_and_sdk_routes_do(proxy_client: Any) -> None:
+    """Scripts load through ``<script src>``: no CORS headers on them, as before
+    the edge; an SDK route answers an allowed origin's request with them."""
+    client = await proxy_client(**copy.deepcopy(LINKED))
+    script = await client.get("/mp/link.js", headers=BROWSER)
+    assert script.status == 200 and "Access-Control-Allow-Origin" not in script.headers
+    track = await client.post("/mp/track/", data=b64_body([js_event("A", device_id())]), headers={**BROWSER, **FORM})
+    assert track.headers["Access-Control-Allow-Origin"] == BROWSER["Origin"]

@@ -3,6 +3,7 @@ one person, reached through any of their ids, in memory and on Redis."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -176,3 +177,44 @@ async def test_the_forwarded_log_keeps_no_line_past_its_retention(tmp_path: Any)
     log.record({"time": now})
     await log.close()
     assert plain.read_bytes().count(b"\n") == 2 and not plain.with_name("plain.jsonl.1").exists()
+
+
+async def test_an_idle_forwarded_log_still_rotates_and_expires(tmp_path: Any) -> None:
+    """No traffic for days: the hourly housekeeping rotates the file begun more
+    than a day ago, and drops it once past the retention."""
+    import orjson
+
+    from proxy.services.forwardlog import ForwardedLog
+
+    path = tmp_path / "forwarded.jsonl"
+    now = time.time()
+    path.write_bytes(orjson.dumps({"time": now - 3600}) + b"\n")
+    log = ForwardedLog(path, max_bytes=1 << 20, backups=2, retention_days=2)
+    log.start()
+    log.housekeeping(now)  # begun an hour ago: stays
+    assert path.read_bytes() and not path.with_name("forwarded.jsonl.1").exists()
+    log.housekeeping(now + 86400)  # a day later, nothing written meanwhile
+    assert path.read_bytes() == b"" and path.with_name("forwarded.jsonl.1").exists()
+    rotated = path.with_name("forwarded.jsonl.1")
+    os.utime(rotated, (now - 3 * 86400, now - 3 * 86400))
+    log.housekeeping(now)
+    assert not rotated.exists()
+    await log.close()
+
+
+def test_a_first_start_by_many_workers_at_once_makes_one_secret(tmp_path: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from proxy.provision import generate_missing
+    from proxy.settings import build_settings
+
+    data = tmp_path / "data"
+
+    def start(_: int) -> tuple[bytes, str]:
+        s = generate_missing(build_settings({"server": {"data_dir": str(data)}}, {}))
+        return s.cookie.secret, s.identity.keys.current
+
+    with ThreadPoolExecutor(8) as pool:
+        results = set(pool.map(start, range(16)))
+    assert len(results) == 1  # every worker read the same secret and key, none an empty file
+    assert sorted(p.name for p in data.iterdir()) == ["cookie_secret", "identity_keys"]  # no temporary left

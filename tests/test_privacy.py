@@ -178,6 +178,7 @@ async def test_an_allow_list_keeps_only_the_parameters_it_names(proxy_client: An
         (QueryRule(), "email=a&q=1", "q=1"),  # a bare query string (a search without its "?")
         (QueryRule(()), "https://a.test/p?email=1", None),  # an empty list removes nothing
         (QueryRule((), ("utm_*",)), "https://a.test/p?utm_source=a&email=1&x", "https://a.test/p?utm_source=a"),
+        (QueryRule(), "https://a.test/p?" + "q=1&" * 5000 + "#f", "https://a.test/p"),  # too long to parse: no query
     ],
 )
 def test_the_query_rule(rule: QueryRule, url: str, expected: str | None) -> None:
@@ -273,3 +274,15 @@ async def test_a_page_views_search_is_scrubbed_as_a_url(proxy_client: Any, upstr
     await client.post("/mp/track/", data=b64_body([event]), headers={**PAGE, **FORM, "User-Agent": BROWSERS[0]})
     [got] = await upstream.wait(1, "us", "/track")
     assert got["properties"]["current_url_search"] == "?utm_source=x"
+
+
+def test_the_query_rule_remembers_only_short_names() -> None:
+    rule = QueryRule()
+    long_name = "n" * 100
+    assert rule.clean(f"https://a.test/?{long_name}=1&email=2") == f"https://a.test/?{long_name}=1"
+    assert long_name not in rule._seen and "email" in rule._seen  # noqa: SLF001 - the memo's bound
+
+
+def test_a_route_alias_cannot_take_a_cross_domain_endpoint() -> None:
+    with pytest.raises(ConfigError, match="server.route_aliases.id"):
+        build_settings({"server": {"route_aliases": {"id": "track"}}}, {})

@@ -28,6 +28,11 @@ MAX_NAMES = 4096
 # URLs a rule remembers its answer for, and the longest kept (bounded: under 10 MB).
 MAX_URLS = 4096
 MAX_URL_CHARS = 1024
+# Parameter names longer than this are judged again each time, never kept.
+MAX_NAME_CHARS = 64
+# A URL longer than this is not parsed: its whole query goes (no browser sends
+# one; a crafted one must cost neither the event loop nor a leak).
+MAX_PARSED_CHARS = 16 * 1024
 
 # What a fresh install takes out of every URL-valued field: credentials and
 # contact details sites put in links (sign-in, password reset, newsletters).
@@ -67,9 +72,10 @@ class QueryRule:
         gone = bool(self._drop is not None and self._drop.match(lowered)) or bool(
             self._keep is not None and not self._keep.match(lowered)
         )
-        if len(self._seen) >= MAX_NAMES:
-            self._seen.clear()
-        self._seen[name] = gone
+        if len(name) <= MAX_NAME_CHARS:
+            if len(self._seen) >= MAX_NAMES:
+                self._seen.clear()
+            self._seen[name] = gone
         return gone
 
     def clean(self, value: str) -> str | None:
@@ -79,12 +85,21 @@ class QueryRule:
             return self._urls[value]
         except KeyError:
             pass
+        if len(value) > MAX_PARSED_CHARS:
+            return without_query(value)
         cleaned = without_params(value, self.removes)
         if len(value) <= MAX_URL_CHARS:  # long ones (rare) are not kept
             if len(self._urls) >= MAX_URLS:
                 self._urls.clear()
             self._urls[value] = cleaned
         return cleaned
+
+
+def without_query(value: str) -> str:
+    """``value`` with no query at all (the fragment too goes: it may hold one)."""
+    if "?" in value:
+        return value.partition("?")[0]
+    return "" if "=" in value else value
 
 
 def without_params(value: str, removes: Callable[[str], bool]) -> str | None:

@@ -162,6 +162,16 @@ class ForwardedLog:
         except OSError as exc:
             log.error("cannot write the forwarded log %s: %s", self.path, exc)
 
+    def housekeeping(self, now: float) -> None:
+        """With a retention, hourly: a file begun more than a day ago rotates even
+        when nothing is written (no traffic), and rotated files past it go."""
+        if self._retention and self._size and self._fh is not None and now - self._began >= ROTATE_SECONDS:
+            try:
+                self._rotate()
+            except OSError as exc:
+                log.error("cannot rotate the forwarded log %s: %s", self.path, exc)
+        self._expire(now)
+
     def _rotate(self) -> None:
         self._fh.close()
         if self._backups:
@@ -198,7 +208,7 @@ class ForwardedLog:
             self.flush()
             now = time.time()
             if self._retention and now - self._expired_at >= EXPIRE_EVERY_SECONDS:
-                self._expire(now)
+                self.housekeeping(now)
 
     def start(self) -> None:
         self.open()

@@ -97,7 +97,7 @@ def add_crossdomain(app: web.Application, edge: Edge, mount: str, proxy: Proxy) 
     add(f"{mount}id", only(GET | {"POST"}, cross.identity), Spec("id", cors=False))
     for script, handler in (("link.js", cross.link_js), ("hub.js", cross.hub_js), ("land.js", cross.land_js),
                             ("frame.js", cross.frame_js)):
-        add(f"{mount}{script}", only(GET, handler), Spec("script"))
+        add(f"{mount}{script}", only(GET, handler), Spec("script", cors=False))  # loaded by <script>: no CORS
 
 
 async def server_header(request: web.Request, response: web.StreamResponse) -> None:
