@@ -32,6 +32,10 @@ async def remembered(store: AliasStore) -> dict[str, str]:
     await store.set_landed(canonical, HOST, "bridge", 600)
     assert await store.claim_token("token-of-the-visitor", first, 60) is None
     assert await store.claim_token("token-of-another", other_device, 60) is None
+    # ``first`` was a canonical id of its own before a token joined it to ``canonical``.
+    await store.set_carried(first, {"plan": "trial"})
+    await store.count_device(first)
+    await store.set_device_record(first, HOST, TOKEN, first, int(time.time()))
     return {"canonical": canonical, "first": first, "second": second, "other": other, "other_device": other_device}
 
 
@@ -41,9 +45,12 @@ async def test_forget_removes_every_record_reached_through_any_id(store: AliasSt
     canonical = ids["canonical"]
     removed = await store.forget(ids[through])
     assert sorted(removed["alias"]) == sorted([f"alias/{ids['first']}", f"alias/{ids['second']}"])
-    assert removed["devices"] == [f"devices/{canonical}"]
-    assert sorted(removed["host"]) == sorted([f"host/{canonical}/{HOST}/{TOKEN}", f"host/{canonical}/checkout.site-b.test/-"])
-    assert (removed["carry"], removed["touch"]) == ([f"carry/{canonical}"], [f"touch/{canonical}"])
+    first = ids["first"]
+    assert sorted(removed["devices"]) == sorted([f"devices/{canonical}", f"devices/{first}"])
+    assert sorted(removed["host"]) == sorted([f"host/{canonical}/{HOST}/{TOKEN}", f"host/{canonical}/checkout.site-b.test/-",
+                                             f"host/{first}/{HOST}/{TOKEN}"])
+    assert sorted(removed["carry"]) == sorted([f"carry/{canonical}", f"carry/{first}"])
+    assert removed["touch"] == [f"touch/{canonical}"]
     assert removed["landed"] == [f"landed/{canonical}/{HOST}"]
     assert removed["claim"] == ["claim/token-of-the-visitor"]
     # Gone, read through the store's own calls...
@@ -52,7 +59,9 @@ async def test_forget_removes_every_record_reached_through_any_id(store: AliasSt
     assert (await store.carried(canonical), await store.first_touch(canonical)) == ({}, {})
     assert await store.landed(canonical, HOST) is None
     assert await store.count_device(canonical) == 1  # counted afresh
-    assert await store.claim_token("token-of-the-visitor", "someone", 60) is None  # no claim left
+    assert await store.carried(first) == {} and await store.device_record(first, HOST, TOKEN) is None
+    # The claim keeps no id, only its expiry: the token stays spent.
+    assert await store.claim_token("token-of-the-visitor", "someone", 60) == "forgotten"
     # ... and the process forgot having written them: the same pair is written again.
     await store.add_aliases({ids["first"]: canonical})
     assert await store.aliases([ids["first"]]) == {ids["first"]: canonical}
@@ -218,3 +227,11 @@ def test_a_first_start_by_many_workers_at_once_makes_one_secret(tmp_path: Any) -
         results = set(pool.map(start, range(16)))
     assert len(results) == 1  # every worker read the same secret and key, none an empty file
     assert sorted(p.name for p in data.iterdir()) == ["cookie_secret", "identity_keys"]  # no temporary left
+
+
+async def test_forget_refuses_a_store_split_between_workers(proxy_client: Any, tmp_path: Any) -> None:
+    path, key = server_key(tmp_path)
+    client = await proxy_client(server={"workers": 2}, identity={"api_keys_file": path})
+    resp = await client.session.post(f"http://127.0.0.1:{client.ops.port}/forget", json={"id": device_id()},
+                                     headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 409 and "redis://" in (await resp.json())["error"]

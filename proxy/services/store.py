@@ -20,11 +20,12 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
@@ -184,6 +185,7 @@ class AliasStore:
         self.errors = 0
         self.refused_keys = 0
         self._warn = Throttled(log)
+        self._forgetting = asyncio.Lock()  # one forget at a time (each walks the store)
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> "AliasStore":
@@ -400,44 +402,72 @@ class AliasStore:
     async def forget(self, given: str) -> dict[str, list[str]]:
         """Remove everything kept about the visitor ``given`` names (its canonical
         id, or any original id joined to it): the aliases of every original id
-        to its canonical id, its device count and device records per host,
-        carried properties, first touch, landings, and the token claims its ids
-        made. Returns the keys removed, by kind. A walk over the alias records
-        (Redis: ``SCAN``), for an operator, never on the request path."""
+        to its canonical id, and, for each of those ids, its device count, device
+        records per host, carried properties, first touch and landings. The
+        token claims its ids made keep only their expiry (a spent token stays
+        spent). Returns the keys, by kind. Two walks over the store (Redis:
+        ``SCAN`` in batches), one forget at a time: for an operator, never on
+        the request path."""
         if self._key(ALIAS, given) is None:
             raise ValueError("not an id the store keeps (8-128 of A-Z a-z 0-9 _ - : .)")
-        canonical = (await self.aliases([given])).get(given, given)
-        aliases = [(k, v) for k, v in await self._scan(ALIAS + "/") if v == canonical or k == f"{ALIAS}/{given}"]
-        ids = {given, canonical, *(k.partition("/")[2] for k, _ in aliases)}
-        removed: dict[str, list[str]] = {ALIAS: [k for k, _ in aliases]}
-        for kind in (DEVICES, CARRY, TOUCH):
-            key = self._key(kind, canonical)
-            removed[kind] = [key] if key and await self._get(key) is not None else []
-        for kind in (HOST, LANDED):
-            removed[kind] = [k for k, _ in await self._scan(f"{kind}/{canonical}/")]
-        # A claim's value is its first presenter: an id of this visitor, or a
-        # landing's throwaway name (kept "|<expiry>" in memory).
-        removed[CLAIM] = [k for k, v in await self._scan(CLAIM + "/") if v.rpartition("|")[0] in ids or v in ids]
-        await self._delete([k for keys in removed.values() for k in keys])
+        async with self._forgetting:
+            canonical = (await self.aliases([given])).get(given, given)
+            own = f"{ALIAS}/{given}"
+            aliases = [k async for batch in self._scan(ALIAS + "/") for k, v in batch if v == canonical or k == own]
+            ids = {given, canonical, *(k.partition("/")[2] for k in aliases)}
+            removed: dict[str, list[str]] = {ALIAS: aliases}
+            for kind in (DEVICES, CARRY, TOUCH):
+                keys = [k for k in (self._key(kind, i) for i in sorted(ids)) if k is not None]
+                removed[kind] = [k for k, v in zip(keys, await self._get_many(keys)) if v is not None] if keys else []
+            removed[HOST], removed[LANDED], removed[CLAIM] = [], [], []
+            async for batch in self._scan(""):  # one walk for the kinds keyed by id, and the claims
+                for key, value in batch:
+                    kind, _, rest = key.partition("/")
+                    if kind in (HOST, LANDED) and rest.partition("/")[0] in ids:
+                        removed[kind].append(key)
+                    elif kind == CLAIM and (value in ids or value.rpartition("|")[0] in ids):
+                        removed[CLAIM].append(key)
+            await self._delete([k for kind, keys in removed.items() if kind != CLAIM for k in keys])
+            await self._forget_claims(removed[CLAIM])
         for memo in (self._written, self._refused):
             memo.discard_if(lambda pair: pair.partition("\0")[0] in ids or pair.partition("\0")[2] in ids)
         return removed
 
-    async def _scan(self, prefix: str) -> list[tuple[str, str]]:
+    async def _scan(self, prefix: str) -> AsyncIterator[list[tuple[str, str]]]:
+        """Every (key, value) whose key starts with ``prefix``, in batches."""
         if self._memory is not None:
-            return self._memory.scan_now(prefix)
+            yield self._memory.scan_now(prefix)
+            return
         client = self._cache.client  # type: ignore[attr-defined]  # redis.asyncio, under aiocache
         built = self._cache.build_key(prefix)  # the namespace as aiocache spells it
         skip = len(built) - len(prefix)
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", built) + "*"
-        keys = [k.decode() if isinstance(k, bytes) else k async for k in client.scan_iter(match=pattern, count=1000)]
-        out: list[tuple[str, str]] = []
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            for key, value in zip(chunk, await client.mget(chunk)):
-                if value is not None:
-                    out.append((key[skip:], value.decode() if isinstance(value, bytes) else value))
-        return out
+        keys: list[str] = []
+        async for key in client.scan_iter(match=pattern, count=1000):
+            keys.append(key.decode() if isinstance(key, bytes) else key)
+            if len(keys) >= 1000:
+                yield await self._values(client, keys, skip)
+                keys = []
+        if keys:
+            yield await self._values(client, keys, skip)
+
+    @staticmethod
+    async def _values(client: Any, keys: list[str], skip: int) -> list[tuple[str, str]]:
+        return [
+            (key[skip:], value.decode() if isinstance(value, bytes) else value)
+            for key, value in zip(keys, await client.mget(keys))
+            if value is not None
+        ]
+
+    async def _forget_claims(self, keys: list[str]) -> None:
+        """The claims' owners replaced, their expiry kept: the tokens stay spent."""
+        if self._memory is not None:
+            current = self._memory.get_now(keys)
+            self._memory.put_now([(k, f"forgotten|{v.rpartition('|')[2]}") for k, v in zip(keys, current) if v])
+            return
+        client = self._cache.client  # type: ignore[attr-defined]
+        for key in keys:
+            await client.set(self._cache.build_key(key), "forgotten", keepttl=True)
 
     async def _delete(self, keys: list[str]) -> None:
         if not keys:

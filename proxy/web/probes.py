@@ -63,8 +63,13 @@ class Probes:
             why = ("no server keys are configured (identity.api_keys_file)" if keys is None
                    else "a server key is needed: Authorization: Bearer <key>")
             return json_response({"error": why}, status=401, headers={"WWW-Authenticate": 'Bearer realm="firstparty"'})
+        settings = self.front.settings
+        if settings.server.workers > 1 and not settings.store.url.startswith("redis://"):
+            # Each worker keeps its own records: one worker's forget would say done and not be.
+            return json_response({"error": "with several workers the in-memory store is one per worker; "
+                                           "forgetting needs store.url = \"redis://...\""}, status=409)
         try:
-            body = orjson.loads(await read_body(request, self.front.settings.server) or b"{}")
+            body = orjson.loads(await read_body(request, settings.server) or b"{}")
         except orjson.JSONDecodeError:
             body = None
         given = body.get("id") if isinstance(body, dict) else None
