@@ -313,6 +313,31 @@ async def test_an_unreachable_upstream_fails_the_events_once(proxy_client: Any, 
     assert gap == 0 and kinds(x) == [(FAILED, 1)] and x.outcomes[0].status == 502
 
 
+async def test_an_unreachable_segment_upstream_fails_its_calls_once_in_segments_shape(
+    proxy_client: Any, settled: Any, tmp_path: Any
+) -> None:
+    """Sync mode, Segment: the batch of the request's calls could not leave; the
+    SDK gets Segment's 502 (it retries), each call one failed outcome with its
+    messageId, and the forwarded log says so once."""
+    closed = reserve_port()
+    port = closed.getsockname()[1]
+    closed.close()
+    client = await proxy_client(delivery={"mode": "sync"}, segment={"us": f"http://127.0.0.1:{port}"})
+    calls = {"batch": [{"type": "track", "event": f"E{i}", "anonymousId": device_id(), "messageId": f"m-{i}"}
+                       for i in range(2)], "writeKey": SEG_KEY}
+    response = await client.post("/seg/v1/batch", data=orjson.dumps(calls),
+                                 headers={**BROWSER, "Content-Type": "application/json"})
+    assert response.status == 502
+    body = await response.json()
+    assert body["success"] is False and body["code"] == "server_error" and body["message"]
+    ((x, gap),) = settled
+    assert gap == 0 and kinds(x) == [(FAILED, 2)]
+    (failed,) = x.outcomes
+    assert (failed.status, failed.names, failed.ids) == (502, ["E0", "E1"], ["m-0", "m-1"]) and failed.reason
+    records = [r for r in forwarded_records(client.app[FRONT].c) if r["outcome"] == "failed"]
+    assert [(r["route"], r["count"], r["status"]) for r in records] == [("batch", 2, 502)]
+
+
 async def test_a_synchronous_forward_is_recorded_in_the_senders_shape(proxy_client: Any, tmp_path: Any) -> None:
     """Sync mode's record: the request's one attempt, its region, identity and latency."""
     client = await proxy_client(delivery={"mode": "sync"})
