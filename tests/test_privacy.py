@@ -179,6 +179,8 @@ async def test_an_allow_list_keeps_only_the_parameters_it_names(proxy_client: An
         (QueryRule(()), "https://a.test/p?email=1", None),  # an empty list removes nothing
         (QueryRule((), ("utm_*",)), "https://a.test/p?utm_source=a&email=1&x", "https://a.test/p?utm_source=a"),
         (QueryRule(), "https://a.test/p?" + "q=1&" * 5000 + "#f", "https://a.test/p"),  # too long to parse: no query
+        (QueryRule(), "https://a.test/#/reset?token=T&x=1", "https://a.test/#/reset?x=1"),  # a hash router's query
+        (QueryRule(), "https://a.test/?email=e#/p?code=1", "https://a.test/#/p"),
     ],
 )
 def test_the_query_rule(rule: QueryRule, url: str, expected: str | None) -> None:

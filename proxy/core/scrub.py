@@ -105,23 +105,34 @@ def without_query(value: str) -> str:
 def without_params(value: str, removes: Callable[[str], bool]) -> str | None:
     """``value`` without the query parameters whose (still encoded) name
     ``removes`` says go; None when none went. A value with no "?" and no "="
-    has no query; one with "=" but no "?" is a bare query string."""
-    if "?" in value:
-        base, hash_sep, fragment = value.partition("#")
-        head, _, query = base.partition("?")
-        head += "?"
-    elif "=" in value:
-        head, query, hash_sep, fragment = "", value, "", ""
-    else:
+    has no query; one with "=" but no "?" is a bare query string. A hash
+    router's own query (``#/reset?token=...``) counts as one too."""
+    if "?" not in value:
+        return _kept(value, removes) if "=" in value else None
+    base, hash_sep, fragment = value.partition("#")
+    changed = False
+    if "?" in base:
+        path, _, query = base.partition("?")
+        kept = _kept(query, removes)
+        if kept is not None:
+            base, changed = path + ("?" + kept if kept else ""), True
+    if "?" in fragment:
+        route, _, query = fragment.partition("?")
+        kept = _kept(query, removes)
+        if kept is not None:
+            fragment, changed = route + ("?" + kept if kept else ""), True
+    if not changed:
         return None
+    return base + (hash_sep + fragment if hash_sep else "")
+
+
+def _kept(query: str, removes: Callable[[str], bool]) -> str | None:
+    """The query's parameters that stay, joined; None when none went."""
     parts = query.split("&")
     kept = [p for p in parts if not (p and removes(p.partition("=")[0]))]
     if len(kept) == len(parts):
         return None
-    kept = [p for p in kept if p]
-    if not kept and head:
-        head = head[:-1]  # no parameter left: no "?" either
-    return head + "&".join(kept) + (hash_sep + fragment if hash_sep else "")
+    return "&".join(p for p in kept if p)
 
 
 def clean_fields(
