@@ -209,9 +209,15 @@ async def test_a_full_disk_is_a_503_and_the_spool_recovers_by_itself(serve_proxy
             await client.close()
             await runner.cleanup()
             down.close()
+    # One line per change of state, never one per request: a refusal, then its
+    # recovery. On a 1 MB disk the drain itself may briefly meet a full disk
+    # (SQLite's journal needs room to delete), a second refusal and recovery.
     spool_lines = [r for r in caplog.records if r.name == "proxy.services.queue.sqlite"]
-    assert [r.levelname for r in spool_lines] == ["ERROR", "WARNING"], [r.getMessage() for r in spool_lines]
-    assert "refuses new events" in spool_lines[0].getMessage() and "accepts events again" in spool_lines[1].getMessage()
+    levels = [r.levelname for r in spool_lines]
+    assert levels in (["ERROR", "WARNING"], ["ERROR", "WARNING", "ERROR", "WARNING"]), [r.getMessage() for r in spool_lines]
+    for refused, recovered in zip(spool_lines[::2], spool_lines[1::2]):
+        assert "refuses new events" in refused.getMessage() and "accepts events again" in recovered.getMessage()
+    assert "min_free_bytes" in spool_lines[0].getMessage()
     assert not [r for r in caplog.records if r.exc_info], "no tracebacks"
 
 
