@@ -55,8 +55,12 @@ def without_upstream_call() -> None:
 
 
 def without_spool() -> None:
-    from proxy.pipeline import deliver
+    import importlib
+
     from proxy.pipeline.exchange import SPOOLED
+
+    # The module: ``proxy.pipeline``'s own ``deliver`` is the stage function.
+    deliver = importlib.import_module("proxy.pipeline.deliver")
 
     async def spool(x, c):  # type: ignore[no-untyped-def]
         x.accept(SPOOLED, x.protocol.names(x.route, x.events))
@@ -69,9 +73,12 @@ def read_only() -> None:
     from proxy.protocols.mixpanel import MIXPANEL
     from proxy.web import handlers, visit
 
-    async def events(self, request, route, path, protocol=MIXPANEL):  # type: ignore[no-untyped-def]
-        await request.read()
-        return visit.answer(protocol.accepted(True))
+    def events(self, route, path, protocol=MIXPANEL):  # type: ignore[no-untyped-def]
+        async def handle(request):  # type: ignore[no-untyped-def]
+            await request.read()
+            return visit.answer(protocol.accepted(True))
+
+        return handle
 
     handlers.Proxy.events = events  # type: ignore[method-assign]
 

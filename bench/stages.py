@@ -87,7 +87,7 @@ async def main(events: int) -> None:
 
     def identity() -> Any:
         events_ = decoded.events
-        return (MIXPANEL.anonymous_ids("track", events_), MIXPANEL.is_anonymous("track", events_),
+        return (MIXPANEL.runs("track", events_),
                 MIXPANEL.project("track", events_))
 
     await timed("protocol identity fields", identity, N, events)

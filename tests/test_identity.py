@@ -9,7 +9,9 @@ import pytest
 from proxy.core import identity
 from proxy.core.identity import SOURCE_ALIAS, SOURCE_COOKIE, SOURCE_NEW, SOURCE_NONE
 from proxy.core.rewrite import map_id, rewrite_query
-from proxy.protocols import mixpanel
+from proxy.pipeline.identity import MAX_RUNS, capped
+from proxy.protocols import mixpanel, segment
+from proxy.protocols.base import Run
 from proxy.protocols.mixpanel import rewrite, rewrite_flags_context
 
 
@@ -52,6 +54,38 @@ def test_anonymous_ids_of_a_batch_see_every_event_whose_ids_differ():
     assert mixpanel.anonymous_ids("track", batch) == [D, C, "old-device-1"]
     engage = [{"$token": "t", "$distinct_id": f"$device:{d}", "$device_id": d, "$set": {}} for d in (D, D, C)]
     assert mixpanel.anonymous_ids("engage", engage) == [D, C]
+
+
+def test_runs_split_a_batch_at_each_new_device_with_its_own_ids_and_user():
+    """One pass gives each device's run of a batch (identify, reset(), the next
+    person's events), its anonymous ids, and whether a user is named in it;
+    a server's request (``split=False``) is one run over every id."""
+    batch = [js_event("a", D), js_event("$identify", D, user="user-42"), js_event("b", C), js_event("c", C)]
+    assert mixpanel.runs("track", batch) == [Run(0, 2, [D], False), Run(2, 4, [C], True)]
+    assert mixpanel.runs("track", batch, split=False) == [Run(0, 4, [D, C], False)]
+    engage = [{"$token": "t", "$distinct_id": f"$device:{d}", "$device_id": d, "$set": {}} for d in (D, C)]
+    engage[0]["$user_id"] = "user-42"
+    assert mixpanel.runs("engage", engage) == [Run(0, 1, [D], False), Run(1, 2, [C], True)]
+    # Groups carry no person id and never split; /import never splits either.
+    groups = [{"$token": "t", "$group_key": "company", "$group_id": "acme", "$device_id": d} for d in (D, C)]
+    assert mixpanel.runs("groups", groups) == [Run(0, 2, [], True)]
+    assert mixpanel.runs("import", batch) == [Run(0, 4, [D, C], False)]
+    calls = [{"type": "track", "anonymousId": a, **({"userId": "u1"} if n == 1 else {})} for n, a in enumerate("AAB")]
+    assert segment.runs("batch", calls) == [Run(0, 2, ["A"], False), Run(2, 3, ["B"], True)]
+    assert segment.runs("batch", calls, split=False) == [Run(0, 3, ["A", "B"], False)]
+
+
+def test_a_batch_of_many_resets_is_capped_with_the_rest_in_the_last_run():
+    """Past ``MAX_RUNS`` devices the last run holds every remaining event and id, in order."""
+    devices = [f"device-{n:04d}" for n in range(MAX_RUNS + 2)]
+    batch = [js_event("e", d) for d in devices]
+    batch[-1]["properties"]["$user_id"] = "user-42"
+    runs = capped(mixpanel.runs("track", batch))
+    assert len(runs) == MAX_RUNS
+    assert [r.start for r in runs] == list(range(MAX_RUNS))
+    assert runs[-1] == Run(MAX_RUNS - 1, MAX_RUNS + 2, devices[MAX_RUNS - 1:], False)
+    assert all(r.anonymous for r in runs[:-1])
+    assert capped(runs[:3]) == runs[:3]
 
 
 def test_resolve_browser_order():

@@ -67,6 +67,10 @@ async def spool(x: Exchange, c: Context) -> None:
             if row.event_time is not None and row.event_time < cutoff:
                 rows, letters = expired_apart(x, c, wants_ip, facts, most, cutoff)
                 break
+    # The rows hold the events now, as JSON: the decoded ones are let go before
+    # the commit is awaited, not held by every request waiting on the disk.
+    payload.release()
+    events = []
     await s.spool.enqueue(rows, letters)  # PayloadTooLarge (over a JetStream message), SpoolFull: refused
     if letters:
         s.sender.dead_on_arrival(letters)  # their records are the sender's, like every dead letter's

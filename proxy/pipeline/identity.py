@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ..core import ids
 from ..core.identity import Resolution
+from ..protocols.base import Run
 from .context import Context
 from .exchange import Exchange
 
@@ -22,10 +23,13 @@ from .exchange import Exchange
 MAX_RUNS = 8
 
 
-def runs_of(changes: list[int], count: int) -> list[tuple[int, int]]:
-    """(start, end) of each run of events between device changes, at most MAX_RUNS."""
-    starts = [0, *changes[: MAX_RUNS - 1]]
-    return list(zip(starts, [*starts[1:], count]))
+def capped(runs: list[Run]) -> list[Run]:
+    """At most ``MAX_RUNS`` runs: the last one holds every event from there on."""
+    if len(runs) <= MAX_RUNS:
+        return runs
+    rest = runs[MAX_RUNS - 1:]
+    ids = list(dict.fromkeys(i for run in rest for i in run.ids))
+    return [*runs[:MAX_RUNS - 1], Run(rest[0].start, rest[-1].end, ids, all(run.anonymous for run in rest))]
 
 
 async def identify(x: Exchange, c: Context) -> None:
@@ -36,20 +40,17 @@ async def identify(x: Exchange, c: Context) -> None:
         return
     protocol, route, browser = x.protocol, x.route, x.visit.browser
     events = x.payload.events
-    changes = protocol.device_changes(route, events) if browser else None
-    runs = runs_of(changes, len(events)) if changes else [(0, len(events))]
-    if len(runs) == 1:  # one identity in the request: nearly every one
-        incoming = [ids.accept(protocol.anonymous_ids(route, events), refuse_long=browser)]
-    else:
-        incoming = [ids.accept(protocol.anonymous_ids(route, events[a:b]), refuse_long=browser) for a, b in runs]
+    # One pass over the events: each device's run (a server's request is one), its ids.
+    runs = capped(protocol.runs(route, events, browser))
+    incoming = [ids.accept(run.ids, refuse_long=browser) for run in runs]
     server_ids = [] if browser and route != "import" else ids.accept(protocol.lookup_ids(route, events), refuse_long=False)
     parts = x.parts
-    for n, (a, b) in enumerate(runs):
+    for n, run in enumerate(runs):
+        a, b = run.start, run.end
         if n == 0:
-            part = events if b - a == len(events) else events[a:b]
             # Where the landing navigation came from: a link token's proof.
-            referrer = protocol.referrer(route, part) if x.token else None
-            resolution = await resolve(x, c, incoming[0], server_ids, protocol.is_anonymous(route, part), referrer)
+            referrer = protocol.referrer(route, events[a:b] if len(runs) > 1 else events) if x.token else None
+            resolution = await resolve(x, c, incoming[0], server_ids, run.anonymous, referrer)
         else:  # reset() inside the batch: a new person on this browser
             resolution = await c.resolver.restart(x.visit.host, route, incoming[n], x.project)
         parts.append((a, b, resolution))

@@ -63,6 +63,13 @@ class Payload:
     # Substring test over the raw JSON text (C speed): can any value hold ``needle``?
     text: bytes | str = b""
 
+    def release(self) -> None:
+        """Let the decoded events go (spooled: their JSON is in the rows): a
+        request waiting on the disk holds bytes, not thousands of objects."""
+        self.events = []
+        self.form = None
+        self.text = b""
+
     def mentions(self, needle: str) -> bool:
         if isinstance(self.text, str):
             return needle in self.text
@@ -77,6 +84,17 @@ class EventFacts(NamedTuple):
     insert_id: str | None
     project: str | None
     time: float | None  # the event's own time in seconds, for age limits
+
+
+class Run(NamedTuple):
+    """A run of a batch's events one device sent: mixpanel-browser and
+    analytics.js mint a new device id only on ``reset()``, so one request can
+    hold a logout and the next person's first events (two runs)."""
+
+    start: int
+    end: int
+    ids: list[str]  # its anonymous ids, first seen first, without duplicates
+    anonymous: bool  # no event of it names a user
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,13 +193,13 @@ class WireProtocol(Protocol):
         authorization: str = "",
     ) -> Payload: ...
 
+    # The batch's runs of one device each (``split``: a device change starts a
+    # new run; else one run), read in one pass over the events.
+    def runs(self, route: str, events: list[dict[str, Any]], split: bool = True) -> list[Run]: ...
+
     def anonymous_ids(self, route: str, events: list[dict[str, Any]]) -> list[str]: ...
 
     def lookup_ids(self, route: str, events: list[dict[str, Any]]) -> list[str]: ...
-    # Indices of the events whose device id differs from the one before (a reset() in the batch).
-    def device_changes(self, route: str, events: list[dict[str, Any]]) -> list[int]: ...
-
-    def is_anonymous(self, route: str, events: list[dict[str, Any]]) -> bool: ...
 
     def project(self, route: str, events: list[dict[str, Any]]) -> str | None: ...
 

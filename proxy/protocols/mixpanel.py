@@ -44,6 +44,7 @@ from .base import (
     EventFacts,
     Outbound,
     Payload,
+    Run,
     Verdict,
     classify_status,
 )
@@ -136,65 +137,57 @@ def _person(route: str, event: Mapping[str, Any]) -> Any:
     return event if route == "engage" else event.get("properties")
 
 
-def _event_anon_ids(route: str, event: Mapping[str, Any]) -> list[str]:
-    source = _person(route, event)
-    if not isinstance(source, dict):
-        return []
-    others = ("$distinct_id",) if route == "engage" else ("distinct_id", "$anon_distinct_id")
-    out = []
-    device = source.get("$device_id")
-    if isinstance(device, str) and device:
-        out.append(strip_device(device) or device)
-    for key in others:
-        bare = anon_id(source.get(key), device)
-        if bare:
-            out.append(bare)
+def runs(route: str, events: list[dict[str, Any]], split: bool = True) -> list[Run]:
+    """The batch's runs of one device each, in one pass over the events: the
+    anonymous ids of each (``$device_id`` bare, ``distinct_id`` and
+    ``$anon_distinct_id`` while anonymous; engage's ``$distinct_id``), first
+    seen first, and whether any of its events names a user (``$user_id``).
+    With ``split`` a new ``$device_id`` on track or engage starts a new run.
+    Groups carry no person id. An event whose id fields equal its
+    predecessor's adds no id and is passed over."""
+    engage = route == "engage"
+    split = split and route in ("track", "engage")
+    ids_of = route != "groups"
+    out: list[Run] = []
+    seen: dict[str, None] = {}
+    named = False
+    start = 0
+    last: tuple[Any, ...] | None = None
+    last_device = None
+    for i, event in enumerate(events):
+        source = event if engage else event.get("properties")
+        if not isinstance(source, dict):
+            continue
+        device = source.get("$device_id")
+        if split and isinstance(device, str) and device:
+            if last_device is not None and device != last_device:
+                out.append(Run(start, i, list(seen), not named))
+                start, seen, named, last = i, {}, False, None
+            last_device = device
+        if not named and source.get("$user_id"):
+            named = True
+        if not ids_of:
+            continue
+        if engage:
+            fields: tuple[Any, ...] = (device, source.get("$distinct_id"))
+        else:
+            fields = (device, source.get("distinct_id"), source.get("$anon_distinct_id"))
+        if fields == last:
+            continue
+        last = fields
+        if isinstance(device, str) and device:
+            seen.setdefault(strip_device(device) or device)
+        for value in fields[1:]:
+            bare = anon_id(value, device)
+            if bare:
+                seen.setdefault(bare)
+    out.append(Run(start, len(events), list(seen), not named))
     return out
 
 
 def anonymous_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
-    """Anonymous ids in a batch, first seen first, without duplicates.
-
-    The events of one SDK's batch mostly carry the same ids: an event whose
-    id fields equal its predecessor's adds nothing and is passed over."""
-    if route == "groups":
-        return []
-    seen: dict[str, None] = {}
-    engage = route == "engage"
-    last: tuple[Any, ...] | None = None
-    for event in events:
-        source = event if engage else event.get("properties")
-        if not isinstance(source, dict):
-            continue
-        if engage:
-            fields: tuple[Any, ...] = (source.get("$device_id"), source.get("$distinct_id"))
-        else:
-            fields = (source.get("$device_id"), source.get("distinct_id"), source.get("$anon_distinct_id"))
-        if fields == last:
-            continue
-        last = fields
-        for value in _event_anon_ids(route, event):
-            seen.setdefault(value)
-    return list(seen)
-
-
-def device_changes(route: str, events: list[dict[str, Any]]) -> list[int]:
-    """Where a batch's device id changes (the indices of the events that start a
-    new one): mixpanel-js mints a new ``$device_id`` only on ``reset()``, so one
-    request can hold a logout and the next person's first events."""
-    if route not in ("track", "engage"):
-        return []
-    engage = route == "engage"
-    out: list[int] = []
-    last = None
-    for i, event in enumerate(events):
-        source = event if engage else event.get("properties")
-        device = source.get("$device_id") if isinstance(source, dict) else None
-        if isinstance(device, str) and device:
-            if last is not None and device != last:
-                out.append(i)
-            last = device
-    return out
+    """Anonymous ids in a batch, first seen first, without duplicates."""
+    return runs(route, events, split=False)[0].ids
 
 
 def lookup_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
@@ -222,15 +215,6 @@ def lookup_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
                 if isinstance(value, str) and value:
                     seen.setdefault(strip_device(value) or value)
     return list(seen)
-
-
-def is_anonymous(route: str, events: list[dict[str, Any]]) -> bool:
-    """No event of the batch names a user."""
-    for event in events:
-        source = _person(route, event)
-        if isinstance(source, dict) and source.get("$user_id"):
-            return False
-    return True
 
 
 def project(route: str, events: list[dict[str, Any]]) -> str | None:
@@ -558,8 +542,7 @@ class Mixpanel:
     decode = staticmethod(decode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)
-    device_changes = staticmethod(device_changes)
-    is_anonymous = staticmethod(is_anonymous)
+    runs = staticmethod(runs)
     project = staticmethod(project)
     names = staticmethod(names)
     find_token = staticmethod(find_token)

@@ -37,7 +37,7 @@ from ..core.bridge import strip_everywhere, token_in_url
 from ..core.rewrite import Rewrite, rewrite_fields
 from ..core.scrub import clean_fields
 from ..errors import BadRequest
-from .base import Answer, EventFacts, Outbound, Payload, basic_user, classify_status
+from .base import Answer, EventFacts, Outbound, Payload, Run, basic_user, classify_status
 
 NAME = "segment"
 # analytics.js's own anonymous-id cookie: read as a hint, and (``segment.set_ajs_cookie``)
@@ -138,27 +138,32 @@ def _anon(call: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def anonymous_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
+def runs(route: str, events: list[dict[str, Any]], split: bool = True) -> list[Run]:
+    """The batch's runs of one ``anonymousId`` each (analytics.js's ``reset()``
+    mints a new one; its batching strategy can send both in one request), in
+    one pass: each run's anonymous id(s) and whether a call names a user
+    (``userId``). Without ``split``, one run."""
+    out: list[Run] = []
     seen: dict[str, None] = {}
-    for call in events:
-        value = _anon(call)
-        if value:
-            seen.setdefault(value)
-    return list(seen)
-
-
-def device_changes(route: str, events: list[dict[str, Any]]) -> list[int]:
-    """Where a batch's ``anonymousId`` changes (analytics.js's ``reset()``
-    mints a new one; its batching strategy can send both in one request)."""
-    out: list[int] = []
+    named = False
+    start = 0
     last = None
     for i, call in enumerate(events):
         anon = _anon(call)
         if anon:
-            if last is not None and anon != last:
-                out.append(i)
+            if split and last is not None and anon != last:
+                out.append(Run(start, i, list(seen), not named))
+                start, seen, named = i, {}, False
             last = anon
+            seen.setdefault(anon)
+        if not named and call.get("userId"):
+            named = True
+    out.append(Run(start, len(events), list(seen), not named))
     return out
+
+
+def anonymous_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
+    return runs(route, events, split=False)[0].ids
 
 
 def lookup_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
@@ -168,10 +173,6 @@ def lookup_ids(route: str, events: list[dict[str, Any]]) -> list[str]:
             if isinstance(value, str) and value:
                 seen.setdefault(value)
     return list(seen)
-
-
-def is_anonymous(route: str, events: list[dict[str, Any]]) -> bool:
-    return all(not call.get("userId") for call in events)
 
 
 def project(route: str, events: list[dict[str, Any]]) -> str | None:
@@ -359,8 +360,7 @@ class Segment:
     decode = staticmethod(decode)
     anonymous_ids = staticmethod(anonymous_ids)
     lookup_ids = staticmethod(lookup_ids)
-    device_changes = staticmethod(device_changes)
-    is_anonymous = staticmethod(is_anonymous)
+    runs = staticmethod(runs)
     project = staticmethod(project)
     names = staticmethod(names)
     find_token = staticmethod(find_token)
