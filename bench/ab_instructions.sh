@@ -5,6 +5,7 @@
 # callgrind, one after the other, alternating, RUNS times each.
 #   bench/ab_instructions.sh BASE [EVENTS] [RUNS] [HEAD]   e.g. bench/ab_instructions.sh 73f9e26 10 3 HEAD
 # HEAD defaults to the commit checked out now (uncommitted edits are not measured).
+# REQUESTS (default 2000) per callgrind run: fewer is quicker and noisier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?a base commit}; events=${2:-10}; runs=${3:-3}; head=${4:-HEAD}
@@ -25,6 +26,6 @@ for _ in $(seq "$runs"); do
   for side in base head; do
     label=$([ "$side" = base ] && echo "$label_base" || echo "$label_head")
     BENCH_PROXY_TREE="$scratch/$side" PYTHONHASHSEED=0 "$py" "$scratch/script/bench/inprocess.py" \
-      --instructions --events "$events" --requests 2000 | tail -1 | sed "s/^/$label: /"
+      --instructions --events "$events" --requests "${REQUESTS:-2000}" | tail -1 | sed "s/^/$label: /"
   done
 done

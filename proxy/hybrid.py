@@ -26,7 +26,6 @@ the service.
 from __future__ import annotations
 
 from .core.cookie import CookieJar
-from .settings import CookieSettings
 
 __all__ = ["canonical_id"]
 
@@ -43,5 +42,5 @@ def canonical_id(cookie_value: str | None, secret: bytes | str) -> str | None:
     if jar is None:
         if len(_jars) >= 16:
             _jars.clear()
-        jar = _jars[key] = CookieJar(CookieSettings(secret=key))
+        jar = _jars[key] = CookieJar(secret=key)
     return jar.open(cookie_value.strip().strip('"'))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .core.clientip import IPNetwork
 from .core.scrub import DEFAULT_SCRUBBED
 from .errors import ConfigError
 
@@ -31,7 +32,6 @@ ENV_PREFIX = "FIRSTPARTY_"
 REGIONS = ("us", "eu", "in")
 _COOKIE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _HOST_LABELS = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?)*$")
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +192,7 @@ class IdentitySettings:
     # canonical id (core/carry.py); empty: none.
     carry_properties: tuple[str, ...] = ()
     # Put back a visitor's first external referrer and campaign where a domain
-    # hop replaced them with one of the site's own (core/firsttouch.py).
+    # hop replaced them with one of the site's own (protocols/firsttouch.py).
     repair_first_touch: bool = True
     # Server keys of app backends that may ask POST /mp/bridge for a token
     # carrying their own device id (core/apikeys.py); empty: app hand-off off.

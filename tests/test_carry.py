@@ -58,7 +58,7 @@ async def test_properties_set_on_a_reach_b_and_never_another_browser(proxy_clien
 
 
 def test_an_own_referring_domain_may_carry_a_port():
-    from proxy.core import firsttouch
+    from proxy.protocols import firsttouch
 
     assert firsttouch.own("www.site-a.test:8443", (".site-a.test",))
     assert firsttouch.own("WWW.SITE-A.TEST", (".site-a.test",))

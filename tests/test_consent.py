@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from proxy.core import consent
+from proxy.pipeline.context import consent_signals
 from proxy.settings import ConsentSettings
 from tests.support import log_records, metric
 from tests.conftest import BROWSER, TOKEN, b64_body, canonical_of, cookie_from, device_id, js_event
@@ -45,8 +46,9 @@ LINKED = {
     ],
 )
 def test_refusal_signals(headers, settings, expected):
-    assert consent.refusal(headers, ConsentSettings(**settings)) == expected
-    assert consent.state(headers, ConsentSettings(**settings)) == (consent.DENIED if expected else consent.GRANTED)
+    signals = consent_signals(ConsentSettings(**settings))
+    assert consent.refusal(headers, signals) == expected
+    assert consent.state(headers, signals) == (consent.DENIED if expected else consent.GRANTED)
 
 
 def browser(host: str = "www.example.com", **extra: str) -> dict[str, str]:

@@ -9,9 +9,8 @@ import pytest
 from proxy.core.clientip import client_ip
 from proxy.core.cookie import CookieJar, host_matches
 from proxy.core.cors import OriginPolicy
-from proxy.settings import CookieSettings
 
-JAR = CookieJar(CookieSettings(domains=(".example.com", ".brand-b.test"), secret=b"k" * 32))
+JAR = CookieJar(domains=(".example.com", ".brand-b.test"), secret=b"k" * 32)
 
 
 def test_cookie_seal_and_open():
@@ -21,7 +20,7 @@ def test_cookie_seal_and_open():
     assert JAR.open(f"other-1234567.{tag}") is None  # id swapped, tag kept
     assert JAR.open(f"{ident}.{'A' * len(tag)}") is None  # tag forged
     assert JAR.open(ident) is None and JAR.open("") is None and JAR.open(None) is None
-    other = CookieJar(CookieSettings(secret=b"z" * 32))
+    other = CookieJar(secret=b"z" * 32)
     assert other.open(value) is None  # another secret
 
 
@@ -47,7 +46,7 @@ def test_cookie_domain_by_host(host, domain):
 
 
 def test_cookie_secure_off_for_local_http():
-    jar = CookieJar(CookieSettings(secure=False, max_age_days=30, secret=b"k" * 32))
+    jar = CookieJar(secure=False, max_age_days=30, secret=b"k" * 32)
     header = jar.set_cookie_header("abc-12345678", "localhost")
     assert "Secure" not in header and "Max-Age=2592000" in header
 
@@ -149,7 +148,7 @@ def test_form_pairs_decode_like_parse_qsl():
 
 
 def test_identity_cookie_headers_are_exact():
-    jar = CookieJar(CookieSettings(domains=(".example.com",), secret=b"s" * 32, max_age_days=400))
+    jar = CookieJar(domains=(".example.com",), secret=b"s" * 32, max_age_days=400)
     sealed = jar.seal("abc-123")
     assert jar.set_cookie_header("abc-123", "shop.example.com") == (
         f"fp_id={sealed}; Domain=.example.com; Path=/; Max-Age=34560000; HttpOnly; SameSite=Lax; Secure"
@@ -159,7 +158,7 @@ def test_identity_cookie_headers_are_exact():
     )  # a host outside the configured domains gets a host-only cookie
     assert jar.expire_header("shop.example.com") == "fp_id=; Domain=.example.com; Path=/; Max-Age=0; HttpOnly; SameSite=Lax; Secure"
     assert jar.expire_header("other.test") == "fp_id=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax; Secure"
-    plain = CookieJar(CookieSettings(secret=b"s" * 32, secure=False))
+    plain = CookieJar(secret=b"s" * 32, secure=False)
     assert plain.set_cookie_header("abc-123", "localhost").endswith("; SameSite=Lax")
     assert jar.domain_for("EXAMPLE.com") == ".example.com" and jar.domain_for("notexample.com") is None
 
@@ -167,7 +166,7 @@ def test_identity_cookie_headers_are_exact():
 def test_identity_cookie_values_open_only_when_authentic():
     from proxy.core.cookie import cookie_values
 
-    jar = CookieJar(CookieSettings(secret=b"s" * 32))
+    jar = CookieJar(secret=b"s" * 32)
     sealed = jar.seal("abc-1234")
     assert jar.seal("abc-1234") == sealed  # memoised, the same value
     assert jar.open(sealed) == "abc-1234"
@@ -177,7 +176,7 @@ def test_identity_cookie_values_open_only_when_authentic():
     tag = sealed.rpartition(".")[2]
     assert jar.open("abc-1234." + tag[:-1]) is None and jar.open("abc-1234" + tag) is None
     assert jar.open("bad id!." + tag) is None and jar.open(None) is None and jar.open("") is None
-    other = CookieJar(CookieSettings(secret=b"t" * 32))
+    other = CookieJar(secret=b"t" * 32)
     assert other.open(sealed) is None  # another secret
 
 
@@ -202,19 +201,38 @@ def test_client_ip_walks_back_past_trusted_proxies_only():
 
 def test_refusal_signals_and_the_opt_out_cookie():
     from proxy.core import consent
-    from proxy.settings import ConsentSettings
 
-    both = ConsentSettings(honor_dnt=True)
+    both = consent.Signals(dnt=True)
     assert consent.refusal({}, both) is None  # no signal at all: tracked
     assert consent.refusal({"dnt": " 1 "}, both) == "dnt"
     assert consent.refusal({"dnt": "0"}, both) is None
-    assert consent.refusal({"dnt": "1"}, ConsentSettings()) is None  # DNT ignored by default
-    assert consent.refusal({"sec-gpc": "1 "}, ConsentSettings()) == "gpc"
-    assert consent.refusal({"sec-gpc": "1"}, ConsentSettings(honor_gpc=False)) is None
-    assert consent.opt_out_cookie_header(ConsentSettings(), ".example.com", True) == (
+    assert consent.refusal({"dnt": "1"}, consent.Signals()) is None  # DNT ignored by default
+    assert consent.refusal({"sec-gpc": "1 "}, consent.Signals()) == "gpc"
+    assert consent.refusal({"sec-gpc": "1"}, consent.Signals(gpc=False)) is None
+    assert consent.refusal({"cookie": "a=1; fp_optout=yes"}, consent.Signals()) == "opt_out_cookie"
+    assert consent.refusal({"cookie": "fp_optout=yes"}, consent.Signals(opt_out_cookie="")) is None
+    assert consent.opt_out_cookie_header("fp_optout", ".example.com", True) == (
         "fp_optout=1; Path=/; Max-Age=34560000; SameSite=Lax; Domain=.example.com; Secure"
     )
-    assert consent.opt_out_cookie_header(ConsentSettings(), None, False) == "fp_optout=1; Path=/; Max-Age=34560000; SameSite=Lax"
+    assert consent.opt_out_cookie_header("fp_optout", None, False) == "fp_optout=1; Path=/; Max-Age=34560000; SameSite=Lax"
+
+
+def test_an_sdks_opt_out_cookie_is_read_by_its_own_test_only_when_its_marker_is_there():
+    """core knows no SDK's cookies: a protocol hands over its reason, a marker
+    and its test, and the test runs only on a Cookie header holding the marker."""
+    from proxy.core import consent
+
+    seen: list[str] = []
+
+    def opted_out(header: str) -> bool:
+        seen.append(header)
+        return "__sdk_out=0" in header
+
+    signals = consent.Signals(sdk_opt_outs=(("sdk_opt_out", "__sdk_", opted_out),), gpc=True)
+    assert consent.refusal({"cookie": "a=1; __sdk_out=0"}, signals) == "sdk_opt_out"
+    assert consent.refusal({"cookie": "a=1; __sdk_out=1", "sec-gpc": "1"}, signals) == "gpc"
+    assert consent.refusal({"cookie": "a=1"}, signals) is None
+    assert seen == ["a=1; __sdk_out=0", "a=1; __sdk_out=1"]  # never called without the marker
 
 
 def test_rewrites_are_recorded_field_by_field():
@@ -326,7 +344,7 @@ def test_strip_param_and_token_in_url():
 def test_every_sealed_cookie_survives_the_cookie_header_whatever_its_last_character():
     from proxy.core.cookie import cookie_values
 
-    jar = CookieJar(CookieSettings(secret=b"s" * 32))
+    jar = CookieJar(secret=b"s" * 32)
     for i in range(100):  # the tag's last character is one of A, Q, g, w (16 bytes in base64url)
         sealed = jar.seal(f"canonical-{i:04d}")
         [value] = cookie_values(f'x=1; fp_id="{sealed}"', "fp_id")

@@ -2,9 +2,8 @@
 ``protocols`` <- ``services`` <- ``pipeline`` <- ``web`` <- the commands. Read from
 the source (the imports as written, a function's own ones and those under
 ``TYPE_CHECKING`` included), so a module that reaches up a layer, or two modules
-that need each other, fail here before anyone has to untangle them. The ``core``
-modules that still read ``settings`` are listed (``KNOWN_CORE_SETTINGS``: the list
-may only shrink)."""
+that need each other, fail here before anyone has to untangle them. ``core``
+reads no settings and names no SDK's fields or cookies (the protocols do)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS = {"core": 0, "protocols": 1, "services": 2, "pipeline": 3, "web": 4}
-KNOWN_CORE_SETTINGS = {"proxy.core.clientip", "proxy.core.consent", "proxy.core.cookie"}
 
 
 def module_name(path: Path) -> str:
@@ -78,9 +76,34 @@ def test_the_import_graph_has_no_cycles():
             visit(name, [name])
 
 
-def test_core_reads_no_settings_beyond_the_known_few():
+def test_core_reads_no_settings():
+    """``core`` takes plain values (a cookie jar's fields, consent ``Signals``), never the settings."""
     readers = {m for m, deps in GRAPH.items() if layer(m) == 0 and "proxy.settings" in deps}
-    assert readers <= KNOWN_CORE_SETTINGS, sorted(readers - KNOWN_CORE_SETTINGS)
+    assert not readers, sorted(readers)
+
+
+# An SDK's field, cookie or id name in ``core`` is a vendor difference outside the protocol seam.
+VENDOR_NAMES = (
+    "$initial_referrer", "$initial_referring_domain", "$set_once", "$device_id", "$user_id", "distinct_id",
+    "__mp_", "ajs_", "anonymousId", "userId", "writeKey", "messageId",
+)
+
+
+def test_core_names_no_sdk_field_or_cookie():
+    found = []
+    for name, path in MODULES.items():
+        if layer(name) != 0:
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {
+            id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                found += [f"{name}: {node.value!r}" for v in VENDOR_NAMES if v in node.value]
+    assert not found, found
 
 
 def test_the_graph_is_read_at_all():

@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Sequence
 from functools import lru_cache
 
-from ..settings import IPNetwork
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @lru_cache(maxsize=4096)

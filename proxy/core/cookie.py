@@ -19,7 +19,6 @@ import hashlib
 import hmac
 from collections.abc import Iterator
 
-from ..settings import CookieSettings
 from .ids import valid_id
 
 _TAG_CONTEXT = b"fp1:"
@@ -61,22 +60,26 @@ class CookieJar:
         "name", "_secret", "_domains", "_suffix_by_domain", "_host_only_suffix", "_sealed", "_max_age", "_readable",
     )
 
-    def __init__(self, settings: CookieSettings) -> None:
-        self.name = settings.name
-        self._secret = settings.secret
-        self._domains = settings.domains
-        self._max_age = f"; Max-Age={settings.max_age_days * 86400}"
+    def __init__(
+        self, *, secret: bytes, name: str = "fp_id", domains: tuple[str, ...] = (), secure: bool = True,
+        max_age_days: int = 400,
+    ) -> None:
+        """The ``[cookie]`` settings' fields (``CookieJar(**asdict(settings.cookie))``)."""
+        self.name = name
+        self._secret = secret
+        self._domains = domains
+        self._max_age = f"; Max-Age={max_age_days * 86400}"
         common = f"; Path=/{self._max_age}; HttpOnly; SameSite=Lax"
         readable = f"; Path=/{self._max_age}; SameSite=Lax"
-        if settings.secure:
+        if secure:
             common += "; Secure"
             readable += "; Secure"
         # Cookies an SDK reads itself (analytics.js's ajs_anonymous_id): the
         # same Domain, Path and lifetime, without HttpOnly.
-        self._readable = {d: f"; Domain={d}{readable}" for d in settings.domains}
+        self._readable = {d: f"; Domain={d}{readable}" for d in domains}
         self._readable[None] = readable
         self._host_only_suffix = common
-        self._suffix_by_domain = {d: f"; Domain={d}{common}" for d in settings.domains}
+        self._suffix_by_domain = {d: f"; Domain={d}{common}" for d in domains}
         # Recently sealed values: a visitor's next hits reuse the HMAC.
         self._sealed: dict[str, str] = {}
 

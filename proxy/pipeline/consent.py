@@ -29,7 +29,7 @@ def consent(x: Exchange, c: Context) -> Coroutine[Any, Any, None] | None:
     protocol, route, visit = x.protocol, x.route, x.visit
     if not (visit.browser and route in protocol.spooled_routes):
         return None
-    why = rules.refusal(x.headers, c.settings.consent)
+    why = rules.refusal(x.headers, c.signals)
     if why is None and x.token:
         return _consent_with_token(x, c)
     if why is not None or protocol.event_consent:
@@ -115,7 +115,7 @@ async def replay_consent(x: Exchange, c: Context) -> None:
         x.token = next((v for k, v in x.query if k == c.token_param), None)
     if not (x.visit.browser and x.route == "record"):
         return
-    why = rules.refusal(x.headers, c.settings.consent)
+    why = rules.refusal(x.headers, c.signals)
     if why is None and x.token:
         why = await token_refusal(x, c, [])
     if why:

@@ -11,7 +11,9 @@ from typing import Any
 from ..core import carry
 from ..core.bots import BotList
 from ..core.clientip import TrustedProxies, client_ip, truncate
+from ..core.consent import Signals
 from ..core.scrub import QueryRule
+from ..protocols import mixpanel
 from ..protocols.mixpanel import MIXPANEL
 from ..protocols.segment import SEGMENT
 from ..services.delivery import Sender
@@ -23,7 +25,7 @@ from ..services.queue.base import Queue
 from ..services.store import AliasStore
 from ..services.tokens import Tokens
 from ..services.upstream import Endpoint, SegmentUpstreams, UpstreamClient, Upstreams
-from ..settings import Settings
+from ..settings import ConsentSettings, Settings
 from .exchange import Exchange
 
 
@@ -35,6 +37,15 @@ def shared_bot_list() -> BotList:
     if not _BOT_LIST:
         _BOT_LIST.append(BotList())
     return _BOT_LIST[0]
+
+
+def consent_signals(settings: ConsentSettings) -> Signals:
+    """The refusals ``[consent]`` honours (``core.consent``), the SDKs' own
+    opt-out cookies among them, as their protocols read them."""
+    sdk = (("mixpanel_opt_out", mixpanel.OPT_OUT_COOKIE_PREFIX, mixpanel.opted_out),)
+    return Signals(
+        settings.opt_out_cookie, sdk if settings.honor_mixpanel_opt_out else (), settings.honor_gpc, settings.honor_dnt
+    )
 
 
 @dataclass(slots=True)
@@ -86,6 +97,7 @@ class Context:
         self.bot_action = privacy.bots
         self.bots = None if privacy.bots == "keep" else shared_bot_list()
         self.carry = carry.matcher(settings.identity.carry_properties)
+        self.signals = consent_signals(settings.consent)
         # First-touch repair: the site's own domains, and the first touches already known.
         own = dict.fromkeys([*settings.cookie.domains, *settings.identity.linked_domains])
         self.own_domains = tuple(own) if settings.identity.repair_first_touch else ()

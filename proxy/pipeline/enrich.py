@@ -2,7 +2,7 @@
 
 Carried properties (``core.carry``): the values this visitor's events set
 before, on any domain, are added where missing, and what these set is kept.
-First touch (``core.firsttouch``, for protocols that keep one): the first
+First touch (the protocol's ``first_touch``, for protocols that keep one): the first
 external touch is kept once per canonical id, and a touch that names one of
 the site's own domains (a visitor crossing between them) is repaired to it.
 Browser events only; anonymised ones are left alone.
@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any
 
-from ..core import carry, firsttouch
+from ..core import carry
 from ..core.identity import Resolution
 from ..core.rewrite import Rewrite
-from ..protocols.base import WireProtocol
+from ..protocols.base import Touches, WireProtocol
 from .context import Context
 from .exchange import Exchange
 
@@ -26,7 +26,7 @@ def enrich(x: Exchange, c: Context) -> Coroutine[Any, Any, None] | None:
     once; else the coroutine that reads what the store kept for this visitor."""
     protocol, route = x.protocol, x.route
     carries = c.carry is not None and route in protocol.spooled_routes
-    touches = bool(c.own_domains) and protocol.repairs_first_touch
+    touches = bool(c.own_domains) and protocol.first_touch is not None
     if x.anonymous or not x.visit.browser or not (carries or touches):
         if x.per_event:
             count_rewrites(x, c)
@@ -50,7 +50,8 @@ async def _enrich(x: Exchange, c: Context, carries: bool, touches: bool) -> None
         if carries:
             x.changed |= await carry_properties(c, protocol, route, events[a:b], part.canonical)
         if touches:
-            touched = await first_touch(c, route, events[a:b], part)
+            assert protocol.first_touch is not None
+            touched = await first_touch(c, protocol.first_touch, route, events[a:b], part)
             if touched:
                 per_event = x.per_event = x.per_event or [[] for _ in events]
                 for i, changes in touched.items():
@@ -83,34 +84,28 @@ async def carry_properties(
 
 
 async def first_touch(
-    c: Context, route: str, events: list[dict[str, Any]], resolution: Resolution
+    c: Context, touches: Touches, route: str, events: list[dict[str, Any]], resolution: Resolution
 ) -> dict[int, list[Rewrite]]:
     """Keep this visitor's first external touch; repair what names one of
-    our own domains instead. Index -> rewrites."""
+    our own domains instead (a profile's only after a domain hop, a bridge
+    or the hub). Index -> rewrites."""
     canonical = resolution.canonical
     assert canonical is not None
     own_domains = c.own_domains
+    hopped = resolution.source in ("bridge", "hub")
     out: dict[int, list[Rewrite]] = {}
     for i, event in enumerate(events):
-        props = event.get("properties") if route == "track" else None
-        if route == "track" and isinstance(props, dict):
-            touch = firsttouch.touch_of(props, own_domains)
-            if touch is not None:
-                if canonical not in c.touches:  # kept once per id (set once, like the SDK)
-                    kept = await kept_touch(c, canonical)
-                    if not kept and await c.s.store.set_first_touch(canonical, touch):
-                        remember_touch(c, canonical, touch)
-                continue
-            if firsttouch.own(props.get("$initial_referring_domain"), own_domains):
-                changes = firsttouch.repair_event(props, await kept_touch(c, canonical), own_domains)
-                if changes:
-                    out[i] = changes
-        elif route == "engage" and resolution.source in ("bridge", "hub") and isinstance(event.get("$set_once"), dict):
-            kept = await kept_touch(c, canonical)
-            if kept:
-                changes = firsttouch.repair_profile(event["$set_once"], kept)
-                if changes:
-                    out[i] = changes
+        touch = touches.external(route, event, own_domains)
+        if touch is not None:
+            if canonical not in c.touches:  # kept once per id (set once, like the SDK)
+                kept = await kept_touch(c, canonical)
+                if not kept and await c.s.store.set_first_touch(canonical, touch):
+                    remember_touch(c, canonical, touch)
+            continue
+        if touches.names_own(route, event, own_domains) or (hopped and touches.on_profile(route, event)):
+            changes = touches.repair(route, event, await kept_touch(c, canonical), own_domains)
+            if changes:
+                out[i] = changes
     return out
 
 

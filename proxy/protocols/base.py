@@ -16,7 +16,7 @@ import base64
 import binascii
 import email.utils
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -150,6 +150,18 @@ def classify_status(status: int, body: bytes, retry_after: str | None) -> Verdic
     return Verdict(REFUSED, f"upstream answered {status}: {text}".strip())
 
 
+class Touches(Protocol):
+    """A protocol's first-touch fields, asked about without naming them (``protocols.firsttouch``)."""
+
+    def external(self, route: str, event: Mapping[str, Any], own_domains: Sequence[str]) -> dict[str, Any] | None: ...
+
+    def names_own(self, route: str, event: Mapping[str, Any], own_domains: Sequence[str]) -> bool: ...
+
+    def on_profile(self, route: str, event: Mapping[str, Any]) -> bool: ...
+
+    def repair(self, route: str, event: dict[str, Any], kept: Mapping[str, Any], own_domains: Sequence[str]) -> list[Rewrite]: ...
+
+
 class WireProtocol(Protocol):
     """What the pipeline needs from a vendor's protocol."""
 
@@ -168,9 +180,9 @@ class WireProtocol(Protocol):
     # Sync mode forwards the client's own request (re-encoded when changed:
     # ``reencode``), not a batch built from its events (``batch``).
     passthrough: bool
-    # Whether first touches are kept and repaired (``core.firsttouch``: Mixpanel's
-    # ``$initial_referrer`` fields on /track, ``$set_once`` on /engage).
-    repairs_first_touch: bool
+    # First touches kept and repaired (``protocols.firsttouch``: Mixpanel's
+    # ``$initial_referrer`` fields on /track, ``$set_once`` on /engage); None: not kept.
+    first_touch: Touches | None
     # The SDK's own anonymous-id cookie the server may set to the canonical id (None: none).
     cookie: str | None
 

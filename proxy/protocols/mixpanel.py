@@ -34,9 +34,11 @@ import orjson
 
 from ..core import codec
 from ..core.bridge import strip_everywhere, token_in_url
+from ..core.cookie import cookie_pairs
 from ..core.identity import anon_id, strip_device
 from ..core.rewrite import Rewrite, map_id, rewrite_fields, rewrite_query
 from ..core.scrub import clean_fields
+from .firsttouch import FIRST_TOUCH
 from .base import (
     ACCEPTED,
     REJECTED,
@@ -449,6 +451,15 @@ def classify(status: int, body: bytes, retry_after: str | None) -> Verdict:
     return verdict
 
 
+# mixpanel-js's opt_out_tracking() with cookie persistence: ``__mp_opt_in_out_<token>=0``.
+OPT_OUT_COOKIE_PREFIX = "__mp_opt_in_out_"
+
+
+def opted_out(cookie_header: str) -> bool:
+    """Whether a Cookie header holds mixpanel-js's opt-out (``core.consent``'s SDK signal)."""
+    return any(k.startswith(OPT_OUT_COOKIE_PREFIX) and v == "0" for k, v in cookie_pairs(cookie_header))
+
+
 def refuses(event: dict[str, Any], required: tuple[str, ...]) -> bool:
     """Mixpanel events carry no consent of their own: mixpanel-js's opt-out is a
     cookie (``core.consent``), and an opted-out SDK sends nothing."""
@@ -536,7 +547,7 @@ class Mixpanel:
     expiring_routes = frozenset({"track"})  # /import takes old events; /track does not
     passthrough = True
     cookie: str | None = None  # mixpanel-js keeps its id in a cookie of its own naming, never set here
-    repairs_first_touch = True
+    first_touch = FIRST_TOUCH
     verbose = staticmethod(wants_verbose)
     reencode = staticmethod(reencode)
     decode = staticmethod(decode)

@@ -354,7 +354,7 @@ class Segment:
     expiring_routes: frozenset[str] = frozenset()  # Segment takes a call's own timestamp of any age
     passthrough = False  # forwarded as a batch of its calls, in sync mode too
     cookie: str | None = COOKIE
-    repairs_first_touch = False
+    first_touch = None
     verbose = staticmethod(verbose)
     reencode = None  # its calls travel as batches the proxy builds (``batch``), in sync mode too
     decode = staticmethod(decode)

@@ -339,7 +339,7 @@ class AliasStore:
         await self._set_json(self._key(CARRY, canonical), values)
 
     async def first_touch(self, canonical: str) -> dict[str, Any]:
-        """The first external touch kept for ``canonical`` (``core.firsttouch``), {} if none."""
+        """The first external touch kept for ``canonical`` (``protocols.firsttouch``), {} if none."""
         return await self._get_json(self._key(TOUCH, canonical))
 
     async def set_first_touch(self, canonical: str, touch: Mapping[str, Any]) -> bool:

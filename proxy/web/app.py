@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import asdict
 from functools import partial
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -307,6 +308,6 @@ async def _bind_ctx(app: web.Application) -> AsyncIterator[None]:
         live=app[LIVE],
     )
     app[FRONT].bind(
-        services, CookieJar(settings.cookie), OriginPolicy(settings.cors.allowed_origins), SimpleMemoryCache(timeout=None)
+        services, CookieJar(**asdict(settings.cookie)), OriginPolicy(settings.cors.allowed_origins), SimpleMemoryCache(timeout=None)
     )
     yield

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import asdict
 from urllib.parse import urlsplit
 from typing import Any
 
@@ -261,7 +262,7 @@ class CrossDomain:
         self.tokens.count(result)
 
     def _consent(self, request: web.Request) -> str:
-        return consent.state(request.headers, self.front.settings.consent)
+        return consent.state(request.headers, self.front.c.signals)
 
     def _target(self, to: str | None, what: str = "to") -> tuple[str, str]:
         """A link or return target: a linked domain, https unless the cookie
@@ -440,7 +441,7 @@ class CrossDomain:
             self._count("bot")
             body: dict[str, Any] = {"id": None, "source": "bot", **({"token": "refused"} if token else {})}
             return self.front.finish(json_response(body, headers={"Cache-Control": "no-store"}), visit, None, "id")
-        refused = consent.refusal(request.headers, self.front.settings.consent)
+        refused = consent.refusal(request.headers, self.front.c.signals)
         owner = visit.hint or visit.cookie_id or f"landing:{uuid.uuid4().hex}"
         if not refused and token and await self.tokens.refusal_follows(token, visit.host, owner):
             refused = "token"  # refused on another domain; the refusal follows the visitor
@@ -549,10 +550,8 @@ class CrossDomain:
     def _hub_jar(self) -> CookieJar:
         jar = getattr(self, "_jar", None)
         if jar is None:
-            from dataclasses import replace
-
-            settings = self.front.settings.cookie
-            jar = self._jar = CookieJar(replace(settings, name=self._cfg.hub_cookie_name, domains=()))
+            settings = {**asdict(self.front.settings.cookie), "name": self._cfg.hub_cookie_name, "domains": ()}
+            jar = self._jar = CookieJar(**settings)
         return jar
 
     async def hub_ping(self, request: web.Request) -> web.Response:

@@ -199,6 +199,6 @@ class Front:
         if why == "token" and self.settings.consent.opt_out_cookie:
             domain = self.jar.domain_for(visit.host)
             secure = self.settings.cookie.secure
-            response.headers.add("Set-Cookie", consent.opt_out_cookie_header(self.settings.consent, domain, secure))
+            response.headers.add("Set-Cookie", consent.opt_out_cookie_header(self.settings.consent.opt_out_cookie, domain, secure))
         response.headers["Cache-Control"] = "private, no-store"
         return response

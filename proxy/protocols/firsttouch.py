@@ -9,6 +9,10 @@ hop from www.site-a.com to checkout.site-b.com, site B's storage is new: its
 The proxy keeps the first touch whose referring domain is not one of the
 site's own (``cookie.domains``, ``identity.linked_domains``) and repairs
 events and profile updates that name an own domain instead. Pure.
+
+These are mixpanel-js's fields: the Mixpanel protocol offers them to the
+pipeline's enrich stage as ``FIRST_TOUCH`` (``WireProtocol.first_touch``),
+which asks its questions without naming a field.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .cookie import host_matches
-from .rewrite import Rewrite
+from ..core.cookie import host_matches
+from ..core.rewrite import Rewrite
 
 REFERRER_FIELDS = ("$initial_referrer", "$initial_referring_domain")
 # mixpanel-js's CAMPAIGN_KEYWORDS (src/utils.js): the landing URL's parameters it records.
@@ -74,3 +78,36 @@ def repair_profile(set_once: dict[str, Any], kept: Mapping[str, Any]) -> list[Re
             out.append(Rewrite(field, str(set_once[field]), first))
             set_once[field] = first
     return out
+
+
+class FirstTouch:
+    """What the enrich stage asks of an event about its first touch."""
+
+    @staticmethod
+    def external(route: str, event: Mapping[str, Any], own_domains: Sequence[str]) -> dict[str, Any] | None:
+        """A track event's first touch, when it is an external one (to keep)."""
+        props = event.get("properties") if route == "track" else None
+        return touch_of(props, own_domains) if isinstance(props, dict) else None
+
+    @staticmethod
+    def names_own(route: str, event: Mapping[str, Any], own_domains: Sequence[str]) -> bool:
+        """A track event whose first referrer is one of the site's own domains (to repair)."""
+        props = event.get("properties") if route == "track" else None
+        return isinstance(props, dict) and own(props.get("$initial_referring_domain"), own_domains)
+
+    @staticmethod
+    def on_profile(route: str, event: Mapping[str, Any]) -> bool:
+        """A profile update that sets first-touch properties once (``$set_once``)."""
+        return route == "engage" and isinstance(event.get("$set_once"), dict)
+
+    @staticmethod
+    def repair(route: str, event: dict[str, Any], kept: Mapping[str, Any], own_domains: Sequence[str]) -> list[Rewrite]:
+        """The event given the kept first touch where it names an own domain; what changed."""
+        if route == "track":
+            props = event.get("properties")
+            return repair_event(props, kept, own_domains) if isinstance(props, dict) else []
+        set_once = event.get("$set_once") if route == "engage" else None
+        return repair_profile(set_once, kept) if kept and isinstance(set_once, dict) else []
+
+
+FIRST_TOUCH = FirstTouch()
