@@ -139,3 +139,25 @@ def test_no_module_hides_an_import_behind_type_checking():
     none is left, so the graph above is the whole truth."""
     hiding = [name for name, path in MODULES.items() if "TYPE_CHECKING" in path.read_text()]
     assert hiding == []
+
+
+# Declarative tables may run long: one line per metric, nothing to follow.
+LONG_TABLES = {("proxy.services.metrics", "__init__")}
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_in_proxy_is_over_sixty_lines_except_declarative_tables():
+    long = [
+        (name, node.name, node.end_lineno - node.lineno + 1)
+        for name, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+        and (name, node.name) not in LONG_TABLES
+    ]
+    assert not long, long
+    # Each allowed table still exists and is still long (the list may only shrink).
+    for module, function in LONG_TABLES:
+        lengths = [n.end_lineno - n.lineno + 1 for n in ast.walk(ast.parse(MODULES[module].read_text()))
+                   if isinstance(n, ast.FunctionDef) and n.name == function]
+        assert lengths and max(lengths) > MAX_FUNCTION_LINES, (module, function)
