@@ -510,7 +510,9 @@ def _give_back_space(path: Path) -> Callable[[sqlite3.Connection], int]:
     def give_back(c: sqlite3.Connection) -> int:
         with contextlib.suppress(sqlite3.DatabaseError):
             c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            c.execute("PRAGMA incremental_vacuum").fetchall()
+            # Every free page: executed as a statement, the pragma would run one
+            # step (one page); as a script it runs to its end.
+            c.executescript("PRAGMA incremental_vacuum;")
             c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return _usable_space_of(path)(c)
 
