@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KILLED = {1, 3, 36, 24, -24, 152, 37}  # tests failed, pytest errored, timed out, caught by type check
+KILLED = {1, 3, 36, 24, -24, 152, 37, -11}  # tests failed, pytest errored, timed out, caught by type check, crashed (SIGSEGV)
 SURVIVED = {0}
 NO_TESTS = {5, 33}
 

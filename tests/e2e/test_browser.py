@@ -66,15 +66,19 @@ AWKWARD = "Café ☕ 日本 + / = & %2B ?x=1#y \"quoted\""
 # ----------------------------------------------------------------- helpers
 
 
-def visit_then_wipe(site: Site, host: str, path: str, mp: str = "/mp/") -> list[dict[str, Any]]:
+def visit_then_wipe(
+    site: Site, host: str, path: str, mp: str = "/mp/", settle: tuple[dict[str, Any], ...] = ()
+) -> list[dict[str, Any]]:
     """A first visit that gets the fp_id cookie (results["first"] holds the SDK's ids),
     then Safari-style loss of script storage and a reload (results["second"]).
+    ``settle``: waits for the first page's other requests, which the reload would abort.
 
     Requests of the reloaded page are counted from the mark before the reload."""
     return [
         goto(site, host, path),
         js(f"mixpanel.track('First visit', {{}}, {{send_immediately: true}}); return {IDS};", "first"),
         wait(mp + "track/", event("First visit")),
+        *settle,
         {"op": "cookies", "save": "cookies_before"},
         # Some time passes before the storage is gone. With conftest.IDENTITY every
         # device change is a renewal, but the proxy stores sighting times rounded to
@@ -460,7 +464,8 @@ async def test_feature_flags_context_is_rewritten(site: Site) -> None:
     path = site.page("flags", {**FAST, "flags": True, "remote_settings_mode": "fallback"})
     run = await drive(
         [
-            *visit_then_wipe(site, "www.site-a.test", path),
+            # The first page's settings fetch answered before the reload, which would abort it.
+            *visit_then_wipe(site, "www.site-a.test", path, settle=(wait("/mp/settings/"),)),
             wait("/mp/flags/"),
             js("return await mixpanel.flags.get_variant_value('new-checkout', 'fallback');", "variant"),
             wait("/mp/track/", event("$experiment_started")),

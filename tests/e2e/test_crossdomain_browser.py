@@ -344,11 +344,11 @@ async def test_hub_down_keeps_the_per_domain_id(xsite: Site) -> None:
     assert not {k: v for k, v in counts.items() if v}, counts
 
 
-@pytest.mark.parametrize("xsite", [{"hub": "up", "delay": {"/hub/ping": 1.2}}], indirect=True, ids=["slow-hub"])
+@pytest.mark.parametrize("xsite", [{"hub": "up", "delay": {"/hub/ping": 1.0}}], indirect=True, ids=["slow-hub"])
 async def test_page_view_waits_for_a_slow_hub(xsite: Site) -> None:
     """3b. The page tracks its page view as it loads (what sites do) and the hub answers its
-    ping after 1.2 s (a remote hub; test-only latency, under hub.js's 1.5 s limit). With
-    mixpanel.init inside firstpartyHub.ready, the SDK never runs on the page that leaves for
+    ping after 1.0 s (a remote hub; test-only latency, under hub.js's 1.5 s limit with room
+    for a loaded machine). With mixpanel.init inside firstpartyHub.ready, the SDK never runs on the page that leaves for
     the hub, so every event of this browser reaches Mixpanel under one id, the hub's.
     (Found by this test: with a plain mixpanel.init the first page view went out under the
     SDK's own id before hub.js left, and was never joined to the hub's.)"""
