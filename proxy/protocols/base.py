@@ -60,7 +60,7 @@ class Payload:
     wants_ip: bool
     # The protocol's own record of how the events arrived, to re-encode alike.
     form: Any = None
-    # Substring test over the raw JSON text (C speed): can any value hold ``needle``?
+    # The raw JSON text, for a substring test (C speed): ``mentions``.
     text: bytes | str = b""
 
     def release(self) -> None:
@@ -71,9 +71,13 @@ class Payload:
         self.text = b""
 
     def mentions(self, needle: str) -> bool:
-        if isinstance(self.text, str):
-            return needle in self.text
-        return needle.encode() in self.text
+        """Whether any value can hold ``needle``: the JSON text holds it, or holds
+        a ``\\u`` escape that could spell it once decoded (``fpb\\u003d``: no SDK
+        writes one, a hand-made payload may)."""
+        text = self.text
+        if isinstance(text, str):
+            return needle in text or "\\u" in text
+        return needle.encode() in text or b"\\u" in text
 
 
 class EventFacts(NamedTuple):
