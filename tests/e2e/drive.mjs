@@ -413,14 +413,22 @@ async function main() {
       break;
     }
   }
-  // Let in-flight responses settle (bounded) so their headers are reported: an
-  // XHR or fetch always ends (answered or failed), so it gets longer on a loaded
-  // machine; a beacon's end is not always reported, so the rest gets 2 s.
+  // Let in-flight responses settle (bounded) so their answers are reported. An
+  // XHR or fetch always ends (answered or failed): up to 15 s, for a loaded
+  // machine. The SDK may start one more batch after the last step (its flush
+  // timer: 100 ms in these pages), so settle until no request has started for
+  // 300 ms. A beacon's end is not always reported: the rest gets 2 s.
   const bounded = (items, ms) => Promise.race([
     Promise.all(items.map((t) => t.settled)),
-    new Promise((r) => setTimeout(r, ms)),
+    new Promise((r) => setTimeout(r, Math.max(0, ms))),
   ]);
-  await bounded(tracked.filter((t) => t.entry.resource_type !== 'ping'), 15000);
+  const until = Date.now() + 15000;
+  for (;;) {
+    const count = tracked.length;
+    await bounded(tracked.filter((t) => t.entry.resource_type !== 'ping'), until - Date.now());
+    await new Promise((r) => setTimeout(r, 300));
+    if (tracked.length === count || Date.now() >= until) break;
+  }
   await bounded([...tracked, ...documents], 2000);
 }
 
