@@ -778,3 +778,10 @@ async def attackers_link(site: Site) -> tuple[dict[str, Any], str]:
         answer["token"], purpose="bridge", audience="site-b.test", now=time.time()
     ).canonical_id
     return answer, attacker
+
+
+async def step(stage: Any, x: Any, c: Any) -> None:
+    """One pipeline stage as ``pipeline.run`` takes it: awaited when it hands back a coroutine."""
+    pending = stage(x, c)
+    if pending is not None:
+        await pending

@@ -31,7 +31,7 @@ from proxy.protocols.mixpanel import MIXPANEL
 from proxy.protocols.segment import SEGMENT
 from proxy.web.app import FRONT
 from tests.conftest import BROWSER, SEG_KEY, TOKEN, b64_body, device_id, js_event
-from tests.support import reserve_port
+from tests.support import reserve_port, step
 
 HOST = "www.example.com"
 
@@ -49,12 +49,6 @@ def exchange(
     x.body = body.encode() if isinstance(body, str) else body
     return x
 
-
-async def step(stage: Any, x: Exchange, c: Any) -> None:
-    """One stage as ``pipeline.run`` takes it: awaited when it hands back a coroutine."""
-    pending = stage(x, c)
-    if pending is not None:
-        await pending
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ from proxy.services.metrics import Metrics
 from proxy.services.store import AliasStore
 from proxy.services.upstream import SegmentUpstreams, UpstreamResponse, Upstreams
 from proxy.settings import build_settings
-from tests.support import metric
+from tests.support import metric, step
 
 TOKEN = "test-token-us"
 EU_TOKEN = "test-token-eu"
@@ -218,11 +218,6 @@ def ex(body: bytes | str = b"", *, route: str = "track", protocol: Any = MIXPANE
     x.body = body.encode() if isinstance(body, str) else body
     return x
 
-
-async def step(stage: Any, x: Exchange, c: Context) -> None:
-    pending = stage(x, c)
-    if pending is not None:
-        await pending
 
 
 async def through(stages: Any, x: Exchange, c: Context) -> Exchange:
