@@ -35,7 +35,7 @@ _NO = frozenset({"1", "true", "yes", "y", "on", "denied", "deny", "out", "opt-ou
 
 @dataclass(frozen=True, slots=True)
 class Signals:
-    """The refusals honoured here (``[consent]``, built by ``pipeline.consent.signals``)."""
+    """The refusals honoured here (``[consent]``, built by ``pipeline.context.consent_signals``)."""
 
     opt_out_cookie: str = "fp_optout"  # the site's own opt-out cookie; "" to ignore
     # An SDK's own opt-out cookies (the protocols know them): the reason, a
