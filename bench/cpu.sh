@@ -4,11 +4,12 @@
 #   KIND: sync | spool | spool-no-sqlite | spool-no-sender | spool-no-delivery-log |
 #         spool-no-upstream-call | spool-no-spool | spool-read-only | floor-app | floor-spool | floor-spool-rows | floor-sync | floor-httptools
 #   EVENTS=10 bench/cpu.sh spool: the same POST carrying 10 events (CPU per request; per event = /10)
+#   STRACE=out.txt bench/cpu.sh spool 1: also counts the server's system calls per request
 #   PROFILE=out.txt bench/cpu.sh spool 1: also samples the server with py-spy during the
 #     runs and writes its collapsed stacks to out.txt (py-spy from pip)
 # The measured server is pinned to CPU 0, wrk and a fast nginx upstream to CPU 1;
 # the bench's mixpanel-js-shaped POST; prints req/s and CPU µs/req (utime+stime
-# of the server process over requests completed) for each 5 s run. Interleave
+# of the server process over requests completed; of it, the kernel's; minor page faults) for each 5 s run. Interleave
 # kinds when comparing: these machines are noisy. Everything on 127.0.0.1;
 # stops what it started.
 set -euo pipefail
@@ -62,17 +63,31 @@ if [ -n "${PROFILE:-}" ]; then
   py-spy record --nonblocking --format raw --rate 500 --duration $((runs * 5)) --pid "$pp" -o "$PROFILE" >/dev/null 2>&1 & spy=$!
   sleep 0.5
 fi
+if [ -n "${STRACE:-}" ]; then
+  # STRACE=out.txt: count the server's system calls (all threads) over the runs; the
+  # summary ends with them per request. strace slows the server: read its counts, not its CPU.
+  command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
+  strace -f -c -o "$STRACE" -p "$pp" 2>/dev/null & tracer=$!
+  sleep 0.5
+fi
+total=0
 for r in $(seq "$runs"); do
-  c0=$(awk '{print $14+$15}' "/proc/$pp/stat")
+  read -r c0 k0 f0 < <(awk '{print $14+$15, $15, $10}' "/proc/$pp/stat")
   for t in /proc/$pp/task/*; do echo "$(basename "$t") $(awk '{print $14+$15}' "$t/stat") $(cat "$t/comm")"; done > "$tmp/threads0"
   out=$(taskset -c 1 wrk -t2 -c64 -d5s -s "$tmp/post.lua" "$url")
   sleep 0.3
-  c1=$(awk '{print $14+$15}' "/proc/$pp/stat")
+  read -r c1 k1 f1 < <(awk '{print $14+$15, $15, $10}' "/proc/$pp/stat")
   for t in /proc/$pp/task/*; do echo "$(basename "$t") $(awk '{print $14+$15}' "$t/stat") $(cat "$t/comm")"; done > "$tmp/threads1"
-  n=$(echo "$out" | awk '/requests in/{print $1}'); rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
-  python3 -c "print('$kind run $r: %s req/s, %.1f CPU µs/req' % ('$rps', ($c1 - $c0) * 1e6 / $tick / $n))"
+  n=$(echo "$out" | awk '/requests in/{print $1}'); total=$((total + n)); rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
+  # Of the CPU, the kernel's part (stime: sockets, SQLite's writes and fsyncs, page faults),
+  # which callgrind's instruction counts do not see; and minor page faults per request.
+  python3 -c "print('$kind run $r: %s req/s, %.1f CPU µs/req (kernel %.1f), %.2f page faults/req' % ('$rps', ($c1 - $c0) * 1e6 / $tick / $n, ($k1 - $k0) * 1e6 / $tick / $n, ($f1 - $f0) / $n))"
   # THREADS=1: the same per thread (the event loop, the spool's SQLite thread, ...).
   [ -z "${THREADS:-}" ] || join "$tmp/threads0" "$tmp/threads1" | awk -v n="$n" -v tick="$tick" \
     '{d=$4-$2; if (d>0) printf "  thread %-16s %.1f CPU µs/req\n", $3, d*1e6/tick/n}'
 done
 [ -z "${spy:-}" ] || wait "$spy" || true
+if [ -n "${tracer:-}" ]; then
+  kill -INT "$tracer"; wait "$tracer" || true
+  awk -v n="$total" '$1 ~ /^[0-9.]+$/ && NF >= 5 {c=$4; name=$NF; if (name != "total") printf "  %-16s %.3f calls/req\n", name, c/n}' "$STRACE" | sort -k2 -nr | head -12
+fi

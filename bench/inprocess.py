@@ -8,6 +8,7 @@ the script starts (and stops) on 127.0.0.1.
     python bench/inprocess.py --instructions [--events 10]   # under callgrind
     python bench/inprocess.py --instructions --ablate no-delivery-log   # a part taken away (bench/ablate.py)
     python bench/inprocess.py --instructions --mode floor   # the durable floor (bench/floor_spool.py), alike
+    python bench/inprocess.py --instructions --by-library   # and where they go: python, libsqlite3, orjson...
 
 It prints CPU µs per request (the whole process, and per thread: the event
 loop, the spool's SQLite thread) once the spool has drained, so the sender's
@@ -211,6 +212,7 @@ def instructions(args: argparse.Namespace) -> None:
     if not shutil.which("valgrind"):
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     totals = []
+    libraries: list[dict[str, int]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in (args.requests, 2 * args.requests):
             out = Path(tmp) / f"cg.{n}"
@@ -223,9 +225,30 @@ def instructions(args: argparse.Namespace) -> None:
             if not match:
                 raise SystemExit("callgrind_annotate printed no total")
             totals.append(int(match.group(1).replace(",", "")))
-    per = (totals[1] - totals[0]) / (args.requests // CONCURRENCY * CONCURRENCY)
+            if args.by_library:
+                text = subprocess.run(["callgrind_annotate", "--threshold=100", str(out)], capture_output=True,
+                                      text=True, check=True).stdout
+                libraries.append(by_library(text))
+    requests = args.requests // CONCURRENCY * CONCURRENCY
+    per = (totals[1] - totals[0]) / requests
     label = f"{args.mode} {args.ablate}" if args.ablate else args.mode
     print(f"{label}, {args.events} event(s) per request: {per:,.0f} instructions per request (user space, callgrind)")
+    if libraries:
+        first, second = libraries
+        rows = sorted(((second.get(k, 0) - first.get(k, 0)) / requests, k) for k in set(first) | set(second))
+        for count, name in reversed(rows):
+            if count >= 1000:
+                print(f"  {count:>10,.0f}  {name}")
+
+
+def by_library(annotated: str) -> dict[str, int]:
+    """callgrind_annotate's per-function lines summed by the object file they
+    are in (the interpreter, SQLite, orjson, libc, OpenSSL...)."""
+    sums: dict[str, int] = {}
+    for match in re.finditer(r"^\s*([\d,]+) \([^)]*\)\s+\S.*\[(.+?)\]\s*$", annotated, re.M):
+        name = Path(match.group(2)).name
+        sums[name] = sums.get(name, 0) + int(match.group(1).replace(",", ""))
+    return sums
 
 
 def main() -> None:
@@ -235,6 +258,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["spool", "sync", "floor"], default="spool",
                         help="floor: bench/floor_spool.py's durable floor instead of the proxy")
     parser.add_argument("--instructions", action="store_true")
+    parser.add_argument("--by-library", action="store_true",
+                        help="with --instructions: also per object file (python, libsqlite3, orjson, libc...)")
     parser.add_argument("--toml", default="", help='settings sections added to the bench\'s own, "\\n" for newlines '
                         '(e.g. \'[privacy]\\nbots = "keep"\\nscrub_query_params = []\')')
     parser.add_argument("--ablate", choices=sorted(ABLATIONS), help="take one part away (bench/ablate.py)")

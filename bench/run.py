@@ -272,18 +272,21 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def tree_cpu_seconds(root: int) -> tuple[float, list[int]]:
-    """utime+stime of root and its descendants, plus cutime+cstime of root (reaped children)."""
-    ticks = 0
+def tree_cpu_seconds(root: int) -> tuple[float, float, list[int]]:
+    """utime+stime of root and its descendants, plus cutime+cstime of root (reaped children),
+    and the kernel's part of it (stime, cstime)."""
+    ticks = sys_ticks = 0
     pids = process_tree(root)
     for pid in pids:
         st = _read_stat(pid)
         if st is None:
             continue
         ticks += int(st[11]) + int(st[12])  # utime, stime
+        sys_ticks += int(st[12])
         if pid == root:
             ticks += int(st[13]) + int(st[14])  # cutime, cstime
-    return ticks / CLK_TCK, pids
+            sys_ticks += int(st[14])
+    return ticks / CLK_TCK, sys_ticks / CLK_TCK, pids
 
 
 def all_proc_ticks() -> dict[int, tuple[str, int, int]]:
@@ -374,10 +377,14 @@ class Managed:
         return self.proc.poll() is None
 
     def cpu_seconds(self) -> float:
-        secs, pids = tree_cpu_seconds(self.pid)
+        return self.cpu_split()[0]
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(CPU seconds, of which in the kernel) of the process tree."""
+        secs, sys_secs, pids = tree_cpu_seconds(self.pid)
         for p in pids:
             self.known.setdefault(p, _starttime(p))
-        return secs
+        return secs, sys_secs
 
     def stderr_tail(self, n: int = 4000) -> str:
         try:
@@ -643,8 +650,13 @@ class Target:
         self.extra: list[Managed] = []  # row G: its nats-server, whose CPU counts as the row's
 
     def cpu_seconds(self) -> float:
+        return self.cpu_split()[0]
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(CPU seconds, of which in the kernel) of the row's processes."""
         assert self.proc is not None
-        return self.proc.cpu_seconds() + sum(p.cpu_seconds() for p in self.extra)
+        splits = [self.proc.cpu_split(), *(p.cpu_split() for p in self.extra)]
+        return sum(t for t, _ in splits), sum(k for _, k in splits)
 
 
 def stub_status(port: int | None) -> dict[str, int] | None:
@@ -812,7 +824,7 @@ def measure(target: Target, tools: dict[str, str], pin_load: list[str], lua: Pat
     pc0 = proxy_counters(target.port) if spool else None
     p0 = all_proc_ticks()
     c0 = core_times()
-    s0 = target.cpu_seconds()
+    s0, k0 = target.cpu_split()
     u0 = up_proc.cpu_seconds() if up_proc else None
     res = run_wrk(tools["wrk"], pin_load, target.url, lua, threads, conns, seconds)
     res["upstream_idle_at_start"] = idle
@@ -820,12 +832,12 @@ def measure(target: Target, tools: dict[str, str], pin_load: list[str], lua: Pat
     # still being forwarded and would otherwise be counted against the requests wrk completed.
     # (Spool rows are read after the drain instead.)
     uc1 = None if spool else upstream_counts(up)
-    s1 = target.cpu_seconds()
+    s1, k1 = target.cpu_split()
     u1 = up_proc.cpu_seconds() if up_proc else None
     c1 = core_times()
     p1 = all_proc_ticks()
     n = res.get("requests") or 0
-    s_total = s1 - s0
+    s_total, k_total = s1 - s0, k1 - k0
     if spool:
         if pc0 is None:
             res["delivery"] = {"drained": False, "error": "GET /metrics failed before the run"}
@@ -839,7 +851,8 @@ def measure(target: Target, tools: dict[str, str], pin_load: list[str], lua: Pat
                                       and not d.get("dead_letter") and not d.get("expired")
                                       and d.get("forwarded", 0) >= n)
             res["delivery"] = d
-        s_total = target.cpu_seconds() - s0  # includes the sender's work after wrk stopped
+        s_end, k_end = target.cpu_split()  # includes the sender's work after wrk stopped
+        s_total, k_total = s_end - s0, k_end - k0
     if spool:
         uc1 = upstream_counts(up)
     ud = upstream_delta(up, uc0, uc1) if up else None
@@ -865,6 +878,9 @@ def measure(target: Target, tools: dict[str, str], pin_load: list[str], lua: Pat
     # CPU µs/req: for spool rows this includes the sender's work after wrk stopped (draining the
     # spool), so it is the whole cost of an event, not only the part on the request path.
     res["server_cpu_us_per_req"] = round(s_total * 1e6 / n, 2) if n else None
+    # Of it, in the kernel (stime): sockets, SQLite's writes and fsyncs, the log's writes. What
+    # callgrind's instruction counts (bench/inprocess.py --instructions) do not see.
+    res["server_sys_us_per_req"] = round(k_total * 1e6 / n, 2) if n else None
     res["server_cpu_us_per_req_load_only"] = round((s1 - s0) * 1e6 / n, 2) if n else None
     el = res.get("elapsed_s") or seconds
     res["server_cpu_pct"] = round(100 * (s1 - s0) / el, 1)
@@ -935,6 +951,7 @@ def summarize(t: Target) -> dict[str, Any]:
         "p50_us": med([r.get("p50_us") for r in ok_runs]),
         "p99_us": med([r.get("p99_us") for r in ok_runs]),
         "cpu_us_per_req": med([r.get("server_cpu_us_per_req") for r in ok_runs]),
+        "sys_us_per_req": med([r.get("server_sys_us_per_req") for r in ok_runs]),
         "cpu_us_per_req_load_only": med([r.get("server_cpu_us_per_req_load_only") for r in ok_runs]),
         "server_cpu_pct": med([r.get("server_cpu_pct") for r in ok_runs]),
         "wrk_cpu_pct": med([r.get("wrk_cpu_pct") for r in ok_runs]),
@@ -1043,6 +1060,12 @@ def floor_lines(summ: dict[str, dict[str, Any]]) -> list[str]:
     ours_marginal = (cpu["F"] - cpu["D"]) / n if (cpu["F"] and cpu["D"]) else None
     row(f"marginal CPU of one more event, µs (I - H) / {n} and (F - D) / {n} (target: ≤ 20)", floor_marginal,
         ours_marginal, " µs")
+    # The kernel's part (stime) of the same figures: what instruction counts under callgrind miss.
+    ker = {k: summ.get(k, {}).get("sys_us_per_req") for k in "DFHI"}
+    row("of a 1-event request's CPU, in the kernel, µs (H and D)", ker["H"], ker["D"], " µs")
+    if all(ker.values()):
+        row(f"of the marginal event, in the kernel, µs (I - H) / {n} and (F - D) / {n}",
+            (ker["I"] - ker["H"]) / n, (ker["F"] - ker["D"]) / n, " µs")
     return out
 
 
