@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
     try:
-        return COMMANDS[args.command](args)  # type: ignore[no-any-return]
+        return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"firstparty: {exc}", file=sys.stderr)
         return 2

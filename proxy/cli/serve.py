@@ -182,7 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     alive = {p.sentinel: p for p in procs}
     while alive:
         for sentinel in multiprocessing.connection.wait(list(alive)):
-            gone = alive.pop(sentinel)  # type: ignore[call-overload]
+            gone = alive.pop(sentinel)  # type: ignore[arg-type]  # (wait() gives back the sentinels)
             gone.join()
             if gone.pid:
                 worker_exited(gone.pid)  # its spool gauges leave the totals

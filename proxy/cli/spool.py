@@ -82,7 +82,7 @@ def _jetstream_stats(args: argparse.Namespace) -> dict[str, Any]:
 
     import asyncio
 
-    return asyncio.run(_jetstream(args, work))  # type: ignore[no-any-return]
+    return asyncio.run(_jetstream(args, work))
 
 
 def cmd_spool_stats(args: argparse.Namespace) -> int:
@@ -127,7 +127,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         import asyncio
 
         async def work(queue: Any) -> int:
-            return await queue.replay(args.reason)  # type: ignore[no-any-return]
+            return await queue.replay(args.reason)
 
         moved = asyncio.run(_jetstream(args, work))
     for path in _spool_files(args) if load_settings(args.config).delivery.queue != "jetstream" else []:

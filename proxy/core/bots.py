@@ -18,8 +18,8 @@ Pure: no settings, no I/O after the list is read once.
 from __future__ import annotations
 
 import re
-from re import _constants as sre_constants  # the pattern parser's opcodes
-from re import _parser as sre_parser
+from re import _constants as sre_constants  # type: ignore[attr-defined]  # the pattern parser's opcodes
+from re import _parser as sre_parser  # type: ignore[attr-defined]
 
 import crawleruseragents
 

@@ -265,14 +265,14 @@ def _data_only(value: bytes) -> Decoded | None:
     way: ``test_codec`` checks both paths against each other)."""
     if b"+" in value:  # a space in form encoding: the repairing path's case
         return None
-    value = _unescape_base64(value)
-    if not value or value[:1] in b"{[ \t\r\n":
+    unescaped = _unescape_base64(value)
+    if not unescaped or unescaped[:1] in b"{[ \t\r\n":
         return None
     try:
         # pybase64's validate accepts nothing binascii's strict mode refuses
         # (test_codec holds it to that); what it refuses (``AAAA=``) the form
         # parser's path reads. A twentieth of the cost, on every request.
-        raw = pybase64.b64decode(value, validate=True)
+        raw = pybase64.b64decode(unescaped, validate=True)
     except (binascii.Error, ValueError):
         return None
     events, is_array = check_events(_loads(raw), _brackets(raw))

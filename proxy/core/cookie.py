@@ -76,7 +76,7 @@ class CookieJar:
             readable += "; Secure"
         # Cookies an SDK reads itself (analytics.js's ajs_anonymous_id): the
         # same Domain, Path and lifetime, without HttpOnly.
-        self._readable = {d: f"; Domain={d}{readable}" for d in domains}
+        self._readable: dict[str | None, str] = {d: f"; Domain={d}{readable}" for d in domains}
         self._readable[None] = readable
         self._host_only_suffix = common
         self._suffix_by_domain = {d: f"; Domain={d}{common}" for d in domains}

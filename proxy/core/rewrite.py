@@ -12,7 +12,7 @@ written; an event without a mapped id is left exactly as it was.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from .identity import DEVICE_PREFIX
 
@@ -39,9 +39,9 @@ def rewrite_fields(target: dict[str, Any], fields: tuple[str, ...], mapping: Map
     for name in fields:
         value = target.get(name)
         new = map_id(value, mapping)
-        if new is not None:
+        if new is not None:  # only for a str value
             target[name] = new
-            out.append(Rewrite(name, value, new))
+            out.append(Rewrite(name, cast(str, value), new))
 
 
 def rewrite_query(
@@ -54,7 +54,7 @@ def rewrite_query(
     for name, value in query:
         new = map_id(value, mapping) if name in fields else None
         if new is not None:
-            out.append(Rewrite(name, value, new))
+            out.append(Rewrite(name, cast(str, value), new))
             value = new
         result.append((name, value))
     return result

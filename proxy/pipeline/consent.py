@@ -93,7 +93,8 @@ def anonymise(x: Exchange, c: Context, why: str) -> None:
     protocol, route, payload = x.protocol, x.route, x.payload
     assert payload is not None
     throwaway = f"anon-{uuid.uuid4()}"
-    kept, dropped = [], []
+    kept: list[Any] = []
+    dropped: list[Any] = []
     for event in payload.events:
         (kept if protocol.anonymise(route, event, throwaway) else dropped).append(event)
     if dropped:

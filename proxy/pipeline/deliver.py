@@ -79,13 +79,18 @@ async def spool(x: Exchange, c: Context) -> None:
     for region in {row.region for row in rows}:
         s.sender.notify(region)
     if letters:
-        old = [f for f in facts if f.time is not None and f.time < cutoff]
-        facts = [f for f in facts if not (f.time is not None and f.time < cutoff)]
+        old = [f for f in facts if _older(f, cutoff)]
+        facts = [f for f in facts if not _older(f, cutoff)]
         x.accept(EXPIRED, [f.name for f in old])
     # The insert ids only for the live view (the sender pairs its deliveries with them).
     ids = [f.insert_id for f in facts] if s.live.watching else None
     x.accept(SPOOLED, [f.name for f in facts], ids=ids)
     x.answer = protocol.accepted(payload.verbose)
+
+
+def _older(f: EventFacts, cutoff: float) -> bool:
+    """Whether an event's time (when it has one) is before ``cutoff``."""
+    return f.time is not None and f.time < cutoff
 
 
 def expired_apart(
@@ -99,7 +104,7 @@ def expired_apart(
     expired: list[NewRow] = []
     for a, b, part in x.parts:
         for old, into, size in ((False, rows, most), (True, expired, 1)):
-            chosen = [i for i in range(a, b) if (facts[i].time is not None and facts[i].time < cutoff) == old]
+            chosen = [i for i in range(a, b) if _older(facts[i], cutoff) == old]
             if chosen:
                 into += request_rows(route, wants_ip, protocol.name, [events[i] for i in chosen],
                                      [facts[i] for i in chosen], [per_event[i] for i in chosen] if per_event else [],

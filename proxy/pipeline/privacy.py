@@ -18,6 +18,8 @@ uses too); with ``privacy.forward_ip = false`` no IP of any kind travels.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..core.identity import Resolution
 from ..protocols.mixpanel import RECORD_ACCEPTED
 from .context import Context
@@ -62,7 +64,8 @@ def screen(x: Exchange, c: Context) -> None:
         x.drop(kind, protocol.names(route, events), rule="bot")
         x.answer = protocol.accepted(x.verbose)
         return
-    kept, dropped = [], []
+    kept: list[Any] = []
+    dropped: list[Any] = []
     for event in events:
         (kept if protocol.mark_bot(route, event, kind) else dropped).append(event)
     if dropped:

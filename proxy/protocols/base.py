@@ -196,7 +196,8 @@ class WireProtocol(Protocol):
 
     # A passthrough protocol's request re-encoded after its events changed:
     # (body, Content-Type, raw query or None). None for protocols that forward batches.
-    reencode: Callable[[Payload, list[tuple[str, str]]], tuple[bytes, str, str | None]] | None
+    @property
+    def reencode(self) -> Callable[[Payload, list[tuple[str, str]]], tuple[bytes, str, str | None]] | None: ...
 
     def decode(
         self,

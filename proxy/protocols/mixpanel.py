@@ -47,6 +47,7 @@ from .base import (
     Outbound,
     Payload,
     Run,
+    Touches,
     Verdict,
     classify_status,
 )
@@ -541,13 +542,13 @@ class Mixpanel:
 
     name = NAME
     spooled_routes = SPOOLED_ROUTES
-    max_batch_calls = None
-    max_batch_bytes = None
+    max_batch_calls: int | None = None
+    max_batch_bytes: int | None = None
     event_consent = False
-    expiring_routes = frozenset({"track"})  # /import takes old events; /track does not
+    expiring_routes: frozenset[str] = frozenset({"track"})  # /import takes old events; /track does not
     passthrough = True
     cookie: str | None = None  # mixpanel-js keeps its id in a cookie of its own naming, never set here
-    first_touch = FIRST_TOUCH
+    first_touch: Touches | None = FIRST_TOUCH
     verbose = staticmethod(wants_verbose)
     reencode = staticmethod(reencode)
     decode = staticmethod(decode)

@@ -37,7 +37,7 @@ from ..core.bridge import strip_everywhere, token_in_url
 from ..core.rewrite import Rewrite, rewrite_fields
 from ..core.scrub import clean_fields
 from ..errors import BadRequest
-from .base import Answer, EventFacts, Outbound, Payload, Run, basic_user, classify_status
+from .base import Answer, EventFacts, Outbound, Payload, Run, Touches, basic_user, classify_status
 
 NAME = "segment"
 # analytics.js's own anonymous-id cookie: read as a hint, and (``segment.set_ajs_cookie``)
@@ -348,13 +348,13 @@ class Segment:
 
     name = NAME
     spooled_routes = SPOOLED_ROUTES
-    max_batch_calls = MAX_BATCH_CALLS
-    max_batch_bytes = MAX_BATCH_BYTES
+    max_batch_calls: int | None = MAX_BATCH_CALLS
+    max_batch_bytes: int | None = MAX_BATCH_BYTES
     event_consent = True
     expiring_routes: frozenset[str] = frozenset()  # Segment takes a call's own timestamp of any age
     passthrough = False  # forwarded as a batch of its calls, in sync mode too
     cookie: str | None = COOKIE
-    first_touch = None
+    first_touch: Touches | None = None
     verbose = staticmethod(verbose)
     reencode = None  # its calls travel as batches the proxy builds (``batch``), in sync mode too
     decode = staticmethod(decode)

@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -61,10 +62,10 @@ def outcome_record(
     *,
     region: str | None = None,
     status: int | None = None,
-    insert_ids: list[str | None] | None = None,
+    insert_ids: Sequence[str | None] | None = None,
     canonical_ids: list[str] | None = None,
     sources: list[str] | None = None,
-    rewrites: list[tuple[str, str, str]] | None = None,
+    rewrites: Sequence[Sequence[str]] | None = None,
     attempts: int = 0,
     latency: float | None = None,
     queued: float | None = None,

@@ -90,7 +90,7 @@ class BoundedMemoryCache(SimpleMemoryCache):
         self.bytes += self._cost(key, value)
         self._evict()
 
-    async def _set(self, key, value, ttl=None, _cas_token=None, _conn=None):  # type: ignore[override]
+    async def _set(self, key, value, ttl=None, _cas_token=None, _conn=None):
         # No timers: memory entries live until the byte bound evicts them
         # (claims keep their own expiry in the value, ``AliasStore.claim_token``).
         self._store(key, value)
@@ -248,8 +248,7 @@ class AliasStore:
 
     async def aliases(self, ids: list[str]) -> dict[str, str]:
         """original id -> canonical id, for the ids the store knows."""
-        keyed = [(i, self._key(ALIAS, i)) for i in ids]
-        keyed = [(i, k) for i, k in keyed if k is not None]
+        keyed = [(i, k) for i in ids if (k := self._key(ALIAS, i)) is not None]
         if not keyed:
             return {}
         values = await self._get_many([k for _, k in keyed])
@@ -438,7 +437,7 @@ class AliasStore:
         if self._memory is not None:
             yield self._memory.scan_now(prefix)
             return
-        client = self._cache.client  # type: ignore[attr-defined]  # redis.asyncio, under aiocache
+        client = self._cache.client  # redis.asyncio, under aiocache
         built = self._cache.build_key(prefix)  # the namespace as aiocache spells it
         skip = len(built) - len(prefix)
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", built) + "*"
@@ -465,7 +464,7 @@ class AliasStore:
             current = self._memory.get_now(keys)
             self._memory.put_now([(k, f"forgotten|{v.rpartition('|')[2]}") for k, v in zip(keys, current) if v])
             return
-        client = self._cache.client  # type: ignore[attr-defined]
+        client = self._cache.client
         for key in keys:
             await client.set(self._cache.build_key(key), "forgotten", keepttl=True)
 
@@ -475,7 +474,7 @@ class AliasStore:
         if self._memory is not None:
             self._memory.delete_now(keys)
             return
-        client = self._cache.client  # type: ignore[attr-defined]
+        client = self._cache.client
         for i in range(0, len(keys), 500):
             await client.delete(*[self._cache.build_key(k) for k in keys[i : i + 500]])
 

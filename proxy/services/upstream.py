@@ -201,7 +201,7 @@ class UpstreamClient:
         proxy = self._proxies.get(endpoint.scheme)
         if proxy and self._no_proxy:
             # urllib's reading of NO_PROXY: host suffixes, "*", ports.
-            from urllib.request import proxy_bypass_environment
+            from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # (not in typeshed)
 
             if proxy_bypass_environment(endpoint.host_header, {"no": self._no_proxy}):
                 proxy = None

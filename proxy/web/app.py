@@ -149,7 +149,7 @@ def add_routes(app: web.Application, settings: Settings, edge: Edge, proxy: Prox
     cross = proxy.cross
     add = partial(edge.add, app)
     server = settings.server
-    mixpanel = {"error": MIXPANEL.error, "verbose": MIXPANEL.verbose}
+    mixpanel = partial(Spec, error=MIXPANEL.error, verbose=MIXPANEL.verbose)  # a Mixpanel-shaped route
     # Every route by every name it answers to: its own, and the aliases that name
     # it (mixpanel-js's api_routes: {track: "e/"} -> e = "track"), with and
     # without the trailing slash the SDKs add.
@@ -160,34 +160,34 @@ def add_routes(app: web.Application, settings: Settings, edge: Edge, proxy: Prox
             for trailing in ("", "/"):
                 if route in EVENT_ROUTES:
                     handler = proxy.events(route, f"/{route}{trailing}")
-                    add(f"{mount}{spelling}{trailing}", handler, Spec(route, **mixpanel, sheds=True))
+                    add(f"{mount}{spelling}{trailing}", handler, mixpanel(route, sheds=True))
                 else:
-                    add(f"{mount}{spelling}{trailing}", proxy.queries(route, f"/{route}{trailing}"), Spec(route, **mixpanel))
+                    add(f"{mount}{spelling}{trailing}", proxy.queries(route, f"/{route}{trailing}"), mixpanel(route))
                 if route == "flags":
                     add(f"{mount}{spelling}/{{flag}}/first-time-events{trailing}", proxy.queries("flags-first-time"),
-                        Spec("flags-first-time", **mixpanel))
+                        mixpanel("flags-first-time"))
         for name in LIB_PATHS:
             add(f"{mount}{name}", only(GET, partial(proxy.cdn.mixpanel_lib, name=name)), Spec("lib", error=text_error, cors=False))
         add_crossdomain(app, edge, mount, proxy)
         # Anything else under the mount: Mixpanel's 404 (and, for a path with
         # repeated slashes, the route without them: ``web.edge``).
-        add(f"{mount}{{tail:.*}}", proxy.not_found, Spec(UNKNOWN, **mixpanel))
+        add(f"{mount}{{tail:.*}}", proxy.not_found, mixpanel(UNKNOWN))
     # Segment: analytics.js's per-call paths (/v1/t ...), its batches (/v1/b),
     # the HTTP API's names and /v1/batch of the server SDKs.
     # analytics.js, its bundles and settings first-party (/seg/cdn/...), and
     # its own metrics (/v1/m), answered here and not forwarded.
-    segment = {"error": SEGMENT.error, "verbose": SEGMENT.verbose}
+    segment = partial(Spec, error=SEGMENT.error, verbose=SEGMENT.verbose)
     for mount in settings.segment.mounts:
         for route in sorted(segment_protocol.EVENT_ROUTES):
-            add(f"{mount}v1/{route}", proxy.events(route, f"/v1/{route}", SEGMENT), Spec(route, **segment, sheds=True))
-        add(f"{mount}v1/m", proxy.sdk_metrics, Spec("sdk-metrics", **segment))
+            add(f"{mount}v1/{route}", proxy.events(route, f"/v1/{route}", SEGMENT), segment(route, sheds=True))
+        add(f"{mount}v1/m", proxy.sdk_metrics, segment("sdk-metrics"))
         # The same cross-domain endpoints as under /mp/: nothing in them is Mixpanel's.
         add_crossdomain(app, edge, mount, proxy)
         add(f"{mount}cdn/{{tail:.*}}", proxy.cdn.segment(mount), Spec("cdn", error=text_error, cors=False))
     for mount in server.decide_mounts:  # /mp-decide/decide: the legacy decide endpoint on its own host
         for trailing in ("", "/"):
-            add(f"{mount}decide{trailing}", proxy.queries("decide", f"/decide{trailing}"), Spec("decide", **mixpanel))
-        add(f"{mount}{{tail:.*}}", proxy.not_found, Spec(UNKNOWN, **mixpanel))
+            add(f"{mount}decide{trailing}", proxy.queries("decide", f"/decide{trailing}"), mixpanel("decide"))
+        add(f"{mount}{{tail:.*}}", proxy.not_found, mixpanel(UNKNOWN))
     app.router.add_route("*", "/hub/resolve", only(GET, cross.hub_resolve))
     app.router.add_route("*", "/hub/ping", only(GET, cross.hub_ping))
     # For load balancers; /metrics and /readyz are on the ops listener only (web/ops).
@@ -243,6 +243,7 @@ async def _spool_ctx(app: web.Application) -> AsyncIterator[None]:
     if delivery.mode != "spool":
         yield
         return
+    spool: Queue
     if delivery.queue == "jetstream":
         from ..services.queue.jetstream import JetStreamQueue
 
@@ -269,8 +270,9 @@ async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
     spool = app[SPOOL]
     feed = None  # the local spool's (``delivery.SpoolFeed``)
     if settings.delivery.queue == "jetstream":
-        from ..services.queue.jetstream import StreamFeed
+        from ..services.queue.jetstream import JetStreamQueue, StreamFeed
 
+        assert isinstance(spool, JetStreamQueue)  # delivery.queue chose it (_spool_ctx)
         feed = StreamFeed(spool)
     sender = app[SENDER] = Sender(
         spool,

@@ -519,7 +519,7 @@ class CrossDomain:
         doc = "\n   Once per browser and domain it also asks the identity hub who this is."
         landing = self._landing_js(request, "hub.js", hub, doc)
         decorator = self._link_decorator(request.path.removesuffix("hub.js"))
-        return _script(landing.text + "\n" + decorator)
+        return _script(f"{landing.text}\n{decorator}")
 
     async def land_js(self, request: web.Request) -> web.Response:
         """For ``/mp/go`` landings without a hub: redeem, then clean the URL."""
@@ -576,15 +576,14 @@ class CrossDomain:
             # The refusal goes back in the token; the hub keeps no id for this browser.
             canonical = str(uuid.uuid4())
         else:
-            canonical = None
+            found = None
             for raw in own_cookie_values(request.headers.get("cookie"), jar.name):
-                canonical = jar.open(raw)
-                if canonical:
+                found = jar.open(raw)
+                if found:
                     break
-            if not canonical or not valid_id(canonical):
-                # No cookie of its own (first come, or purged as a bounce tracker's):
-                # the id the returning domain already has, else a new one.
-                canonical = await self._adopt(request, to) or str(uuid.uuid4())
+            # No cookie of its own (first come, or purged as a bounce tracker's):
+            # the id the returning domain already has, else a new one.
+            canonical = found if found and valid_id(found) else (await self._adopt(request, to) or str(uuid.uuid4()))
             headers["Set-Cookie"] = jar.set_cookie_header(canonical, request_host(request.headers.get("host")))
         headers["Location"] = decorate(to, self._cfg.token_param, self._seal(canonical, PURPOSE_HUB, audience, state))
         self._count("issued_hub")

@@ -442,6 +442,11 @@ class JetStreamQueue:
         if msg is not None:
             await msg.ack()
 
+    def requeue(self, row: Row) -> None:
+        """Never asked: a message holds one event (``rows_hold_requests`` is
+        False), and the sender requeues only rows of several."""
+        raise ValueError(f"a JetStream message holds one event; row {row.id} holds {row.count}")
+
     def count_attempt(self, rows: Iterable[Row]) -> None:
         """JetStream counts deliveries itself (``num_delivered``)."""
 

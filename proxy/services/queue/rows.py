@@ -100,7 +100,7 @@ def facts_of(rows: Iterable[Row]) -> BatchFacts:
 def event_metas(meta: Any, count: int = 1) -> list[dict[str, Any]]:
     """Each event's own ``{c, s, n, i, t, r}``, in order, from a row's meta."""
     cols = columns(meta, count)
-    out = [
+    out: list[dict[str, Any]] = [
         {"c": cols.canonical, "s": cols.source, "n": n, "i": i, "t": t, "r": []}
         for n, i, t in zip(cols.names, cols.insert_ids, cols.times)
     ]
@@ -127,7 +127,7 @@ class NewRow(NamedTuple):
     # ``meta`` as the handler built it, handed to the sender with the
     # committed row so the forwarded log does not decode it again (never stored).
     info: dict[str, Any] | None = None
-    count: int = 1
+    count: int = 1  # type: ignore[assignment]  # (events in the row; shadows tuple.count, unused here)
 
     def columns(self) -> Columns:
         return columns(self.info, self.count)
