@@ -310,7 +310,7 @@ def test_salvage_carries_queued_events_and_dead_letters_whole(tmp_path):
     c.execute(f"INSERT INTO queue ({_COLUMNS}) VALUES (5, 'engage', 'eu', 'p', 0, x'01', x'02', 3.5, 2, 1.5, 'segment', 3)")
     c.execute(f"INSERT INTO queue ({_COLUMNS}) VALUES (9, 'track', 'us', NULL, 1, x'03', x'04', 4.5, 0, NULL, 'mixpanel', 1)")
     c.execute(f"INSERT INTO dead ({_DEAD_COLUMNS}) VALUES (2, 4, 'track', 'us', 'p', 1, x'05', x'06', 1.0, 7, 'rejected',"
-              " 'no', 400, 8.0, 'segment')")
+              " 'no', 400, 8.0, 'segment', 6.25)")
     c.close()
     fresh = connect(tmp_path / "fresh.sqlite3")
     try:
@@ -319,7 +319,7 @@ def test_salvage_carries_queued_events_and_dead_letters_whole(tmp_path):
             (5, "engage", "eu", "p", 0, b"\x01", b"\x02", 3.5, 2, 1.5, "segment", 3),
             (9, "track", "us", None, 1, b"\x03", b"\x04", 4.5, 0, None, "mixpanel", 1)]
         assert fresh.execute(f"SELECT {_DEAD_COLUMNS} FROM dead").fetchall() == [
-            (2, 4, "track", "us", "p", 1, b"\x05", b"\x06", 1.0, 7, "rejected", "no", 400, 8.0, "segment")]
+            (2, 4, "track", "us", "p", 1, b"\x05", b"\x06", 1.0, 7, "rejected", "no", 400, 8.0, "segment", 6.25)]
         assert not fresh.in_transaction
     finally:
         fresh.close()

@@ -28,8 +28,8 @@ def replay(c: sqlite3.Connection, reason: str | None = None) -> int:
     c.execute("BEGIN IMMEDIATE")
     try:
         moved = c.execute(
-            "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, attempts, protocol)"
-            f" SELECT route, region, project, ip, body, meta, ?, 0, protocol FROM dead {where} ORDER BY id",
+            "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, attempts, protocol, event_time)"
+            f" SELECT route, region, project, ip, body, meta, ?, 0, protocol, event_time FROM dead {where} ORDER BY id",
             (time.time(), *args),
         ).rowcount
         c.execute(f"DELETE FROM dead {where}", args)

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS dead (
     detail      TEXT NOT NULL,         -- the upstream's own words
     status      INTEGER,               -- upstream HTTP status, if any
     failed_at   REAL NOT NULL,
-    protocol    TEXT NOT NULL DEFAULT 'mixpanel'
+    protocol    TEXT NOT NULL DEFAULT 'mixpanel',
+    event_time  REAL                   -- as queue's: a replayed event is judged on its own age again
 );
 """
 
@@ -87,9 +88,9 @@ def connect(path: Path, fsync: bool = True) -> sqlite3.Connection:
     # once sent, does not leave a WAL of its size behind on the disk.
     conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     conn.executescript(SCHEMA)
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(queue)")}
-    if "event_time" not in columns:  # a spool written by 0.1.0 before this column existed
-        conn.execute("ALTER TABLE queue ADD COLUMN event_time REAL")
+    for table in ("queue", "dead"):  # spools written before these columns existed
+        if "event_time" not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN event_time REAL")
     # Spools written before protocols/ existed hold Mixpanel events only.
     for table in ("queue", "dead"):
         if "protocol" not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
@@ -182,7 +183,8 @@ def _readable_rows(conn: sqlite3.Connection, table: str, columns: str, chunk: in
 
 
 _DEAD_COLUMNS = (
-    "id, queue_id, route, region, project, ip, body, meta, enqueued_at, attempts, reason, detail, status, failed_at, protocol"
+    "id, queue_id, route, region, project, ip, body, meta, enqueued_at, attempts, reason, detail, status, failed_at, protocol,"
+    " event_time"
 )
 
 

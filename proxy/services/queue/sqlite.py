@@ -468,10 +468,11 @@ def _transaction(
         if dead:
             c.executemany(
                 "INSERT INTO dead (queue_id, route, region, project, ip, body, meta, enqueued_at, attempts,"
-                " reason, detail, status, failed_at, protocol) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " reason, detail, status, failed_at, protocol, event_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (d.row.id, d.row.route, d.row.region, d.row.project, int(d.row.ip), d.row.body, d.row.meta,
-                     d.row.enqueued_at, d.row.attempts, d.reason, d.detail[:2000], d.status, now, d.row.protocol)
+                     d.row.enqueued_at, d.row.attempts, d.reason, d.detail[:2000], d.status, now, d.row.protocol,
+                     d.row.event_time)
                     for d in dead
                 ],
             )
