@@ -340,7 +340,7 @@ async def test_max_rows_counts_events_queued_and_pending(tmp_path):
         # Two more fit exactly; a third event would not, even while the first two wait.
         results = await asyncio.gather(s.enqueue([new_row(2, count=2)]), s.enqueue([new_row(3)]), return_exceptions=True)
         assert results[0] is None and type(results[1]) is SpoolFull
-        assert str(results[1]) == "spool holds 3 events, its limit is 5"
+        assert str(results[1]) == "spool holds 5 events, its limit is 5"  # 3 stored, 2 on their way
         assert s.depth == 5 and s.accepting
         with pytest.raises(SpoolFull):
             await s.enqueue([new_row(4)])
@@ -351,6 +351,35 @@ async def test_max_rows_counts_events_queued_and_pending(tmp_path):
         await s.enqueue([new_row(5, count=3)])
         assert s.depth == 5
     finally:
+        await s.close()
+
+
+async def test_max_rows_counts_the_events_of_a_transaction_in_flight(tmp_path, monkeypatch):
+    """Events taken into a transaction still running are neither pending nor
+    in ``depth`` yet: the limit counts them all the same."""
+    started, release = threading.Event(), threading.Event()
+    real = spool_module._transaction
+
+    def slow(*args, **kwargs):
+        started.set()
+        assert release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spool_module, "_transaction", slow)
+    s = Spool(tmp_path / "spool.sqlite3", max_rows=3)
+    await s.open()
+    try:
+        first = asyncio.ensure_future(s.enqueue([new_row(1, count=2)]))
+        await eventually(started.is_set, 10, "the transaction to start")
+        with pytest.raises(SpoolFull, match="spool holds 2 events, its limit is 3"):
+            await s.enqueue([new_row(2, count=2)])
+        release.set()
+        await first
+        assert s.depth == 2
+        await s.enqueue([new_row(3)])  # the one that fits
+        assert s.depth == 3
+    finally:
+        release.set()
         await s.close()
 
 

@@ -115,6 +115,7 @@ class Spool:
         # Pending work for the next transaction.
         self._inserts: list[tuple[NewRow, float]] = []
         self._inserted = 0  # events in _inserts
+        self._committing = 0  # events in the transaction running now (not in depth yet)
         self._requeued: list[tuple[Row, list[NewRow]]] = []  # rows to store one event a row (requeue)
         self._insert_waiters: list[asyncio.Future[None]] = []
         self._door: list[DeadLetter] = []  # dead letters from the start, with their request's inserts
@@ -177,8 +178,9 @@ class Spool:
         if self.refusing is not None:
             raise SpoolUnwritable(f"the spool cannot take events now ({self.refusing})")
         events = sum([r.count for r in rows])
-        if self.depth + self._inserted + events > self.max_rows:
-            raise SpoolFull(f"spool holds {self.depth} events, its limit is {self.max_rows}")
+        held = self.depth + self._committing + self._inserted  # stored, being written, waiting to be
+        if held + events > self.max_rows:
+            raise SpoolFull(f"spool holds {held} events, its limit is {self.max_rows}")
         self._inserted += events
         now = time.time()
         self._inserts.extend((r, now) for r in rows)
@@ -241,6 +243,7 @@ class Spool:
                 # keep them); the outcomes still go in, into the room kept for them.
                 _fail(p.waiters, SpoolUnwritable(f"the spool cannot take events now ({self.refusing})"))
                 p.inserts, p.door, p.waiters, p.inserted = [], [], [], 0
+                self._committing = 0
                 if not (p.deletes or p.dead or p.attempts or p.requeued):
                     continue
             # A requeue replaces a row by as many bytes in single rows: it is
@@ -255,6 +258,7 @@ class Spool:
                     )
                 )
             except BaseException as exc:
+                self._committing = 0  # its writers are told it failed
                 if not self._write_failed(exc, p):
                     return  # retried by _watch_space once the disk takes writes again
                 continue
@@ -266,6 +270,7 @@ class Spool:
                      self._attempts, self._requeued)
         self._inserts, self._door, self._inserted, self._insert_waiters = [], [], 0, []
         self._deletes, self._dead, self._attempts, self._requeued = [], [], [], []
+        self._committing = p.inserted
         return p
 
     def _tighten(self, p: _Pending) -> None:
@@ -301,6 +306,11 @@ class Spool:
     async def _committed(self, p: _Pending, tight: bool, inserts: list[tuple[NewRow, float]], last_id: int) -> None:
         """After a transaction: room and state brought up to date, the new rows
         handed to the sender, the writers answered."""
+        self.commits += 1
+        # Views of one row (Row.split) share its id: each counts its own event.
+        # Counted before anything is awaited: ``enqueue`` reads it meanwhile.
+        self.depth += p.inserted - sum([n for _, n in p.deletes]) - len(p.dead)
+        self._committing = 0
         if tight or self.refusing is not None:
             self._room -= _PAGE * (len(p.deletes) + len(p.dead))
             with contextlib.suppress(sqlite3.DatabaseError):
@@ -312,9 +322,6 @@ class Spool:
                 await self._check_space()
             else:
                 self._accept()
-        self.commits += 1
-        # Views of one row (Row.split) share its id: each counts its own event.
-        self.depth += p.inserted - sum([n for _, n in p.deletes]) - len(p.dead)
         if inserts and self.on_commit is not None:
             # One writer, one transaction: the inserted ids are consecutive.
             first = last_id - len(inserts) + 1
