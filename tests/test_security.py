@@ -10,10 +10,11 @@ from typing import Any
 
 import orjson
 import pytest
+from multidict import CIMultiDict
 
 from proxy.core.ids import MAX_ID_CHARS, valid_id
 from proxy.services.store import AliasStore, BoundedMemoryCache
-from tests.conftest import SEG_KEY, b64_body, canonical_of, cookie_from, device_id, js_event, json_body
+from tests.conftest import BROWSER, SEG_KEY, b64_body, canonical_of, cookie_from, device_id, js_event, json_body
 from tests.support import A, B, IDENTITY, browser
 
 TRACK = "/mp/track/?verbose=1&ip=1"
@@ -629,3 +630,18 @@ async def test_a_cookie_tossed_with_a_longer_path_does_not_win(proxy_client, ups
     assert canonical_of(cookie_from(resp)) == canonical_of(victim_cookie)
     events = await upstream.wait(3, "us", "/track")
     assert next(e for e in events if e["event"] == "Shop")["properties"]["$device_id"] == canonical_of(victim_cookie)
+
+
+async def test_a_client_cannot_pick_its_ip_with_a_forwarded_for_line_of_its_own(proxy_client, upstream, delivery_mode):
+    """X-Forwarded-For in two lines (RFC 9110 5.3: the same as one, joined in
+    order): a trusted proxy that adds its own line beside the client's
+    (HAProxy's ``option forwardfor``) is read as one that appends to it."""
+    client = await proxy_client(server={"trusted_proxies": ["127.0.0.1/32"]})  # the proxy in front is 127.0.0.1
+    headers = CIMultiDict({**BROWSER, "Content-Type": "application/x-www-form-urlencoded"})
+    headers.add("X-Forwarded-For", "6.6.6.6")  # the visitor's own line, passed on
+    headers.add("X-Forwarded-For", "198.51.100.7")  # the trusted proxy's: the real peer
+    await client.post("/mp/track/?verbose=1&ip=1", data=b64_body([js_event("x", device_id())]), headers=headers)
+    await upstream.wait(1)
+    rec = upstream.requests[-1]
+    ip = rec.headers["x-real-ip"] if delivery_mode == "sync" else rec.events()[-1]["properties"]["ip"]
+    assert ip == "198.51.100.7", f"the vendor was told the spoofed {ip}"

@@ -4,7 +4,7 @@ read once from settings. Built by the web layer when the app starts
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,15 @@ class Services:
     live: LiveFeed = field(default_factory=LiveFeed)
 
 
+def header_lines(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every line of header ``name``, in order (a multidict's, as aiohttp's are; a plain mapping's one)."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, ()))
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
 class Context:
     """The services and the rules the stages share (one per app)."""
 
@@ -106,7 +115,11 @@ class Context:
     def client(self, x: Exchange) -> tuple[str | None, list[str]]:
         """The visitor's IP and the forwarding chain, trusting only configured
         proxies, cut to ``privacy``'s prefixes: what the vendors may see."""
-        ip, chain = client_ip(x.remote, x.headers.get("x-forwarded-for"), x.headers.get("x-real-ip"), self.trusted)
+        # A list header may come as several lines, the same as one joined by
+        # commas in order (RFC 9110 5.3): a proxy that adds a line of its own
+        # beside the client's is read as one that appends to it.
+        forwarded, real = header_lines(x.headers, "x-forwarded-for"), header_lines(x.headers, "x-real-ip")
+        ip, chain = client_ip(x.remote, ", ".join(forwarded) or None, real[-1] if real else None, self.trusted)
         if self.ip_prefixes is not None and ip:
             v4, v6 = self.ip_prefixes
             return truncate(ip, v4, v6), [truncate(hop, v4, v6) for hop in chain]
