@@ -16,6 +16,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy import pipeline
+from proxy.core.bridge import from_own_page
 from proxy.core.identity import Resolution
 from proxy.errors import BadRequest
 from proxy.pipeline import EVENTS, Exchange, Visit, run
@@ -44,7 +45,7 @@ def exchange(
     h = CIMultiDict({"Content-Type": "application/x-www-form-urlencoded", **(dict(BROWSER) if browser else {})})
     for name, value in headers.items():
         h[name.replace("_", "-")] = value
-    visit = Visit(browser, h.get("Origin"), HOST, cookie_id, None)
+    visit = Visit(browser, h.get("Origin"), HOST, cookie_id, None, None, browser and from_own_page(h, (), HOST))
     x = Exchange(protocol, route, f"/{route}/", visit, h, "127.0.0.1", "POST", query or [], "", time.perf_counter())
     x.body = body.encode() if isinstance(body, str) else body
     return x

@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 from proxy.core.ids import MAX_ID_CHARS, valid_id
 from proxy.services.store import AliasStore, BoundedMemoryCache
 from tests.conftest import BROWSER, SEG_KEY, b64_body, canonical_of, cookie_from, device_id, js_event, json_body
-from tests.support import A, B, IDENTITY, browser
+from tests.support import A, B, IDENTITY, browser, go_to_b, token_of, visit_a
 
 TRACK = "/mp/track/?verbose=1&ip=1"
 SERVER = {"User-Agent": "python-requests/2.31", "Content-Type": "application/x-www-form-urlencoded"}
@@ -645,3 +645,65 @@ async def test_a_client_cannot_pick_its_ip_with_a_forwarded_for_line_of_its_own(
     rec = upstream.requests[-1]
     ip = rec.headers["x-real-ip"] if delivery_mode == "sync" else rec.events()[-1]["properties"]["ip"]
     assert ip == "198.51.100.7", f"the vendor was told the spoofed {ip}"
+
+
+def navigation_from(site: str, host: str, cookie: str | None) -> dict[str, str]:
+    """What a browser sends on a top-level navigation that a page of ``site`` started."""
+    headers = {"Host": host, "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120", "Sec-Fetch-Site": "cross-site",
+               "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Referer": f"https://{site}/"}
+    if cookie:
+        headers["Cookie"] = f"fp_id={cookie}"
+    return headers
+
+
+async def test_a_hostile_page_cannot_fix_a_visitors_identity_by_navigating_to_an_endpoint(proxy_client, upstream):
+    """evil.test sends the victim's browser to B's event endpoint with the
+    attacker's own link token and an event whose ``$referrer`` names A: a
+    top-level GET carries the victim's Lax cookie and takes the answer's."""
+    client = await proxy_client(**IDENTITY)
+    attacker_cookie = await visit_a(client)
+    attacker = canonical_of(attacker_cookie)
+    token = token_of(await go_to_b(client, attacker_cookie))
+    victim_cookie = cookie_from(await client.post(TRACK, data=b64_body([js_event("Victim", device_id())]), headers=browser(B)))
+    victim = canonical_of(victim_cookie)
+    assert victim != attacker
+    forged = b64_body([js_event("x", device_id(), **{"$referrer": f"http://{A}/"})])
+    sent_before = len(upstream.requests)
+    resp = await client.get(f"/mp/track?fpb={token}&verbose=1&{forged}", headers=navigation_from("evil.test", B, victim_cookie))
+    # An SDK never navigates: refused, nothing used, no cookie.
+    assert resp.status == 400 and cookie_from(resp) is None
+    assert "navigation" in (await resp.json())["error"]
+    # An engine without Fetch Metadata: the same GET says only where it came from.
+    old = {k: v for k, v in navigation_from("evil.test", B, victim_cookie).items() if not k.startswith("Sec-Fetch")}
+    resp = await client.get(f"/mp/track?fpb={token}&verbose=1&{forged}", headers=old)
+    assert resp.status == 200
+    new_cookie = cookie_from(resp)
+    # Neither the token nor a device id it shows changes the visitor's identity.
+    assert new_cookie is None or canonical_of(new_cookie) == victim
+    await upstream.wait(sent_before + 1)
+    sent = upstream.requests[-1].events()[-1]["properties"]
+    assert attacker not in str(sent)
+    # The same token from B's own page (its script, after the link from A) still links.
+    own = {**browser(B, victim_cookie), "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+    resp = await client.post(f"{TRACK}&fpb={token}", data=forged, headers=own)
+    assert canonical_of(cookie_from(resp)) == attacker
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}, True),
+    ({"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"}, True),  # a beacon from a sibling subdomain
+    ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors", "Origin": f"http://{A}"}, False),  # Fetch Metadata decides
+    ({"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "navigate"}, False),  # an SDK never navigates
+    ({"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}, False),  # a typed or bookmarked URL
+    ({"Origin": f"http://{B}"}, True),  # no Fetch Metadata (an older engine): the Origin, the host itself
+    ({"Origin": f"https://{A}"}, True),  # or on one of the site's own domains
+    ({"Origin": "https://evil.test"}, False),
+    ({"Origin": "null"}, False),
+    ({"Referer": f"http://{B}/checkout"}, True),  # a GET without Origin: the Referer
+    ({"Referer": "https://evil.test/"}, False),
+    ({}, False),  # nothing says where it came from
+])
+def test_a_request_is_from_an_own_page_only_when_the_browser_says_so(headers, expected):
+    from proxy.core.bridge import from_own_page
+
+    assert from_own_page({k.lower(): v for k, v in headers.items()}, (".site-a.test",), B) is expected

@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, quote, unquote
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.core.bridge import from_own_page
 from proxy.core.identity import Resolution
 from proxy.errors import BadRequest, PayloadTooLarge, UpstreamUnreachable
 from proxy.pipeline import EVENTS, QUERIES, Context, Exchange, Services, Visit, run
@@ -211,7 +212,7 @@ def ex(body: bytes | str = b"", *, route: str = "track", protocol: Any = MIXPANE
     for name, value in headers.items():
         h[name.replace("_", "-")] = value
     query = query or []
-    visit = Visit(browser, h.get("Origin"), host, cookie_id, None, hint)
+    visit = Visit(browser, h.get("Origin"), host, cookie_id, None, hint, browser and from_own_page(h, (), host))
     x = Exchange(protocol, route, path or f"/{route}/", visit, h, remote, method, query,
                  raw_query if raw_query is not None else "&".join(f"{k}={quote(v)}" for k, v in query),
                  time.perf_counter())

@@ -9,6 +9,7 @@ never reach the vendor).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -55,6 +56,29 @@ def refusal(purpose: str, via: str, referrer: str | None, linked: tuple[str, ...
     if linked_domain(host, linked) is None:
         return "the referrer is not on a linked domain"
     return None
+
+
+def from_own_page(headers: Mapping[str, str], own: tuple[str, ...], host: str) -> bool:
+    """Whether a browser's request was sent by a script of one of the site's
+    own pages (``host`` itself, or a host of the ``own`` domains: the linked
+    and cookie domains): not by another site, and not as a navigation.
+
+    A token in an event's URL, and the referrer that proves it, are the
+    request's own words. A hostile page can send a visitor's browser to
+    ``/mp/track?fpb=<its own token>&data=<an event naming a linked referrer>``:
+    a top-level navigation carries the visitor's ``SameSite=Lax`` cookie and
+    takes the answer's, and would fix the visitor's identity to the
+    attacker's. An SDK never navigates to an endpoint. So Fetch Metadata,
+    where the browser sends it (every current engine), must say neither
+    ``cross-site`` nor ``navigate``; else the ``Origin`` (any script's POST,
+    any cross-site POST), or failing that the ``Referer``, must be one of the
+    site's own."""
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site != "cross-site" and headers.get("sec-fetch-mode") != "navigate"
+    origin = headers.get("origin")
+    source = referrer_host(origin if origin is not None else headers.get("referer"))
+    return source is not None and (source.lower() == host.lower() or linked_domain(source, own) is not None)
 
 
 def seed_refusal(referrer: str | None, return_host: str) -> str | None:

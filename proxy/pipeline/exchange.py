@@ -40,6 +40,10 @@ class Visit:
     cookie_raw: str | None
     # With no identity cookie: analytics.js's own id from its cookie, if any.
     hint: str | None = None
+    # Sent by a script of the deployment's own pages, not by another site and
+    # not as a navigation (``core.bridge.from_own_page``): only then may a
+    # token the request carries change the browser's identity.
+    from_page: bool = False
 
 
 @dataclass(slots=True)

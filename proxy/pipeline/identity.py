@@ -67,7 +67,8 @@ async def resolve(
     visit = x.visit
     browser = visit.browser and x.route != "import"
     carried = (
-        await c.tokens.redeem(x.token, visit.host, incoming, visit.cookie_id, visit.hint, referrer=referrer)
+        await c.tokens.redeem(x.token, visit.host, incoming, visit.cookie_id, visit.hint, referrer=referrer,
+                              from_page=visit.from_page)
         if browser and x.token
         else None
     )
@@ -82,4 +83,5 @@ async def resolve(
         anonymous=anonymous,
         project=x.project,
         hint=visit.hint,
+        from_page=visit.from_page,
     )

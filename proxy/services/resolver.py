@@ -57,17 +57,21 @@ class Resolver:
         anonymous: bool = False,
         project: str | None = None,
         hint: str | None = None,
+        from_page: bool = True,
     ) -> Resolution:
         """The canonical id of a request and the rewrites it implies.
 
         ``carried`` is what a valid bridge/hub token in the request names;
-        ``hint`` another SDK's id from a cookie (``identity.resolve_browser``)."""
+        ``hint`` another SDK's id from a cookie (``identity.resolve_browser``).
+        ``from_page`` False (not sent by a page of a linked domain): the device
+        ids it shows are not watched, so it cannot start a new identity on
+        the browser (``reset()``) nor move the host's device record."""
         if not browser:
             resolution = resolve_server(await self.store.aliases(server_ids))
         else:
             # Which device id a host shows matters only for events (flags and
             # replays follow whatever the events decided).
-            watch = bool(incoming) and route in ("track", "engage")
+            watch = from_page and bool(incoming) and route in ("track", "engage")
             reset = False
             if cookie_id and not carried and watch:
                 reset = await self._device_seen(cookie_id, host, project, incoming[0], anonymous)

@@ -36,6 +36,9 @@ from .store import AliasStore
 log = logging.getLogger(__name__)
 
 
+NOT_FROM_PAGE = "not sent by a page of the site (another site's, or a navigation)"
+
+
 class Tokens:
     def __init__(self, cfg: IdentitySettings, store: AliasStore, metrics: Metrics, forwarded: ForwardedLog) -> None:
         self.cfg = cfg
@@ -106,6 +109,7 @@ class Tokens:
         *,
         via: str = VIA_PAGE,
         referrer: str | None = None,
+        from_page: bool = True,
     ) -> tuple[str, str] | None:
         """(canonical id, source) carried by a valid token for this host, else None.
 
@@ -117,7 +121,9 @@ class Tokens:
         Another id presenting it from a browser whose identity cookie already
         holds the token's canonical id is the same browser (a second SDK on the
         landing page, analytics.js beside mixpanel-js): not a replay. Every
-        replacement of an established identity is in the forwarded log."""
+        replacement of an established identity is in the forwarded log. None
+        either for a request not sent by the site's own page (``from_page``,
+        ``bridge.from_own_page``; the landing scripts' endpoint checks Origin)."""
         audience = linked_domain(host, self.cfg.linked_domains)
         if audience is None:
             self.count("unlinked_host")
@@ -130,9 +136,10 @@ class Tokens:
             return None
         if cookie_id == claims.canonical_id:
             return claims.canonical_id, outcome  # this browser already holds it: nothing changes
-        why = refusal(outcome, via, referrer, self.cfg.linked_domains)
+        # A request another site sent proves nothing: its referrer is its own word.
+        why = refusal(outcome, via, referrer, self.cfg.linked_domains) if from_page else NOT_FROM_PAGE
         if why is not None:
-            self.count("unproven")
+            self.count("unproven" if from_page else "cross_site")
             self.record("token_refused", host, why, purpose=outcome)
             return None
         # With no id at all (a landing script redeeming before any SDK ran) the

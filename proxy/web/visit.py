@@ -17,12 +17,13 @@ from aiocache.base import BaseCache
 from aiohttp import web
 
 from ..core import consent
+from ..core.bridge import from_own_page
 from ..core.clientip import TrustedProxies
 from ..core.cookie import CookieJar, cookie_values, own_cookie_values
 from ..core.cors import OriginPolicy
 from ..core.identity import SOURCE_COOKIE, Resolution
 from ..core.ids import valid_id
-from ..errors import Refused, Unavailable
+from ..errors import BadRequest, Refused, Unavailable
 from ..pipeline import Context, Exchange, Services, Visit
 from ..protocols.base import Answer, WireProtocol
 from ..protocols.segment import COOKIE as AJS_COOKIE
@@ -67,6 +68,8 @@ class Front:
         self.endpoints = {**upstreams.regions, **segment.regions}
         self.trusted = TrustedProxies(settings.server.trusted_proxies)
         self.set_ajs_cookie = settings.segment.set_ajs_cookie
+        # The site's own domains: a request from a page on one is the site's.
+        self.own_domains = (*settings.identity.linked_domains, *settings.cookie.domains)
         self.s: Services
         self.c: Context
         self.jar: CookieJar
@@ -95,7 +98,9 @@ class Front:
         hint = None
         if browser and cookie_id is None and self.set_ajs_cookie:
             hint = ajs_id(headers.get("cookie"))
-        return Visit(browser, headers.get("origin"), request_host(headers.get("host")), cookie_id, cookie_raw, hint)
+        host = request_host(headers.get("host"))
+        from_page = browser and from_own_page(headers, self.own_domains, host)
+        return Visit(browser, headers.get("origin"), host, cookie_id, cookie_raw, hint, from_page)
 
     def bot(self, request: web.Request) -> str | None:
         """The crawler class of a browser request's user agent (``privacy.bots``
@@ -107,6 +112,11 @@ class Front:
         return bots.kind(request.headers.get("user-agent", ""))
 
     def exchange(self, request: web.Request, protocol: WireProtocol, route: str, path: str) -> Exchange:
+        if request.headers.get("sec-fetch-mode") == "navigate":
+            # An SDK never navigates to an endpoint; a hostile page can send a
+            # visitor's browser there, with the visitor's cookie and taking the
+            # answer's (``bridge.from_own_page``). Nothing of it is used.
+            raise BadRequest("a navigation is not an SDK's request")
         return Exchange(
             protocol, route, path, self.visit(request), request.headers, request.remote, request.method,
             query_pairs(request), request.rel_url.raw_query_string, time.perf_counter(),
