@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 
 from proxy.core.ids import MAX_ID_CHARS, valid_id
 from proxy.services.store import AliasStore, BoundedMemoryCache
-from tests.conftest import BROWSER, SEG_KEY, b64_body, canonical_of, cookie_from, device_id, js_event, json_body
+from tests.conftest import BROWSER, SEG_KEY, TOKEN, b64_body, canonical_of, cookie_from, device_id, js_event, json_body
 from tests.support import A, B, IDENTITY, browser, go_to_b, token_of, visit_a
 
 TRACK = "/mp/track/?verbose=1&ip=1"
@@ -707,3 +707,40 @@ def test_a_request_is_from_an_own_page_only_when_the_browser_says_so(headers, ex
     from proxy.core.bridge import from_own_page
 
     assert from_own_page({k.lower(): v for k, v in headers.items()}, (".site-a.test",), B) is expected
+
+
+SERVER = {"User-Agent": "python-requests/2.31", "Content-Type": "application/x-www-form-urlencoded"}
+
+
+async def test_a_browser_cannot_make_a_users_server_events_follow_its_identity(proxy_client, upstream):
+    """Any browser can make any string one of its anonymous ids
+    (``$anon_distinct_id: "$device:<it>"``), and so an alias of its own
+    identity. A server's events for user ``100000042`` must not follow it:
+    an identified ``distinct_id`` is never rewritten."""
+    client = await proxy_client()
+    victim_user = "100000042"  # the victim's id in the site's database
+    probe = js_event("Probe", device_id(), **{"$anon_distinct_id": f"$device:{victim_user}"})
+    attacker = canonical_of(cookie_from(await client.post(TRACK, data=b64_body([probe]), headers=browser(A))))
+    purchase = {"event": "Purchase", "properties": {"token": TOKEN, "distinct_id": victim_user, "amount": 99}}
+    profile = [{"$token": TOKEN, "$distinct_id": victim_user, "$set": {"plan": "pro"}}]
+    assert (await client.post("/mp/track", data=json_body(purchase), headers=SERVER)).status == 200
+    assert (await client.post("/mp/engage", data=json_body(profile), headers=SERVER)).status == 200
+    events = await upstream.wait(2, "us", "/track")
+    sent = next(e for e in events if e["event"] == "Purchase")["properties"]
+    assert sent["distinct_id"] == victim_user, f"rewritten to the browser's {attacker}"
+    [update] = await upstream.wait(1, "us", "/engage")
+    assert update["$distinct_id"] == victim_user
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (str(uuid.uuid4()), True),  # crypto.randomUUID, analytics.js
+    ("18c5d3a0e1b2c4-0f1e2d3c4b5a69-26001d51-1fa400-18c5d3a0e1b2c4", True),  # mixpanel-js's older ids
+    ("100000042", False),  # a database id
+    ("user-42-account", False),
+    ("deadbeef" * 3, False),  # 24 digits: too few for a generated id
+    ("-" * 40, False),
+])
+def test_only_an_id_shaped_as_an_sdks_device_id_counts_as_one(value, expected):
+    from proxy.core.ids import generated
+
+    assert generated(value) is expected

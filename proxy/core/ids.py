@@ -28,6 +28,18 @@ ID_CHARS = "A-Z a-z 0-9 _ - : ."
 _ID = re.compile(r"[A-Za-z0-9_\-:.]{8,128}")
 
 
+_GENERATED = re.compile(r"[0-9A-Fa-f-]{32,128}")
+
+
+def generated(value: str) -> bool:
+    """Whether an id has the shape an SDK gives a device: hex digits and
+    dashes, at least 32 digits (a UUID; mixpanel-js's older time-and-random
+    hex ids). A person's id in a site's database (a number, a name, an
+    account code) has not: a bare id of that shape in a server's event may be
+    a device's, any other is a user's."""
+    return _GENERATED.fullmatch(value) is not None and len(value) - value.count("-") >= 32
+
+
 def valid_id(value: object) -> bool:
     """Whether ``value`` is an id the proxy may act on (see the module's rule)."""
     return isinstance(value, str) and _ID.fullmatch(value) is not None

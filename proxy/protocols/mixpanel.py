@@ -35,7 +35,8 @@ import orjson
 from ..core import codec
 from ..core.bridge import strip_everywhere, token_in_url
 from ..core.cookie import cookie_pairs
-from ..core.identity import anon_id, strip_device
+from ..core.identity import DEVICE_PREFIX, anon_id, strip_device
+from ..core.ids import generated
 from ..core.rewrite import Rewrite, map_id, rewrite_fields, rewrite_query
 from ..core.scrub import clean_fields
 from .firsttouch import FIRST_TOUCH
@@ -62,6 +63,7 @@ QUERY_ROUTES = frozenset({"record", "flags", "settings", "decide"})
 QUERY_ID_FIELDS = {"record": ("distinct_id", "$device_id"), "decide": ("distinct_id",)}
 
 _TRACK_FIELDS = ("distinct_id", "$device_id", "$anon_distinct_id")
+_TRACK_ANONYMOUS_FIELDS = ("$device_id", "$anon_distinct_id")  # beside a person's distinct_id
 _ENGAGE_FIELDS = ("$distinct_id", "$device_id")
 _PROFILE_KEYS = frozenset(
     {"$token", "$distinct_id", "$device_id", "$user_id", "$time", "$ip", "$ignore_time", "$group_key", "$group_id"}
@@ -281,18 +283,33 @@ def query_identity(route: str, query: list[tuple[str, str]]) -> tuple[list[str],
 # ----------------------------------------------------------------- rewriting
 
 
+def _identified(distinct: Any, device: Any) -> bool:
+    """Whether a ``distinct_id`` names a person, and so is never rewritten: not
+    ``$device:<id>``, not the event's own device id, not shaped as an SDK's
+    device id (``ids.generated``). A browser can make any string one of its
+    anonymous ids, and so an alias of its own identity: without this a
+    server's events for user ``100000042`` would follow an alias that a
+    browser naming ``$device:100000042`` wrote."""
+    return (
+        isinstance(distinct, str) and not distinct.startswith(DEVICE_PREFIX) and distinct != device
+        and not generated(distinct)
+    )
+
+
 def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> list[Rewrite]:
     """Rewrite one event in place; returns what changed (empty: nothing did)."""
     out: list[Rewrite] = []
     if not mapping or route == "groups":
         return out
     if route == "engage":
-        rewrite_fields(event, _ENGAGE_FIELDS, mapping, out)
+        identified = _identified(event.get("$distinct_id"), event.get("$device_id"))
+        rewrite_fields(event, ("$device_id",) if identified else _ENGAGE_FIELDS, mapping, out)
         return out
     props = event.get("properties")
     if not isinstance(props, dict):
         return out
-    rewrite_fields(props, _TRACK_FIELDS, mapping, out)
+    identified = _identified(props.get("distinct_id"), props.get("$device_id"))
+    rewrite_fields(props, _TRACK_ANONYMOUS_FIELDS if identified else _TRACK_FIELDS, mapping, out)
     # $merge names the ids to merge in a list.
     ids = props.get("$distinct_ids")
     if isinstance(ids, list):
@@ -315,7 +332,8 @@ def rewrite_flags_context(context: str, mapping: Mapping[str, str], out: list[Re
     if not isinstance(obj, dict):
         return context
     before = len(out)
-    rewrite_fields(obj, ("distinct_id", "device_id"), mapping, out)
+    identified = _identified(obj.get("distinct_id"), obj.get("device_id"))
+    rewrite_fields(obj, ("device_id",) if identified else ("distinct_id", "device_id"), mapping, out)
     return orjson.dumps(obj).decode() if len(out) > before else context
 
 
@@ -325,7 +343,11 @@ def rewrite_query_ids(
     """A query route's query with its ids rewritten: ``distinct_id`` and
     ``$device_id`` of /record and /decide, the ``context`` JSON of /flags."""
     if route in QUERY_ID_FIELDS:
-        return rewrite_query(query, QUERY_ID_FIELDS[route], mapping, out)
+        fields = QUERY_ID_FIELDS[route]
+        values = dict(query)
+        if _identified(values.get("distinct_id"), values.get("$device_id")):
+            fields = tuple(f for f in fields if f != "distinct_id")
+        return rewrite_query(query, fields, mapping, out)
     if route == "flags" and context is not None:
         new_context = rewrite_flags_context(context, mapping, out)
         return [(k, new_context if k == "context" else v) for k, v in query]
