@@ -744,3 +744,12 @@ def test_only_an_id_shaped_as_an_sdks_device_id_counts_as_one(value, expected):
     from proxy.core.ids import generated
 
     assert generated(value) is expected
+
+
+def test_a_merge_never_rewrites_a_persons_id_in_its_list():
+    from proxy.protocols.mixpanel import rewrite
+
+    device = str(uuid.uuid4())
+    merge = {"event": "$merge", "properties": {"$distinct_ids": ["100000042", f"$device:{device}", device]}}
+    rewrite("import", merge, {"100000042": "attacker-canonical", device: "canonical-1"})
+    assert merge["properties"]["$distinct_ids"] == ["100000042", "$device:canonical-1", "canonical-1"]

@@ -310,11 +310,11 @@ def rewrite(route: str, event: dict[str, Any], mapping: Mapping[str, str]) -> li
         return out
     identified = _identified(props.get("distinct_id"), props.get("$device_id"))
     rewrite_fields(props, _TRACK_ANONYMOUS_FIELDS if identified else _TRACK_FIELDS, mapping, out)
-    # $merge names the ids to merge in a list.
+    # $merge names the ids to merge in a list: its devices', never a person's.
     ids = props.get("$distinct_ids")
     if isinstance(ids, list):
         for i, value in enumerate(ids):
-            new = map_id(value, mapping)
+            new = None if _identified(value, None) else map_id(value, mapping)
             if new is not None:
                 ids[i] = new
                 out.append(Rewrite("$distinct_ids", value, new))
