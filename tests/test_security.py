@@ -753,3 +753,49 @@ def test_a_merge_never_rewrites_a_persons_id_in_its_list():
     merge = {"event": "$merge", "properties": {"$distinct_ids": ["100000042", f"$device:{device}", device]}}
     rewrite("import", merge, {"100000042": "attacker-canonical", device: "canonical-1"})
     assert merge["properties"]["$distinct_ids"] == ["100000042", "$device:canonical-1", "canonical-1"]
+
+
+def flood_batch(n: int) -> list[dict[str, Any]]:
+    """A reset() in the batch, then one device naming ``n`` fresh anonymous ids."""
+    first = {"event": "a", "properties": {"token": "test-token-us", "$device_id": device_id()}}
+    d2 = device_id()
+    rest = [{"event": "b", "properties": {"token": "test-token-us", "$device_id": d2, "distinct_id": f"$device:{uuid.uuid4()}"}}
+            for _ in range(n)]
+    return [first, *rest]
+
+
+async def test_a_flood_of_fresh_ids_neither_evicts_a_tokens_claim_nor_joins_past_the_cap(proxy_client, upstream):
+    """The memory store evicts its oldest entries when full: a token's claim
+    among them would make a spent token redeemable again by whoever saw it."""
+    from tests.support import land
+
+    sections = copy.deepcopy(IDENTITY)
+    sections["store"] = {"max_memory_mb": 1}
+    client = await proxy_client(**sections)
+    visitor_cookie = await visit_a(client)
+    visitor = canonical_of(visitor_cookie)
+    token = token_of(await go_to_b(client, visitor_cookie))
+    assert (await (await land(client, B, token)).json())["token"] == "accepted"
+    assert (await (await land(client, B, token)).json())["token"] == "refused"
+    store = client.services.store
+    for _ in range(4):  # about 2 MB of fresh ids, twice the store's bound
+        assert (await client.post(TRACK, data=b64_body(flood_batch(1999)), headers=browser(A))).status == 200
+    body = await (await land(client, B, token)).json()
+    assert body["token"] == "refused" and body["id"] != visitor
+    # The second identity of each batch joined no more ids than the cap allows.
+    cap = client.services.settings.identity.max_devices_per_id
+    assert store._memory.bytes < 4 * (cap + 2) * 400  # noqa: SLF001
+
+
+async def test_past_the_most_live_claims_kept_a_token_is_refused_not_forgotten(monkeypatch):
+    from proxy.services import store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_CLAIMS", 2)
+    store = AliasStore(BoundedMemoryCache(1 << 20, timeout=None))
+    assert await store.claim_token("token-0001", "owner-a", 60) is None
+    assert await store.claim_token("token-0002", "owner-b", 60) is None
+    assert await store.claim_token("token-0003", "owner-c", 60) == "?"  # refused: counts as another's
+    assert await store.claim_token("token-0001", "owner-z", 60) == "owner-a"  # still spent
+    assert await store.claim_token("token-0001", "owner-a", -120) == "owner-a"
+    store._claims["claim/token-0002"] = "owner-b|1"  # noqa: SLF001 - expired long ago: its room is taken back
+    assert await store.claim_token("token-0004", "owner-d", 60) is None

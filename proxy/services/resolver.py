@@ -114,6 +114,7 @@ class Resolver:
         if incoming and route in ("track", "engage"):
             await self._remember_device(resolution.canonical, host, project, incoming[0])
         if resolution.new_aliases:
+            await self._cap_devices(resolution)  # as for any identity: a flood of ids is not joined
             await self.store.add_aliases(resolution.new_aliases)
         self.metrics.source(resolution.source)
         return resolution

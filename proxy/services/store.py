@@ -54,6 +54,7 @@ HOST = "host"  # canonical id, host, project -> the device id last shown there, 
 CARRY = "carry"  # canonical id -> carried properties (JSON)
 TOUCH = "touch"  # canonical id -> first external touch (JSON)
 CLAIM = "claim"  # token id -> the first presenter
+MAX_CLAIMS = 200_000  # live token claims kept in memory (about 40 MB); past it tokens are refused
 LANDED = "landed"  # canonical id, host -> the token a landing script redeemed there (its purpose), for a while
 # A key part: an id (``core.ids``), a host name or a project token; never "/".
 _PART = re.compile(r"[A-Za-z0-9_\-:.\[\]]{1,253}")
@@ -186,6 +187,9 @@ class AliasStore:
         self.refused_keys = 0
         self._warn = Throttled(log)
         self._forgetting = asyncio.Lock()  # one forget at a time (each walks the store)
+        # Memory: token claims, kept apart from the cache whose oldest entries a
+        # flood of new visitors evicts (a claim evicted is a token spent again).
+        self._claims: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> "AliasStore":
@@ -378,12 +382,17 @@ class AliasStore:
         if self._memory is not None:
             # No timers in memory: the claim keeps its expiry beside the owner.
             now = int(time.time())
-            current = self._memory.get_now([key])[0]
+            current = self._claims.get(key)
             if current:
                 first, _, until = current.rpartition("|")
                 if until.isdigit() and int(until) >= now:
                     return first
-            self._memory.put_now([(key, f"{owner}|{now + ttl}")])
+            if len(self._claims) >= MAX_CLAIMS:
+                self._claims = {k: v for k, v in self._claims.items() if int(v.rpartition("|")[2]) >= now}
+                if len(self._claims) >= MAX_CLAIMS:  # a flood of live tokens: refused, never forgotten
+                    self._warn.warning("claims", "%d token claims are live (the most kept in memory); refusing more", MAX_CLAIMS)
+                    return "?"
+            self._claims[key] = f"{owner}|{now + ttl}"
             return None
         try:
             try:
@@ -435,7 +444,7 @@ class AliasStore:
     async def _scan(self, prefix: str) -> AsyncIterator[list[tuple[str, str]]]:
         """Every (key, value) whose key starts with ``prefix``, in batches."""
         if self._memory is not None:
-            yield self._memory.scan_now(prefix)
+            yield self._memory.scan_now(prefix) + [(k, v) for k, v in self._claims.items() if k.startswith(prefix)]
             return
         client = self._cache.client  # redis.asyncio, under aiocache
         built = self._cache.build_key(prefix)  # the namespace as aiocache spells it
@@ -461,8 +470,9 @@ class AliasStore:
     async def _forget_claims(self, keys: list[str]) -> None:
         """The claims' owners replaced, their expiry kept: the tokens stay spent."""
         if self._memory is not None:
-            current = self._memory.get_now(keys)
-            self._memory.put_now([(k, f"forgotten|{v.rpartition('|')[2]}") for k, v in zip(keys, current) if v])
+            for key in keys:
+                if key in self._claims:
+                    self._claims[key] = f"forgotten|{self._claims[key].rpartition('|')[2]}"
             return
         client = self._cache.client
         for key in keys:
