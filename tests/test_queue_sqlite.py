@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -1171,3 +1172,35 @@ async def test_after_a_refused_write_events_are_taken_only_once_every_outcome_is
         assert s.depth == 0
     finally:
         await s.close()
+
+
+async def test_short_of_room_a_rows_outcomes_never_straddle_two_transactions(tmp_path, monkeypatch):
+    """A 401 for a batch holding a row of 20 events buries each event (the
+    row's views, ``Row.split``); short of room, outcomes go sixteen a
+    transaction. Split inside the row, the first transaction would delete the
+    row with only some of its dead letters, and a full disk (or a kill -9)
+    before the next would leave the others neither queued nor dead."""
+    free = FreeSpace(64 * MIB)
+    monkeypatch.setattr(spool_module, "_free_bytes", free)
+    s = Spool(tmp_path / "spool.sqlite3", max_rows=1000, min_free_bytes=1 * MIB)
+    await s.open()
+    await s.enqueue([new_row(1, count=20)])
+    [row] = await s.read("us", 0, 10)
+    free.free = 1 * MIB - 1
+    await s._check_space()
+    real, calls = spool_module._transaction, []
+
+    def full_after_one(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) > 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spool_module, "_transaction", full_after_one)
+    s.bury([DeadLetter(view, "http_401", "invalid token", 401) for view in row.split()])
+    await s.flush()
+    await s.close()
+    with sqlite3.connect(s.path) as c:
+        queued = c.execute("SELECT COALESCE(SUM(count), 0) FROM queue").fetchone()[0]
+        dead = c.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
+    assert (queued, dead) == (0, 20)  # the row's outcomes went in whole, in one transaction

@@ -275,13 +275,28 @@ class Spool:
 
     def _tighten(self, p: _Pending) -> None:
         """Short of room: no retry counts, and small transactions (a delete
-        rewrites each row's page into the WAL); the rest waits its turn."""
+        rewrites each row's page into the WAL); the rest waits its turn. Whole
+        rows only: the views of one row (``Row.split``: its events' acks and
+        dead letters) go in one transaction, since any of them deletes the row."""
         p.attempts = []
-        if len(p.deletes) + len(p.dead) > TIGHT_OUTCOMES:
-            p.deletes, later_deletes = p.deletes[:TIGHT_OUTCOMES], p.deletes[TIGHT_OUTCOMES:]
-            room = TIGHT_OUTCOMES - len(p.deletes)
-            p.dead, later_dead = p.dead[:room], p.dead[room:]
-            self._deletes[:0], self._dead[:0] = later_deletes, later_dead
+        if len(p.deletes) + len(p.dead) <= TIGHT_OUTCOMES:
+            return
+        outcomes: dict[int, int] = {}  # row id -> its outcomes pending, deletes first
+        for i, _ in p.deletes:
+            outcomes[i] = outcomes.get(i, 0) + 1
+        for letter in p.dead:
+            outcomes[letter.row.id] = outcomes.get(letter.row.id, 0) + 1
+        now: set[int] = set()
+        taken = 0
+        for i, n in outcomes.items():
+            if now and taken + n > TIGHT_OUTCOMES:
+                break
+            now.add(i)
+            taken += n
+        self._deletes[:0] = [d for d in p.deletes if d[0] not in now]
+        self._dead[:0] = [d for d in p.dead if d.row.id not in now]
+        p.deletes = [d for d in p.deletes if d[0] in now]
+        p.dead = [d for d in p.dead if d.row.id in now]
 
     def _write_failed(self, exc: BaseException, p: _Pending) -> bool:
         """The transaction failed: its writers are told. False when the disk
