@@ -641,3 +641,32 @@ async def test_dead_letters_are_bounded_by_count_and_age(serve_proxy, tmp_path, 
         c.execute("UPDATE dead SET failed_at = failed_at - 40 * 86400")
     last = await send_events(client, 1, time=1)
     await until(lambda: [i for i, _, _ in dead_letters(tmp_path)] == last, 10, "only the new letter left")
+
+
+async def test_replayed_dead_letters_are_sent_while_visitors_keep_coming(serve_proxy, tmp_path, upstream):
+    """``firstparty replay`` adds rows from another process. A visitor's
+    request committed right after, handed to the sender in memory, must not
+    move its read past them: they would wait for the next restart."""
+    from proxy.services.queue.admin import replay
+    from proxy.services.queue.sqlfile import connect
+
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
+    first = await send_events(client, 1)
+    await until(lambda: first[0] in insert_ids(upstream) and client.services.spool.depth == 0, 5, "caught up")
+    event = js_event("Replayed", device_id())
+    iid = event["properties"]["$insert_id"]
+    operator = connect(tmp_path / "data" / "spool.sqlite3")
+    try:
+        operator.execute(
+            "INSERT INTO dead (queue_id, route, region, project, ip, body, meta, enqueued_at, attempts, reason, detail,"
+            " status, failed_at, protocol, event_time) VALUES (1, 'track', 'us', ?, 0, ?, ?, 0, 1, 'http_401', 'x', 401,"
+            " 0, 'mixpanel', ?)",
+            (event["properties"]["token"], orjson.dumps(event), orjson.dumps({"n": "Replayed", "i": iid}), time.time()),
+        )
+        assert replay(operator) == 1
+    finally:
+        operator.close()
+    after = await send_events(client, 1)  # a visitor, right after
+    await until(lambda: after[0] in insert_ids(upstream), 5, "the visitor's event")
+    await until(lambda: iid in insert_ids(upstream), 5, "the replayed event")
+    await until(lambda: client.services.spool.depth == 0, 5, "the spool to empty")

@@ -84,6 +84,9 @@ class RegionState:
     # the commits run on the spool's one thread, so a read that comes back short
     # plus these rows is everything committed so far (see _step).
     reading: bool = False
+    # A commit came after rows another process added while the region was
+    # reading: that read may have missed them, so it does not make it live.
+    reread: bool = False
     pending: list[Row] = field(default_factory=list)
     last_read: float = 0.0
     from_disk: int = 0  # events read from disk since the region was last live (a backlog)
@@ -490,6 +493,14 @@ class SpoolFeed:
         """Freshly committed rows (``Spool.on_commit``): straight into memory
         while a region is live, else left for the next read from disk."""
         regions, limit = self.sender.regions, self.sender.limit
+        if self.spool.after_foreign_rows:
+            # Rows another process added (a replay) lie between the cursors and
+            # these: every region reads the file from its cursor, these included.
+            for state in regions.values():
+                state.live = False
+                state.reread = state.reading
+                state.wake.set()
+            return
         first = rows[0].region if rows else ""
         if all(row.region == first for row in rows):  # one region: nearly every commit
             by_region = {first: rows} if rows else {}
@@ -575,7 +586,8 @@ class SpoolFeed:
         # since are in ``pending`` (a row in both counts once: the cursor).
         # Together they are the whole queue: live from here on.
         pending_events = sum([r.count for r in pending])
-        state.live = read < want and len(rows) == read and state.held + pending_events <= limit
+        state.live = read < want and len(rows) == read and state.held + pending_events <= limit and not state.reread
+        state.reread = False
         if state.live:
             self.hold(state, pending)
         if not was_live:

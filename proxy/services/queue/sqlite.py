@@ -116,6 +116,8 @@ class Spool:
         self._inserts: list[tuple[NewRow, float]] = []
         self._inserted = 0  # events in _inserts
         self._committing = 0  # events in the transaction running now (not in depth yet)
+        self.last_id = 0  # the highest row id this process knows to be taken
+        self.after_foreign_rows = False  # the last commit's rows came after rows another process added
         self._requeued: list[tuple[Row, list[NewRow]]] = []  # rows to store one event a row (requeue)
         self._insert_waiters: list[asyncio.Future[None]] = []
         self._door: list[DeadLetter] = []  # dead letters from the start, with their request's inserts
@@ -145,6 +147,9 @@ class Spool:
                 self.path, salvaged.error, salvaged.moved_to, salvaged.queued, salvaged.dead,
             )
         self.depth = await self._call(lambda c: c.execute("SELECT COALESCE(SUM(count), 0) FROM queue").fetchone()[0])
+        self.last_id = await self._call(
+            lambda c: c.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'queue'").fetchone()[0]
+        )
         await self._check_space()
         self._watch = loop.create_task(self._watch_space())
 
@@ -337,9 +342,14 @@ class Spool:
                 await self._check_space()
             else:
                 self._accept()
+        # One writer, one transaction: the inserted ids are consecutive. Ids
+        # between the last this process wrote and these are rows another
+        # process added (``firstparty replay``): the feed must read them.
+        first = last_id - len(inserts) + 1
+        self.after_foreign_rows = bool(inserts) and first != self.last_id + 1
+        if inserts:
+            self.last_id = last_id
         if inserts and self.on_commit is not None:
-            # One writer, one transaction: the inserted ids are consecutive.
-            first = last_id - len(inserts) + 1
             self.on_commit(
                 [
                     Row(first + i, r.route, r.region, r.project, r.ip, r.body, r.meta, t, 0, r.event_time, r.protocol, r.info,
