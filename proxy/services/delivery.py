@@ -496,10 +496,10 @@ class SpoolFeed:
         if self.spool.after_foreign_rows:
             # Rows another process added (a replay) lie between the cursors and
             # these: every region reads the file from its cursor, these included.
-            for state in regions.values():
-                state.live = False
-                state.reread = state.reading
-                state.wake.set()
+            for behind in regions.values():
+                behind.live = False
+                behind.reread = behind.reading
+                behind.wake.set()
             return
         first = rows[0].region if rows else ""
         if all(row.region == first for row in rows):  # one region: nearly every commit
