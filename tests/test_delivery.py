@@ -670,3 +670,41 @@ async def test_replayed_dead_letters_are_sent_while_visitors_keep_coming(serve_p
     await until(lambda: after[0] in insert_ids(upstream), 5, "the visitor's event")
     await until(lambda: iid in insert_ids(upstream), 5, "the replayed event")
     await until(lambda: client.services.spool.depth == 0, 5, "the spool to empty")
+
+
+async def test_an_unexpected_error_retries_only_the_rows_without_an_outcome(serve_proxy, tmp_path, upstream, monkeypatch):
+    """The catch-all retries what the failed send had not settled: an expired
+    event the send buried first is not buried a second time."""
+    from proxy.protocols.mixpanel import Mixpanel
+    from proxy.services.queue.sqlfile import connect
+
+    real, calls = Mixpanel.classify, {"n": 0}
+
+    def flaky(status: int, body: bytes, retry_after: str | None) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(status, body, retry_after)
+
+    monkeypatch.setattr(Mixpanel, "classify", staticmethod(flaky))
+    # Queued before the start, so the sender takes both in one batch: one aged
+    # past the vendor's limit while queued, one fresh.
+    (tmp_path / "data").mkdir(exist_ok=True)
+    spool = connect(tmp_path / "data" / "spool.sqlite3")
+    ids = {}
+    for name, when in (("Old", 1_000.0), ("Fresh", time.time())):
+        event = js_event(name, device_id(), time=when)
+        ids[name] = event["properties"]["$insert_id"]
+        spool.execute(
+            "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, event_time) VALUES"
+            " ('track', 'us', ?, 1, ?, ?, ?, ?)",
+            (TOKEN, orjson.dumps(event), orjson.dumps({"n": name, "i": ids[name]}), time.time(), when),
+        )
+    spool.close()
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
+    await until(lambda: insert_ids(upstream).count(ids["Fresh"]) >= 2, 10, "the retried batch")
+    await until(lambda: client.services.spool.depth == 0, 5, "the spool to empty")
+    await client.services.spool.flush()
+    assert [(i, reason) for i, reason, _ in dead_letters(tmp_path)] == [(ids["Old"], "expired")]
+    assert ids["Old"] not in insert_ids(upstream)
+    await client.close()

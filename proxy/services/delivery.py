@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import time
@@ -293,15 +294,22 @@ class Sender:
         task.add_done_callback(self._sends.discard)
 
     async def _deliver(self, state: RegionState, key: GroupKey, batch: list[Row]) -> None:
+        handled = _HANDLED.set(set())  # this task's own: the ids of rows given an outcome so far
         try:
             await self._send(state, key, batch)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a bug must not strand a batch in memory
             log.exception("sending a batch to %s failed unexpectedly; it will be retried", state.region)
-            # At worst a resend of rows already accepted: the vendor de-duplicates by $insert_id.
-            self._retry(state, key, batch, None, "internal error")
+            # Only the rows with no outcome yet (expired ones were buried, a
+            # split's first half sent): at worst a resend of rows the vendor
+            # accepted, which it de-duplicates by $insert_id.
+            done = _HANDLED.get()
+            rest = [r for r in batch if r.id not in done]
+            if rest:
+                self._retry(state, key, rest, None, "internal error")
         finally:
+            _HANDLED.reset(handled)
             state.in_flight -= 1
             state.wake.set()
 
@@ -402,6 +410,7 @@ class Sender:
             state.failures, self.settings.backoff_initial_seconds, self.settings.backoff_max_seconds
         )
         state.paused_until = max(state.paused_until, time.time() + delay)
+        _handled(batch)
         self.spool.count_attempt(batch)
         self.feed.hold_back(state, key, batch, delay)
         events = sum([r.count for r in batch])
@@ -413,6 +422,7 @@ class Sender:
         )
 
     def _done(self, state: RegionState, rows: list[Row], outcome: str, status: int, latency: float) -> None:
+        _handled(rows)
         self.spool.ack(rows)
         state.held -= sum([r.count for r in rows])
         self._log(state.region, rows, outcome, status, latency)
@@ -420,6 +430,7 @@ class Sender:
     def _bury(self, state: RegionState, rows: list[Row], reason: str, detail: str, status: int | None, latency: float) -> None:
         # A dead letter is one event: a row of several is buried event by event.
         rows = [e for r in rows for e in r.split()] if any(r.count > 1 for r in rows) else rows
+        _handled(rows)
         self.spool.bury(DeadLetter(r, reason, detail, status) for r in rows)
         state.held -= len(rows)
         self.metrics.dead_lettered(reason, len(rows))
@@ -429,6 +440,7 @@ class Sender:
         """Rows whose events need outcomes of their own: spooled again one a
         row (``Spool.requeue``, in the transaction that deletes them), from
         where they come back as fresh rows; nothing is sent or logged now."""
+        _handled(rows)
         for row in rows:
             self.spool.requeue(row)
             state.held -= row.count
@@ -468,6 +480,17 @@ class Sender:
         self.metrics.outcome(outcome, rows[0].route, len(facts.names))
         if self.live is not None and self.live.watching:
             self.live.delivery(entry["insert_ids"], outcome, status, reason)
+
+
+# The rows of the batch a ``_deliver`` task sends that have had an outcome (sent,
+# buried, requeued, held back): its catch-all retries only the others.
+_HANDLED: contextvars.ContextVar[set[int]] = contextvars.ContextVar("handled")
+
+
+def _handled(rows: list[Row]) -> None:
+    done = _HANDLED.get(None)
+    if done is not None:
+        done.update([r.id for r in rows])
 
 
 class SpoolFeed:
