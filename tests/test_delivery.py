@@ -26,7 +26,7 @@ from proxy.services.delivery import backoff_delay
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.services.upstream import UpstreamResponse
-from tests.conftest import BROWSER, b64_body, device_id, js_event, make_settings
+from tests.conftest import BROWSER, TOKEN, b64_body, device_id, js_event, make_settings
 from tests.support import eventually as until
 from tests.support import metric, port_of, reserve_port
 from tests.fakeupstream import FakeUpstream, Recorded
