@@ -173,7 +173,8 @@ def shared_state(ctx: Context) -> Iterator[Finding]:
         yield Finding(
             ERROR, "store.url",
             f"an in-process alias store with {who}: each keeps its own aliases, so a server SDK's event "
-            "is rewritten only when it reaches the process that saw the browser",
+            "is rewritten only when it reaches the process that saw the browser, and its own token claims, "
+            "so a link token can be redeemed once in each",
             "use a shared store: store.url = \"redis://host:6379/0\"",
         )
     if ctx.instances > 1 and s.delivery.mode == "spool" and s.delivery.queue == "sqlite":
