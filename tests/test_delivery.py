@@ -708,3 +708,33 @@ async def test_an_unexpected_error_retries_only_the_rows_without_an_outcome(serv
     assert [(i, reason) for i, reason, _ in dead_letters(tmp_path)] == [(ids["Old"], "expired")]
     assert ids["Old"] not in insert_ids(upstream)
     await client.close()
+
+
+async def test_rows_committed_during_a_failed_read_are_still_sent(serve_proxy, tmp_path, upstream):
+    """A live region reads the file once a second anyway; rows committed while
+    that read runs wait beside it. If the read fails, they are let go from
+    memory: the region must read them from disk, not hand the next commit
+    over in memory and move past them."""
+    client = await start_proxy(serve_proxy, tmp_path, upstream)
+    spool = client.services.spool
+    first = await send_events(client, 1)
+    await until(lambda: first[0] in insert_ids(upstream) and spool.depth == 0, 5, "caught up")
+    real, started, go, failed = spool.read, asyncio.Event(), asyncio.Event(), []
+
+    async def failing_once(region: str, *args: Any) -> Any:
+        if failed or region != "us":
+            return await real(region, *args)
+        started.set()
+        await go.wait()
+        failed.append(1)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    spool.read = failing_once
+    await asyncio.wait_for(started.wait(), 5)  # the once-a-second read, now
+    during = await send_events(client, 1)  # committed while it runs
+    go.set()
+    await until(lambda: failed, 5, "the read to fail")
+    after = await send_events(client, 1)
+    await until(lambda: after[0] in insert_ids(upstream), 5, "the next event")
+    await until(lambda: during[0] in insert_ids(upstream), 5, "the event committed during the failed read")
+    await client.close()

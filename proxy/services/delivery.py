@@ -589,6 +589,11 @@ class SpoolFeed:
         state.reading = True
         try:
             rows = await self.spool.read(state.region, state.cursor, want)
+        except BaseException:
+            # What was committed meanwhile (``pending``) is let go below: it is
+            # read from disk next time, before anything moves the cursor past it.
+            state.live = False
+            raise
         finally:
             state.reading = False
             pending, state.pending = state.pending, []
