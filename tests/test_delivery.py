@@ -738,3 +738,39 @@ async def test_rows_committed_during_a_failed_read_are_still_sent(serve_proxy, t
     await until(lambda: after[0] in insert_ids(upstream), 5, "the next event")
     await until(lambda: during[0] in insert_ids(upstream), 5, "the event committed during the failed read")
     await client.close()
+
+
+async def test_a_split_batch_that_meets_an_outage_goes_back_in_order(serve_proxy, tmp_path, upstream):
+    """A 400 naming no record bisects the batch; when its first half meets a
+    503 the region pauses, and the second half waits behind the first (not
+    sent during the pause, and not retried ahead of it)."""
+    from proxy.services.queue.sqlfile import connect
+
+    answers = [web.Response(status=400, text="bad request"), web.Response(status=503, text="busy"),
+               web.Response(status=503, text="busy")]
+
+    async def behave(rec: Recorded) -> web.Response | None:
+        return answers.pop(0) if answers else None
+
+    upstream.behave = behave
+    (tmp_path / "data").mkdir(exist_ok=True)
+    spool = connect(tmp_path / "data" / "spool.sqlite3")
+    ids = []
+    for name in "abcd":  # queued before the start: one batch
+        event = js_event(name, device_id())
+        ids.append(event["properties"]["$insert_id"])
+        spool.execute(
+            "INSERT INTO queue (route, region, project, ip, body, meta, enqueued_at, event_time) VALUES"
+            " ('track', 'us', ?, 1, ?, ?, ?, ?)",
+            (TOKEN, orjson.dumps(event), orjson.dumps({"n": name, "i": ids[-1]}), time.time(), time.time()),
+        )
+    spool.close()
+    client = await start_proxy(serve_proxy, tmp_path, upstream,
+                               delivery={"backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.1})
+    await until(lambda: client.services.spool.depth == 0, 10, "the batch delivered")
+    refused = [[e["properties"]["$insert_id"] for e in r.events()] for r in upstream.refused]
+    [delivered] = [[e["properties"]["$insert_id"] for e in r.events()] for r in upstream.by("us", "/track")]
+    assert refused[:2] == [ids, ids[:2]]  # the batch (400), then its first half (503)
+    assert refused[2:] == [ids]  # then whole and in order: the second half not sent alone during the pause
+    assert delivered == ids
+    await client.close()

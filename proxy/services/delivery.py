@@ -118,8 +118,12 @@ class Feed(Protocol):
     def next_wakeup(self, state: RegionState) -> float:
         """Seconds the region's loop may sleep (a commit or a finished send wakes it sooner)."""
 
-    def hold_back(self, state: RegionState, key: GroupKey, batch: list[Row], delay: float) -> None:
-        """A batch to try again in ``delay`` seconds (the region is paused that long)."""
+    def hold_back(
+        self, state: RegionState, key: GroupKey, batch: list[Row], delay: float, behind: list[Row] | None = None
+    ) -> None:
+        """A batch to try again in ``delay`` seconds (the region is paused that
+        long), at the front of its group (behind the rows ``behind``, when
+        they are there: the first half of a split)."""
 
     def unfinished(self) -> bool:
         """Work a drain at shutdown may still finish."""
@@ -402,6 +406,13 @@ class Sender:
         # The halves go out one after the other on this task: a split is rare
         # and must not break the in-flight limit.
         await self._send(state, key, batch[:mid])
+        if state.paused_until > time.time():
+            # The first half was held back (the region is paused): the second
+            # waits behind it, in order, rather than go out during the pause.
+            # Not attempted, so its rows count no attempt.
+            self.feed.hold_back(state, key, batch[mid:], state.paused_until - time.time(), behind=batch[:mid])
+            _handled(batch[mid:])
+            return
         await self._send(state, key, batch[mid:])
 
     def _retry(self, state: RegionState, key: GroupKey, batch: list[Row], after: float | None, detail: str) -> None:
@@ -632,9 +643,14 @@ class SpoolFeed:
             self.sender.metrics.memory_trims.inc()
             asyncio.get_running_loop().run_in_executor(None, memory.release)
 
-    def hold_back(self, state: RegionState, key: GroupKey, batch: list[Row], delay: float) -> None:
+    def hold_back(
+        self, state: RegionState, key: GroupKey, batch: list[Row], delay: float, behind: list[Row] | None = None
+    ) -> None:
         rows = state.groups.setdefault(key, deque())
-        rows.extendleft(reversed(batch))  # back to the front, in order
+        skip = len(behind) if behind and [r.id for r in list(rows)[:len(behind)]] == [r.id for r in behind] else 0
+        rows.rotate(-skip)
+        rows.extendleft(reversed(batch))  # back to the front (behind ``behind``), in order
+        rows.rotate(skip)
 
     def unfinished(self) -> bool:
         """Work a drain may still finish: the spool is this process's own."""

@@ -579,7 +579,9 @@ class StreamFeed:
             return 1.0  # a finished send wakes the loop
         return 0.0  # the next fetch does the waiting
 
-    def hold_back(self, state: RegionState, key: GroupKey, batch: list[Row], delay: float) -> None:
+    def hold_back(
+        self, state: RegionState, key: GroupKey, batch: list[Row], delay: float, behind: list[Row] | None = None
+    ) -> None:
         # Not kept in memory for this instance: handed to the stream, due after the pause.
         state.held -= len(batch)
         self.queue.nak({r.id for r in batch}, max(0.0, state.paused_until - time.time()))
