@@ -798,4 +798,6 @@ async def test_past_the_most_live_claims_kept_a_token_is_refused_not_forgotten(m
     assert await store.claim_token("token-0001", "owner-z", 60) == "owner-a"  # still spent
     assert await store.claim_token("token-0001", "owner-a", -120) == "owner-a"
     store._claims["claim/token-0002"] = "owner-b|1"  # noqa: SLF001 - expired long ago: its room is taken back
+    assert await store.claim_token("token-0005", "owner-e", 60) == "?"  # one walk over them a second, at most
+    store._claims_pruned_at = 0  # noqa: SLF001 - and a second has passed since the last walk over them
     assert await store.claim_token("token-0004", "owner-d", 60) is None

@@ -37,6 +37,7 @@ import logging
 import random
 import time
 from collections import deque
+from itertools import islice
 from collections.abc import Callable, Mapping
 from typing import Protocol
 from dataclasses import dataclass, field
@@ -647,7 +648,7 @@ class SpoolFeed:
         self, state: RegionState, key: GroupKey, batch: list[Row], delay: float, behind: list[Row] | None = None
     ) -> None:
         rows = state.groups.setdefault(key, deque())
-        skip = len(behind) if behind and [r.id for r in list(rows)[:len(behind)]] == [r.id for r in behind] else 0
+        skip = len(behind) if behind and [r.id for r in islice(rows, len(behind))] == [r.id for r in behind] else 0
         rows.rotate(-skip)
         rows.extendleft(reversed(batch))  # back to the front (behind ``behind``), in order
         rows.rotate(skip)

@@ -153,10 +153,12 @@ class Resolver:
         cap = self.settings.max_devices_per_id
         canonical = resolution.canonical
         assert canonical is not None
+        over = False  # the count only grows: once past the cap, the rest need no store call each
         for original in list(resolution.new_aliases):
             if self.store.recently_written(original, canonical):
                 continue
-            if await self.store.count_device(canonical) > cap:
+            if over or await self.store.count_device(canonical) > cap:
+                over = True
                 del resolution.new_aliases[original]
                 del resolution.mapping[original]
                 self.metrics.device_cap.inc()

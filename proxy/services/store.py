@@ -190,6 +190,7 @@ class AliasStore:
         # Memory: token claims, kept apart from the cache whose oldest entries a
         # flood of new visitors evicts (a claim evicted is a token spent again).
         self._claims: dict[str, str] = {}
+        self._claims_pruned_at = 0  # when the expired ones were last taken out (unix seconds)
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> "AliasStore":
@@ -387,11 +388,13 @@ class AliasStore:
                 first, _, until = current.rpartition("|")
                 if until.isdigit() and int(until) >= now:
                     return first
-            if len(self._claims) >= MAX_CLAIMS:
+            if len(self._claims) >= MAX_CLAIMS and now > self._claims_pruned_at:
+                # A walk over them all: at most once a second, however many tokens a flood presents.
+                self._claims_pruned_at = now
                 self._claims = {k: v for k, v in self._claims.items() if int(v.rpartition("|")[2]) >= now}
-                if len(self._claims) >= MAX_CLAIMS:  # a flood of live tokens: refused, never forgotten
-                    self._warn.warning("claims", "%d token claims are live (the most kept in memory); refusing more", MAX_CLAIMS)
-                    return "?"
+            if len(self._claims) >= MAX_CLAIMS:  # a flood of live tokens: refused, never forgotten
+                self._warn.warning("claims", "%d token claims are live (the most kept in memory); refusing more", MAX_CLAIMS)
+                return "?"
             self._claims[key] = f"{owner}|{now + ttl}"
             return None
         try:
